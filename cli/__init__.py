@@ -1,0 +1,1 @@
+"""Command-line tools, installed as ``mhla_stream.cli``."""

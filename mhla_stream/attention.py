@@ -1,0 +1,151 @@
+"""Public entry point of the operator: ``mhla_attention`` (SPEC section 4).
+
+Validates its arguments, creates or checks the streaming state, and dispatches to a backend:
+``torch`` (chunk/decode forms in ``torch_ops``), ``triton`` (CUDA kernels) or ``numba`` (CPU).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import torch_ops
+from .mixing import DEFAULT_POLICY, check_policy, prepare_mixing
+from .state import MHLAState
+
+BACKENDS = ("auto", "torch", "triton", "numba")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_inputs(q, k, v, lengths):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, T, H, D] (4 dims), got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32/float16/bfloat16, got {x.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with B, T, H of q {tuple(q.shape[:3])}, got {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[1] == 0:
+        raise ValueError("q, k, v have T = 0 tokens; pass at least one")
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor) or lengths.shape != (q.shape[0],) or lengths.is_floating_point():
+            raise ValueError(f"lengths must be an integer tensor of shape [B] = [{q.shape[0]}]")
+        if bool((lengths < 0).any()) or bool((lengths > q.shape[1]).any()):
+            raise ValueError(f"lengths must lie in [0, T={q.shape[1]}], got {lengths.tolist()}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton" if _available("triton") else "torch"
+        return "torch"  # numba decode joins in the kernels issue
+    if backend != "torch" and not _available(backend):
+        raise RuntimeError(f"backend {backend!r} is not available here: {_why_unavailable(backend)}")
+    if backend == "triton" and device.type != "cuda" and not _triton_interpret():
+        raise RuntimeError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
+    if backend == "numba" and device.type != "cpu":
+        raise RuntimeError(f"backend 'numba' runs on CPU tensors, got {device}")
+    return backend
+
+
+def _triton_interpret() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _available(name: str) -> bool:
+    return _why_unavailable(name) is None
+
+
+def _why_unavailable(name: str):
+    try:
+        if name == "triton":
+            from .kernels import triton_available
+            return None if triton_available() else "triton is not importable"
+        if name == "numba":
+            from .kernels import numba_available
+            return None if numba_available() else "numba is not importable"
+    except ImportError as e:  # pragma: no cover - depends on the install
+        return str(e)
+    return None
+
+
+def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: MHLAState | None = None,
+                   return_state: bool = False, backend: str = "auto", policy: str | None = None,
+                   lengths: torch.Tensor | None = None):
+    """Causal MHLA: ``o_t = s * sum_{u<=t} M[b(t), b(u)] (q_t . k_u) v_u`` (SPEC section 1).
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; mixing: [L, L] (raw or prepared; clamped and masked here).
+    ``state``: an ``MHLAState`` to continue from (updated in place); with ``return_state`` a new one
+    is created when none is given. ``lengths`` [B]: valid tokens per sequence (right padding), only
+    those update the state. ``policy`` applies past the trained blocks (default: the state's, else
+    ``DEFAULT_POLICY``). Returns ``o`` [B, T, H, V] in the input dtype, or ``(o, state)``.
+    """
+    _check_inputs(q, k, v, lengths)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    mc = prepare_mixing(mixing).to(q.device)
+    L = mc.shape[0]
+    scale = K ** -0.5 if scale is None else float(scale)
+    if state is not None:
+        if not isinstance(state, MHLAState):
+            raise TypeError(f"state must be an MHLAState, got {type(state).__name__}")
+        state.check_compatible(B, H, K, V, block_size, L)
+        if policy is not None and check_policy(policy) != state.policy:
+            raise ValueError(f"policy {policy!r} differs from the state's {state.policy!r}")
+        if state.device != q.device:
+            raise ValueError(f"state is on {state.device} but the inputs are on {q.device}")
+    elif return_state:
+        state = MHLAState.empty(B, H, K, V, block_size=block_size, num_blocks=L,
+                                policy=check_policy(policy or DEFAULT_POLICY), device=q.device)
+    policy = state.policy if state is not None else check_policy(policy or DEFAULT_POLICY)
+    chosen = resolve_backend(backend, q.device)
+
+    if chosen == "triton":
+        from .kernels.triton_ops import triton_mhla
+        o = triton_mhla(q, k, v, mc, scale=scale, block_size=block_size, policy=policy, state=state,
+                        lengths=lengths)
+    elif chosen == "numba" and state is not None:
+        from .kernels.numba_ops import numba_mhla
+        o = numba_mhla(q, k, v, mc, scale=scale, block_size=block_size, policy=policy, state=state,
+                       lengths=lengths)
+    else:
+        o = _torch_mhla(q, k, v, mc, scale, block_size, policy, state, lengths)
+    return (o, state) if return_state else o
+
+
+def _torch_mhla(q, k, v, mc, scale, block_size, policy, state, lengths):
+    B, T = q.shape[:2]
+    if state is None:
+        return torch_ops.chunk_forward(q, k, v, mc, scale, block_size, policy)[0]
+    if T == 1 and lengths is None:
+        return torch_ops.decode_step(q, k, v, mc, state, scale)
+    starts = state.pos.tolist()
+    counts = [T] * B if lengths is None else lengths.tolist()
+    if len(set(starts)) == 1 and len(set(counts)) == 1:
+        groups = [(slice(0, B), starts[0], counts[0])]
+    else:  # sequences at different positions or lengths: one call each
+        groups = [(slice(b, b + 1), starts[b], counts[b]) for b in range(B)]
+    outs = []
+    for rows, start, n in groups:
+        o = q.new_zeros(q[rows].shape[:3] + (v.shape[-1],))
+        if n:
+            sub = state.select(rows)
+            o_valid, new = torch_ops.chunk_forward(q[rows, :n], k[rows, :n], v[rows, :n], mc, scale,
+                                                  block_size, policy, start, sub)
+            o[:, :n] = o_valid
+            for name, t in new.items():
+                getattr(sub, name).copy_(t)
+            sub.pos += n
+        outs.append(o)
+    return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
