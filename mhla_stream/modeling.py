@@ -1,0 +1,204 @@
+"""The MHLA decoder language model (SPEC section 3), a transformers ``PreTrainedModel``.
+
+Parameter names follow the reference (fla GLA) layout, so a reference state dict maps 1:1
+except for the mixing matrix's shape ([L, L] here, [L, L, 1, 1, 1, 1] there).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .attention import mhla_attention
+from .configuration import MHLAConfig
+from .mixing import init_mixing
+from .state import MHLAState
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """GPT-NeoX rotate-half RoPE over the whole head dim. x [B, T, H, D]; positions [B, T] int."""
+    D = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    ang = positions.to(torch.float32)[..., None] * inv_freq           # [B, T, D/2]
+    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]            # [B, T, 1, D/2]
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+class MHLAAttention(nn.Module):
+    def __init__(self, config: MHLAConfig):
+        super().__init__()
+        self.config = config
+        H, K, V = config.num_heads, config.head_k_dim, config.head_v_dim
+        self.num_heads, self.head_k_dim, self.head_v_dim = H, K, V
+        self.q_proj = nn.Linear(config.hidden_size, H * K, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, H * K, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, H * V, bias=False)
+        self.g_proj = nn.Linear(config.hidden_size, H * V, bias=False)
+        self.o_proj = nn.Linear(H * V, config.hidden_size, bias=False)
+        self.g_norm_swish_gate = RMSNorm(V, config.norm_eps)
+        self.mixing_matrix = nn.Parameter(init_mixing(config.num_blocks))
+
+    def forward(self, x, positions, state: MHLAState | None = None, lengths=None, backend: str = "auto"):
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        q = F.relu(self.q_proj(x).view(B, T, H, K))
+        k = F.relu(self.k_proj(x).view(B, T, H, K))
+        v = self.v_proj(x).view(B, T, H, V)
+        g = self.g_proj(x).view(B, T, H, V)
+        q, k = apply_rotary(q, positions, self.config.rope_theta), apply_rotary(k, positions, self.config.rope_theta)
+        o = mhla_attention(q, k, v, self.mixing_matrix, block_size=self.config.block_size, state=state,
+                           backend=backend, policy=None if state is not None else self.config.mixing_policy,
+                           lengths=lengths)
+        o = self.g_norm_swish_gate(o) * F.silu(g.float()).to(o.dtype)
+        return self.o_proj(o.reshape(B, T, H * V))
+
+
+class MHLAMLP(nn.Module):
+    def __init__(self, config: MHLAConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MHLABlock(nn.Module):
+    def __init__(self, config: MHLAConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = MHLAAttention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MHLAMLP(config)
+
+    def forward(self, x, positions, state=None, lengths=None, backend="auto"):
+        h = x + self.attn(self.attn_norm(x), positions, state, lengths, backend)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class MHLAPreTrainedModel(PreTrainedModel):
+    config_class = MHLAConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MHLABlock"]
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MHLAAttention):
+            init.copy_(module.mixing_matrix, init_mixing(self.config.num_blocks))
+
+
+class MHLAModel(MHLAPreTrainedModel):
+    def __init__(self, config: MHLAConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MHLABlock(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(self, input_ids=None, inputs_embeds=None, states: list[MHLAState] | None = None,
+                lengths=None, backend: str = "auto"):
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        start = states[0].pos[:, None] if states is not None else torch.zeros(B, 1, dtype=torch.long, device=x.device)
+        positions = start + torch.arange(T, device=x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, None if states is None else states[i], lengths, backend)
+        return self.norm(x)
+
+
+class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: MHLAConfig):
+        super().__init__(config)
+        self.model = MHLAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.attn_backend = "auto"  # set by the runtime; "torch" is used whenever gradients flow
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def new_state(self, batch_size: int = 1, policy: str | None = None, device=None) -> list[MHLAState]:
+        """Fresh per-layer streaming states (fp32, preallocated) for ``batch_size`` sequences."""
+        c = self.config
+        device = device if device is not None else self.device
+        return [MHLAState.empty(batch_size, c.num_heads, c.head_k_dim, c.head_v_dim, block_size=c.block_size,
+                                num_blocks=c.num_blocks, policy=policy or c.mixing_policy, device=device)
+                for _ in range(c.num_hidden_layers)]
+
+    def _backend(self) -> str:
+        return "torch" if (torch.is_grad_enabled() and self.training) else self.attn_backend
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep: int = 0, states: list[MHLAState] | None = None, lengths=None,
+                **kwargs):
+        hidden = self.model(input_ids, inputs_embeds, states=states, lengths=lengths, backend=self._backend())
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, device=None, **kwargs):
+        """Loads a local checkpoint in this project's layout or the reference layout (SPEC section 3).
+
+        ``dtype``/``device`` place the weights; anything else is handed to transformers for hub ids.
+        """
+        from .checkpoint import check_and_load, read_checkpoint
+
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            if os.path.exists(path) or os.sep in path or path.startswith("."):
+                from .checkpoint import CheckpointError
+                raise CheckpointError(f"{path}: not a checkpoint directory")
+            return super().from_pretrained(path, *args, dtype=dtype, **kwargs)
+        dtype = kwargs.pop("torch_dtype", None) or dtype
+        config, tensors, _layout = read_checkpoint(path)
+        model = cls(config)
+        check_and_load(model, tensors, path)
+        model.to(device=device, dtype=dtype if dtype not in (None, "auto") else None)
+        return model.eval()

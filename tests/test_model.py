@@ -1,0 +1,69 @@
+"""The language model against an independent forward of SPEC section 3; checkpoints in both layouts."""
+import pytest
+import torch
+from conftest import rel_err
+from refckpt import SMALL, plain_forward, reference_state_dict, write_reference_checkpoint
+
+from mhla_stream import MHLAConfig, MHLAForCausalLM, preset_config
+from mhla_stream.configuration import mlp_intermediate_size
+
+
+@pytest.mark.parametrize("fmt,shards", [("safetensors", 1), ("bin", 1), ("safetensors", 3), ("bin", 2)])
+def test_reference_checkpoint_logits_match_plain_forward(tmp_path, fmt, shards):
+    sd = reference_state_dict(seed=shards)
+    write_reference_checkpoint(tmp_path, sd, fmt, shards)
+    model = MHLAForCausalLM.from_pretrained(tmp_path)
+    assert model.config.num_blocks == SMALL["L"] and model.config.block_size == SMALL["C"]
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 45))  # 45 tokens: past the trained 4 x 8 = 32
+    with torch.no_grad():
+        logits = model(ids).logits
+    # plain forward covers the trained blocks exactly; compare there
+    assert rel_err(logits[:, :32], plain_forward(sd, ids[:, :32])) < 1e-5
+    mix = model.model.layers[0].attn.mixing_matrix.detach()
+    assert float(mix.triu(1).abs().max()) == 0 and float(mix.tril().min()) >= 0
+
+
+def test_auto_classes_load_this_layout(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model = MHLAForCausalLM(preset_config("mhla-tiny"))
+    model.save_pretrained(tmp_path / "own")
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "own"), MHLAConfig)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "own")).__name__ == "MHLAForCausalLM"
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny", mixing_policy="window"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(tmp_path)
+    again = MHLAForCausalLM.from_pretrained(tmp_path)
+    assert again.config.to_dict() == model.config.to_dict()
+    assert model.state_dict().keys() == again.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, again(ids).logits)
+
+
+def test_mhla_340m_parameter_count():
+    c = preset_config("mhla-340m")
+    assert (c.head_k_dim, c.head_v_dim, c.intermediate_size) == (128, 256, 2816)
+    assert mlp_intermediate_size(1024, 4) == 2816
+    d, Kt, Vt, inter = 1024, 512, 1024, 2816
+    per_layer = 2 * Kt * d + 2 * Vt * d + d * Vt + Vt // 4 + 32 * 32 + 2 * d + 3 * inter * d
+    expected = 32000 * d + 24 * per_layer + d
+    with torch.device("meta"):
+        model = MHLAForCausalLM(c)
+    assert sum(p.numel() for p in model.parameters()) == expected == 341_130_240
+
+
+def test_training_forward_has_gradients():
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).train()
+    ids = torch.randint(0, 256, (2, 50))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grad = model.model.layers[0].attn.mixing_matrix.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
