@@ -36,7 +36,6 @@ class MHLAConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.mixing_policy = check_policy(mixing_policy)
         self.initializer_range = initializer_range
-        self.max_position_embeddings = block_size * num_blocks  # the trained context
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
         self.validate_dims()

@@ -15,6 +15,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .attention import mhla_attention
+from .cache import MHLACache
 from .configuration import MHLAConfig
 from .mixing import init_mixing
 from .state import MHLAState
@@ -172,15 +173,53 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         return "torch" if (torch.is_grad_enabled() and self.training) else self.attn_backend
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
-                use_cache=None, logits_to_keep: int = 0, states: list[MHLAState] | None = None, lengths=None,
-                **kwargs):
-        hidden = self.model(input_ids, inputs_embeds, states=states, lengths=lengths, backend=self._backend())
+                use_cache=None, logits_to_keep: int = 0, **kwargs):
+        """Causal LM forward. With ``past_key_values`` (an ``MHLACache``) the call continues the stream;
+        with ``use_cache`` and no cache a new one is made and returned. ``attention_mask`` [B, T] may
+        pad on either side: padded tokens neither move positions nor enter the state."""
+        cache = past_key_values if isinstance(past_key_values, MHLACache) else None
+        x = self.model.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        if cache is None and (use_cache or past_key_values is not None):
+            cache = MHLACache(self.new_state(B, device=x.device))
+        states = cache.states if cache is not None else None
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -T:].to(device=x.device, dtype=torch.bool)
+            if bool(mask.all()):
+                mask = None
+        if mask is None:
+            hidden = self.model(inputs_embeds=x, states=states, backend=self._backend())
+        else:  # move each row's real tokens to the front, run with lengths, move them back
+            order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+            packed = x.gather(1, order[..., None].expand_as(x))
+            hidden = self.model(inputs_embeds=packed, states=states, lengths=mask.sum(1), backend=self._backend())
+            hidden = torch.empty_like(hidden).scatter_(1, order[..., None].expand_as(hidden), hidden)
+        if cache is not None:
+            cache.seen += T
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                      use_cache=True, **kwargs):
+        cache = past_key_values if isinstance(past_key_values, MHLACache) else None
+        seen = cache.seen if cache is not None else 0
+        inputs = {"past_key_values": cache, "use_cache": use_cache, "attention_mask": attention_mask}
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, seen:]
+        if kwargs.get("logits_to_keep") is not None:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+    def _reorder_cache(self, past_key_values, beam_idx):
+        past_key_values.reorder_cache(beam_idx)
+        return past_key_values
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, device=None, **kwargs):

@@ -31,3 +31,32 @@ def shared_dir():
     if not os.path.isdir(SHARED):
         pytest.skip(f"shared data not found at {SHARED}")
     return SHARED
+
+
+STORY = ("Once upon a time there was a little fox who lived in a green forest. Every morning the fox ran to the "
+         "river to drink and to look at the fish. One day she met an old turtle who told her about the sea. "
+         "\"The sea is big and blue,\" said the turtle, \"and it never ends.\" The fox wanted to see it. ")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random MHLA model (L = 4 blocks of 8) with a small SentencePiece tokenizer, saved to disk."""
+    import io
+
+    import sentencepiece as spm
+
+    from mhla_stream import MHLAForCausalLM, preset_config
+    d = tmp_path_factory.mktemp("tiny")
+    text = [s.strip() + "." for s in (STORY * 20).split(".") if s.strip()] + ["café naïve über 東京 ✓"] * 5
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=300, model_type="bpe",
+                                   byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    (d / "tokenizer.model").write_bytes(buf.getvalue())
+    torch.manual_seed(1234)
+    model = MHLAForCausalLM(preset_config("mhla-tiny", vocab_size=300))
+    with torch.no_grad():
+        for layer in model.model.layers:  # a non-uniform mixing matrix makes bugs visible
+            layer.attn.mixing_matrix.copy_(torch.rand(4, 4).tril() + 0.05)
+    model.save_pretrained(d)
+    return d

@@ -1,0 +1,87 @@
+"""Next-token selection: greedy or sampling with temperature, top-k, top-p and repetition penalty.
+
+The transforms are applied in the order transformers' ``generate`` applies them (repetition
+penalty, temperature, top-k, top-p), so the same seed and settings give the same tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0     # 0 means greedy
+    top_k: int = 0               # 0 disables
+    top_p: float = 1.0           # 1 disables
+    repetition_penalty: float = 1.0
+    do_sample: bool = True
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens must be an int >= 0"),
+            (_num(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0 (0 = greedy)"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an int >= 0 (0 = off)"),
+            (_num(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.seed is None or isinstance(self.seed, int), "seed must be an int or None"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid sampling parameter: {msg}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "SamplingParams":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(kw) - known)
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [B, V]; history [B, N] token ids. Seen tokens: positive logits / penalty, negative * penalty."""
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    seen = logits.gather(1, history)
+    return logits.scatter(1, history, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)                  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - p.top_p
+        drop[..., -1] = False                                            # keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def select_next(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] (any float dtype) -> next ids [B]."""
+    logits = apply_repetition_penalty(logits.float(), history, p.repetition_penalty)
+    if p.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,211 @@
+"""``StreamingMHLA``: feed text of any length, generate, fork, save and restore, at bounded memory."""
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .cache import MHLACache
+from .hub import DEFAULT_MODEL, resolve_model
+from .modeling import MHLAForCausalLM
+from .sampling import SamplingParams, select_next
+from .state import MHLAState
+from .state_io import StateFileError, model_fingerprint, read_state_file, write_state_file
+from .tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
+
+_STATE_FIELDS = ("ring", "far", "prefix", "partial", "pos")
+
+
+@dataclass
+class Snapshot:
+    """A copy of everything the stream depends on; restoring it twice gives two independent forks."""
+    states: list[MHLAState]
+    logits: torch.Tensor | None
+    history: list[int]
+    position: int
+    model: str
+
+
+class StreamingMHLA:
+    def __init__(self, model: MHLAForCausalLM, tokenizer: Tokenizer | None = None, *, policy: str | None = None,
+                 backend: str = "auto", prefill_chunk: int = 4096, history: int = 4096, name: str | None = None):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model = model.eval()
+        self.model.attn_backend = backend
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "") or "mhla"
+        self.prefill_chunk = prefill_chunk
+        self.cache = MHLACache(model.new_state(1, policy))
+        self._logits: torch.Tensor | None = None  # next-token logits [V], fp32
+        self._history: deque[int] = deque(maxlen=history)  # recent ids, for the repetition penalty
+        self._position = 0
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path=DEFAULT_MODEL, device=None, dtype=None, *, weights=None, **kwargs):
+        path = resolve_model(name_or_path, weights)
+        model = MHLAForCausalLM.from_pretrained(path, device=device, dtype=dtype)
+        try:
+            tokenizer = Tokenizer.from_directory(path)
+        except TokenizerError:
+            tokenizer = None  # ids still work; text raises a clear error
+        return cls(model, tokenizer, name=str(name_or_path), **kwargs)
+
+    # -- read-only facts -------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Tokens fed into the stream so far."""
+        return self._position
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the MHLA state (all layers); constant however long the stream."""
+        return self.cache.nbytes
+
+    @property
+    def policy(self) -> str:
+        return self.cache.states[0].policy
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    # -- feeding ---------------------------------------------------------------------------------
+    def _to_ids(self, text_or_ids) -> list[int]:
+        if isinstance(text_or_ids, str):
+            if self.tokenizer is None:
+                raise TokenizerError(f"model {self.name} has no tokenizer; feed token ids instead of text")
+            return self.tokenizer.encode(text_or_ids, add_bos=self._position == 0)
+        if isinstance(text_or_ids, torch.Tensor):
+            text_or_ids = text_or_ids.flatten().tolist()
+        try:
+            ids = [int(i) for i in text_or_ids]
+        except (TypeError, ValueError):
+            raise TypeError(f"feed takes a str or a sequence of int token ids, got {type(text_or_ids).__name__}") from None
+        vocab = self.model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {vocab}), got {bad[:5]}")
+        return ids
+
+    @torch.inference_mode()
+    def feed(self, text_or_ids) -> int:
+        """Adds text (tokenized; a BOS starts a fresh stream) or token ids; returns tokens fed."""
+        ids = self._to_ids(text_or_ids)
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
+            x = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self._logits = out.logits[0, -1].float()
+            self._history.extend(chunk)
+            self._position += len(chunk)
+        return len(ids)
+
+    # -- generation ------------------------------------------------------------------------------
+    def stream(self, prompt=None, max_new_tokens: int = 128, **sampling):
+        """Yields text pieces as tokens are produced (stop strings are held back and cut)."""
+        params = SamplingParams.from_kwargs(max_new_tokens=max_new_tokens, **sampling)
+        if self.tokenizer is None:
+            raise TokenizerError(f"model {self.name} has no tokenizer; use generate_ids")
+        decoder = IncrementalDecoder(self.tokenizer)
+        pending = ""
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        for token in self.generate_ids(prompt, params=params):
+            pending += decoder.push(token)
+            cut = min((pending.find(s) for s in params.stop if s in pending), default=-1)
+            if cut >= 0:
+                if pending[:cut]:
+                    yield pending[:cut]
+                return
+            if len(pending) > hold:
+                yield pending[: len(pending) - hold]
+                pending = pending[len(pending) - hold:]
+        if pending:
+            yield pending
+
+    def generate(self, prompt=None, max_new_tokens: int = 128, **sampling) -> str:
+        return "".join(self.stream(prompt, max_new_tokens=max_new_tokens, **sampling))
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt=None, max_new_tokens: int = 128, *, params: SamplingParams | None = None,
+                     **sampling):
+        """Yields generated token ids (eos ends generation and is not fed)."""
+        params = params or SamplingParams.from_kwargs(max_new_tokens=max_new_tokens, **sampling)
+        if prompt is not None:
+            self.feed(prompt)
+        if self._logits is None:
+            bos = self.model.config.bos_token_id
+            if bos is None:
+                raise ValueError("nothing has been fed and the model has no BOS token: give a prompt")
+            self.feed([bos])
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        eos = self.model.config.eos_token_id
+        for _ in range(params.max_new_tokens):
+            history = torch.tensor([list(self._history)], dtype=torch.long, device=self.device)
+            token = int(select_next(self._logits[None], history, params, generator))
+            if params.stop_at_eos and token == eos:
+                return
+            self.feed([token])
+            yield token
+
+    # -- state management ------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.cache.reset()
+        self._logits = None
+        self._history.clear()
+        self._position = 0
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot([s.clone() for s in self.cache.states], None if self._logits is None else self._logits.clone(),
+                        list(self._history), self._position, self.fingerprint)
+
+    def restore(self, snap: Snapshot) -> None:
+        if not isinstance(snap, Snapshot):
+            raise TypeError(f"restore takes a Snapshot from snapshot(), got {type(snap).__name__}")
+        if snap.model != self.fingerprint:
+            raise ValueError("this snapshot was taken from another model")
+        for live, saved in zip(self.cache.states, snap.states):
+            live.copy_(saved)
+        self._logits = None if snap.logits is None else snap.logits.clone()
+        self._history = deque(snap.history, maxlen=self._history.maxlen)
+        self._position = self.cache.seen = snap.position
+
+    def save_state(self, path) -> None:
+        tensors = {f"layers.{i}.{n}": getattr(s, n) for i, s in enumerate(self.cache.states) for n in _STATE_FIELDS}
+        tensors["history"] = torch.tensor(list(self._history), dtype=torch.long)
+        if self._logits is not None:
+            tensors["logits"] = self._logits
+        meta = {"model": self.fingerprint, "model_name": self.name, "position": str(self._position),
+                "policy": self.policy, "config": json.dumps(self.model.config.to_diff_dict(), default=str)}
+        write_state_file(path, tensors, meta)
+
+    def load_state(self, path) -> None:
+        tensors, meta = read_state_file(path, self.fingerprint)
+        for i, s in enumerate(self.cache.states):
+            for n in _STATE_FIELDS:
+                t = tensors.get(f"layers.{i}.{n}")
+                if t is None or t.shape != getattr(s, n).shape or t.dtype != getattr(s, n).dtype:
+                    raise StateFileError(f"{path}: tensor layers.{i}.{n} is missing or has the wrong shape")
+        if meta.get("policy") != self.policy:
+            raise StateFileError(f"{path}: state uses policy {meta.get('policy')!r}, this stream uses {self.policy!r}")
+        # all checks passed: now (and only now) overwrite the live state
+        for i, s in enumerate(self.cache.states):
+            for n in _STATE_FIELDS:
+                getattr(s, n).copy_(tensors[f"layers.{i}.{n}"])
+        self._logits = tensors["logits"].to(self.device) if "logits" in tensors else None
+        self._history = deque(tensors["history"].tolist(), maxlen=self._history.maxlen)
+        self._position = self.cache.seen = int(meta["position"])
+
+
+__all__ = ["StreamingMHLA", "Snapshot", "StateFileError"]
