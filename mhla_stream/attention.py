@@ -46,7 +46,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda":
             return "triton" if _available("triton") else "torch"
-        return "torch"  # numba decode joins in the kernels issue
+        return "numba" if _available("numba") else "torch"
     if backend != "torch" and not _available(backend):
         raise RuntimeError(f"backend {backend!r} is not available here: {_why_unavailable(backend)}")
     if backend == "triton" and device.type != "cuda" and not _triton_interpret():

@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in its interpreter (read when the kernels are first imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = os.environ.get("MHLA_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
 

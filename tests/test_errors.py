@@ -95,5 +95,5 @@ def test_operator_argument_errors():
     expect("state does not match the inputs \\(batch: state 2 vs input 1\\)",
            lambda: mhla_attention(q, q, v, m, state=st), ValueError)
     expect(r"lengths must lie in \[0, T=5\]", lambda: mhla_attention(q, q, v, m, lengths=torch.tensor([9])), ValueError)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         expect("needs CUDA tensors", lambda: mhla_attention(q, q, v, m, backend="triton"), RuntimeError)

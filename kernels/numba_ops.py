@@ -1,0 +1,42 @@
+"""CPU decode with numba: the per-token update fused in one parallel loop over (sequence, head).
+Prefill on the CPU uses the torch chunk form (BLAS-bound already); block closing reuses
+``torch_ops.close_blocks`` (once every C tokens)."""
+import numba
+import numpy as np
+import torch
+
+from .. import torch_ops
+
+
+@numba.njit(parallel=True, cache=True)
+def _decode(q, k, v, r, p, blocks, m, scale, o):
+    """q, k [B, H, K]; v [B, H, V]; r, p [B, H, K, V] (r updated in place); o [B, H, V] out."""
+    B, H, K = q.shape
+    V = v.shape[2]
+    L = m.shape[0]
+    for bh in numba.prange(B * H):
+        b, h = bh // H, bh % H
+        i = min(blocks[b], L - 1)
+        diag = m[i, i]
+        acc = np.zeros(V, dtype=np.float32)
+        for x in range(K):
+            kx, qx = k[b, h, x], q[b, h, x]
+            for y in range(V):
+                r[b, h, x, y] += kx * v[b, h, y]
+                acc[y] += qx * (p[b, h, x, y] + diag * r[b, h, x, y])
+        for y in range(V):
+            o[b, h, y] = acc[y] * scale
+
+
+def numba_mhla(q, k, v, mc, *, scale, block_size, policy, state, lengths=None):
+    if q.shape[1] != 1 or lengths is not None:
+        from ..attention import _torch_mhla
+        return _torch_mhla(q, k, v, mc, scale, block_size, policy, state, lengths)
+    f32 = lambda x: x[:, 0].float().contiguous().numpy()  # noqa: E731
+    out = np.empty((q.shape[0], q.shape[2], v.shape[-1]), dtype=np.float32)
+    blocks = (state.pos // block_size).numpy()
+    _decode(f32(q), f32(k), f32(v), state.partial.numpy(), state.prefix.numpy(), blocks,
+            mc.contiguous().numpy(), np.float32(scale), out)
+    state.pos += 1
+    torch_ops.close_blocks(state, mc, state.pos % block_size == 0)
+    return torch.from_numpy(out)[:, None].to(q.dtype)

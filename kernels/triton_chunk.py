@@ -1,0 +1,132 @@
+"""Chunkwise prefill in three passes, for a batch whose sequences start at their own positions
+(mid-block allowed) and have their own lengths. Local block ``m`` of sequence ``b`` is absolute
+block ``i0_b + m`` and holds its call tokens ``[m*C - r_b, (m+1)*C - r_b) & [0, n_b)``.
+
+  1. summaries:  S_m = sum_{u in block m} k_u v_u^T   (+ the carried partial R for m = 0)
+  2. mixing:     P_m = sum_{j < i} M_ext[i, j] S_j    for m = 1 .. nc_b, a banded GEMM over the
+                 in-call summaries plus the carried ring, plus the far sum (window+far)
+  3. output:     o_t = s * (q_t P_m + M_ext[i, i] * (causal (q k^T) v + q_t R [m = 0]))
+
+Accumulation is fp32; fp32 inputs use IEEE dots, 16-bit inputs use tensor cores (tf32 for the
+fp32 operands). ``F32_DOT`` upcasts dot operands: set under TRITON_INTERPRET, whose bf16 dot is
+wrong in triton 3.9.
+"""
+import triton
+import triton.language as tl
+
+from .triton_common import ext_coef, far_coef, window_coef
+
+
+@triton.jit
+def _seq_info(seq_ptr, b):
+    # per sequence: r (offset in its first block), i0 (absolute first block), n (tokens this call)
+    return tl.load(seq_ptr + b * 3), tl.load(seq_ptr + b * 3 + 1), tl.load(seq_ptr + b * 3 + 2)
+
+
+@triton.jit
+def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, C, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+    m, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    r0, i0, n = _seq_info(seq_ptr, b)
+    if m * C - r0 < n:
+        t = m * C - r0 + tl.arange(0, BT)                                                   # [BT] call tokens
+        mt = (t >= 0) & (t < n) & (tl.arange(0, BT) < C)
+        ok_k, ov = tl.arange(0, BK), pv * BV + tl.arange(0, BV)
+        kt = tl.load(k_ptr + b * sk_b + t[:, None] * sk_t + h * sk_h + ok_k[None, :],
+                     mask=mt[:, None] & (ok_k[None, :] < K), other=0.0)                        # [BT, BK]
+        vt = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + ov[None, :],
+                     mask=mt[:, None] & (ov[None, :] < V), other=0.0)                          # [BT, BV]
+        if F32_DOT:
+            kt, vt = kt.to(tl.float32), vt.to(tl.float32)
+        s = tl.dot(tl.trans(kt), vt, input_precision=PREC)                                    # [BK, BV] fp32
+        tile = ok_k[:, None] * V + ov[None, :]
+        mtile = (ok_k[:, None] < K) & (ov[None, :] < V)
+        if HAS_STATE:
+            if m == 0:
+                s += tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0)
+        tl.store(s_ptr + (bh * NB + m) * K * V + tile, s, mask=mtile)
+
+
+@triton.jit
+def _mix_kernel(s_ptr, cum_ptr, p_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, W, NB,
+                H: tl.constexpr, KV: tl.constexpr, HAS_STATE: tl.constexpr, FAR: tl.constexpr,
+                BI: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr, BCOL: tl.constexpr, PREC: tl.constexpr):
+    pi, bh, pc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = bh // H
+    r0, i0, n = _seq_info(seq_ptr, b)
+    nc = (r0 + n) // C                                   # blocks completed by this call
+    first = pi * BI + 1                                  # first target (local) block of this program
+    if first <= nc:
+        tgt = first + tl.arange(0, BI)                                                          # [BI] local
+        ti = i0 + tgt                                                                            # absolute
+        cols = pc * BCOL + tl.arange(0, BCOL)
+        mc = cols < KV
+        acc = tl.zeros((BI, BCOL), dtype=tl.float32)
+        # in-call summaries inside the window of any target in the tile
+        lo = tl.maximum(first - W, 0)
+        for j0 in range(lo, first + BI - 1, BJ):
+            src = j0 + tl.arange(0, BJ)                                                          # [BJ] local
+            coef = window_coef(m_ptr, L, ti[:, None], i0 + src[None, :]) * (src[None, :] < tgt[:, None])
+            st = tl.load(s_ptr + (bh * NB + src[:, None]) * KV + cols[None, :],
+                         mask=(src[:, None] < nc) & mc[None, :], other=0.0)                     # [BJ, BCOL]
+            acc += tl.dot(coef, st, input_precision=PREC)
+        if HAS_STATE:
+            if (first <= W) | FAR:                      # targets that still see carried blocks
+                w = tl.arange(0, BW)
+                j = (i0 - 1) - (((i0 - 1 - w) % W) + W) % W                                    # block in slot w
+                coef = ext_coef(m_ptr, L, ti[:, None], j[None, :], FAR) * (w[None, :] < W)       # [BI, BW]
+                rt = tl.load(ring_ptr + (bh * W + w[:, None]) * KV + cols[None, :],
+                             mask=(w[:, None] < W) & mc[None, :], other=0.0)                   # [BW, BCOL]
+                acc += tl.dot(coef, rt, input_precision=PREC)
+        if FAR:  # blocks older than the window: their running sum, weighted M[L-1, 0] / count
+            fc = far_coef(m_ptr, L, ti)                                                          # [BI]
+            upto = ti - L - i0                                                                   # last in-call far block
+            far = tl.load(cum_ptr + (bh * NB + tl.maximum(upto, 0)[:, None]) * KV + cols[None, :],
+                          mask=(upto[:, None] >= 0) & mc[None, :], other=0.0)
+            if HAS_STATE:
+                far += tl.load(far_ptr + bh * KV + cols, mask=mc, other=0.0)[None, :]
+            acc += fc[:, None] * far
+        tl.store(p_ptr + (bh * NB + tgt[:, None]) * KV + cols[None, :], acc,
+                 mask=(tgt[:, None] <= nc) & (tgt[:, None] < NB) & mc[None, :])
+
+
+@triton.jit
+def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_ptr, L, C, NB, scale,
+                   sq_b, sq_t, sq_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+    m, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    r0, i0, n = _seq_info(seq_ptr, b)
+    if m * C - r0 < n:
+        c = tl.arange(0, BT)
+        t = m * C - r0 + c                                                                       # [BT]
+        mt = (t >= 0) & (t < n) & (c < C)
+        ok_k, ov = tl.arange(0, BK), pv * BV + tl.arange(0, BV)
+        mk, mv = ok_k < K, ov < V
+        qt = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + ok_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        kt = tl.load(k_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + ok_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        vt = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        if F32_DOT:
+            qt, kt, vt = qt.to(tl.float32), kt.to(tl.float32), vt.to(tl.float32)
+        tile = ok_k[:, None] * V + ov[None, :]
+        mtile = mk[:, None] & mv[None, :]
+        scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)                                 # [BT, BT] fp32
+        scores = tl.where(c[:, None] >= c[None, :], scores, 0.0)
+        intra = tl.dot(scores.to(vt.dtype), vt, input_precision=PREC)                          # [BT, BV]
+        if m == 0:
+            if HAS_STATE:
+                pt = tl.load(p0_ptr + bh * K * V + tile, mask=mtile, other=0.0)
+                intra += tl.dot(qt.to(tl.float32), tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0),
+                                input_precision=PREC)
+            else:
+                pt = tl.zeros((BK, BV), dtype=tl.float32)
+        else:
+            pt = tl.load(p_ptr + (bh * NB + m) * K * V + tile, mask=mtile, other=0.0)         # [BK, BV]
+        i = i0 + m
+        diag = window_coef(m_ptr, L, i, i)
+        o = (tl.dot(qt.to(tl.float32), pt, input_precision=PREC) + diag * intra) * scale
+        tl.store(o_ptr + b * so_b + t[:, None] * so_t + h * so_h + ov[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])

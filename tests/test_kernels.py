@@ -1,0 +1,99 @@
+"""Triton and numba kernels against the definition. On a CPU the Triton kernels run under
+TRITON_INTERPRET=1 at small shapes; with CUDA the same sweep runs on the GPU at full shapes."""
+import pytest
+import torch
+from conftest import TOL, rand_qkv, rel_err
+
+from mhla_stream import POLICIES, mhla_attention, mhla_reference
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+# (H, K, V, L): small under the interpreter, the 340M layout on a GPU
+SHAPE = (4, 128, 256, 32) if GPU else (2, 16, 32, 3)
+C_SMALL = 64 if GPU else 16
+TS = (1, 63, 64, 65, 300) if not GPU else (1, 63, 64, 65, 300, 2100, 5000)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def calls(q, k, v, m, cuts, backend, C, policy):
+    state, outs, t = None, [], 0
+    for n in cuts:
+        o, state = mhla_attention(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n], m, block_size=C, state=state,
+                                  return_state=True, backend=backend, policy=policy)
+        outs.append(o)
+        t += n
+    return torch.cat(outs, 1), state
+
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_triton_prefill_stateless(T, dtype, policy):
+    H, K, V, L = SHAPE
+    q, k, v, m = rand_qkv(2, T, H, K, V, L, dtype=dtype, seed=T, device=DEV)
+    ref = mhla_reference(q, k, v, m, block_size=C_SMALL, policy=policy)
+    out = mhla_attention(q, k, v, m, block_size=C_SMALL, backend="triton", policy=policy)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_triton_prefill_then_decode_with_state(dtype, policy):
+    """Starts mid-block, crosses the trained edge (L blocks), decodes through block boundaries."""
+    H, K, V, L = SHAPE
+    C = C_SMALL
+    T = C * (L + 6) + 7
+    q, k, v, m = rand_qkv(2, T, H, K, V, L, dtype=dtype, seed=1, device=DEV)
+    ref = mhla_reference(q, k, v, m, block_size=C, policy=policy)
+    cuts = [C // 2 + 3, 1, C * 2, 5, 1, 1, C - 1]
+    cuts.append(T - sum(cuts) - 2 * C - 3)
+    cuts += [1] * (2 * C + 3)
+    out, state = calls(q, k, v, m, cuts, "triton", C, policy)
+    assert rel_err(out, ref) < TOL[dtype]
+    out_t, state_t = calls(q, k, v, m, cuts, "torch", C, policy)
+    for name in ("ring", "far", "prefix", "partial"):
+        assert rel_err(getattr(state, name), getattr(state_t, name)) < TOL[dtype] or getattr(state, name).numel() == 0
+    assert torch.equal(state.pos, state_t.pos)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_batch_different_lengths_and_positions(dtype):
+    H, K, V, L = SHAPE
+    C = C_SMALL
+    q, k, v, m = rand_qkv(2, 3 * C + 20, H, K, V, L, dtype=dtype, seed=2, device=DEV)
+    ref = mhla_reference(q, k, v, m, block_size=C)
+    n0, n1 = C // 2 + 1, 2 * C + 3
+    o1, st = mhla_attention(q[:, :n1], k[:, :n1], v[:, :n1], m, block_size=C, state=None, return_state=True,
+                            lengths=torch.tensor([n0, n1], device=DEV), backend="triton")
+    assert st.pos.tolist() == [n0, n1]
+    assert rel_err(o1[0, :n0], ref[0, :n0]) < TOL[dtype] and rel_err(o1[1], ref[1, :n1]) < TOL[dtype]
+    # one token each, at different positions, then a chunk each from its own position
+    step = torch.stack([q[0, n0], q[1, n1]])[:, None], torch.stack([k[0, n0], k[1, n1]])[:, None], \
+        torch.stack([v[0, n0], v[1, n1]])[:, None]
+    o2 = mhla_attention(*step, m, block_size=C, state=st, backend="triton")
+    assert rel_err(o2[0, 0], ref[0, n0]) < TOL[dtype] and rel_err(o2[1, 0], ref[1, n1]) < TOL[dtype]
+    a0, a1 = n0 + 1, n1 + 1
+    take = lambda x: torch.stack([x[0, a0:a0 + 17], x[1, a1:a1 + 17]])  # noqa: E731
+    o3 = mhla_attention(take(q), take(k), take(v), m, block_size=C, state=st, backend="triton")
+    assert rel_err(o3[0], ref[0, a0:a0 + 17]) < TOL[dtype] and rel_err(o3[1], ref[1, a1:a1 + 17]) < TOL[dtype]
+
+
+@pytest.mark.skipif(GPU, reason="numba is the CPU path")
+@pytest.mark.parametrize("policy", POLICIES)
+def test_numba_decode_matches_definition(policy):
+    q, k, v, m = rand_qkv(2, 70, 2, 16, 8, 3, seed=9)
+    ref = mhla_reference(q, k, v, m, block_size=8, policy=policy)
+    out, _ = calls(q, k, v, m, [13] + [1] * 57, "numba", 8, policy)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+    out, _ = calls(qb, kb, vb, m, [5] + [1] * 65, "numba", 8, policy)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, mhla_reference(qb, kb, vb, m, block_size=8, policy=policy)) < TOL[torch.bfloat16]
+
+
+def test_auto_backend_choice():
+    from mhla_stream.attention import resolve_backend
+    assert resolve_backend("auto", torch.device("cpu")) == "numba"
+    if GPU:
+        assert resolve_backend("auto", torch.device("cuda")) == "triton"
