@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 PACKAGED = Path(__file__).parent / "models"
-DEFAULT_MODEL = "mhla-stories-14m"
+DEFAULT_MODEL = "mhla-stories-17m"
 USER_WEIGHT_MODELS = ("mhla-340m",)
 
 
