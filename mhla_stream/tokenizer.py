@@ -13,8 +13,10 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """encode / decode, plus the special ids the runtime needs."""
 
-    def __init__(self, encode, decode, vocab_size: int, bos_id: int | None, eos_id: int | None, source: str):
+    def __init__(self, encode, decode, vocab_size: int, bos_id: int | None, eos_id: int | None, source: str,
+                 chat=None):
         self._encode, self._decode = encode, decode
+        self.chat = chat  # user message -> the text of one templated turn, or None for a base model
         self.vocab_size, self.bos_id, self.eos_id, self.source = vocab_size, bos_id, eos_id, source
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
@@ -44,8 +46,13 @@ class Tokenizer:
             tok = AutoTokenizer.from_pretrained(os.fspath(directory), local_files_only=True)
         except Exception as e:
             raise TokenizerError(f"{directory}: cannot load the transformers tokenizer ({e})") from None
+        chat = None
+        if getattr(tok, "chat_template", None):
+            def chat(message):
+                return tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                               add_generation_prompt=True)
         return cls(lambda t: tok.encode(t, add_special_tokens=False), lambda ids: tok.decode(ids, skip_special_tokens=True),
-                   len(tok), tok.bos_token_id, tok.eos_token_id, os.fspath(directory))
+                   len(tok), tok.bos_token_id, tok.eos_token_id, os.fspath(directory), chat)
 
     @classmethod
     def from_directory(cls, directory) -> "Tokenizer":

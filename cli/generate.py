@@ -1,0 +1,57 @@
+"""``mhla-generate``: one prompt (argument, --file or stdin) to text; ``--json`` adds timings."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from .common import friendly_errors, load_stream, model_options, sampling_kwargs, sampling_options
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@click.option("--file", "prompt_file", type=click.File("r", encoding="utf-8"), default=None, help="read the prompt here")
+@click.option("--json", "as_json", is_flag=True, help="print text and timings as JSON")
+@model_options
+@sampling_options
+@friendly_errors
+def main(prompt, prompt_file, as_json, model, weights, device, dtype, backend, policy, **kw):
+    """Continue PROMPT (or --file, or standard input) with the model."""
+    if prompt is not None and prompt_file is not None:
+        raise click.UsageError("give the prompt as an argument or with --file, not both")
+    if prompt is None:
+        if prompt_file is not None:
+            prompt = prompt_file.read()
+        elif not sys.stdin.isatty():
+            prompt = sys.stdin.read()
+        else:
+            raise click.UsageError("no prompt: pass one as an argument, with --file, or on standard input")
+    stream = load_stream(model, weights, device, dtype, backend, policy)
+    params = sampling_kwargs(kw)
+    t0 = time.perf_counter()
+    n_prompt = stream.feed(prompt) if prompt else 0
+    t1 = time.perf_counter()
+    pieces, n_new = [], 0
+    start = stream.position
+    for piece in stream.stream(None, **params):
+        pieces.append(piece)
+        if not as_json:
+            click.echo(piece, nl=False)
+    n_new = stream.position - start
+    t2 = time.perf_counter()
+    text = "".join(pieces)
+    if as_json:
+        click.echo(json.dumps({"model": model, "device": str(stream.device), "prompt_tokens": n_prompt,
+                               "new_tokens": n_new, "text": text, "prefill_s": round(t1 - t0, 4),
+                               "decode_s": round(t2 - t1, 4),
+                               "prefill_tok_s": round(n_prompt / max(t1 - t0, 1e-9), 1),
+                               "decode_tok_s": round(n_new / max(t2 - t1, 1e-9), 1),
+                               "state_bytes": stream.state_bytes}))
+    else:
+        click.echo()
+
+
+if __name__ == "__main__":
+    main()
