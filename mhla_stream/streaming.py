@@ -116,10 +116,12 @@ class StreamingMHLA:
         params = SamplingParams.from_kwargs(max_new_tokens=max_new_tokens, **sampling)
         if self.tokenizer is None:
             raise TokenizerError(f"model {self.name} has no tokenizer; use generate_ids")
-        decoder = IncrementalDecoder(self.tokenizer)
+        if prompt is not None:
+            self.feed(prompt)
+        decoder = IncrementalDecoder(self.tokenizer, prefix=list(self._history)[-8:])
         pending = ""
         hold = max((len(s) for s in params.stop), default=1) - 1
-        for token in self.generate_ids(prompt, params=params):
+        for token in self.generate_ids(None, params=params):
             pending += decoder.push(token)
             cut = min((pending.find(s) for s in params.stop if s in pending), default=-1)
             if cut >= 0:

@@ -69,10 +69,10 @@ class IncrementalDecoder:
     """Turns a growing list of ids into new text pieces. Decodes a short window of recent ids and
     holds back text that ends in an incomplete character (U+FFFD) until it completes."""
 
-    def __init__(self, tokenizer: Tokenizer, context: int = 8):
+    def __init__(self, tokenizer: Tokenizer, context: int = 8, prefix=()):
         self.tok, self.context = tokenizer, context
-        self.ids: list[int] = []
-        self.emitted = 0  # ids whose text has been emitted
+        self.ids: list[int] = list(prefix)[-context:]  # text already shown: keeps leading spaces right
+        self.emitted = len(self.ids)  # ids whose text has been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))

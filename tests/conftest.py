@@ -7,7 +7,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED = os.environ.get("MHLA_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+SHARED = os.environ.get("MHLA_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
 def rand_qkv(B, T, H, K, V, L, *, dtype=torch.float32, seed=0, device="cpu"):
