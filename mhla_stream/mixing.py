@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 POLICIES = ("window", "window+far")
-DEFAULT_POLICY = "window+far"
+DEFAULT_POLICY = "window"  # measured: equal loss to window+far on long held-out books, smaller state
 CLAMP_MIN, CLAMP_MAX = 1e-5, 1.0
 
 
