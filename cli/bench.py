@@ -68,7 +68,7 @@ def same_size_transformer(cfg, device, dtype):
 
 
 @torch.inference_mode()
-def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device):
+def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=False):
     from mhla_stream import MHLACache
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
@@ -87,15 +87,26 @@ def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device):
     nxt = logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t1 = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    t_dec, capture_s = t1, 0.0
+    if kind == "mhla" and graphs:
+        from mhla_stream.graphs import GraphDecoder
+        decoder = GraphDecoder(model, cache)  # one capture; not part of the timed decode
+        _sync(device)
+        t_dec = time.perf_counter()
+        capture_s = t_dec - t1
+        for _ in range(new_tokens):
+            nxt = decoder.step(nxt)[:, -1].argmax(-1, keepdim=True)
+    else:
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t2 = time.perf_counter()
     state = cache.nbytes if kind == "mhla" else sum(t.numel() * t.element_size() for layer in cache.layers
                                                     for t in (layer.keys, layer.values) if t is not None)
     return {"model": kind, "prompt_len": prompt_len, "batch": batch, "ttft_s": t1 - t0,
-            "prefill_tok_s": batch * prompt_len / (t1 - t0), "decode_tok_s": batch * new_tokens / max(t2 - t1, 1e-9),
+            "prefill_tok_s": batch * prompt_len / (t1 - t0), "decode_tok_s": batch * new_tokens / max(t2 - t_dec, 1e-9),
+            "decode_ms_per_step": (t2 - t_dec) / new_tokens * 1e3, "graph_capture_s": capture_s,
             "peak_mem_GiB": _peak_bytes(device) / 2**30, "state_MiB": state / 2**20}
 
 
@@ -111,9 +122,10 @@ def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device):
 @click.option("--device", default=None)
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--backend", default="auto", type=click.Choice(["auto", "torch", "triton", "numba"]))
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="capture the MHLA decode step")
 @click.option("--json", "json_path", default=None, type=click.Path(), help="also write the rows here")
 def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_chunk, compare, device, dtype, backend,
-         json_path):
+         cuda_graph, json_path):
     """Measure prefill and decode speed of an MHLA model on long prompts."""
     from tqdm import tqdm
     try:
@@ -131,16 +143,18 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
     rows = []
     jobs = [(k, mod, L, b) for L in lengths for b in batches for k, mod in kinds]
     for kind, mod, L, b in tqdm(jobs, desc="bench", dynamic_ncols=True):
-        run_one(kind, mod, min(L, 256), 2, b, prefill_chunk, device)  # warm-up: kernels compiled, caches made
+        graphs = cuda_graph and device.startswith("cuda")
+        run_one(kind, mod, min(L, 256), 2, b, prefill_chunk, device, graphs)  # warm-up: kernels compiled
         try:
-            rows.append(run_one(kind, mod, L, new_tokens, b, prefill_chunk, device))
+            rows.append(run_one(kind, mod, L, new_tokens, b, prefill_chunk, device, graphs))
         except torch.OutOfMemoryError:
             rows.append({"model": kind, "prompt_len": L, "batch": b, "error": "out of memory"})
             _reset_peak(device)
     meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": str(dtype),
             "date": time.strftime("%Y-%m-%d"), "model": model, "random_weights": random_weights,
             "params": sum(p.numel() for p in m.parameters()), "new_tokens": new_tokens}
-    cols = ["model", "prompt_len", "batch", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_mem_GiB", "state_MiB"]
+    cols = ["model", "prompt_len", "batch", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_ms_per_step", "peak_mem_GiB",
+            "state_MiB"]
     click.echo(f"# {meta['device']}, {meta['dtype']}, {meta['date']}, {model} ({meta['params'] / 1e6:.0f}M params)")
     click.echo(" | ".join(cols))
     for r in rows:

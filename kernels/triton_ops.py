@@ -47,8 +47,11 @@ def chunk_prefill(q, k, v, mc, scale, C, policy, state, lengths):
         k, v, S, r_old, seq, NB, C, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
     if NB > 1:
-        cum = torch.cumsum(S, 2) if far else S
-        BI, BJ, BCOL = 32, 32, 128
+        # far blocks exist only once some target is L blocks past the start: skip the scan otherwise
+        far_reachable = far and bool((pos // C + NB > L).any())
+        cum = torch.cumsum(S, 2) if far_reachable else S
+        far = far and (far_reachable or has_state)
+        BI, BJ, BCOL = 64, 32, 128
         _mix_kernel[(triton.cdiv(NB, BI), B * H, triton.cdiv(K * V, BCOL))](
             S, cum, P, ring, far_sum, mc, seq, L, C, W, NB, H=H, KV=K * V, HAS_STATE=has_state, FAR=far,
             BI=BI, BJ=BJ, BW=pow2(W, 2), BCOL=BCOL, PREC=prec)

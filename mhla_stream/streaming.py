@@ -30,7 +30,8 @@ class Snapshot:
 
 class StreamingMHLA:
     def __init__(self, model: MHLAForCausalLM, tokenizer: Tokenizer | None = None, *, policy: str | None = None,
-                 backend: str = "auto", prefill_chunk: int = 4096, history: int = 4096, name: str | None = None):
+                 backend: str = "auto", prefill_chunk: int = 4096, history: int = 4096, name: str | None = None,
+                 cuda_graph: bool = True):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
@@ -43,6 +44,8 @@ class StreamingMHLA:
         self._history: deque[int] = deque(maxlen=history)  # recent ids, for the repetition penalty
         self._position = 0
         self._fingerprint: str | None = None
+        self._graph = None  # CUDA-graph decode step, made on first use (the state is never reallocated)
+        self._use_graph = cuda_graph and self.device.type == "cuda" and backend in ("auto", "triton")
 
     @classmethod
     def from_pretrained(cls, name_or_path=DEFAULT_MODEL, device=None, dtype=None, *, weights=None, **kwargs):
@@ -158,8 +161,21 @@ class StreamingMHLA:
             token = int(select_next(self._logits[None], history, params, generator))
             if params.stop_at_eos and token == eos:
                 return
-            self.feed([token])
+            self._decode(token)
             yield token
+
+    def _decode(self, token: int) -> None:
+        """One token in: the same as ``feed([token])``, through a CUDA graph where there is one."""
+        if not self._use_graph:
+            self.feed([token])
+            return
+        from .graphs import GraphDecoder
+        if self._graph is None:
+            self._graph = GraphDecoder(self.model, self.cache)
+        x = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        self._logits = self._graph.step(x)[0, -1].float()
+        self._history.append(token)
+        self._position += 1
 
     # -- state management ------------------------------------------------------------------------
     def reset(self) -> None:

@@ -97,3 +97,22 @@ def test_auto_backend_choice():
     assert resolve_backend("auto", torch.device("cpu")) == "numba"
     if GPU:
         assert resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_matches_eager():
+    from mhla_stream import MHLACache, MHLAForCausalLM, preset_config
+    from mhla_stream.graphs import GraphDecoder
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).cuda().eval()
+    ids = torch.randint(3, 256, (2, 90), device="cuda")
+    with torch.inference_mode():
+        eager, graphed = MHLACache(model.new_state(2)), MHLACache(model.new_state(2))
+        model(ids[:, :21], past_key_values=eager)
+        model(ids[:, :21], past_key_values=graphed)
+        decoder = GraphDecoder(model, graphed)
+        for t in range(21, 90):  # crosses block boundaries and the trained edge (4 blocks of 8)
+            a = model(ids[:, t:t + 1], past_key_values=eager).logits
+            b = decoder.step(ids[:, t:t + 1])
+            assert rel_err(b, a) < 1e-4, t
+        assert torch.equal(eager.states[0].pos, graphed.states[0].pos)
