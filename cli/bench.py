@@ -81,6 +81,7 @@ def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=Fa
     _sync(device)
     t0 = time.perf_counter()
     logits = None
+    chunk = chunk if kind == "mhla" else prompt_len  # the Transformer prefills whole (flash attention)
     for s in range(0, prompt_len, chunk):
         out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache, logits = out.past_key_values, out.logits

@@ -13,14 +13,17 @@ def window_coef(m_ptr, L, i, j):
     col = tl.where(beyond, L - 1 - d, j)
     ok = (d >= 0) & (j >= 0) & (col >= 0)
     col = tl.minimum(tl.maximum(col, 0), L - 1)
-    return tl.load(m_ptr + tl.maximum(row, 0) * L + col, mask=ok, other=0.0)
+    # the raw parameter is read: clamp here (tril holds by construction, since col <= row)
+    m = tl.load(m_ptr + tl.maximum(row, 0) * L + col, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(ok, tl.minimum(tl.maximum(m, 1e-5), 1.0), 0.0)
 
 
 @triton.jit
 def far_coef(m_ptr, L, i):
     """Weight of the *sum* of the blocks older than the window for query block ``i`` (window+far)."""
     count = (i - L + 1).to(tl.float32)
-    return tl.where(count > 0, tl.load(m_ptr + (L - 1) * L) / tl.maximum(count, 1.0), 0.0)
+    edge = tl.minimum(tl.maximum(tl.load(m_ptr + (L - 1) * L).to(tl.float32), 1e-5), 1.0)
+    return tl.where(count > 0, edge / tl.maximum(count, 1.0), 0.0)
 
 
 @triton.jit

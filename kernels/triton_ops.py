@@ -54,7 +54,7 @@ def chunk_prefill(q, k, v, mc, scale, C, policy, state, lengths):
         BI, BJ, BCOL = 64, 32, 128
         _mix_kernel[(triton.cdiv(NB, BI), B * H, triton.cdiv(K * V, BCOL))](
             S, cum, P, ring, far_sum, mc, seq, L, C, W, NB, H=H, KV=K * V, HAS_STATE=has_state, FAR=far,
-            BI=BI, BJ=BJ, BW=pow2(W, 2), BCOL=BCOL, PREC=prec)
+            BI=BI, BJ=BJ, BW=pow2(W, 16), BCOL=BCOL, PREC=prec)
         del cum
     _output_kernel[(NB, B * H, triton.cdiv(V, BV))](
         q, k, v, o, P, p_old, r_old, mc, seq, L, C, NB, scale, q.stride(0), q.stride(1), q.stride(2),

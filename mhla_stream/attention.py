@@ -94,7 +94,14 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
     V = v.shape[-1]
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    mc = prepare_mixing(mixing).to(q.device)
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "triton" and isinstance(mixing, torch.Tensor):  # the kernels clamp on load: pass the raw [L, L] parameter, no extra launches
+        mc = mixing.reshape(mixing.shape[0], -1) if mixing.dim() > 2 else mixing
+        if mc.dim() != 2 or mc.shape[0] != mc.shape[1] or not mc.is_floating_point() or mc.device != q.device:
+            mc = prepare_mixing(mixing).to(q.device)
+        mc = mc if mc.is_contiguous() else mc.contiguous()
+    else:
+        mc = prepare_mixing(mixing).to(q.device)
     L = mc.shape[0]
     scale = K ** -0.5 if scale is None else float(scale)
     if state is not None:
@@ -109,7 +116,6 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
         state = MHLAState.empty(B, H, K, V, block_size=block_size, num_blocks=L,
                                 policy=check_policy(policy or DEFAULT_POLICY), device=q.device)
     policy = state.policy if state is not None else check_policy(policy or DEFAULT_POLICY)
-    chosen = resolve_backend(backend, q.device)
 
     if chosen == "triton":
         from .kernels.triton_ops import triton_mhla

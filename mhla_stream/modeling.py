@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .attention import mhla_attention
 from .cache import MHLACache
 from .configuration import MHLAConfig
+from .fused import gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_tables, swiglu_fast
 from .mixing import init_mixing
 from .state import MHLAState
 
@@ -28,19 +29,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
-
-
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """GPT-NeoX rotate-half RoPE over the whole head dim. x [B, T, H, D]; positions [B, T] int."""
-    D = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    ang = positions.to(torch.float32)[..., None] * inv_freq           # [B, T, D/2]
-    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]            # [B, T, 1, D/2]
-    x1, x2 = x.float().chunk(2, -1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+        return rms_norm_fast(x, self.weight, self.eps)
 
 
 class MHLAAttention(nn.Module):
@@ -57,18 +46,18 @@ class MHLAAttention(nn.Module):
         self.g_norm_swish_gate = RMSNorm(V, config.norm_eps)
         self.mixing_matrix = nn.Parameter(init_mixing(config.num_blocks))
 
-    def forward(self, x, positions, state: MHLAState | None = None, lengths=None, backend: str = "auto"):
+    def forward(self, x, rope, state: MHLAState | None = None, lengths=None, backend: str = "auto"):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        q = F.relu(self.q_proj(x).view(B, T, H, K))
-        k = F.relu(self.k_proj(x).view(B, T, H, K))
+        cos, sin = rope
+        q = relu_rope_fast(self.q_proj(x).view(B, T, H, K), cos, sin)
+        k = relu_rope_fast(self.k_proj(x).view(B, T, H, K), cos, sin)
         v = self.v_proj(x).view(B, T, H, V)
         g = self.g_proj(x).view(B, T, H, V)
-        q, k = apply_rotary(q, positions, self.config.rope_theta), apply_rotary(k, positions, self.config.rope_theta)
         o = mhla_attention(q, k, v, self.mixing_matrix, block_size=self.config.block_size, state=state,
                            backend=backend, policy=None if state is not None else self.config.mixing_policy,
                            lengths=lengths)
-        o = self.g_norm_swish_gate(o) * F.silu(g.float()).to(o.dtype)
+        o = gated_norm_fast(o, self.g_norm_swish_gate.weight, g, self.g_norm_swish_gate.eps)
         return self.o_proj(o.reshape(B, T, H * V))
 
 
@@ -80,7 +69,7 @@ class MHLAMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu_fast(self.gate_proj(x), self.up_proj(x)))
 
 
 class MHLABlock(nn.Module):
@@ -91,8 +80,8 @@ class MHLABlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MHLAMLP(config)
 
-    def forward(self, x, positions, state=None, lengths=None, backend="auto"):
-        h = x + self.attn(self.attn_norm(x), positions, state, lengths, backend)
+    def forward(self, x, rope, state=None, lengths=None, backend="auto"):
+        h = x + self.attn(self.attn_norm(x), rope, state, lengths, backend)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -134,8 +123,9 @@ class MHLAModel(MHLAPreTrainedModel):
         B, T = x.shape[:2]
         start = states[0].pos[:, None] if states is not None else torch.zeros(B, 1, dtype=torch.long, device=x.device)
         positions = start + torch.arange(T, device=x.device)
+        rope = rope_tables(positions, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if states is None else states[i], lengths, backend)
+            x = layer(x, rope, None if states is None else states[i], lengths, backend)
         return self.norm(x)
 
 
