@@ -14,3 +14,8 @@ mhla-bench --model mhla-340m --random-weights --prompt-len ${LENGTHS:-2048,32768
   --compare transformer --json $OUT/bench_340m.json 2>&1 | tr '\r' '\n' | grep -v "it/s\]$\|s/it\]$" | tail -8
 mhla-bench --model mhla-340m --random-weights --prompt-len 2048 --batch 1,8,32 --new-tokens 64 \
   --compare transformer --json $OUT/bench_340m_batch.json 2>&1 | tr '\r' '\n' | grep -v "it/s\]$\|s/it\]$" | tail -8
+if [ -n "${BASELINE:-}" ] && [ -d runs/data ]; then
+  python3 -m mhla_stream.cli.train --data runs/data --out /tmp/$BASELINE --arch $BASELINE --steps 1300 --eval-every 325 \
+    --batch 32 --hidden 384 --layers 8 --heads 4 --num-blocks 16 > $OUT/train_$BASELINE.log 2>&1
+  tail -c 1500 $OUT/train_$BASELINE.log | tr '\r' '\n' | tail -4; cp /tmp/$BASELINE/log.jsonl $OUT/log_$BASELINE.jsonl 2>/dev/null
+fi
