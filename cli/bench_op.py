@@ -42,7 +42,8 @@ def bench(fn, ms=200):
 @click.option("--dtype", default="bfloat16", type=click.Choice(["bfloat16", "float16"]))
 @click.option("--json", "json_path", default=None, help="write the results here as JSON")
 @click.option("--torch-max", default=32768, help="longest T for the plain PyTorch chunk form")
-def main(lengths, dtype, json_path, torch_max):
+@click.option("--profile", "profile_T", default=0, help="print the per-kernel time of one MHLA prefill at this T")
+def main(lengths, dtype, json_path, torch_max, profile_T):
     dev, dt = "cuda", getattr(torch, dtype)
     H, K, V, C, L = 4, 128, 256, 64, 32
     chunk_la, recur_la = _fla()
@@ -82,6 +83,8 @@ def main(lengths, dtype, json_path, torch_max):
         del q, k, v, qs, ks, vs, state
         torch.cuda.empty_cache()
         print(json.dumps(r), flush=True)
+    if profile_T:
+        _profile(profile_T, dev, dt, H, K, V, m)
     cols = ["T", "mhla_ms", "fla_chunk_ms", "mhla_over_fla", "sdpa_ms", "sdpa_over_mhla", "torch_chunk_ms",
             "mhla_tok_s", "mhla_tflops", "mhla_decode_us", "fla_recurrent_us", "sdpa_decode_us", "mhla_decode_GBs"]
     print(" | ".join(cols))
@@ -92,6 +95,21 @@ def main(lengths, dtype, json_path, torch_max):
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def _profile(T, dev, dt, H, K, V, m):
+    from torch.profiler import ProfilerActivity, profile
+    q = torch.rand(1, T, H, K, device=dev, dtype=dt)
+    k, v = torch.rand_like(q), torch.randn(1, T, H, V, device=dev, dtype=dt)
+    for _ in range(3):
+        mhla_attention(q, k, v, m, backend="triton")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            mhla_attention(q, k, v, m, backend="triton")
+        torch.cuda.synchronize()
+    print(f"per-kernel CUDA time, MHLA prefill T={T} (10 calls):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,21 @@ Accumulation is fp32; fp32 inputs use IEEE dots, 16-bit inputs use tensor cores 
 fp32 operands). ``F32_DOT`` upcasts dot operands: set under TRITON_INTERPRET, whose bf16 dot is
 wrong in triton 3.9.
 """
+import os
+
 import triton
 import triton.language as tl
 
 from .triton_common import ext_coef, far_coef, window_coef
+
+# Launch configurations, tuned per (K, V) on the GPU; one fixed choice under the interpreter.
+# Only pure-output kernels are tuned (tuning re-runs them).
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _CONFIGS = [triton.Config({}, num_warps=4)]
+else:
+    _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+_tuned = triton.autotune(configs=_CONFIGS, key=["K", "V", "BT"])
+_tuned_mix = triton.autotune(configs=_CONFIGS, key=["KV", "BI", "BCOL"])
 
 
 @triton.jit
@@ -23,6 +34,7 @@ def _seq_info(seq_ptr, b):
     return tl.load(seq_ptr + b * 3), tl.load(seq_ptr + b * 3 + 1), tl.load(seq_ptr + b * 3 + 2)
 
 
+@_tuned
 @triton.jit
 def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, C, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr,
@@ -49,6 +61,7 @@ def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, C, sk_b, sk_t, sk_h
         tl.store(s_ptr + (bh * NB + m) * K * V + tile, s, mask=mtile)
 
 
+@_tuned_mix
 @triton.jit
 def _mix_kernel(s_ptr, cum_ptr, p_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, W, NB,
                 H: tl.constexpr, KV: tl.constexpr, HAS_STATE: tl.constexpr, FAR: tl.constexpr,
@@ -92,6 +105,7 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, 
                  mask=(tgt[:, None] <= nc) & (tgt[:, None] < NB) & mc[None, :])
 
 
+@_tuned
 @triton.jit
 def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_ptr, L, C, NB, scale,
                    sq_b, sq_t, sq_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
@@ -127,6 +141,10 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_
             pt = tl.load(p_ptr + (bh * NB + m) * K * V + tile, mask=mtile, other=0.0)         # [BK, BV]
         i = i0 + m
         diag = window_coef(m_ptr, L, i, i)
-        o = (tl.dot(qt.to(tl.float32), pt, input_precision=PREC) + diag * intra) * scale
+        if PREC == "ieee":
+            inter = tl.dot(qt.to(tl.float32), pt, input_precision=PREC)
+        else:  # 16-bit inputs: the fp32 prefix enters the tensor-core product in the input dtype
+            inter = tl.dot(qt, pt.to(qt.dtype))
+        o = (inter + diag * intra) * scale
         tl.store(o_ptr + b * so_b + t[:, None] * so_t + h * so_h + ov[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
