@@ -145,7 +145,8 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
     jobs = [(k, mod, L, b) for L in lengths for b in batches for k, mod in kinds]
     for kind, mod, L, b in tqdm(jobs, desc="bench", dynamic_ncols=True):
         graphs = cuda_graph and device.startswith("cuda")
-        run_one(kind, mod, min(L, 256), 2, b, prefill_chunk, device, graphs)  # warm-up: kernels compiled
+        # warm-up at the timed chunk shape: kernels compiled and tuned, graphs captured once before timing
+        run_one(kind, mod, min(L, prefill_chunk), 2, b, prefill_chunk, device, graphs)
         try:
             rows.append(run_one(kind, mod, L, new_tokens, b, prefill_chunk, device, graphs))
         except torch.OutOfMemoryError:

@@ -24,8 +24,9 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _CONFIGS = [triton.Config({}, num_warps=4)]
 else:
     _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
-_tuned = triton.autotune(configs=_CONFIGS, key=["K", "V", "BT"])
-_tuned_mix = triton.autotune(configs=_CONFIGS, key=["KV", "BI", "BCOL"])
+# SIZE (a power of two >= the blocks touched) makes short and long prefills tune separately
+_tuned = triton.autotune(configs=_CONFIGS, key=["K", "V", "BT", "SIZE"])
+_tuned_mix = triton.autotune(configs=_CONFIGS, key=["KV", "BI", "BCOL", "SIZE"])
 
 
 @triton.jit
@@ -36,7 +37,7 @@ def _seq_info(seq_ptr, b):
 
 @_tuned
 @triton.jit
-def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, C, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
     m, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -63,7 +64,7 @@ def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, C, sk_b, sk_t, sk_h
 
 @_tuned_mix
 @triton.jit
-def _mix_kernel(s_ptr, cum_ptr, p_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, W, NB,
+def _mix_kernel(s_ptr, cum_ptr, p_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, W, NB, SIZE,
                 H: tl.constexpr, KV: tl.constexpr, HAS_STATE: tl.constexpr, FAR: tl.constexpr,
                 BI: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr, BCOL: tl.constexpr, PREC: tl.constexpr):
     pi, bh, pc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -107,7 +108,7 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, 
 
 @_tuned
 @triton.jit
-def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_ptr, L, C, NB, scale,
+def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_ptr, L, C, NB, SIZE, scale,
                    sq_b, sq_t, sq_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):

@@ -29,6 +29,7 @@ def chunk_prefill(q, k, v, mc, scale, C, policy, state, lengths):
     seq = torch.stack([pos % C, pos // C, n], 1).to(torch.int32).contiguous()     # [B, 3]: r, i0, n
     NB = triton.cdiv(T + (C - 1 if state is not None else 0), C)                 # blocks touched, upper bound
     far = has_far(policy)
+    size = triton.next_power_of_2(NB)  # tuning bucket
     S = torch.empty(B, H, NB, K, V, device=dev, dtype=torch.float32)
     P = torch.empty_like(S) if NB > 1 else S
     o = torch.empty(B, T, H, V, device=dev, dtype=q.dtype)
@@ -44,7 +45,7 @@ def chunk_prefill(q, k, v, mc, scale, C, policy, state, lengths):
     p_old = state.prefix if has_state else S
 
     _summary_kernel[(NB, B * H, triton.cdiv(V, BV))](
-        k, v, S, r_old, seq, NB, C, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k, v, S, r_old, seq, NB, size, C, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
     if NB > 1:
         # far blocks exist only once some target is L blocks past the start: skip the scan otherwise
@@ -53,11 +54,11 @@ def chunk_prefill(q, k, v, mc, scale, C, policy, state, lengths):
         far = far and (far_reachable or has_state)
         BI, BJ, BCOL = 64, 32, 128
         _mix_kernel[(triton.cdiv(NB, BI), B * H, triton.cdiv(K * V, BCOL))](
-            S, cum, P, ring, far_sum, mc, seq, L, C, W, NB, H=H, KV=K * V, HAS_STATE=has_state, FAR=far,
+            S, cum, P, ring, far_sum, mc, seq, L, C, W, NB, size, H=H, KV=K * V, HAS_STATE=has_state, FAR=far,
             BI=BI, BJ=BJ, BW=pow2(W, 16), BCOL=BCOL, PREC=prec)
         del cum
     _output_kernel[(NB, B * H, triton.cdiv(V, BV))](
-        q, k, v, o, P, p_old, r_old, mc, seq, L, C, NB, scale, q.stride(0), q.stride(1), q.stride(2),
+        q, k, v, o, P, p_old, r_old, mc, seq, L, C, NB, size, scale, q.stride(0), q.stride(1), q.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
     if has_state:

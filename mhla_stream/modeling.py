@@ -22,6 +22,26 @@ from .mixing import init_mixing
 from .state import MHLAState
 
 
+class FusedLinears:
+    """At inference on a GPU, several projections of the same input run as one matrix product over
+    their concatenated weights (fewer launches per decoded token). The concatenation is cached
+    and rebuilt whenever a weight changes (``_version``) or moves."""
+
+    def __init__(self):
+        self._key, self._weight = None, None
+
+    def weight(self, *linears):
+        ws = [lin.weight for lin in linears]
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in ws)
+        if key != self._key:
+            self._weight, self._key = torch.cat(ws, 0), key
+        return self._weight
+
+
+def fuse_here(x) -> bool:
+    return x.is_cuda and not torch.is_grad_enabled()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -45,15 +65,21 @@ class MHLAAttention(nn.Module):
         self.o_proj = nn.Linear(H * V, config.hidden_size, bias=False)
         self.g_norm_swish_gate = RMSNorm(V, config.norm_eps)
         self.mixing_matrix = nn.Parameter(init_mixing(config.num_blocks))
+        self._fused = FusedLinears()
 
     def forward(self, x, rope, state: MHLAState | None = None, lengths=None, backend: str = "auto"):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         cos, sin = rope
-        q = relu_rope_fast(self.q_proj(x).view(B, T, H, K), cos, sin)
-        k = relu_rope_fast(self.k_proj(x).view(B, T, H, K), cos, sin)
-        v = self.v_proj(x).view(B, T, H, V)
-        g = self.g_proj(x).view(B, T, H, V)
+        lins = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
+        if fuse_here(x):
+            q, k, v, g = F.linear(x, self._fused.weight(*lins)).split([H * K, H * K, H * V, H * V], -1)
+        else:
+            q, k, v, g = (lin(x) for lin in lins)
+        q = relu_rope_fast(q.reshape(B, T, H, K), cos, sin)
+        k = relu_rope_fast(k.reshape(B, T, H, K), cos, sin)
+        v = v.reshape(B, T, H, V)
+        g = g.reshape(B, T, H, V)
         o = mhla_attention(q, k, v, self.mixing_matrix, block_size=self.config.block_size, state=state,
                            backend=backend, policy=None if state is not None else self.config.mixing_policy,
                            lengths=lengths)
@@ -67,9 +93,14 @@ class MHLAMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self._fused = FusedLinears()
 
     def forward(self, x):
-        return self.down_proj(swiglu_fast(self.gate_proj(x), self.up_proj(x)))
+        if fuse_here(x):
+            gate, up = F.linear(x, self._fused.weight(self.gate_proj, self.up_proj)).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu_fast(gate, up))
 
 
 class MHLABlock(nn.Module):

@@ -116,3 +116,16 @@ def test_cuda_graph_decode_matches_eager():
             b = decoder.step(ids[:, t:t + 1])
             assert rel_err(b, a) < 1e-4, t
         assert torch.equal(eager.states[0].pos, graphed.states[0].pos)
+
+
+@pytest.mark.skipif(not GPU, reason="the fused inference path runs on CUDA")
+def test_fused_projections_match_separate():
+    from mhla_stream import MHLAForCausalLM, preset_config
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).cuda().eval()
+    ids = torch.randint(3, 256, (2, 50), device="cuda")
+    with torch.enable_grad():
+        separate = model(ids).logits  # gradients on: separate projections, eager elementwise ops
+    with torch.no_grad():
+        fused = model(ids).logits     # inference: concatenated weights, compiled elementwise ops
+    assert rel_err(fused, separate) < 1e-4
