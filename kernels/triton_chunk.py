@@ -35,6 +35,16 @@ def _seq_info(seq_ptr, b):
     return tl.load(seq_ptr + b * 3), tl.load(seq_ptr + b * 3 + 1), tl.load(seq_ptr + b * 3 + 2)
 
 
+@triton.jit
+def _block_rows(seq_ptr, b, m, C, BT: tl.constexpr):
+    """Call-token rows of local block ``m`` of sequence ``b``: indices [BT], their mask, the
+    sequence's first absolute block, and whether the block holds any token of this call."""
+    r0, i0, n = _seq_info(seq_ptr, b)
+    c = tl.arange(0, BT)
+    t = m * C - r0 + c
+    return t, (t >= 0) & (t < n) & (c < C), i0, m * C - r0 < n
+
+
 @_tuned
 @triton.jit
 def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
@@ -42,10 +52,8 @@ def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
     m, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
-    r0, i0, n = _seq_info(seq_ptr, b)
-    if m * C - r0 < n:
-        t = m * C - r0 + tl.arange(0, BT)                                                   # [BT] call tokens
-        mt = (t >= 0) & (t < n) & (tl.arange(0, BT) < C)
+    t, mt, i0, live = _block_rows(seq_ptr, b, m, C, BT)                                      # [BT] call tokens
+    if live:
         ok_k, ov = tl.arange(0, BK), pv * BV + tl.arange(0, BV)
         kt = tl.load(k_ptr + b * sk_b + t[:, None] * sk_t + h * sk_h + ok_k[None, :],
                      mask=mt[:, None] & (ok_k[None, :] < K), other=0.0)                        # [BT, BK]
@@ -114,11 +122,9 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
     m, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
-    r0, i0, n = _seq_info(seq_ptr, b)
-    if m * C - r0 < n:
+    t, mt, i0, live = _block_rows(seq_ptr, b, m, C, BT)                                      # [BT] call tokens
+    if live:
         c = tl.arange(0, BT)
-        t = m * C - r0 + c                                                                       # [BT]
-        mt = (t >= 0) & (t < n) & (c < C)
         ok_k, ov = tl.arange(0, BK), pv * BV + tl.arange(0, BV)
         mk, mv = ok_k < K, ov < V
         qt = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + ok_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
