@@ -156,8 +156,10 @@ class StreamingMHLA:
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         eos = self.model.config.eos_token_id
+        no_history = torch.empty(1, 0, dtype=torch.long, device=self.device)
         for _ in range(params.max_new_tokens):
-            history = torch.tensor([list(self._history)], dtype=torch.long, device=self.device)
+            history = no_history if params.repetition_penalty == 1.0 else \
+                torch.tensor([list(self._history)], dtype=torch.long, device=self.device)
             token = int(select_next(self._logits[None], history, params, generator))
             if params.stop_at_eos and token == eos:
                 return
