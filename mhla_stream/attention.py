@@ -95,13 +95,7 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     chosen = resolve_backend(backend, q.device)
-    if chosen == "triton" and isinstance(mixing, torch.Tensor):  # the kernels clamp on load: pass the raw [L, L] parameter, no extra launches
-        mc = mixing.reshape(mixing.shape[0], -1) if mixing.dim() > 2 else mixing
-        if mc.dim() != 2 or mc.shape[0] != mc.shape[1] or not mc.is_floating_point() or mc.device != q.device:
-            mc = prepare_mixing(mixing).to(q.device)
-        mc = mc if mc.is_contiguous() else mc.contiguous()
-    else:
-        mc = prepare_mixing(mixing).to(q.device)
+    mc = _mixing_for(chosen, mixing, q.device)
     L = mc.shape[0]
     scale = K ** -0.5 if scale is None else float(scale)
     if state is not None:
@@ -128,6 +122,17 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
     else:
         o = _torch_mhla(q, k, v, mc, scale, block_size, policy, state, lengths)
     return (o, state) if return_state else o
+
+
+def _mixing_for(backend: str, mixing, device):
+    """The Triton kernels clamp on load, so they take the raw [L, L] parameter as it is (no extra
+    launches per call); every other form takes the prepared fp32 matrix."""
+    if backend == "triton" and isinstance(mixing, torch.Tensor) and mixing.is_floating_point() \
+            and mixing.device == device and mixing.dim() >= 2:
+        raw = mixing.reshape(mixing.shape[0], -1)
+        if raw.shape[0] == raw.shape[1]:
+            return raw.contiguous()
+    return prepare_mixing(mixing).to(device)
 
 
 def _torch_mhla(q, k, v, mc, scale, block_size, policy, state, lengths):
