@@ -1,10 +1,20 @@
-"""Decode: the per-token update and the block-boundary mixing, for a batch whose sequences
-each sit at their own position. Launch order per step: ``decode`` -> ``close`` -> ``pos += 1``;
-all on the device, no host synchronisation, so a step can be captured in a CUDA graph.
+"""Decode: one token per sequence, each sequence at its own position, in one launch per layer.
 
-    R += k v^T ;  o = s * q (P + M_ext[i, i] R)                       (decode kernel)
-    if block i just filled: far += evicted, ring[i % W] = R,
-        P = sum_w M_ext[i+1, j_w] ring[w] + far_coef * far, R = 0   (close kernel)
+Per (sequence, head, column block of V) program:
+
+    q, k <- relu + RoPE of the raw projections          (FEATURES; else q, k are used as given)
+    R += k v^T ;  o = s * q (P + M_ext[i, i] R)
+    if block i just filled (every C-th token):
+        far += evicted slot (window+far), ring[i % W] = R,
+        P = sum_w M_ext[i+1, j_w] ring[w] + far_coef * far,  R = 0
+
+Everything a program touches is its own columns of R, P, ring and far, so the block-boundary
+mixing needs no second launch. The kernel leaves ``pos`` alone: ``decode_step`` adds 1 after it,
+and the model's fused decode advances all layers' positions in one launch per step. No host
+synchronisation anywhere, so a step can be captured in a CUDA graph.
+
+The key dimension is handled as two halves (rows [0, K2) and [K2, K)) because rotate-half RoPE
+pairs row j with row j + K/2.
 """
 import torch
 import triton
@@ -14,80 +24,113 @@ from .triton_common import far_coef, pow2, window_coef
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, pos_ptr, m_ptr, L, C, scale,
-                   sq_b, sq_h, sv_b, sv_h, so_b, so_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr):
-    bh = tl.program_id(0)
-    b, h = bh // H, bh % H
-    ok_k = tl.arange(0, BK)
-    ov = tl.program_id(1) * BV + tl.arange(0, BV)
-    mk, mv = ok_k < K, ov < V
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + ok_k, mask=mk, other=0.0).to(tl.float32)       # [BK]
-    k = tl.load(k_ptr + b * sq_b + h * sq_h + ok_k, mask=mk, other=0.0).to(tl.float32)       # [BK]
-    v = tl.load(v_ptr + b * sv_b + h * sv_h + ov, mask=mv, other=0.0).to(tl.float32)         # [BV]
-    tile = bh * K * V + ok_k[:, None] * V + ov[None, :]                                      # [BK, BV]
-    mt = mk[:, None] & mv[None, :]
-    r = tl.load(r_ptr + tile, mask=mt, other=0.0) + k[:, None] * v[None, :]                  # [BK, BV]
-    p = tl.load(p_ptr + tile, mask=mt, other=0.0)                                            # [BK, BV]
-    i = tl.load(pos_ptr + b) // C
-    diag = window_coef(m_ptr, L, i, i)
-    o = tl.sum(q[:, None] * (p + diag * r), axis=0) * scale                                 # [BV]
-    tl.store(r_ptr + tile, r, mask=mt)
-    tl.store(o_ptr + b * so_b + h * so_h + ov, o.to(o_ptr.dtype.element_ty), mask=mv)
+def _features(x1, x2, c, s, FEATURES: tl.constexpr, DT: tl.constexpr):
+    """relu, then rotate-half RoPE on the two halves; rounded to the activation dtype like the
+    unfused model (which stores q and k in that dtype before the operator)."""
+    if FEATURES:
+        x1, x2 = tl.maximum(x1, 0.0), tl.maximum(x2, 0.0)
+        x1, x2 = x1 * c - x2 * s, x2 * c + x1 * s
+        x1, x2 = x1.to(DT).to(tl.float32), x2.to(DT).to(tl.float32)
+    return x1, x2
 
 
 @triton.jit
-def _close_kernel(r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, L, C, W, H: tl.constexpr, KV: tl.constexpr,
-                  FAR: tl.constexpr, BW: tl.constexpr, BCOL: tl.constexpr):
+def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
+                   L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
+                   BK2: tl.constexpr, BV: tl.constexpr):
     bh = tl.program_id(0)
-    b = bh // H
-    after = tl.load(pos_ptr + b) + 1            # tokens seen once this step's token counts
-    if after % C == 0:
-        i = after // C - 1                      # the block that just filled
-        nxt = i + 1
-        cols = tl.program_id(1) * BCOL + tl.arange(0, BCOL)
-        mc = cols < KV
-        r = tl.load(r_ptr + bh * KV + cols, mask=mc, other=0.0)                                  # [BCOL]
-        slot = i % W
-        w = tl.arange(0, BW)
-        ring_tile = ring_ptr + bh * W * KV + w[:, None] * KV + cols[None, :]                     # [BW, BCOL]
-        mt = (w[:, None] < W) & mc[None, :]
-        ring = tl.load(ring_tile, mask=mt, other=0.0)
+    b, h = bh // H, bh % H
+    K2: tl.constexpr = (K + 1) // 2
+    j = tl.arange(0, BK2)
+    m1, m2 = j < K2, j < K - K2                       # rows j and K2 + j of the two halves
+    ov = tl.program_id(1) * BV + tl.arange(0, BV)
+    mv = ov < V
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    qh, kh = q_ptr + b * sq_b + h * sq_h, k_ptr + b * sq_b + h * sq_h
+    c = tl.load(cos_ptr + b * sc_b + j, mask=m1, other=1.0)                      # [BK2]
+    s = tl.load(sin_ptr + b * sc_b + j, mask=m1, other=0.0)                      # [BK2]
+    q1, q2 = _features(tl.load(qh + j, mask=m1, other=0.0).to(tl.float32),
+                       tl.load(qh + K2 + j, mask=m2, other=0.0).to(tl.float32), c, s, FEATURES, DT)
+    k1, k2 = _features(tl.load(kh + j, mask=m1, other=0.0).to(tl.float32),
+                       tl.load(kh + K2 + j, mask=m2, other=0.0).to(tl.float32), c, s, FEATURES, DT)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + ov, mask=mv, other=0.0).to(tl.float32)        # [BV]
+
+    t1 = j[:, None] * V + ov[None, :]                                                       # [BK2, BV]
+    t2 = (K2 + j[:, None]) * V + ov[None, :]
+    mt1, mt2 = m1[:, None] & mv[None, :], m2[:, None] & mv[None, :]
+    head = bh * K * V
+    r1 = tl.load(r_ptr + head + t1, mask=mt1, other=0.0) + k1[:, None] * v[None, :]         # [BK2, BV]
+    r2 = tl.load(r_ptr + head + t2, mask=mt2, other=0.0) + k2[:, None] * v[None, :]
+    p1 = tl.load(p_ptr + head + t1, mask=mt1, other=0.0)
+    p2 = tl.load(p_ptr + head + t2, mask=mt2, other=0.0)
+    pos = tl.load(pos_ptr + b)
+    i = pos // C
+    diag = window_coef(m_ptr, L, i, i)
+    o = tl.sum(q1[:, None] * (p1 + diag * r1), axis=0) + tl.sum(q2[:, None] * (p2 + diag * r2), axis=0)  # [BV]
+    tl.store(o_ptr + b * so_b + h * so_h + ov, (o * scale).to(o_ptr.dtype.element_ty), mask=mv)
+
+    if (pos + 1) % C == 0:  # block i is full: store it in the ring and mix the prefix of block i + 1
+        slot, nxt = i % W, i + 1
         if FAR:
-            evict = tl.sum(tl.where(w[:, None] == slot, ring, 0.0), axis=0)                     # [BCOL]
-            far = tl.load(far_ptr + bh * KV + cols, mask=mc, other=0.0)
-            far = tl.where(i - W >= 0, far + evict, far)
-            tl.store(far_ptr + bh * KV + cols, far, mask=mc)
-        ring = tl.where(w[:, None] == slot, r[None, :], ring)
-        tl.store(ring_tile, ring, mask=mt & (w[:, None] == slot))
-        j = (nxt - 1) - (((nxt - 1 - w) % W) + W) % W                                         # block in slot w
-        coef = window_coef(m_ptr, L, nxt, j) * (w < W)                                         # [BW]
-        p = tl.sum(coef[:, None] * ring, axis=0)
+            f1 = tl.load(far_ptr + head + t1, mask=mt1, other=0.0)
+            f2 = tl.load(far_ptr + head + t2, mask=mt2, other=0.0)
+        acc1 = tl.zeros([BK2, BV], dtype=tl.float32)
+        acc2 = tl.zeros([BK2, BV], dtype=tl.float32)
+        for w in range(0, W):
+            ring = ring_ptr + (bh * W + w) * K * V
+            cur1 = tl.load(ring + t1, mask=mt1, other=0.0)                                  # [BK2, BV]
+            cur2 = tl.load(ring + t2, mask=mt2, other=0.0)
+            if w == slot:
+                if FAR:  # the slot's old block (i - W) leaves the window
+                    keep = tl.where(i >= W, 1.0, 0.0)
+                    f1 += keep * cur1
+                    f2 += keep * cur2
+                tl.store(ring + t1, r1, mask=mt1)
+                tl.store(ring + t2, r2, mask=mt2)
+                cur1, cur2 = r1, r2
+            jw = (nxt - 1) - (((nxt - 1 - w) % W) + W) % W                              # block now in slot w
+            coef = window_coef(m_ptr, L, nxt, jw)
+            acc1 += coef * cur1
+            acc2 += coef * cur2
         if FAR:
-            p += far_coef(m_ptr, L, nxt) * far
-        tl.store(p_ptr + bh * KV + cols, p, mask=mc)
-        tl.store(r_ptr + bh * KV + cols, tl.zeros_like(r), mask=mc)
+            fc = far_coef(m_ptr, L, nxt)
+            acc1 += fc * f1
+            acc2 += fc * f2
+            tl.store(far_ptr + head + t1, f1, mask=mt1)
+            tl.store(far_ptr + head + t2, f2, mask=mt2)
+        tl.store(p_ptr + head + t1, acc1, mask=mt1)
+        tl.store(p_ptr + head + t2, acc2, mask=mt2)
+        r1, r2 = tl.zeros_like(r1), tl.zeros_like(r2)
+    tl.store(r_ptr + head + t1, r1, mask=mt1)
+    tl.store(r_ptr + head + t2, r2, mask=mt2)
+
+
+def decode_into(o, q, k, v, mc, state, scale, rope=None):
+    """Launch the decode kernel. q, k: [B, H, K] views (any batch/head strides, unit last stride);
+    v: [B, H, V]; o: [B, H, V] output. ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to
+    the raw q, k in the kernel (the model's fused decode); None takes q, k as features already."""
+    B, H, K = q.shape
+    V = v.shape[-1]
+    assert q.stride() == k.stride() and q.stride(-1) == v.stride(-1) == o.stride(-1) == 1
+    # without FEATURES the cos/sin loads are ignored: any fp32 buffer of K/2+ elements will do
+    cos, sin = rope if rope is not None else (state.partial, state.partial)
+    BV = min(pow2(V), 32)
+    _decode_kernel[(B * H, triton.cdiv(V, BV))](
+        q, k, v, o, state.partial, state.prefix, state.ring, state.far, state.pos, mc, cos, sin,
+        mc.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
+        H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0, BK2=pow2((K + 1) // 2), BV=BV,
+        num_warps=4)
+    return o
 
 
 def decode_step(q, k, v, mc, state, scale):
     """q, k [B, 1, H, K], v [B, 1, H, V] -> o [B, 1, H, V]; advances ``state`` by one token."""
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(v)
-    BK, BV = pow2(K), min(pow2(V), 64)
-    _decode_kernel[(B * H, triton.cdiv(V, BV))](
-        q, k, v, o, state.partial, state.prefix, state.pos, mc, mc.shape[0], state.block_size, scale,
-        q.stride(0), q.stride(2), v.stride(0), v.stride(2), o.stride(0), o.stride(2), H=H, K=K, V=V, BK=BK, BV=BV)
-    close_if_full(mc, state)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if q.stride() != k.stride():
+        q, k = q.contiguous(), k.contiguous()
+    o = torch.empty_like(v, memory_format=torch.contiguous_format)
+    decode_into(o[:, 0], q[:, 0], k[:, 0], v[:, 0], mc, state, scale)
     state.pos += 1
     return o
-
-
-def close_if_full(mc, state):
-    """Block-boundary mixing for the sequences whose current block fills with this step's token."""
-    B, H, W, K, V = state.ring.shape
-    BCOL = 128
-    _close_kernel[(B * H, triton.cdiv(K * V, BCOL))](
-        state.partial, state.prefix, state.ring, state.far, state.pos, mc, mc.shape[0], state.block_size, W,
-        H=H, KV=K * V, FAR=state.far.numel() > 0, BW=pow2(W, 2), BCOL=BCOL)

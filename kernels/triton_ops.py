@@ -4,9 +4,10 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from ..mixing import has_far
-from .triton_chunk import _mix_kernel, _output_kernel, _summary_kernel
+from .triton_chunk import _mix_kernel, _output_kernel, _seq_info, _summary_kernel
 from .triton_common import pow2
 from .triton_decode import decode_step
 
@@ -27,7 +28,8 @@ def chunk_prefill(q, k, v, mc, scale, C, policy, state, lengths):
     n = lengths.to(dev) if lengths is not None else torch.full((B,), T, device=dev, dtype=torch.long)
     pos = state.pos if state is not None else torch.zeros(B, dtype=torch.long, device=dev)
     seq = torch.stack([pos % C, pos // C, n], 1).to(torch.int32).contiguous()     # [B, 3]: r, i0, n
-    NB = triton.cdiv(T + (C - 1 if state is not None else 0), C)                 # blocks touched, upper bound
+    # blocks touched (upper bound); with a state, one more for the prefix of the block after the call
+    NB = triton.cdiv(T + (C if state is not None else 0), C)
     far = has_far(policy)
     size = triton.next_power_of_2(NB)  # tuning bucket
     S = torch.empty(B, H, NB, K, V, device=dev, dtype=torch.float32)
@@ -62,33 +64,48 @@ def chunk_prefill(q, k, v, mc, scale, C, policy, state, lengths):
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
     if has_state:
-        _advance_state(state, S, P, seq.tolist(), far)
+        advance_state(state, S, P, seq, far)
     return o
 
 
-def _advance_state(state, S, P, seqs, far):
-    """Push the completed blocks into the ring (evicting the oldest to the far sum), keep the new
-    prefix and partial, move the positions. Host loop over sequences: prefill only."""
-    C, W = state.block_size, state.window
-    for b, (r, i0, n) in enumerate(seqs):
-        if n == 0:
-            continue
-        nb, nc = -(-(r + n) // C), (r + n) // C
-        if nc:
-            end = i0 + nc
-            held_first = max(0, i0 - W)
-            keep_from = max(end - W, held_first)
-            if far:
-                old = torch.arange(held_first, min(i0, keep_from), device=S.device)
-                if len(old):
-                    state.far[b] += state.ring[b][:, old % W].sum(1)
-                if keep_from > i0:
-                    state.far[b] += S[b, :, : keep_from - i0].sum(1)
-            new = torch.arange(max(keep_from, i0), end, device=S.device)
-            state.ring[b][:, new % W] = S[b, :, new - i0]
-            state.prefix[b] = P[b, :, nc]
-        if nc < nb:
-            state.partial[b] = S[b, :, nc]
-        else:
-            state.partial[b].zero_()
-        state.pos[b] += n
+@triton.jit
+def _advance_kernel(s_ptr, p_ptr, ring_ptr, far_ptr, r_ptr, p0_ptr, pos_ptr, seq_ptr, C, W, NB,
+                    H: tl.constexpr, KV: tl.constexpr, FAR: tl.constexpr, BCOL: tl.constexpr):
+    """After a prefill: push the blocks this call completed into the ring (under window+far, the
+    blocks leaving the window go into the far sum first), keep the new prefix and partial, move
+    the position. Each program owns some columns of one (sequence, head); no host round trip."""
+    bh, pc = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    r0, i0, n = _seq_info(seq_ptr, b)
+    if n > 0:
+        cols = pc * BCOL + tl.arange(0, BCOL)
+        mc = cols < KV
+        nb, nc = (r0 + n + C - 1) // C, (r0 + n) // C       # blocks touched / completed by the call
+        end = i0 + nc                                        # the current block afterwards
+        sums = s_ptr + bh * NB * KV + cols                   # local block m at + m * KV
+        if nc > 0:
+            if FAR:  # blocks [max(i0 - W, 0), end - W) leave the window: old ring slots or new summaries
+                far = tl.load(far_ptr + bh * KV + cols, mask=mc, other=0.0)                        # [BCOL]
+                for j in range(tl.maximum(i0 - W, 0), end - W):
+                    if j < i0:
+                        far += tl.load(ring_ptr + (bh * W + j % W) * KV + cols, mask=mc, other=0.0)
+                    else:
+                        far += tl.load(sums + (j - i0) * KV, mask=mc, other=0.0)
+                tl.store(far_ptr + bh * KV + cols, far, mask=mc)
+            for w in range(0, W):
+                jw = (end - 1) - (((end - 1 - w) % W) + W) % W   # newest block for slot w
+                if jw >= i0:
+                    tl.store(ring_ptr + (bh * W + w) * KV + cols, tl.load(sums + (jw - i0) * KV, mask=mc), mask=mc)
+            tl.store(p0_ptr + bh * KV + cols, tl.load(p_ptr + (bh * NB + nc) * KV + cols, mask=mc), mask=mc)
+        partial = tl.load(sums + nc * KV, mask=mc, other=0.0)    # block nc: open, or not touched
+        tl.store(r_ptr + bh * KV + cols, tl.where(nc < nb, partial, 0.0), mask=mc)
+        if (h == 0) & (pc == 0):
+            tl.store(pos_ptr + b, tl.load(pos_ptr + b) + n)
+
+
+def advance_state(state, S, P, seq, far):
+    B, H, W, K, V = state.ring.shape
+    BCOL = 512
+    _advance_kernel[(B * H, triton.cdiv(K * V, BCOL))](
+        S, P, state.ring, state.far, state.partial, state.prefix, state.pos, seq, state.block_size, W, S.shape[2],
+        H=H, KV=K * V, FAR=far, BCOL=BCOL)

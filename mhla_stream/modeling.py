@@ -14,6 +14,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import fused_decode
 from .attention import mhla_attention
 from .cache import MHLACache
 from .configuration import MHLAConfig
@@ -40,6 +41,11 @@ class FusedLinears:
 
 def fuse_here(x) -> bool:
     return x.is_cuda and not torch.is_grad_enabled()
+
+
+def _triton_features() -> bool:
+    from .kernels import triton_available
+    return triton_available() and os.environ.get("MHLA_STREAM_FUSED_DECODE", "1") != "0"
 
 
 class RMSNorm(nn.Module):
@@ -72,12 +78,19 @@ class MHLAAttention(nn.Module):
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         cos, sin = rope
         lins = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
-        if fuse_here(x):
-            q, k, v, g = F.linear(x, self._fused.weight(*lins)).split([H * K, H * K, H * V, H * V], -1)
+        if fuse_here(x) and _triton_features():
+            # one product for q, k, v, g; one launch for relu + RoPE of q and k, read in place
+            from .kernels.triton_features import relu_rope_qk
+            qk, v, g = F.linear(x, self._fused.weight(*lins)).split([2 * H * K, H * V, H * V], -1)
+            qk = relu_rope_qk(qk, cos, sin, H, K)
+            q, k = qk[:, :, :H], qk[:, :, H:]
         else:
-            q, k, v, g = (lin(x) for lin in lins)
-        q = relu_rope_fast(q.reshape(B, T, H, K), cos, sin)
-        k = relu_rope_fast(k.reshape(B, T, H, K), cos, sin)
+            if fuse_here(x):
+                q, k, v, g = F.linear(x, self._fused.weight(*lins)).split([H * K, H * K, H * V, H * V], -1)
+            else:
+                q, k, v, g = (lin(x) for lin in lins)
+            q = relu_rope_fast(q.reshape(B, T, H, K), cos, sin)
+            k = relu_rope_fast(k.reshape(B, T, H, K), cos, sin)
         v = v.reshape(B, T, H, V)
         g = g.reshape(B, T, H, V)
         o = mhla_attention(q, k, v, self.mixing_matrix, block_size=self.config.block_size, state=state,
@@ -140,6 +153,7 @@ class MHLAModel(MHLAPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([MHLABlock(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.fused_decode = None  # None: fused decode kernels on CUDA at inference; True/False forces
         self.post_init()
 
     def get_input_embeddings(self):
@@ -155,6 +169,12 @@ class MHLAModel(MHLAPreTrainedModel):
         start = states[0].pos[:, None] if states is not None else torch.zeros(B, 1, dtype=torch.long, device=x.device)
         positions = start + torch.arange(T, device=x.device)
         rope = rope_tables(positions, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
+        if fused_decode.wanted(self, x, states, lengths, backend):
+            cos, sin = (t.reshape(B, -1) for t in rope)
+            for layer, state in zip(self.layers, states):
+                x = fused_decode.block_step(layer, x, cos, sin, state)
+            fused_decode.advance_positions(states)
+            return self.norm(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, None if states is None else states[i], lengths, backend)
         return self.norm(x)

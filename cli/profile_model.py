@@ -1,0 +1,115 @@
+"""Per-kernel profile of the whole model (GPU): where a prefill chunk and a decode step spend time.
+
+    python -m mhla_stream.cli.profile_model --model mhla-340m --chunk 16384 --json prof.json
+
+Prints, for one prefill chunk and for decode steps (eager and CUDA-graph replay), the kernels
+grouped by name with their count and total device time, then the wall time of the same work:
+wall time well above the kernel sum means launch gaps (host bound); close to it, device bound.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import click
+import torch
+
+
+def _kernel_table(prof, steps: int):
+    rows = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        r = rows.setdefault(e.name, [0, 0.0])
+        r[0] += 1
+        r[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    out = [{"kernel": k[:90], "count_per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in rows.items()]
+    return sorted(out, key=lambda r: -r["us_per_step"])
+
+
+def _print(title, table, wall_us, limit=25):
+    total = sum(r["us_per_step"] for r in table)
+    count = sum(r["count_per_step"] for r in table)
+    click.echo(f"\n## {title}: {count:.0f} kernels, {total:.1f} us of kernel time, {wall_us:.1f} us wall per step")
+    click.echo(f"{'us':>10} {'%':>6} {'n':>6}  kernel")
+    for r in table[:limit]:
+        click.echo(f"{r['us_per_step']:10.1f} {100 * r['us_per_step'] / max(total, 1e-9):6.1f} "
+                   f"{r['count_per_step']:6.1f}  {r['kernel']}")
+
+
+@click.command()
+@click.option("--model", default="mhla-340m", show_default=True)
+@click.option("--chunk", default=16384, show_default=True, help="prefill chunk length")
+@click.option("--context", default=2048, show_default=True, help="tokens before the profiled decode steps")
+@click.option("--steps", default=20, show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path())
+def main(model, chunk, context, steps, json_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    from mhla_stream import MHLACache
+    from mhla_stream.graphs import GraphDecoder
+    from .bench import load_model
+
+    dev = "cuda"
+    m = load_model(model, None, True, dev, torch.bfloat16, "auto")
+    vocab = m.config.vocab_size
+    report = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "model": model}
+    with torch.inference_mode():
+        ids = torch.randint(3, vocab, (1, chunk), device=dev)
+        for _ in range(2):  # compile, tune
+            m(input_ids=ids, past_key_values=MHLACache(m.new_state(1)), use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        cache = MHLACache(m.new_state(1))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            m(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+        cache = MHLACache(m.new_state(1))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e6
+        report["prefill"] = {"chunk": chunk, "wall_us": wall, "tok_s": chunk / wall * 1e6,
+                             "kernels": _kernel_table(prof, 1)}
+        _print(f"prefill, one {chunk}-token chunk ({chunk / wall * 1e6:,.0f} tok/s)", report["prefill"]["kernels"], wall)
+
+        cache = MHLACache(m.new_state(1))
+        m(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = ids[:, :1]
+        for _ in range(3):
+            m(input_ids=nxt, past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                m(input_ids=nxt, past_key_values=cache, use_cache=True)
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            m(input_ids=nxt, past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps * 1e6
+        report["decode_eager"] = {"wall_us": wall, "kernels": _kernel_table(prof, steps)}
+        _print("decode step, eager", report["decode_eager"]["kernels"], wall)
+
+        dec = GraphDecoder(m, cache)
+        for _ in range(3):
+            dec.step(nxt)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                dec.step(nxt)
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps * 5):
+            dec.step(nxt)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / (steps * 5) * 1e6
+        report["decode_graph"] = {"wall_us": wall, "tok_s": 1e6 / wall, "kernels": _kernel_table(prof, steps)}
+        _print(f"decode step, CUDA graph ({1e6 / wall:,.0f} tok/s)", report["decode_graph"]["kernels"], wall)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
