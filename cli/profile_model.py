@@ -37,6 +37,28 @@ def _print(title, table, wall_us, limit=25):
                    f"{r['count_per_step']:6.1f}  {r['kernel']}")
 
 
+def _products(m):
+    """Each decode projection alone: the fused skinny kernel against cuBLAS, in GB/s of weights."""
+    from triton.testing import do_bench
+
+    from mhla_stream.kernels.triton_skinny import skinny_linear
+    layer = m.model.layers[0]
+    attn, mlp = layer.attn, layer.mlp
+    shapes = {"qkvg (+norm)": (attn._fused.weight(attn.q_proj, attn.k_proj, attn.v_proj, attn.g_proj), {}),
+              "o_proj": (attn.o_proj.weight, {}), "gate/up": (mlp._fused.weight(mlp.gate_proj, mlp.up_proj), {}),
+              "down": (mlp.down_proj.weight, {})}
+    rows = []
+    click.echo(f"\n## decode projections, batch 1\n{'product':>14} {'MB':>6} {'skinny us':>10} {'GB/s':>6} {'cuBLAS us':>10} {'GB/s':>6}")
+    for name, (w, kw) in shapes.items():
+        x = torch.randn(1, w.shape[1], device=w.device, dtype=w.dtype)
+        a = do_bench(lambda: skinny_linear(x, w), return_mode="median") * 1e3
+        b = do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median") * 1e3
+        mb = w.numel() * w.element_size() / 1e6
+        rows.append({"product": name, "MB": mb, "skinny_us": a, "cublas_us": b})
+        click.echo(f"{name:>14} {mb:6.1f} {a:10.2f} {mb * 1e3 / a:6.0f} {b:10.2f} {mb * 1e3 / b:6.0f}")
+    return rows
+
+
 @click.command()
 @click.option("--model", default="mhla-340m", show_default=True)
 @click.option("--chunk", default=16384, show_default=True, help="prefill chunk length")
@@ -63,13 +85,22 @@ def main(model, chunk, context, steps, json_path):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             m(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
+        import warnings
         cache = MHLACache(m.new_state(1))
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        m(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) * 1e6
-        report["prefill"] = {"chunk": chunk, "wall_us": wall, "tok_s": chunk / wall * 1e6,
+        torch.cuda.set_sync_debug_mode("warn")  # any host synchronisation inside the forward is reported
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            t0 = time.perf_counter()
+            m(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            host = (time.perf_counter() - t0) * 1e6
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) * 1e6
+        torch.cuda.set_sync_debug_mode(0)
+        where = sorted({str(w.filename).split("/")[-1] + ":" + str(w.lineno) for w in syncs})
+        click.echo(f"prefill chunk: host returns after {host:.0f} us, device done after {wall:.0f} us; "
+                   f"{len(syncs)} host synchronisations {where[:8]}")
+        report["prefill"] = {"chunk": chunk, "wall_us": wall, "host_us": host, "syncs": len(syncs), "tok_s": chunk / wall * 1e6,
                              "kernels": _kernel_table(prof, 1)}
         _print(f"prefill, one {chunk}-token chunk ({chunk / wall * 1e6:,.0f} tok/s)", report["prefill"]["kernels"], wall)
 
@@ -106,6 +137,7 @@ def main(model, chunk, context, steps, json_path):
         wall = (time.perf_counter() - t0) / (steps * 5) * 1e6
         report["decode_graph"] = {"wall_us": wall, "tok_s": 1e6 / wall, "kernels": _kernel_table(prof, steps)}
         _print(f"decode step, CUDA graph ({1e6 / wall:,.0f} tok/s)", report["decode_graph"]["kernels"], wall)
+        report["products"] = _products(m)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1)

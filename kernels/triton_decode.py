@@ -115,7 +115,7 @@ def decode_into(o, q, k, v, mc, state, scale, rope=None):
     assert q.stride() == k.stride() and q.stride(-1) == v.stride(-1) == o.stride(-1) == 1
     # without FEATURES the cos/sin loads are ignored: any fp32 buffer of K/2+ elements will do
     cos, sin = rope if rope is not None else (state.partial, state.partial)
-    BV = min(pow2(V), 32)
+    BV = min(pow2(V), 16)  # many small programs: at batch 1 the step is latency bound
     _decode_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, v, o, state.partial, state.prefix, state.ring, state.far, state.pos, mc, cos, sin,
         mc.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),

@@ -11,8 +11,8 @@ launch of its own. These kernels read W in wide row tiles and fold that work in:
     RESIDUAL  epilogue: y = res + x W^T
 
 Rounding follows the unfused model: each value that the eager code stores in the activation
-dtype is rounded to it here too. M <= 2 uses broadcast products (BM = 1 or 2 rows, any BN);
-larger M uses ``tl.dot`` tiles of 16+ rows.
+dtype is rounded to it here too. One row (M = 1) multiplies and row-sums [BN, BK] weight tiles;
+more rows use ``tl.dot`` tiles of 16+ rows.
 """
 import os
 
@@ -24,32 +24,55 @@ from .triton_common import pow2
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
-if _INTERPRET:
-    _GEMV = _DOT = [triton.Config({"BN": 64}, num_warps=4)]  # few programs: the interpreter runs them one by one
-else:
-    _GEMV = [triton.Config({"BN": bn}, num_warps=w, num_stages=s) for bn in (4, 8, 16) for w in (4, 8) for s in (1, 3)]
-    _DOT = [triton.Config({"BN": bn}, num_warps=4, num_stages=s) for bn in (16, 32, 64) for s in (2, 3)]
+_GEMV = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=3)
+             for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)]
+_DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3) for bn in (16, 32, 64) for bk in (128, 256)]
+
+
+def _divides_groups(configs, named_args, **kwargs):
+    """Under NORM a K step must stay inside one norm group (BK divides GS); else the largest
+    power of two that does."""
+    gs = named_args["GS"]
+    ok = [c for c in configs if not kwargs.get("NORM") or gs % c.kwargs["BK"] == 0]
+    return ok or [triton.Config({**configs[0].kwargs, "BK": _group_step(gs)}, num_warps=4)]
+
+
+def _group_step(gs: int) -> int:
+    bk = 16
+    while gs % (bk * 2) == 0 and bk < 1024:
+        bk *= 2
+    return bk
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, STEP, eps, sx, sg, sr, sy,
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps, sx, sg, sr, sy,
                    NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                   DOT: tl.constexpr, F32_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   DOT: tl.constexpr, F32_DOT: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, BGS: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr):
     DT: tl.constexpr = y_ptr.dtype.element_ty
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     mm, mn = rm < M, rn < N
+    if NORM:  # prologue: 1/rms of each of the NG groups of every row (x is small and stays in cache)
+        grp = tl.arange(0, NG)
+        rstds = tl.zeros([BM, NG], dtype=tl.float32)
+        cg = tl.arange(0, BGS)
+        for gi in range(0, K // GS):
+            xg = tl.load(x_ptr + rm[:, None] * sx + gi * GS + cg[None, :], mask=mm[:, None] & (cg < GS)[None, :],
+                         other=0.0).to(tl.float32)                                              # [BM, BGS]
+            r = tl.rsqrt(tl.sum(xg * xg, axis=1) / GS + eps)                                    # [BM]
+            rstds = tl.where(grp[None, :] == gi, r[:, None], rstds)
     ck = tl.arange(0, BK)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc_up = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, STEP):  # STEP = GS under NORM (one norm group per step), else BK
+    for k0 in range(0, K, BK):  # under NORM, BK divides GS: a step lies inside one group
         rk = k0 + ck
-        mk = (ck < STEP) & (rk < K)
+        mk = rk < K
         x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
         x = x.to(tl.float32)                                                                     # [BM, BK]
         if NORM:
-            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / GS + eps)                                   # [BM]
-            nw = tl.load(nw_ptr + ck, mask=ck < GS, other=0.0).to(tl.float32)                   # [BK]
+            rstd = tl.sum(tl.where(grp[None, :] == k0 // GS, rstds, 0.0), axis=1)               # [BM]
+            nw = tl.load(nw_ptr + (rk % GS), mask=mk, other=0.0).to(tl.float32)                 # [BK]
             x = (x * rstd[:, None] * nw[None, :]).to(DT).to(tl.float32)
         if GATE:
             g = tl.load(g_ptr + rm[:, None] * sg + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
@@ -69,10 +92,10 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, STE
                 acc += tl.dot(xd, tl.trans(w))
                 if SWIGLU:
                     acc_up += tl.dot(xd, tl.trans(wu))
-        else:
-            acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)                  # [BM, BN]
+        else:  # one row (BM == 1): a 2-D multiply and a row sum, loads contiguous along K
+            acc += tl.sum(w.to(tl.float32) * x, axis=1)[None, :]
             if SWIGLU:
-                acc_up += tl.sum(x[:, None, :] * wu.to(tl.float32)[None, :, :], axis=2)
+                acc_up += tl.sum(wu.to(tl.float32) * x, axis=1)[None, :]
     y = acc.to(DT).to(tl.float32)
     if SWIGLU:
         y = y * tl.sigmoid(y) * acc_up.to(DT).to(tl.float32)
@@ -82,8 +105,9 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, STE
     tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y.to(DT), mask=om)
 
 
-_gemv = triton.autotune(configs=_GEMV, key=_KEY)(_skinny_kernel)
-_gemm = triton.autotune(configs=_DOT, key=_KEY)(_skinny_kernel)
+_PRUNE = {"early_config_prune": _divides_groups}
+_gemv = triton.autotune(configs=_GEMV, key=_KEY, prune_configs_by=_PRUNE)(_skinny_kernel)
+_gemm = triton.autotune(configs=_DOT, key=_KEY, prune_configs_by=_PRUNE)(_skinny_kernel)
 
 
 def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None):
@@ -96,17 +120,19 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     norm = norm_weight is not None
     gs = (group or K) if norm else K
-    bk = pow2(gs) if norm else 256
-    small = M <= 2
-    bm = pow2(M, 1) if small else pow2(M, 16)
-    bm = min(bm, 64)
+    assert K % gs == 0, "the norm groups must tile the row"
+    small = M == 1
+    bm = 1 if small else min(pow2(M, 16), 64)
     dummy = x
-    launch = _gemv if small else _gemm
+    launch, fixed = (_gemv if small else _gemm), {}
+    if _INTERPRET:  # no tuning; few programs, since the interpreter runs them one by one
+        launch, fixed = _skinny_kernel, {"BN": 64, "BK": _group_step(gs) if norm else 1024}
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, bm))  # noqa: E731
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
-                 residual if residual is not None else dummy, M, N, K, gs, gs if norm else bk, eps,
+                 residual if residual is not None else dummy, M, N, K, gs, eps,
                  x.stride(0), gate.stride(0) if gate is not None else 0,
                  residual.stride(0) if residual is not None else 0, y.stride(0),
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-                 DOT=not small, F32_DOT=_INTERPRET or x.dtype == torch.float32, BM=bm, BK=bk)
+                 DOT=not small, F32_DOT=_INTERPRET or x.dtype == torch.float32, BM=bm,
+                 NG=pow2(K // gs, 1), BGS=pow2(gs, 1), **fixed)
     return y

@@ -1,8 +1,15 @@
-"""CUDA-graph decode: one captured forward step of the whole model on a fixed batch.
+"""CUDA graphs for the streaming model: one captured forward of a fixed batch and chunk length.
 
-The MHLA state is preallocated and updated in place by the decode kernels, so a step has no
-host work: capture once, then each token is one ``replay()``. Warm-up runs (needed to compile
-the kernels before capture) execute for real, so the state is saved before them and put back.
+The MHLA state is preallocated and updated in place by the kernels, positions live on the
+device, and no step synchronises with the host (the state update after a prefill chunk is a
+kernel too), so a step can be captured once and replayed: ``chunk=1`` is the decode step,
+a longer chunk the prefill of full prompt chunks. On a slow host this matters for prefill too:
+an eager 16k-token chunk of the 340M model spends as long launching its ~600 kernels as the
+GPU spends running them.
+
+Warm-up runs (needed to compile and tune the kernels before capture) execute for real, so the
+state is saved before them and put back. A graph is bound to its cache's tensors: keep the
+cache (``zero_()`` it to start over) and the graph stays valid.
 """
 from __future__ import annotations
 
@@ -11,13 +18,13 @@ import torch
 from .cache import MHLACache
 
 
-class GraphDecoder:
-    def __init__(self, model, cache: MHLACache, warmup: int = 2):
+class GraphStep:
+    def __init__(self, model, cache: MHLACache, chunk: int = 1, warmup: int = 2):
         if model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model on a CUDA device")
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.chunk = model, cache, chunk
         B = cache.states[0].batch_size
-        self.ids = torch.zeros(B, 1, dtype=torch.long, device=model.device)
+        self.ids = torch.zeros(B, chunk, dtype=torch.long, device=model.device)
         saved = [s.clone() for s in cache.states]
         seen = cache.seen
         stream = torch.cuda.Stream()
@@ -34,11 +41,18 @@ class GraphDecoder:
         cache.seen = seen
 
     def _forward(self):
-        return self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True).logits
+        return self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, 1] -> logits [B, 1, V] (a view of a static buffer: copy it to keep it)."""
+        """ids [B, chunk] -> logits of the last token [B, 1, V] (a view of a static buffer: copy it to keep it)."""
         self.ids.copy_(ids)
         self.graph.replay()
-        self.cache.seen += 1
+        self.cache.seen += self.chunk
         return self.logits
+
+
+class GraphDecoder(GraphStep):
+    """The decode step (one token per sequence)."""
+
+    def __init__(self, model, cache: MHLACache, warmup: int = 2):
+        super().__init__(model, cache, 1, warmup)

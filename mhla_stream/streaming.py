@@ -45,6 +45,7 @@ class StreamingMHLA:
         self._position = 0
         self._fingerprint: str | None = None
         self._graph = None  # CUDA-graph decode step, made on first use (the state is never reallocated)
+        self._prefill_graph = None  # likewise for a full prefill chunk
         self._use_graph = cuda_graph and self.device.type == "cuda" and backend in ("auto", "triton")
 
     @classmethod
@@ -107,8 +108,14 @@ class StreamingMHLA:
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[start:start + self.prefill_chunk]
             x = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            self._logits = out.logits[0, -1].float()
+            if self._use_graph and len(chunk) == self.prefill_chunk:  # full chunks replay one captured prefill
+                from .graphs import GraphStep
+                if self._prefill_graph is None:
+                    self._prefill_graph = GraphStep(self.model, self.cache, self.prefill_chunk)
+                self._logits = self._prefill_graph.step(x)[0, -1].float()
+            else:
+                out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                self._logits = out.logits[0, -1].float()
             self._history.extend(chunk)
             self._position += len(chunk)
         return len(ids)

@@ -118,6 +118,27 @@ def test_cuda_graph_decode_matches_eager():
         assert torch.equal(eager.states[0].pos, graphed.states[0].pos)
 
 
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cuda_graph_prefill_chunks_match_eager(policy):
+    from mhla_stream import MHLACache, MHLAForCausalLM, preset_config
+    from mhla_stream.graphs import GraphStep
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny", mixing_policy=policy)).cuda().eval()
+    ids = torch.randint(3, 256, (2, 3 + 5 * 13), device="cuda")
+    with torch.inference_mode():
+        eager, graphed = MHLACache(model.new_state(2)), MHLACache(model.new_state(2))
+        model(ids[:, :3], past_key_values=eager)
+        model(ids[:, :3], past_key_values=graphed)  # chunks then start mid-block
+        prefill = GraphStep(model, graphed, chunk=13)
+        for t in range(3, ids.shape[1], 13):  # crosses blocks and the trained edge (4 blocks of 8)
+            a = model(ids[:, t:t + 13], past_key_values=eager, logits_to_keep=1).logits
+            b = prefill.step(ids[:, t:t + 13])
+            assert rel_err(b, a) < 1e-4, t
+        for s_e, s_g in zip(eager.states, graphed.states):
+            assert torch.equal(s_e.pos, s_g.pos) and rel_err(s_g.ring, s_e.ring) < 1e-5
+
+
 @pytest.mark.skipif(not GPU, reason="the fused inference path runs on CUDA")
 def test_fused_projections_match_separate():
     from mhla_stream import MHLAForCausalLM, preset_config
