@@ -16,7 +16,7 @@ import os
 import triton
 import triton.language as tl
 
-from .triton_common import ext_coef, far_coef, window_coef
+from .triton_common import ext_coef, far_coef, graph_bench, window_coef
 
 # Launch configurations, tuned per (K, V) on the GPU; one fixed choice under the interpreter.
 # Only pure-output kernels are tuned (tuning re-runs them).
@@ -25,8 +25,8 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 else:
     _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
 # SIZE (a power of two >= the blocks touched) makes short and long prefills tune separately
-_tuned = triton.autotune(configs=_CONFIGS, key=["K", "V", "BT", "SIZE"])
-_tuned_mix = triton.autotune(configs=_CONFIGS, key=["KV", "BI", "BCOL", "SIZE"])
+_tuned = triton.autotune(configs=_CONFIGS, key=["K", "V", "BT", "SIZE"], do_bench=graph_bench)
+_tuned_mix = triton.autotune(configs=_CONFIGS, key=["KV", "BI", "BCOL", "SIZE"], do_bench=graph_bench)
 
 
 @triton.jit

@@ -35,5 +35,12 @@ def ext_coef(m_ptr, L, i, j, FAR: tl.constexpr):
     return c
 
 
+def graph_bench(fn, quantiles=None):
+    """The autotuners' timer: CUDA-graph replays, so that a slow host's launch overhead (100+ us
+    a launch seen on the GPU machine) does not drown the difference between configurations."""
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
+
+
 def pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))

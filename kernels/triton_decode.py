@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import far_coef, pow2, window_coef
+from .triton_skinny import PDL
 
 
 @triton.jit
@@ -38,7 +39,9 @@ def _features(x1, x2, c, s, FEATURES: tl.constexpr, DT: tl.constexpr):
 def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
                    L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
-                   BK2: tl.constexpr, BV: tl.constexpr):
+                   PDL: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # everything read here comes from earlier kernels
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     K2: tl.constexpr = (K + 1) // 2
@@ -69,6 +72,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
     diag = window_coef(m_ptr, L, i, i)
     o = tl.sum(q1[:, None] * (p1 + diag * r1), axis=0) + tl.sum(q2[:, None] * (p2 + diag * r2), axis=0)  # [BV]
     tl.store(o_ptr + b * so_b + h * so_h + ov, (o * scale).to(o_ptr.dtype.element_ty), mask=mv)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
     if (pos + 1) % C == 0:  # block i is full: store it in the ring and mix the prefix of block i + 1
         slot, nxt = i % W, i + 1
@@ -120,8 +125,8 @@ def decode_into(o, q, k, v, mc, state, scale, rope=None):
         q, k, v, o, state.partial, state.prefix, state.ring, state.far, state.pos, mc, cos, sin,
         mc.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
-        H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0, BK2=pow2((K + 1) // 2), BV=BV,
-        num_warps=4)
+        H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0, PDL=PDL, BK2=pow2((K + 1) // 2), BV=BV,
+        num_warps=4, launch_pdl=PDL)
     return o
 
 

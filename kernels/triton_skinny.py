@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import pow2
+from .triton_common import graph_bench, pow2
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
@@ -29,32 +29,42 @@ _GEMV = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=3)
 _DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3) for bn in (16, 32, 64) for bk in (128, 256)]
 
 
-def _divides_groups(configs, named_args, **kwargs):
-    """Under NORM a K step must stay inside one norm group (BK divides GS); else the largest
-    power of two that does."""
-    gs = named_args["GS"]
-    ok = [c for c in configs if not kwargs.get("NORM") or gs % c.kwargs["BK"] == 0]
-    return ok or [triton.Config({**configs[0].kwargs, "BK": _group_step(gs)}, num_warps=4)]
+def _pdl_supported() -> bool:
+    """Programmatic dependent launch (Hopper+): a kernel starts while its predecessor drains and
+    reads its weights before waiting for the predecessor's outputs. Off under the interpreter,
+    on older Triton, or with MHLA_STREAM_PDL=0."""
+    if _INTERPRET or os.environ.get("MHLA_STREAM_PDL", "1") == "0" or not torch.cuda.is_available():
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        return (hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+                and torch.cuda.get_device_capability()[0] >= 9)
+    except Exception:
+        return False
 
 
-def _group_step(gs: int) -> int:
-    bk = 16
-    while gs % (bk * 2) == 0 and bk < 1024:
-        bk *= 2
-    return bk
+PDL = _pdl_supported()
 
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps, sx, sg, sr, sy,
                    NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                    DOT: tl.constexpr, F32_DOT: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, BGS: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr):
+                   PDL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     DT: tl.constexpr = y_ptr.dtype.element_ty
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     mm, mn = rm < M, rn < N
+    ck = tl.arange(0, BK)
+    # the first weight tile does not depend on the previous kernel: request it before waiting
+    wmask0 = mn[:, None] & (ck < K)[None, :]
+    w0 = tl.load(w_ptr + rn[:, None] * K + ck[None, :], mask=wmask0, other=0.0)                 # [BN, BK]
+    if SWIGLU:
+        wu0 = tl.load(w_ptr + (N + rn[:, None]) * K + ck[None, :], mask=wmask0, other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # x, g and res come from the previous kernels
+    grp = tl.arange(0, NG)
     if NORM:  # prologue: 1/rms of each of the NG groups of every row (x is small and stays in cache)
-        grp = tl.arange(0, NG)
         rstds = tl.zeros([BM, NG], dtype=tl.float32)
         cg = tl.arange(0, BGS)
         for gi in range(0, K // GS):
@@ -62,26 +72,34 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps
                          other=0.0).to(tl.float32)                                              # [BM, BGS]
             r = tl.rsqrt(tl.sum(xg * xg, axis=1) / GS + eps)                                    # [BM]
             rstds = tl.where(grp[None, :] == gi, r[:, None], rstds)
-    ck = tl.arange(0, BK)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc_up = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):  # under NORM, BK divides GS: a step lies inside one group
+    for k0 in range(0, K, BK):
         rk = k0 + ck
         mk = rk < K
         x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
         x = x.to(tl.float32)                                                                     # [BM, BK]
         if NORM:
-            rstd = tl.sum(tl.where(grp[None, :] == k0 // GS, rstds, 0.0), axis=1)               # [BM]
+            if NG == 1:
+                rstd = rstds                                                                     # [BM, 1]
+            else:  # each column's group
+                sel = grp[None, None, :] == (rk // GS)[None, :, None]                            # [1, BK, NG]
+                rstd = tl.sum(tl.where(sel, rstds[:, None, :], 0.0), axis=2)                    # [BM, BK]
             nw = tl.load(nw_ptr + (rk % GS), mask=mk, other=0.0).to(tl.float32)                 # [BK]
-            x = (x * rstd[:, None] * nw[None, :]).to(DT).to(tl.float32)
+            x = (x * rstd * nw[None, :]).to(DT).to(tl.float32)
         if GATE:
             g = tl.load(g_ptr + rm[:, None] * sg + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
             g = g.to(tl.float32)
             x = (x * (g * tl.sigmoid(g))).to(DT).to(tl.float32)
-        wmask = mn[:, None] & mk[None, :]
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0.0)              # [BN, BK]
-        if SWIGLU:
-            wu = tl.load(w_ptr + (N + rn[:, None]) * K + rk[None, :], mask=wmask, other=0.0)   # [BN, BK]
+        if k0 == 0:
+            w = w0
+            if SWIGLU:
+                wu = wu0
+        else:
+            wmask = mn[:, None] & mk[None, :]
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0.0)          # [BN, BK]
+            if SWIGLU:
+                wu = tl.load(w_ptr + (N + rn[:, None]) * K + rk[None, :], mask=wmask, other=0.0)
         if DOT:
             if F32_DOT:
                 acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
@@ -96,6 +114,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps
             acc += tl.sum(w.to(tl.float32) * x, axis=1)[None, :]
             if SWIGLU:
                 acc_up += tl.sum(wu.to(tl.float32) * x, axis=1)[None, :]
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start and fetch its weights
     y = acc.to(DT).to(tl.float32)
     if SWIGLU:
         y = y * tl.sigmoid(y) * acc_up.to(DT).to(tl.float32)
@@ -105,9 +125,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps
     tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y.to(DT), mask=om)
 
 
-_PRUNE = {"early_config_prune": _divides_groups}
-_gemv = triton.autotune(configs=_GEMV, key=_KEY, prune_configs_by=_PRUNE)(_skinny_kernel)
-_gemm = triton.autotune(configs=_DOT, key=_KEY, prune_configs_by=_PRUNE)(_skinny_kernel)
+_gemv = triton.autotune(configs=_GEMV, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
+_gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
 
 
 def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None):
@@ -126,7 +145,7 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     dummy = x
     launch, fixed = (_gemv if small else _gemm), {}
     if _INTERPRET:  # no tuning; few programs, since the interpreter runs them one by one
-        launch, fixed = _skinny_kernel, {"BN": 64, "BK": _group_step(gs) if norm else 1024}
+        launch, fixed = _skinny_kernel, {"BN": 64, "BK": 64}
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, bm))  # noqa: E731
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
                  residual if residual is not None else dummy, M, N, K, gs, eps,
@@ -134,5 +153,5 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
                  residual.stride(0) if residual is not None else 0, y.stride(0),
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
                  DOT=not small, F32_DOT=_INTERPRET or x.dtype == torch.float32, BM=bm,
-                 NG=pow2(K // gs, 1), BGS=pow2(gs, 1), **fixed)
+                 NG=pow2(K // gs, 1), BGS=pow2(gs, 1), PDL=PDL, launch_pdl=PDL, **fixed)
     return y
