@@ -25,6 +25,11 @@ def rope_tables(positions, dim: int, theta: float):
     return ang.cos()[:, :, None], ang.sin()[:, :, None]
 
 
+def rope_at(start, T: int, dim: int, theta: float):
+    """RoPE tables for the T positions after each sequence's ``start`` [B, 1] (one fused kernel on CUDA)."""
+    return rope_tables(start + torch.arange(T, device=start.device), dim, theta)
+
+
 def relu_rope(x, cos, sin):
     """relu feature map, then rotate-half RoPE over the whole head dim. x [B, T, H, D]."""
     x1, x2 = F.relu(x.float()).chunk(2, -1)
@@ -57,6 +62,7 @@ def fast(fn):
 
 
 rms_norm_fast = fast(rms_norm)
+rope_at_fast = fast(rope_at)
 relu_rope_fast = fast(relu_rope)
 gated_norm_fast = fast(gated_norm)
 swiglu_fast = fast(swiglu)

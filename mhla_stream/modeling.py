@@ -18,7 +18,7 @@ from . import fused_decode
 from .attention import mhla_attention
 from .cache import MHLACache
 from .configuration import MHLAConfig
-from .fused import gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_tables, swiglu_fast
+from .fused import gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_at_fast, swiglu_fast
 from .mixing import init_mixing
 from .state import MHLAState
 
@@ -167,8 +167,7 @@ class MHLAModel(MHLAPreTrainedModel):
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         start = states[0].pos[:, None] if states is not None else torch.zeros(B, 1, dtype=torch.long, device=x.device)
-        positions = start + torch.arange(T, device=x.device)
-        rope = rope_tables(positions, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
+        rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
         if fused_decode.wanted(self, x, states, lengths, backend):
             cos, sin = (t.reshape(B, -1) for t in rope)
             for layer, state in zip(self.layers, states):
