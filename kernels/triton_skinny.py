@@ -24,8 +24,9 @@ from .triton_common import graph_bench, pow2
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
+# few configurations: each costs a compile at the first decode step of a new model shape
 _GEMV = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=3)
-             for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)]
+         for bn in (2, 4, 8, 16) for bk, w in ((512, 4), (1024, 8))]
 _DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3) for bn in (16, 32, 64) for bk in (128, 256)]
 
 
