@@ -29,7 +29,8 @@ def wanted(model, x, states, lengths, backend: str) -> bool:
     if not x.is_cuda or torch.is_grad_enabled() or os.environ.get("MHLA_STREAM_FUSED_DECODE", "1") == "0":
         return False
     from .kernels import triton_available
-    return triton_available() and x.shape[0] <= 64
+    # batch 1 only: at batch 8 and 32 cuBLAS's products beat the tl.dot form here (H100, 2026-11-22)
+    return triton_available() and x.shape[0] == 1
 
 
 def block_step(block, x, cos, sin, state):
