@@ -2,8 +2,8 @@
 can run as one fused kernel (``torch.compile``); on the CPU, and whenever gradients flow, the
 plain eager code runs. ``MHLA_STREAM_COMPILE=0`` turns compilation off.
 
-Fusing matters for decode: a token is ~20 kernels a layer instead of ~75, which is what a
-CUDA-graph replay of the 340M model spends its time on.
+Fusing matters for prefill and for batched decode (batch 1 decode has its own five-launch path,
+``fused_decode.py``).
 """
 from __future__ import annotations
 
