@@ -1,8 +1,9 @@
 """Skinny matrix products for decode: ``y[M, N] = f(x)[M, K] @ W[N, K]^T`` with M (the batch) small.
 
-At decode such a product is bound by reading W once, and cuBLAS's small-M kernels reach about
-half the memory bandwidth on an H100; the elementwise work around each projection also costs a
-launch of its own. These kernels read W in wide row tiles and fold that work in:
+At decode such a product is bound by reading W once, and at batch 1 the elementwise work
+around each projection (norms, gates, residuals) would cost a launch of its own, about as long
+as the product itself. These kernels read W in row tiles, at cuBLAS's bandwidth on the 340M
+shapes (README), and fold that work in:
 
     NORM      prologue: RMSNorm of x per group of GS columns (GS = K: the layer norm; GS = V:
               the per-head output norm), times the norm weight

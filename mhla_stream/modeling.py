@@ -36,6 +36,10 @@ class FusedLinears:
         key = tuple((w.data_ptr(), w._version, w.dtype) for w in ws)
         if key != self._key:
             self._weight, self._key = torch.cat(ws, 0), key
+            if self._weight.is_cuda and not torch.cuda.is_current_stream_capturing():
+                # the decode kernels read their first weight tile before waiting on the previous
+                # kernel (programmatic dependent launch): the new copy must be complete by then
+                torch.cuda.current_stream().synchronize()
         return self._weight
 
 
