@@ -19,7 +19,7 @@ import torch
 
 
 def wanted(model, x, states, lengths, backend: str) -> bool:
-    """Use the fused decode for this call? ``model.fused_decode``: None = automatic (CUDA,
+    """Use the fused decode for this call? ``model.fused_decode``: None = automatic (CUDA, batch 1,
     no gradients, Triton importable), True = always (tests under TRITON_INTERPRET), False = never."""
     if states is None or lengths is not None or x.shape[1] != 1 or backend not in ("auto", "triton"):
         return False
