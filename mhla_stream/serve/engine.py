@@ -1,0 +1,338 @@
+"""The engine: one thread owns the model and runs every request with continuous batching.
+
+Slots are the rows of one preallocated state of ``max_batch`` sequences. Each loop turn admits
+waiting requests into free slots, prefills one chunk of one prompt (a single-row forward on that
+slot's views), picks the next token of every sequence that is generating, and feeds those tokens
+in one batched decode step (sequences at different positions). So a long prompt arriving costs
+the running streams one chunk per turn, never a freeze. A sequence reproduces
+``StreamingMHLA.generate`` token for token: the same BOS rule, ``select_next``, history for the
+repetition penalty, stop strings and eos, and every generated token but eos is fed.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import MHLACache
+from ..sampling import SamplingParams, select_next
+from ..state import MHLAState
+from .schemas import APIError
+from .sessions import SessionBusy, SessionData, SessionMissing, StateFileError
+from .text import TextAssembler
+
+HISTORY = 4096  # as StreamingMHLA's default: recent ids for the repetition penalty
+FAULT_MARK = "<<inject-fault>>"  # with MHLA_SERVE_FAULT_INJECTION=1, a request containing it fails (tests)
+
+
+@dataclass
+class Job:
+    """One request. ``emit(kind, payload)`` is called from the engine thread: start, text, done, error."""
+    params: SamplingParams
+    emit: object
+    ids: list[int] | None = None           # a tokenized prompt (BOS added by the engine at position 0)
+    add_bos: bool = True
+    render: object = None                  # chat: (stored_messages) -> (text, messages fed), run at admission
+    session: str | None = None
+    fork_from: str | None = None
+    max_prompt_tokens: int = 1 << 30
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Seq:
+    job: Job
+    slot: int
+    feed: list[int]
+    messages: list[dict]
+    history: collections.deque
+    position: int
+    logits: torch.Tensor | None = None
+    pending: int | None = None             # generated token still to be fed
+    generated: int = 0
+    finish: str | None = None
+    assembler: TextAssembler | None = None
+    generator: torch.Generator | None = None
+    last_token_at: float = 0.0
+    prompt_tokens: int = 0
+    fault: bool = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer, store, *, max_batch: int = 32, max_queue: int = 256,
+                 prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True):
+        self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.device = model.device
+        self.states = model.new_state(max_batch, policy)
+        self.free = list(range(max_batch))
+        self.seqs: dict[int, _Seq] = {}
+        self.waiting: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._accepting = True
+        self._faults = os.environ.get("MHLA_SERVE_FAULT_INJECTION") == "1"
+        self._graph = None
+        if cuda_graph and self.device.type == "cuda" and model.attn_backend in ("auto", "triton"):
+            from ..graphs import GraphDecoder  # every decode step replays one capture of all rows
+            self._graph = GraphDecoder(model, MHLACache(self.states))
+        self.thread = threading.Thread(target=self._run, name="mhla-engine", daemon=True)
+
+    # -- called from the server's threads ------------------------------------------------------------
+    def start(self):
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if not self._accepting:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if len(self.waiting) >= self.max_queue:
+                raise APIError(429, f"the request queue is full ({self.max_queue} waiting); retry shortly",
+                               type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            if job.session is not None:
+                try:
+                    self.store.acquire(job.session, job.fork_from)
+                except SessionBusy as e:
+                    raise APIError(409, str(e), param="session", code="session_busy") from None
+                except SessionMissing as e:
+                    raise APIError(404, e.args[0], param="fork_from", code="session_not_found") from None
+            self.waiting.append(job)
+            self._cv.notify()
+
+    def counts(self) -> tuple[int, int]:
+        return len(self.seqs), len(self.waiting)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stops accepting, lets in-flight requests finish for ``grace_s``, cancels the rest, joins."""
+        with self._cv:
+            self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while (self.seqs or self.waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for job in list(self.waiting) + [s.job for s in list(self.seqs.values())]:
+            job.cancelled.set()
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self.thread.join(timeout=30)
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def _run(self):
+        while True:
+            with self._cv:
+                while not self._stopping and not self.waiting and not self.seqs:
+                    self._cv.wait()
+                if self._stopping and not self.seqs and not self.waiting:
+                    return
+            try:
+                self._turn()
+            except Exception as e:  # a fault the per-request guards did not catch: fail the batch, go on
+                for seq in list(self.seqs.values()):
+                    self._end(seq, error=e)
+
+    @torch.inference_mode()
+    def _turn(self):
+        self._reap_cancelled()
+        self._admit()
+        prefilling = [s for s in self.seqs.values() if s.feed]
+        if prefilling:
+            self._guarded(prefilling[0], self._prefill_chunk)
+        for seq in [s for s in self.seqs.values() if not s.feed and s.pending is None and s.finish is None]:
+            self._guarded(seq, self._choose)
+        decoding = [s for s in self.seqs.values() if s.pending is not None]
+        if decoding:
+            try:
+                self._decode(decoding)
+            except Exception as e:
+                for seq in decoding:
+                    self._end(seq, error=e)
+        for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None]:
+            self._end(seq)
+
+    def _guarded(self, seq, fn):
+        try:
+            fn(seq)
+        except Exception as e:
+            self._end(seq, error=e)
+
+    def _reap_cancelled(self):
+        with self._cv:
+            for job in [j for j in self.waiting if j.cancelled.is_set()]:
+                self.waiting.remove(job)
+                if job.session is not None:
+                    self.store.release(job.session, None)
+        for seq in [s for s in self.seqs.values() if s.job.cancelled.is_set()]:
+            self._end(seq, cancelled=True)
+
+    def _admit(self):
+        while self.free:
+            with self._cv:
+                if not self.waiting:
+                    return
+                job = self.waiting.popleft()
+            slot = self.free.pop(0)
+            try:
+                self.seqs[slot] = self._start(job, slot)
+            except Exception as e:
+                self.free.insert(0, slot)
+                self._fail_job(job, e)
+
+    def _slot(self, slot: int) -> list[MHLAState]:
+        return [s.select(slice(slot, slot + 1)) for s in self.states]
+
+    def _start(self, job: Job, slot: int) -> _Seq:
+        data = self.store.load(job.session) if job.session is not None else None
+        views = self._slot(slot)
+        for v in views:
+            v.zero_()
+        if data is not None:
+            for i, v in enumerate(views):
+                for n in MHLAState.TENSORS:
+                    getattr(v, n).copy_(data.tensors[f"layers.{i}.{n}"])
+        position = data.position if data else 0
+        messages = list(data.messages) if data else []
+        ids = job.ids
+        if job.render is not None:
+            text, messages = job.render(messages)
+            ids = self.tokenizer.encode(text)
+        fault = self._faults and job.render is None and ids is not None and FAULT_MARK in self.tokenizer.decode(ids)
+        if job.add_bos and position == 0 and self.tokenizer is not None and self.tokenizer.bos_id is not None:
+            ids = [self.tokenizer.bos_id] + list(ids)
+        if len(ids) > job.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of "
+                           f"{job.max_prompt_tokens} (--max-prompt-tokens)", param="prompt", code="prompt_too_long")
+        history = collections.deque(data.history if data else [], maxlen=HISTORY)
+        logits = data.logits.to(self.device) if data is not None and data.logits is not None else None
+        if not ids and logits is None:
+            bos = self.model.config.bos_token_id
+            if bos is None:
+                raise APIError(400, "empty prompt and the model has no BOS token", param="prompt")
+            ids = [bos]
+        p = job.params
+        generator = None
+        if not p.greedy:
+            seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(6), "little")
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        seq = _Seq(job, slot, list(ids), messages, history, position, logits, generator=generator,
+                   prompt_tokens=len(ids), fault=fault)
+        job.emit("start", {"prompt_tokens": len(ids), "position": position})
+        return seq
+
+    def _prefill_chunk(self, seq: _Seq):
+        chunk, seq.feed = seq.feed[:self.prefill_chunk], seq.feed[self.prefill_chunk:]
+        x = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, past_key_values=MHLACache(self._slot(seq.slot)), use_cache=True,
+                         logits_to_keep=1)
+        seq.logits = out.logits[0, -1].float()
+        seq.history.extend(chunk)
+        seq.position += len(chunk)
+
+    def _choose(self, seq: _Seq):
+        """Picks the next token from the logits, as ``StreamingMHLA.generate_ids`` does."""
+        p = seq.job.params
+        if seq.assembler is None:  # the stream's text decoder starts from the ids already in the stream
+            seq.assembler = TextAssembler(self.tokenizer, p.stop, list(seq.history)[-8:])
+        if seq.generated >= p.max_new_tokens:
+            seq.finish = "length"
+            return
+        if seq.fault and seq.generated >= 1:
+            raise RuntimeError("injected fault (MHLA_SERVE_FAULT_INJECTION)")
+        history = torch.empty(1, 0, dtype=torch.long, device=self.device) if p.repetition_penalty == 1.0 else \
+            torch.tensor([list(seq.history)], dtype=torch.long, device=self.device)
+        token = int(select_next(seq.logits[None], history, p, seq.generator))
+        if p.stop_at_eos and token == self.model.config.eos_token_id:
+            seq.finish = "stop"
+            return
+        seq.pending = token
+        seq.generated += 1
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if seq.generated == 1:
+                self.metrics.ttft.observe(now - seq.job.submitted)
+            else:
+                self.metrics.itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        piece, stopped = seq.assembler.push(token)
+        if piece:
+            seq.job.emit("text", piece)
+        if stopped:
+            seq.finish = "stop"
+        elif seq.generated >= p.max_new_tokens:
+            seq.finish = "length"
+        if seq.finish is not None and seq.job.session is None:
+            seq.pending = None  # nobody keeps this state: skip feeding the last token
+
+    def _decode(self, decoding: list[_Seq]):
+        rows = sorted(s.slot for s in decoding)
+        lo, hi = (0, self.max_batch - 1) if self._graph is not None else (rows[0], rows[-1])
+        by_slot = {s.slot: s for s in decoding}
+        # occupied rows in range that are not decoding (mid-prefill) must come out unchanged
+        keep = {r: [v.clone() for v in self._slot(r)] for r in range(lo, hi + 1) if r in self.seqs and r not in by_slot}
+        ids = torch.zeros(hi - lo + 1, 1, dtype=torch.long)
+        for r, s in by_slot.items():
+            ids[r - lo, 0] = s.pending
+        ids = ids.to(self.device)
+        if self._graph is not None:
+            logits = self._graph.step(ids)[:, -1].float()
+        else:
+            cache = MHLACache([s.select(slice(lo, hi + 1)) for s in self.states])
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        for r, saved in keep.items():
+            for live, old in zip(self._slot(r), saved):
+                live.copy_(old)
+        for r, s in by_slot.items():
+            s.logits = logits[r - lo].clone()
+            s.history.append(s.pending)
+            s.position += 1
+            s.pending = None
+        if self.metrics is not None:
+            self.metrics.tokens_out.inc(len(decoding))
+
+    # -- leaving -------------------------------------------------------------------------------------
+    def _end(self, seq: _Seq, error: Exception | None = None, cancelled: bool = False):
+        if self.seqs.get(seq.slot) is not seq:
+            return
+        del self.seqs[seq.slot]
+        self.free.append(seq.slot)
+        self.free.sort()
+        job = seq.job
+        ok = error is None and not cancelled
+        if job.session is not None:
+            data = None
+            if ok:
+                reply = seq.assembler.text if seq.assembler is not None else ""
+                messages = seq.messages + ([{"role": "assistant", "content": reply}] if job.render is not None else [])
+                data = self._snapshot(seq, messages)
+            self.store.release(job.session, data)
+        if error is not None:
+            self._fail_job(job, error, released=True)
+        elif not cancelled:
+            if seq.assembler is not None:
+                tail = seq.assembler.flush()
+                if tail:
+                    job.emit("text", tail)
+            job.emit("done", {"finish_reason": seq.finish or "stop", "prompt_tokens": seq.prompt_tokens,
+                              "completion_tokens": seq.generated})
+
+    def _snapshot(self, seq: _Seq, messages) -> SessionData:
+        tensors = {f"layers.{i}.{n}": getattr(v, n).to("cpu", copy=True)
+                   for i, v in enumerate(self._slot(seq.slot)) for n in MHLAState.TENSORS}
+        logits = None if seq.logits is None else seq.logits.to("cpu", copy=True)
+        return SessionData(tensors, logits, list(seq.history), seq.position, messages)
+
+    def _fail_job(self, job: Job, error: Exception, released: bool = False):
+        if job.session is not None and not released:
+            self.store.release(job.session, None)
+        if isinstance(error, APIError):
+            job.emit("error", error)
+        elif isinstance(error, (SessionMissing, StateFileError)):
+            job.emit("error", APIError(404 if isinstance(error, SessionMissing) else 500, str(error.args[0]),
+                                       type="invalid_request_error", param="session"))
+        else:
+            job.emit("error", APIError(500, f"the request failed inside the engine: {type(error).__name__}: {error}",
+                                       type="server_error", code="engine_error"))
