@@ -317,7 +317,7 @@ class Engine:
                 if tail:
                     job.emit("text", tail)
             job.emit("done", {"finish_reason": seq.finish or "stop", "prompt_tokens": seq.prompt_tokens,
-                              "completion_tokens": seq.generated})
+                              "completion_tokens": seq.generated, "position": seq.position})
 
     def _snapshot(self, seq: _Seq, messages) -> SessionData:
         tensors = {f"layers.{i}.{n}": getattr(v, n).to("cpu", copy=True)

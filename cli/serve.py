@@ -1,0 +1,106 @@
+"""``mhla-serve``: an OpenAI-compatible HTTP server with continuous batching and persistent sessions.
+
+    mhla-serve                                   # the shipped model on 127.0.0.1:8000
+    mhla-serve --model mhla-340m --weights DIR --max-batch 64 --sessions-dir ~/.mhla-sessions
+
+Heavy imports (torch, the model, FastAPI) happen inside ``main`` so ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import re
+
+import click
+
+DEFAULT_SESSION_MEMORY = "4GiB"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise click.BadParameter(f"{text!r}: expected a size like 4GiB, 512MB or 1000000", param_hint="--session-memory")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@click.command()
+@click.option("--model", default=None, help="model name or checkpoint directory (default: the shipped model)")
+@click.option("--weights", type=click.Path(), default=None, help="directory with the weights of a named model")
+@click.option("--random-weights", is_flag=True, help="random weights of the model's shape (benchmarks only)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="sequences decoded together (engine slots)")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1),
+              help="requests waiting for a slot before new ones get 429")
+@click.option("--max-prompt-tokens", default=131072, show_default=True, type=click.IntRange(1))
+@click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(1),
+              help="prompt tokens per engine turn (interleaved with decode steps)")
+@click.option("--api-key", default=None, envvar="MHLA_SERVE_API_KEY",
+              help="require 'Authorization: Bearer KEY' on /v1 (or set MHLA_SERVE_API_KEY)")
+@click.option("--sessions-dir", type=click.Path(file_okay=False), default=None,
+              help="where sessions spill to and survive restarts (default: a temporary folder, lost at exit)")
+@click.option("--session-memory", default=DEFAULT_SESSION_MEMORY, show_default=True,
+              help="host memory for idle sessions before they move to disk")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--backend", default="auto", type=click.Choice(["auto", "torch", "triton", "numba"]))
+@click.option("--policy", default=None, type=click.Choice(["window", "window+far"]))
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="replay the decode step (CUDA)")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk, api_key,
+         sessions_dir, session_memory, device, dtype, backend, policy, cuda_graph, log_level):
+    """Serve an MHLA model over an OpenAI-compatible HTTP API."""
+    budget = parse_bytes(session_memory)
+    import os
+    import shutil
+    import signal
+    import tempfile
+
+    import torch
+    import uvicorn
+
+    from mhla_stream.hub import DEFAULT_MODEL, resolve_model
+    from mhla_stream.serve.server import build_server
+    from mhla_stream.tokenizer import Tokenizer, TokenizerError
+
+    from .bench import load_model
+    from .common import fail, pick_device
+
+    model = model or DEFAULT_MODEL
+    device = pick_device(device)
+    dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    try:
+        path = resolve_model(model, weights) if not (random_weights and model in ("mhla-340m",)) else None
+        tokenizer = Tokenizer.from_directory(path) if path is not None else None
+    except (TokenizerError, FileNotFoundError) as e:
+        fail(f"cannot serve {model}: {e}")
+    try:
+        m = load_model(model, weights, random_weights, device, dtype, backend)
+    except RuntimeError as e:
+        fail(f"cannot start {model}: {e}")
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_directory(resolve_model(DEFAULT_MODEL))  # random weights: any tokenizer will do
+        if tokenizer.vocab_size > m.config.vocab_size:
+            fail(f"{model}: no tokenizer fits its vocabulary of {m.config.vocab_size}")
+    temporary = sessions_dir is None
+    sessions_dir = tempfile.mkdtemp(prefix="mhla-sessions-") if temporary else sessions_dir
+    try:
+        app = build_server(m, tokenizer, model_name=os.path.basename(os.path.normpath(model)), max_batch=max_batch,
+                           max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
+                           api_key=api_key, sessions_dir=sessions_dir, session_memory=budget, policy=policy,
+                           cuda_graph=cuda_graph,
+                           on_shutdown=(lambda: shutil.rmtree(sessions_dir, ignore_errors=True)) if temporary else None)
+    except OSError as e:
+        fail(f"sessions dir {sessions_dir}: {e}")
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT (the lifespan flushes sessions), then re-raises the
+    # signal to whatever handler was there before it: a no-op here, so the process exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    click.echo(f"mhla-serve: {model} on {device} ({dtype}), http://{host}:{port}/v1, {max_batch} slots, "
+               f"sessions in {sessions_dir}", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""FastAPI routes: OpenAI-compatible completions and chat (plain and server-sent events), models,
+sessions, health and metrics; API-key check; every error as an OpenAI error body."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..sampling import SamplingParams
+from .engine import Job
+from .schemas import PLAIN_CHAT_STOP, APIError, ChatRequest, CompletionRequest, check_session_id, error_body, \
+    render_plain_chat
+from .sessions import SessionBusy, SessionMissing
+
+DISCONNECT_POLL_S = 0.5
+log = logging.getLogger("mhla_stream.serve")
+
+
+class ServerConfig:
+    def __init__(self, model_name: str, api_key: str | None = None, max_prompt_tokens: int = 65536,
+                 default_max_tokens: int = 16, default_chat_max_tokens: int = 256):
+        self.model_name, self.api_key, self.max_prompt_tokens = model_name, api_key, max_prompt_tokens
+        self.default_max_tokens, self.default_chat_max_tokens = default_max_tokens, default_chat_max_tokens
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    if err.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    where = ".".join(loc)
+    return (f"{where}: {err.get('msg')}" if where else str(err.get("msg"))), (loc[0] if loc else None)
+
+
+def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutdown=None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        engine.start()
+        yield
+        await run_in_threadpool(engine.stop)
+        await run_in_threadpool(store.flush)
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = FastAPI(title="mhla-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    # -- errors --------------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(_request, exc: Exception):
+        log.error("internal error", exc_info=exc)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+    @app.middleware("http")
+    async def _auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if config.api_key is not None and path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                metrics.requests.labels(path if path.count("/") < 4 else "/v1/sessions/*", "401").inc()
+                return JSONResponse(error_body("missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                               "authentication_error", code="invalid_api_key"), status_code=401)
+        response = await call_next(request)
+        endpoint = path if path.count("/") < 4 else "/v1/sessions/*"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def sampling(req) -> SamplingParams:
+        return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                              repetition_penalty=req.repetition_penalty, seed=req.seed, stop=list(req.stop or []),
+                              do_sample=req.temperature > 0, max_new_tokens=0)
+
+    def check_model(req):
+        if req.model not in (None, "", config.model_name):
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves {config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    async def next_event(queue, request, job):
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    raise asyncio.CancelledError
+
+    async def run_job(job: Job, request: Request, stream: bool, chunk_of, final_of, usage_chunk: bool):
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job.emit = lambda kind, payload: loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+        engine.submit(job)
+        try:
+            kind, payload = await next_event(queue, request, job)
+        except BaseException:
+            job.cancelled.set()
+            raise
+        if kind == "error":
+            raise payload
+        metrics.tokens_in.inc(payload["prompt_tokens"])
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "created": created, "model": config.model_name}
+        if not stream:
+            pieces = []
+            try:
+                while True:
+                    kind, payload = await next_event(queue, request, job)
+                    if kind == "text":
+                        pieces.append(payload)
+                    elif kind == "error":
+                        raise payload
+                    else:
+                        return {**head, **final_of("".join(pieces), payload), "usage": _usage(payload)}
+            except BaseException:
+                job.cancelled.set()
+                raise
+
+        async def events():
+            try:
+                first = chunk_of(None, None)
+                if first is not None:
+                    yield _sse({**head, **first})
+                while True:
+                    kind, payload = await next_event(queue, request, job)
+                    if kind == "text":
+                        yield _sse({**head, **chunk_of(payload, None)})
+                    elif kind == "error":
+                        yield _sse(payload.body())
+                        break
+                    else:
+                        yield _sse({**head, **chunk_of("", payload["finish_reason"])})
+                        if usage_chunk:
+                            yield _sse({**head, **chunk_of(None, None, empty=True), "usage": _usage(payload)})
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled.set()  # a client gone mid-stream: the engine frees the slot at its next turn
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # -- OpenAI endpoints ----------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req)
+        params = sampling(req)
+        params.max_new_tokens = req.new_tokens(config.default_max_tokens)
+        if isinstance(req.prompt, str):
+            ids, add_bos = await run_in_threadpool(tokenizer.encode, req.prompt), True
+        else:
+            ids, add_bos = list(req.prompt), False
+            if any(i >= tokenizer.vocab_size for i in ids):
+                raise APIError(400, f"prompt: token ids must be < {tokenizer.vocab_size}", param="prompt")
+        _check_length(len(ids) + add_bos, config.max_prompt_tokens)
+        job = Job(params, None, ids=ids, add_bos=add_bos, session=req.session, fork_from=req.fork_from,
+                  max_prompt_tokens=config.max_prompt_tokens)
+
+        def chunk_of(text, finish, empty=False):
+            if text is None and finish is None and not empty:
+                return None
+            choices = [] if empty else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+            return {"object": "text_completion", "choices": choices}
+
+        def final_of(text, done):
+            return {"object": "text_completion", **_session_field(req, done),
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": done["finish_reason"]}]}
+
+        return await run_job(job, request, req.stream, chunk_of, final_of, req.include_usage())
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        check_model(req)
+        params = sampling(req)
+        params.max_new_tokens = req.new_tokens(config.default_chat_max_tokens)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        if tokenizer.chat is None:
+            params.stop = params.stop + [PLAIN_CHAT_STOP]
+
+        def render(stored: list[dict]):
+            """Only the messages after those already in the session are fed (all of them without one)."""
+            new = messages[len(stored):] if messages[:len(stored)] == stored else messages
+            return chat_text(tokenizer, new, continuing=bool(stored)), stored + new
+
+        if req.session is None:  # no session: the prompt's length is known now
+            text, _ = render([])
+            _check_length(len(await run_in_threadpool(tokenizer.encode, text)) + 1, config.max_prompt_tokens)
+        job = Job(params, None, render=render, session=req.session, fork_from=req.fork_from,
+                  max_prompt_tokens=config.max_prompt_tokens)
+
+        def chunk_of(text, finish, empty=False):
+            if empty:
+                return {"object": "chat.completion.chunk", "choices": []}
+            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            return {"object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        def final_of(text, done):
+            return {"object": "chat.completion", **_session_field(req, done),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                 "finish_reason": done["finish_reason"]}]}
+
+        return await run_job(job, request, req.stream, chunk_of, final_of, req.include_usage())
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "mhla-stream"}]}
+
+    # -- sessions ------------------------------------------------------------------------------------
+    @app.get("/v1/sessions")
+    async def list_sessions():
+        return {"object": "list", "data": store.describe()}
+
+    @app.get("/v1/sessions/{session_id:path}")
+    async def get_session(session_id: str):
+        found = store.describe(_path_session_id(session_id))
+        if not found:
+            raise APIError(404, f"no session {session_id!r}", param="session", code="session_not_found")
+        return found[0]
+
+    @app.delete("/v1/sessions/{session_id:path}")
+    async def delete_session(session_id: str):
+        sid = _path_session_id(session_id)
+        try:
+            await run_in_threadpool(store.delete, sid)
+        except SessionMissing as e:
+            raise APIError(404, e.args[0], param="session", code="session_not_found") from None
+        except SessionBusy as e:
+            raise APIError(409, str(e), param="session", code="session_busy") from None
+        return {"id": sid, "object": "session", "deleted": True}
+
+    # -- operations ----------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        running, queued = engine.counts()
+        return {"status": "ok", "model": config.model_name, "running": running, "queued": queued,
+                "free_slots": len(engine.free)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(engine, store), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def chat_text(tokenizer, messages: list[dict], continuing: bool) -> str:
+    """The tokenizer's chat template for user turns when it has one; else the plain template (schemas)."""
+    if tokenizer.chat is None:
+        return render_plain_chat(messages, continuing)
+    return "".join(tokenizer.chat(m["content"]) if m["role"] == "user" else m["content"] + "\n" for m in messages)
+
+
+def _check_length(n: int, limit: int) -> None:
+    if n > limit:
+        raise APIError(400, f"the prompt has {n} tokens, over this server's limit of {limit} (--max-prompt-tokens)",
+                       param="prompt", code="prompt_too_long")
+
+
+def _path_session_id(session_id: str) -> str:
+    try:
+        return check_session_id(session_id, "session")
+    except ValueError as e:
+        raise APIError(400, str(e), param="session") from None
+
+
+def _session_field(req, done) -> dict:
+    return {"session": {"id": req.session, "position": done["position"]}} if req.session else {}
+
+
+def _usage(done: dict) -> dict:
+    p, c = done["prompt_tokens"], done["completion_tokens"]
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
