@@ -92,7 +92,8 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
     def sampling(req) -> SamplingParams:
         return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                               repetition_penalty=req.repetition_penalty, seed=req.seed, stop=list(req.stop or []),
-                              do_sample=req.temperature > 0, max_new_tokens=0)
+                              do_sample=req.temperature > 0, max_new_tokens=0,
+                              stop_at_eos=not req.ignore_eos)
 
     def check_model(req):
         if req.model not in (None, "", config.model_name):

@@ -11,6 +11,7 @@ repetition penalty, stop strings and eos, and every generated token but eos is f
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from .sessions import SessionBusy, SessionData, SessionMissing, StateFileError
 from .text import TextAssembler
 
 HISTORY = 4096  # as StreamingMHLA's default: recent ids for the repetition penalty
+log = logging.getLogger("mhla_stream.serve")
 FAULT_MARK = "<<inject-fault>>"  # with MHLA_SERVE_FAULT_INJECTION=1, a request containing it fails (tests)
 
 
@@ -302,6 +304,7 @@ class Engine:
         self.free.sort()
         job = seq.job
         ok = error is None and not cancelled
+        tail = seq.assembler.flush() if ok and seq.assembler is not None else ""
         if job.session is not None:
             data = None
             if ok:
@@ -312,10 +315,8 @@ class Engine:
         if error is not None:
             self._fail_job(job, error, released=True)
         elif not cancelled:
-            if seq.assembler is not None:
-                tail = seq.assembler.flush()
-                if tail:
-                    job.emit("text", tail)
+            if tail:
+                job.emit("text", tail)
             job.emit("done", {"finish_reason": seq.finish or "stop", "prompt_tokens": seq.prompt_tokens,
                               "completion_tokens": seq.generated, "position": seq.position})
 
@@ -326,6 +327,8 @@ class Engine:
         return SessionData(tensors, logits, list(seq.history), seq.position, messages)
 
     def _fail_job(self, job: Job, error: Exception, released: bool = False):
+        if not isinstance(error, APIError):
+            log.error("request failed in the engine", exc_info=error)
         if job.session is not None and not released:
             self.store.release(job.session, None)
         if isinstance(error, APIError):

@@ -3,7 +3,7 @@
 Requests are validated strictly (``"5"`` is not an int, ``true`` is not a number) so a wrong type
 is a 400 rather than a silent guess; unknown fields are ignored the way OpenAI-compatible
 servers ignore them. ``session`` / ``fork_from`` / ``top_k`` / ``repetition_penalty`` are
-extensions (the ``openai`` client sends them with ``extra_body``).
+extensions, like ``ignore_eos`` (the ``openai`` client sends them with ``extra_body``).
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ class _Request(BaseModel):
     stream_options: dict | None = None
     session: str | None = None
     fork_from: str | None = None
+    ignore_eos: bool = False  # as vLLM: generate max_tokens whatever comes (benchmarks)
 
     @field_validator("n")
     @classmethod
