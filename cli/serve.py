@@ -99,7 +99,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     signal.signal(signal.SIGTERM, lambda *_: None)
     click.echo(f"mhla-serve: {model} on {device} ({dtype}), http://{host}:{port}/v1, {max_batch} slots, "
                f"sessions in {sessions_dir}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":
