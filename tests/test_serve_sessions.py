@@ -32,7 +32,8 @@ def test_disk_tier_restart_queue_full_and_sigterm(tmp_path):
         # one long stream holds the only slot, one request waits, the next is refused with Retry-After
         body = {"prompt": "Hi", "max_tokens": 100000, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", s.base + "/v1/completions", json=body, timeout=120) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+            next(lines)
             with cf.ThreadPoolExecutor(1) as pool:
                 waiting = pool.submit(complete, s, "The sun", 2)
                 s.wait_until(lambda h: h["queued"] == 1)
@@ -54,7 +55,8 @@ def test_disk_tier_restart_queue_full_and_sigterm(tmp_path):
         # SIGTERM with a stream in flight: the stream ends, sessions are on disk, the exit status is 0
         body = {"prompt": "Hi", "max_tokens": 100000, "stream": True, "ignore_eos": True, "session": "in-flight"}
         with httpx.stream("POST", s.base + "/v1/completions", json=body, timeout=120) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()
+            next(lines)
             assert s.terminate() == 0, (tmp_path / "b.log").read_text()[-3000:]
     finally:
         s.terminate()

@@ -33,6 +33,34 @@ class ServerConfig:
         self.default_max_tokens, self.default_chat_max_tokens = default_max_tokens, default_chat_max_tokens
 
 
+class AuthAndCount:
+    """Pure ASGI middleware (a BaseHTTPMiddleware would get in the way of streaming and disconnects):
+    the API key on /v1 (constant-time comparison), and requests counted by endpoint and status."""
+
+    def __init__(self, app, api_key: str | None, metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = "/v1/sessions/*" if path.startswith("/v1/sessions/") else path
+        if self.api_key is not None and path.startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.api_key.encode()):
+                self.metrics.requests.labels(endpoint, "401").inc()
+                body = error_body("missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                  "authentication_error", code="invalid_api_key")
+                return await JSONResponse(body, status_code=401)(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     err = exc.errors()[0]
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
@@ -73,20 +101,7 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
         log.error("internal error", exc_info=exc)
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if config.api_key is not None and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                metrics.requests.labels(path if path.count("/") < 4 else "/v1/sessions/*", "401").inc()
-                return JSONResponse(error_body("missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                               "authentication_error", code="invalid_api_key"), status_code=401)
-        response = await call_next(request)
-        endpoint = path if path.count("/") < 4 else "/v1/sessions/*"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics)
 
     # -- helpers -------------------------------------------------------------------------------------
     def sampling(req) -> SamplingParams:
