@@ -85,3 +85,18 @@ def test_store_names_files_by_hash_and_skips_damaged_files(tmp_path):
     assert [s["id"] for s in again.describe()] == ["../escape"]
     again.acquire("../escape")
     assert again.load("../escape").history == [1, 2]
+
+
+@pytest.mark.slow
+def test_serve_bench_smoke(tmp_path):
+    """The load generator runs every phase (tiny CPU setting) and writes its JSON."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "mhla_stream.cli.serve_bench", "--smoke", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [row["concurrency"] for row in data["serve"]] == [1, 2] and all(row["output_tok_s"] > 0 for row in data["serve"])
+    assert data["long_prompts"]["itl_samples"] > 0 and data["meta"]["state_bytes_per_session"] > 0

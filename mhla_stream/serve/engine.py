@@ -141,11 +141,20 @@ class Engine:
     def _turn(self):
         self._reap_cancelled()
         self._admit()
-        prefilling = [s for s in self.seqs.values() if s.feed]
-        if prefilling:
-            self._guarded(prefilling[0], self._prefill_chunk)
-        for seq in [s for s in self.seqs.values() if not s.feed and s.pending is None and s.finish is None]:
-            self._guarded(seq, self._choose)
+        # up to about one chunk of prompt tokens per turn: several short prompts, or one chunk of a long
+        # one; a prompt's chunk boundaries never depend on what else runs (same numbers alone or batched)
+        budget = self.prefill_chunk
+        for seq in [s for s in self.seqs.values() if s.feed]:
+            if budget <= 0:
+                break
+            budget -= min(len(seq.feed), self.prefill_chunk)
+            self._guarded(seq, self._prefill_chunk)
+        ready = [s for s in self.seqs.values() if not s.feed and s.pending is None and s.finish is None]
+        # greedy rows without a penalty: one argmax and one device sync for all of them
+        plain = [s for s in ready if s.job.params.greedy and s.job.params.repetition_penalty == 1.0]
+        picks = dict(zip(map(id, plain), torch.stack([s.logits for s in plain]).argmax(-1).tolist())) if plain else {}
+        for seq in ready:
+            self._guarded(seq, lambda q: self._choose(q, picks.get(id(q))))
         decoding = [s for s in self.seqs.values() if s.pending is not None]
         if decoding:
             try:
@@ -234,8 +243,9 @@ class Engine:
         seq.history.extend(chunk)
         seq.position += len(chunk)
 
-    def _choose(self, seq: _Seq):
-        """Picks the next token from the logits, as ``StreamingMHLA.generate_ids`` does."""
+    def _choose(self, seq: _Seq, token: int | None = None):
+        """Picks the next token from the logits, as ``StreamingMHLA.generate_ids`` does (``token``: the
+        greedy pick already made for a batch of rows, the same argmax)."""
         p = seq.job.params
         if seq.assembler is None:  # the stream's text decoder starts from the ids already in the stream
             seq.assembler = TextAssembler(self.tokenizer, p.stop, list(seq.history)[-8:])
@@ -244,9 +254,10 @@ class Engine:
             return
         if seq.fault and seq.generated >= 1:
             raise RuntimeError("injected fault (MHLA_SERVE_FAULT_INJECTION)")
-        history = torch.empty(1, 0, dtype=torch.long, device=self.device) if p.repetition_penalty == 1.0 else \
-            torch.tensor([list(seq.history)], dtype=torch.long, device=self.device)
-        token = int(select_next(seq.logits[None], history, p, seq.generator))
+        if token is None:
+            history = torch.empty(1, 0, dtype=torch.long, device=self.device) if p.repetition_penalty == 1.0 else \
+                torch.tensor([list(seq.history)], dtype=torch.long, device=self.device)
+            token = int(select_next(seq.logits[None], history, p, seq.generator))
         if p.stop_at_eos and token == self.model.config.eos_token_id:
             seq.finish = "stop"
             return
@@ -287,8 +298,9 @@ class Engine:
         for r, saved in keep.items():
             for live, old in zip(self._slot(r), saved):
                 live.copy_(old)
+        logits = logits.clone() if self._graph is not None else logits  # the graph's output buffer is reused
         for r, s in by_slot.items():
-            s.logits = logits[r - lo].clone()
+            s.logits = logits[r - lo]
             s.history.append(s.pending)
             s.position += 1
             s.pending = None
