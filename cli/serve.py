@@ -80,10 +80,8 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
         m = load_model(model, weights, random_weights, device, dtype, backend)
     except RuntimeError as e:
         fail(f"cannot start {model}: {e}")
-    if tokenizer is None:
-        tokenizer = Tokenizer.from_directory(resolve_model(DEFAULT_MODEL))  # random weights: any tokenizer will do
-        if tokenizer.vocab_size > m.config.vocab_size:
-            fail(f"{model}: no tokenizer fits its vocabulary of {m.config.vocab_size}")
+    if tokenizer is None:  # random weights without a checkpoint: the shipped tokenizer, for benchmarks only
+        tokenizer = _widened(Tokenizer.from_directory(resolve_model(DEFAULT_MODEL)), m.config.vocab_size)
     temporary = sessions_dir is None
     sessions_dir = tempfile.mkdtemp(prefix="mhla-sessions-") if temporary else sessions_dir
     try:
@@ -100,6 +98,16 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     click.echo(f"mhla-serve: {model} on {device} ({dtype}), http://{host}:{port}/v1, {max_batch} slots, "
                f"sessions in {sessions_dir}", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _widened(tokenizer, vocab_size: int):
+    """A tokenizer that accepts every id of a larger random-weight model; ids it lacks read as its id 0."""
+    from mhla_stream.tokenizer import Tokenizer
+    known = tokenizer.vocab_size
+    if known >= vocab_size:
+        return tokenizer
+    return Tokenizer(tokenizer._encode, lambda ids: tokenizer._decode([i if i < known else 0 for i in ids]), vocab_size,
+                     tokenizer.bos_id, tokenizer.eos_id, tokenizer.source, tokenizer.chat)
 
 
 if __name__ == "__main__":

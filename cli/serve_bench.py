@@ -179,7 +179,7 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
         asyncio.run(_concurrency_phase(base, vocab, 2, 1, prompt_len, 4))  # warm-up
         serve_rows = [asyncio.run(_concurrency_phase(base, vocab, c, rounds, prompt_len, max_tokens)) for c in levels]
         long_row = asyncio.run(_long_prompt_phase(base, vocab, long_streams, long_prompt_len, long_prompts,
-                                                  max_tokens * 64)) if long_prompts else None
+                                                  max_tokens * 16)) if long_prompts else None
     finally:
         server.terminate()
         server.wait(timeout=120)

@@ -187,8 +187,9 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
             ids, add_bos = await run_in_threadpool(tokenizer.encode, req.prompt), True
         else:
             ids, add_bos = list(req.prompt), False
-            if any(i >= tokenizer.vocab_size for i in ids):
-                raise APIError(400, f"prompt: token ids must be < {tokenizer.vocab_size}", param="prompt")
+            vocab = min(tokenizer.vocab_size, engine.model.config.vocab_size)
+            if any(i >= vocab for i in ids):
+                raise APIError(400, f"prompt: token ids must be < {vocab}", param="prompt")
         _check_length(len(ids) + add_bos, config.max_prompt_tokens)
         job = Job(params, None, ids=ids, add_bos=add_bos, session=req.session, fork_from=req.fork_from,
                   max_prompt_tokens=config.max_prompt_tokens)
