@@ -110,7 +110,7 @@ def test_session_equals_one_stream(client, ref):
     assert r.model_extra["session"]["position"] == ref.position
 
 
-def test_fork_gives_independent_continuations(client, ref):
+def test_fork_gives_independent_continuations(server, client, ref):
     complete(client, "Once upon a time", session="base")
     ref.reset()
     ref.generate("Once upon a time", max_new_tokens=8, temperature=0)
@@ -122,14 +122,8 @@ def test_fork_gives_independent_continuations(client, ref):
     assert b == ref.generate(" A big bird", max_new_tokens=8, temperature=0)
     ref.restore(snap)
     assert complete(client, " The cat", session="base") == a  # the source was not touched by its forks
-    r = post(client_server(client), "/v1/completions", {"prompt": "x", "session": "fork-a", "fork_from": "base"})
+    r = post(server, "/v1/completions", {"prompt": "x", "session": "fork-a", "fork_from": "base"})
     assert r.status_code == 409  # forking into an existing id
-
-
-def client_server(client):
-    class S:
-        base = str(client.base_url).rstrip("/").removesuffix("/v1")
-    return S
 
 
 def test_chat_session_feeds_only_new_messages(client, ref):
