@@ -5,8 +5,12 @@ import functools
 import sys
 
 import click
+import torch
 
-from mhla_stream.hub import DEFAULT_MODEL
+from mhla_stream import (PRESETS, CheckpointError, MHLAForCausalLM, ModelNotFound, StateFileError, StreamingMHLA,
+                         preset_config)
+from mhla_stream.hub import DEFAULT_MODEL, resolve_model
+from mhla_stream.tokenizer import TokenizerError
 
 
 def model_options(fn):
@@ -50,7 +54,6 @@ def sampling_kwargs(kw: dict) -> dict:
 
 
 def pick_device(device):
-    import torch
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -60,9 +63,6 @@ def pick_device(device):
 
 def load_stream(model, weights, device, dtype, backend, policy, **kw):
     """StreamingMHLA for the CLI; loading errors become a message and exit status 2."""
-    import torch
-
-    from mhla_stream import CheckpointError, ModelNotFound, StreamingMHLA
     device = pick_device(device)
     if dtype is None:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
@@ -75,6 +75,29 @@ def load_stream(model, weights, device, dtype, backend, policy, **kw):
         fail(f"cannot start {model}: {e}")
 
 
+def load_model(model, weights, random_weights, device, dtype):
+    """An ``MHLAForCausalLM`` for the benchmarks: a checkpoint, or random weights of a preset's (or a
+    checkpoint's) shape. Each caller makes its own execution plan (``model.make_plan``)."""
+    if random_weights:
+        if model in PRESETS:
+            cfg = preset_config(model)
+        else:
+            try:
+                cfg = MHLAForCausalLM.from_pretrained(resolve_model(model, weights)).config
+            except (ModelNotFound, CheckpointError) as e:
+                fail(str(e))
+        torch.manual_seed(0)
+        with torch.device(device):
+            m = MHLAForCausalLM(cfg)
+        m.to(dtype)
+    else:
+        try:
+            m = MHLAForCausalLM.from_pretrained(resolve_model(model, weights), device=device, dtype=dtype)
+        except (ModelNotFound, CheckpointError) as e:
+            fail(str(e))
+    return m.eval().prepare_inference()
+
+
 def fail(message: str, code: int = 2):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -84,8 +107,6 @@ def friendly_errors(fn):
     """Bad values found late (sampling, tokens) print one line instead of a traceback."""
     @functools.wraps(fn)
     def wrapper(*a, **k):
-        from mhla_stream import StateFileError
-        from mhla_stream.tokenizer import TokenizerError
         try:
             return fn(*a, **k)
         except (ValueError, TypeError, StateFileError, TokenizerError) as e:

@@ -3,14 +3,14 @@ can run as one fused kernel (``torch.compile``); on the CPU, and whenever gradie
 plain eager code runs. ``MHLA_STREAM_COMPILE=0`` turns compilation off.
 
 Fusing matters for prefill and for batched decode (batch 1 decode has its own five-launch path,
-``fused_decode.py``).
+``MHLABlock.decode_step``). The execution plan reports the choice (``compile_elementwise``).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from .switches import switches
 
 
 def rms_norm(x, weight, eps: float):
@@ -51,7 +51,7 @@ _COMPILED: dict = {}
 def fast(fn):
     """``fn`` or its compiled form: compiled only for CUDA tensors with gradients off."""
     def call(x, *args):
-        if x.is_cuda and not torch.is_grad_enabled() and os.environ.get("MHLA_STREAM_COMPILE", "1") != "0":
+        if x.is_cuda and not torch.is_grad_enabled() and switches().compile:
             compiled = _COMPILED.get(fn)
             if compiled is None:
                 compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)

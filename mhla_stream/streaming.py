@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import torch
 
 from .cache import MHLACache
+from .graphs import GraphDecoder, GraphStep, prefill
 from .hub import DEFAULT_MODEL, resolve_model
 from .modeling import MHLAForCausalLM
+from .plan import ExecutionPlan
 from .sampling import SamplingParams, select_next
 from .state import MHLAState
 from .state_io import StateFileError, model_fingerprint, read_state_file, write_state_file
 from .tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
-
-_STATE_FIELDS = ("ring", "far", "prefix", "partial", "pos")
 
 
 @dataclass
@@ -35,18 +35,18 @@ class StreamingMHLA:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
-        self.model.attn_backend = backend
+        # this stream's own execution plan: the model is shared and never told how to run
+        self.plan: ExecutionPlan = model.make_plan(1, backend=backend, policy=policy, cuda_graphs=cuda_graph)
+        model.prepare_inference()
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or "mhla"
         self.prefill_chunk = prefill_chunk
         self.cache = MHLACache(model.new_state(1, policy))
         self._logits: torch.Tensor | None = None  # next-token logits [V], fp32
         self._history: deque[int] = deque(maxlen=history)  # recent ids, for the repetition penalty
-        self._position = 0
         self._fingerprint: str | None = None
         self._graph = None  # CUDA-graph decode step, made on first use (the state is never reallocated)
         self._prefill_graph = None  # likewise for a full prefill chunk
-        self._use_graph = cuda_graph and self.device.type == "cuda" and backend in ("auto", "triton")
 
     @classmethod
     def from_pretrained(cls, name_or_path=DEFAULT_MODEL, device=None, dtype=None, *, weights=None, **kwargs):
@@ -61,8 +61,8 @@ class StreamingMHLA:
     # -- read-only facts -------------------------------------------------------------------------
     @property
     def position(self) -> int:
-        """Tokens fed into the stream so far."""
-        return self._position
+        """Tokens fed into the stream so far (the state's own position)."""
+        return int(self.cache.states[0].pos[0])
 
     @property
     def state_bytes(self) -> int:
@@ -88,7 +88,7 @@ class StreamingMHLA:
         if isinstance(text_or_ids, str):
             if self.tokenizer is None:
                 raise TokenizerError(f"model {self.name} has no tokenizer; feed token ids instead of text")
-            return self.tokenizer.encode(text_or_ids, add_bos=self._position == 0)
+            return self.tokenizer.encode(text_or_ids, add_bos=self.position == 0)
         if isinstance(text_or_ids, torch.Tensor):
             text_or_ids = text_or_ids.flatten().tolist()
         try:
@@ -105,19 +105,14 @@ class StreamingMHLA:
     def feed(self, text_or_ids) -> int:
         """Adds text (tokenized; a BOS starts a fresh stream) or token ids; returns tokens fed."""
         ids = self._to_ids(text_or_ids)
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start:start + self.prefill_chunk]
-            x = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            if self._use_graph and len(chunk) == self.prefill_chunk:  # full chunks replay one captured prefill
-                from .graphs import GraphStep
-                if self._prefill_graph is None:
-                    self._prefill_graph = GraphStep(self.model, self.cache, self.prefill_chunk)
-                self._logits = self._prefill_graph.step(x)[0, -1].float()
-            else:
-                out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-                self._logits = out.logits[0, -1].float()
-            self._history.extend(chunk)
-            self._position += len(chunk)
+        if not ids:
+            return 0
+        if self.plan.cuda_graphs and len(ids) >= self.prefill_chunk and self._prefill_graph is None:
+            # full chunks replay one captured prefill
+            self._prefill_graph = GraphStep(self.model, self.cache, self.prefill_chunk, plan=self.plan)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        self._logits = prefill(self.model, self.cache, x, self.prefill_chunk, self.plan, self._prefill_graph)[0].float()
+        self._history.extend(ids)
         return len(ids)
 
     # -- generation ------------------------------------------------------------------------------
@@ -175,27 +170,24 @@ class StreamingMHLA:
 
     def _decode(self, token: int) -> None:
         """One token in: the same as ``feed([token])``, through a CUDA graph where there is one."""
-        if not self._use_graph:
+        if not self.plan.cuda_graphs:
             self.feed([token])
             return
-        from .graphs import GraphDecoder
         if self._graph is None:
-            self._graph = GraphDecoder(self.model, self.cache)
+            self._graph = GraphDecoder(self.model, self.cache, plan=self.plan)
         x = torch.tensor([[token]], dtype=torch.long, device=self.device)
         self._logits = self._graph.step(x)[0, -1].float()
         self._history.append(token)
-        self._position += 1
 
     # -- state management ------------------------------------------------------------------------
     def reset(self) -> None:
         self.cache.reset()
         self._logits = None
         self._history.clear()
-        self._position = 0
 
     def snapshot(self) -> Snapshot:
         return Snapshot([s.clone() for s in self.cache.states], None if self._logits is None else self._logits.clone(),
-                        list(self._history), self._position, self.fingerprint)
+                        list(self._history), self.position, self.fingerprint)
 
     def restore(self, snap: Snapshot) -> None:
         if not isinstance(snap, Snapshot):
@@ -206,21 +198,20 @@ class StreamingMHLA:
             live.copy_(saved)
         self._logits = None if snap.logits is None else snap.logits.clone()
         self._history = deque(snap.history, maxlen=self._history.maxlen)
-        self._position = self.cache.seen = snap.position
 
     def save_state(self, path) -> None:
-        tensors = {f"layers.{i}.{n}": getattr(s, n) for i, s in enumerate(self.cache.states) for n in _STATE_FIELDS}
+        tensors = {f"layers.{i}.{n}": getattr(s, n) for i, s in enumerate(self.cache.states) for n in MHLAState.TENSORS}
         tensors["history"] = torch.tensor(list(self._history), dtype=torch.long)
         if self._logits is not None:
             tensors["logits"] = self._logits
-        meta = {"model": self.fingerprint, "model_name": self.name, "position": str(self._position),
+        meta = {"model": self.fingerprint, "model_name": self.name, "position": str(self.position),
                 "policy": self.policy, "config": json.dumps(self.model.config.to_diff_dict(), default=str)}
         write_state_file(path, tensors, meta)
 
     def load_state(self, path) -> None:
         tensors, meta = read_state_file(path, self.fingerprint)
         for i, s in enumerate(self.cache.states):
-            for n in _STATE_FIELDS:
+            for n in MHLAState.TENSORS:
                 t = tensors.get(f"layers.{i}.{n}")
                 if t is None or t.shape != getattr(s, n).shape or t.dtype != getattr(s, n).dtype:
                     raise StateFileError(f"{path}: tensor layers.{i}.{n} is missing or has the wrong shape")
@@ -228,11 +219,10 @@ class StreamingMHLA:
             raise StateFileError(f"{path}: state uses policy {meta.get('policy')!r}, this stream uses {self.policy!r}")
         # all checks passed: now (and only now) overwrite the live state
         for i, s in enumerate(self.cache.states):
-            for n in _STATE_FIELDS:
+            for n in MHLAState.TENSORS:
                 getattr(s, n).copy_(tensors[f"layers.{i}.{n}"])
         self._logits = tensors["logits"].to(self.device) if "logits" in tensors else None
         self._history = deque(tensors["history"].tolist(), maxlen=self._history.maxlen)
-        self._position = self.cache.seen = int(meta["position"])
 
 
 __all__ = ["StreamingMHLA", "Snapshot", "StateFileError"]

@@ -1,6 +1,7 @@
-"""CPU decode with numba: the per-token update fused in one parallel loop over (sequence, head).
-Prefill on the CPU uses the torch chunk form (BLAS-bound already); block closing reuses
-``torch_ops.close_blocks`` (once every C tokens)."""
+"""CPU decode form with numba: the per-token update fused in one parallel loop over (sequence,
+head). There is no numba prefill: on the CPU the torch chunk form is BLAS-bound already (the
+dispatch in ``attention.py`` sends it there). Block closing reuses ``torch_ops.close_blocks``
+(once every C tokens)."""
 import numba
 import numpy as np
 import torch
@@ -28,10 +29,10 @@ def _decode(q, k, v, r, p, blocks, m, scale, o):
             o[b, h, y] = acc[y] * scale
 
 
-def numba_mhla(q, k, v, mc, *, scale, block_size, policy, state, lengths=None):
-    if q.shape[1] != 1 or lengths is not None:
-        from ..attention import _torch_mhla
-        return _torch_mhla(q, k, v, mc, scale, block_size, policy, state, lengths)
+def numba_decode(q, k, v, clamped, *, scale, block_size, state):
+    """One token per sequence (q, k [B, 1, H, K], v [B, 1, H, V]); ``clamped``: the prepared fp32
+    mixing matrix. Advances ``state`` by one token, closing the blocks that fill."""
+    mc = clamped
     f32 = lambda x: x[:, 0].float().contiguous().numpy()  # noqa: E731
     out = np.empty((q.shape[0], q.shape[2], v.shape[-1]), dtype=np.float32)
     blocks = (state.pos // block_size).numpy()
