@@ -59,7 +59,11 @@ def context_of(model) -> int:
 def enable_activation_checkpointing(model) -> None:
     """Recompute each decoder block's activations in the backward pass instead of storing them."""
     if not is_mhla(model):  # transformers' own per-layer checkpointing
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return
     for layer in model.model.layers:
         plain = layer.forward
@@ -83,7 +87,8 @@ class LossModule(torch.nn.Module):
         inputs, targets = windows[:, :-1], windows[:, 1:]
         if not self.fused:
             logits = self.lm(input_ids=inputs).logits
-            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         if is_mhla(self.lm):  # MHLA: the decoder stack, torch (differentiable) form
             hidden = self.lm.model(input_ids=inputs, backend="torch")
         else:
