@@ -63,10 +63,11 @@ TRAIN_PRESETS = tuple(sorted(PRESETS))
               help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
 @click.option("--compile/--no-compile", default=False, help="torch.compile the training step")
 @click.option("--resume/--no-resume", default=True)
+@click.option("--save/--no-save", default=True, help="write checkpoints and the best model (off for benchmarks)")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 def main(data, out, arch, preset, hidden, layers, heads, block_size, num_blocks, policy, batch, grad_accum, lr, warmup,
          steps, stop_at, minutes, stories_frac, eval_every, eval_windows, log_every, seed, fused_loss, loss_chunk,
-         activation_checkpointing, compile, resume, device):
+         activation_checkpointing, compile, resume, save, device):
     ctx = setup(device)
     try:
         train(ctx, **{k: v for k, v in locals().items() if k != "ctx"})
@@ -78,7 +79,7 @@ def main(data, out, arch, preset, hidden, layers, heads, block_size, num_blocks,
 
 def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, block_size, num_blocks, policy, batch,
           grad_accum, lr, warmup, steps, stop_at, minutes, stories_frac, eval_every, eval_windows, log_every, seed,
-          fused_loss, loss_chunk, activation_checkpointing, compile, resume, device):
+          fused_loss, loss_chunk, activation_checkpointing, compile, resume, save, device):
     from tqdm import tqdm
     args = {k: v for k, v in locals().items() if k not in ("ctx", "tqdm")}
     data, out, dev = Path(data), Path(out), ctx.device
@@ -179,9 +180,11 @@ def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, bloc
                     bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{rec['val_loss']:.3f}")
                     if rec["val_loss"] < best:
                         best = rec["val_loss"]
-                        _save_best(model, data, out)
-                    ckpt_io.save(ckpt, model, opt, {"step": step, "best": best, "elapsed": elapsed,
-                                                    "world": ctx.world, "args": args})
+                        if save:
+                            _save_best(model, data, out)
+                    if save:
+                        ckpt_io.save(ckpt, model, opt, {"step": step, "best": best, "elapsed": elapsed,
+                                                        "world": ctx.world, "args": args})
                 ctx.barrier()
                 paused = time.time() - t_eval  # evaluation and checkpoint time is not training time
             write(rec)
