@@ -27,7 +27,7 @@ else
 fi
 
 # ---- data ---------------------------------------------------------------------------------------
-DATA=${DATA:-runs/data}; DATA_KIND=prepared
+DATA=${DATA:-$([ $SMOKE = 1 ] && echo none || echo runs/data)}; DATA_KIND=prepared  # --smoke: synthetic unless DATA is set
 if [ ! -f "$DATA/info.json" ] && [ $SMOKE = 0 ]; then
   for S in "${SHARED:-}" shared/data ../shared/data; do
     if [ -n "$S" ] && [ -d "$S/gutenberg" ]; then
@@ -51,7 +51,7 @@ for name, n in (("stories", 400_000), ("books", 2_000_000), ("valid", 200_000)):
     # a noisy arithmetic sequence: learnable, so the loss falls
     ((np.arange(n) * 7 + rng.integers(0, 5, n)) % vocab).astype(np.uint16).tofile(d / f"{name}.bin")
 PY
-if [ ! -f "$DATA/info.json" ] || [ $SMOKE = 1 ]; then DATA="$SYN"; DATA_KIND=synthetic; fi
+if [ ! -f "$DATA/info.json" ]; then DATA="$SYN"; DATA_KIND=synthetic; fi
 echo "throughput data: $SYN (vocab $VOCAB); training data: $DATA ($DATA_KIND)"
 
 COMMON="--preset $PRESET --batch $BATCH --log-every $LOG_EVERY --eval-windows $EVAL_WINDOWS --no-resume --no-save $DEV"

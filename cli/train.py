@@ -24,7 +24,7 @@ from mhla_stream.training import checkpoint as ckpt_io
 from mhla_stream.training.data import Batches, DataError, evaluate, load_tokens, read_vocab_size
 from mhla_stream.training.distributed import DistContext, setup
 from mhla_stream.training.flops import mfu, peak_bf16_flops, train_flops_per_token
-from mhla_stream.training.model import ARCHS, LossModule, build_model, enable_activation_checkpointing
+from mhla_stream.training.model import ARCHS, LossModule, build_model, context_of, enable_activation_checkpointing
 
 TRAIN_PRESETS = tuple(sorted(PRESETS))
 
@@ -86,8 +86,7 @@ def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, bloc
     vocab = read_vocab_size(data)
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(arch, vocab, hidden, layers, heads, block_size, num_blocks, policy, preset).to(dev)
-    context = model.config.block_size * model.config.num_blocks if arch != "transformer" \
-        else model.config.max_position_embeddings
+    context = context_of(model)
     batches = Batches(data, context, stories_frac, seed, vocab)
     valid = load_tokens(data / "valid.bin", context + 2, vocab)
     if activation_checkpointing:
@@ -145,9 +144,10 @@ def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, bloc
         for micro in range(grad_accum):
             x = batches.get(step, micro * ctx.world + ctx.rank, batch, dev)
             sync = step_module.no_sync() if ctx.distributed and micro < grad_accum - 1 else nullcontext()
-            with sync, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                loss = run_step(x) / grad_accum
-            loss.backward()
+            with sync:  # DDP averages the gradients over ranks on the last micro-batch's backward only
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    loss = run_step(x) / grad_accum
+                loss.backward()
             loss_sum += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

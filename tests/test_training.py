@@ -221,29 +221,31 @@ def free_port():
 
 
 def test_two_ranks_equal_one_rank_with_grad_accum_and_resume_on_one_rank(tmp_path, data_dir):
-    common = ["--data", data_dir, *TINY, "--steps", "4"]
-    # one process, accumulation 2: steps 1-2, a checkpoint, then resumed to step 4
+    """2 ranks x 2 micro-batches (DDP's no_sync on the first) against 1 process x 4 micro-batches: the same
+    global batch of 8 sequences and the same samples, so the same weights and AdamW moments."""
+    common = ["--data", data_dir, *TINY, "--steps", "4", "--batch", "2"]
+    # one process: steps 1-2, a checkpoint, then resumed to step 4
     one = tmp_path / "one"
-    r = train([*common, "--out", one, "--grad-accum", "2", "--stop-at", "2"])
+    r = train([*common, "--out", one, "--grad-accum", "4", "--stop-at", "2"])
     assert r.exit_code == 0, r.output
     one_at_2 = params(one)
-    r = train([*common, "--out", one, "--grad-accum", "2"])
+    r = train([*common, "--out", one, "--grad-accum", "4"])
     assert r.exit_code == 0 and "resumed" in r.output, r.output
     one_at_4 = params(one)
-    # two gloo processes, no accumulation: the same global batch of 8 sequences
+    # two gloo processes under torchrun
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "mhla_stream.cli.train", *map(str, common), "--out", str(two),
-           "--stop-at", "2", "--device", "cpu"]
+           "--grad-accum", "2", "--stop-at", "2", "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world"] == 2 and summary["global_batch"] == 8 and summary["steps"] == 2
-    assert_same(params(two), one_at_2)  # weights and AdamW moments
+    assert_same(params(two), one_at_2)
     records = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == [1, 2] and all(rec["tokens_per_s"] > 0 for rec in records)
-    # the 2-rank checkpoint resumed on one rank (accumulation 2) reaches the uninterrupted run
-    r = train([*common, "--out", two, "--grad-accum", "2"])
+    # the 2-rank checkpoint resumed on one rank reaches the uninterrupted run's weights
+    r = train([*common, "--out", two, "--grad-accum", "4"])
     assert r.exit_code == 0 and "written by 2 rank(s), now 1" in r.output, r.output
     assert_same(params(two), one_at_4)
