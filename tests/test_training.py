@@ -145,7 +145,9 @@ def test_checkpoint_round_trip_and_refusals_leave_state_unchanged(tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(path.read_bytes()[:200])
     save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
-    for bad, msg in ((path, "has shape"), (broken, "cannot read checkpoint"),
+    lm_meta = tmp_path / "no_step.safetensors"
+    save_file({"x": torch.zeros(2)}, str(lm_meta), metadata={"format": ckpt_io.FORMAT, "meta": "{}", "optimizer": "{}"})
+    for bad, msg in ((lm_meta, "damaged metadata"), (path, "has shape"), (broken, "cannot read checkpoint"),
                      (tmp_path / "foreign.safetensors", "not an mhla-train checkpoint")):
         with pytest.raises(ckpt_io.TrainCheckpointError, match=msg):
             ckpt_io.load(bad, wider, wider_opt, "cpu")

@@ -69,7 +69,9 @@ def load(path: Path, model, opt, device) -> dict:
         raise TrainCheckpointError(f"{path}: not an mhla-train checkpoint (format {header.get('format')!r})")
     try:
         meta, optim = json.loads(header["meta"]), json.loads(header["optimizer"])
-    except (KeyError, ValueError):
+        if not all(isinstance(meta.get(k), (int, float)) for k in ("step", "best", "elapsed")):
+            raise ValueError
+    except (KeyError, ValueError, AttributeError):
         raise TrainCheckpointError(f"{path}: damaged metadata") from None
     params = _named_params(model)
     saved = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
