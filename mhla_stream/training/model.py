@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..plan import make_plan
 from .fused_loss import fused_linear_cross_entropy
 
 ARCHS = ("mhla", "linear", "transformer")
@@ -90,7 +91,8 @@ class LossModule(torch.nn.Module):
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         if is_mhla(self.lm):  # MHLA: the decoder stack, torch (differentiable) form
-            hidden = self.lm.model(input_ids=inputs, backend="torch")
+            plan = make_plan(inputs.device, self.lm.dtype, inputs.shape[0], backend="torch")
+            hidden = self.lm.model(input_ids=inputs, plan=plan)
         else:
             hidden = self.lm.model(input_ids=inputs).last_hidden_state
         return fused_linear_cross_entropy(hidden, self.lm.get_output_embeddings().weight, targets, self.loss_chunk)
