@@ -166,7 +166,9 @@ def main(data, out, arch, hidden, layers, heads, block_size, num_blocks, policy,
             if val < best:
                 best = val
                 if hasattr(model, "save_pretrained"):
-                    model.save_pretrained(out / "best")
+                    # an MHLA model also writes tokenizer.json, shims and generation_config.json (plain transformers)
+                    extra = {"tokenizer_model": data / "tokenizer.model"} if hasattr(model, "new_state") else {}
+                    model.save_pretrained(out / "best", **extra)
                     shutil.copy(data / "tokenizer.model", out / "best" / "tokenizer.model")
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
                          "elapsed": elapsed}, ckpt)

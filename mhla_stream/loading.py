@@ -62,7 +62,8 @@ def load_local(cls, path, dtype=None, device=None):
         except (OSError, ValueError) as e:
             from .checkpoint import CheckpointError
             raise CheckpointError(f"{os.path.join(path, 'generation_config.json')}: {e}") from None
-    model.config._name_or_path = os.fspath(path)
+    config.__dict__.pop("auto_map", None)  # describes the folder's files, not the model; save writes it anew
+    model.source_directory = os.fspath(path)  # where save_pretrained finds the tokenizer to carry along
     model.to(device=device, dtype=target)
     return model.eval()
 
@@ -84,7 +85,7 @@ def save_with_hf_files(model, save_directory, save_base, tokenizer_model=None, *
                 obj._auto_class = value
     source = tokenizer_model
     if source is None:  # a model loaded from a folder with a SentencePiece tokenizer carries it along
-        origin = getattr(model.config, "_name_or_path", "") or ""
+        origin = getattr(model, "source_directory", "") or ""
         candidate = os.path.join(origin, "tokenizer.model") if origin else ""
         source = candidate if candidate and os.path.isfile(candidate) else None
     write_hf_files(save_directory, model.config, source)

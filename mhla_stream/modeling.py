@@ -279,7 +279,9 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         dtype = kwargs.pop("torch_dtype", None) or dtype
         check_kwargs(kwargs)
         path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(path) and os.path.exists(path):
+        from .hub import HUB_ID
+        looks_like_path = path.startswith((".", "/", "~")) or (os.sep in path and not HUB_ID.fullmatch(path))
+        if not os.path.isdir(path) and (os.path.exists(path) or looks_like_path):
             from .checkpoint import CheckpointError
             raise CheckpointError(f"{path}: not a checkpoint directory")
         return load_local(cls, resolve_model(path, weights), dtype=dtype, device=device)
@@ -291,3 +293,11 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         from .loading import save_with_hf_files
         save_with_hf_files(self, save_directory, lambda d, **kw: super(MHLAForCausalLM, self).save_pretrained(d, *args, **kw),
                            tokenizer_model, **kwargs)
+
+
+def _register_with_transformers() -> None:
+    from . import register_auto_classes
+    register_auto_classes()
+
+
+_register_with_transformers()  # importing the model classes makes AutoModelForCausalLM know "mhla"
