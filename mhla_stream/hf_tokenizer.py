@@ -7,6 +7,7 @@ The pieces follow sentencepiece's own encoder:
   whitespace collapsed and stripped only when the model says so;
 * one dummy-prefix space added in front of the text (always, even if the text starts with one),
   spaces written as U+2581;
+* decoding keeps the dummy-prefix space (see below);
 * BPE over the whole text where the merge order is the merged piece's score (sentencepiece merges
   the pair whose result scores highest); unknown characters fall back to ``<0xXX>`` byte pieces.
   No piece has U+2581 inside it, so splitting words in front of each U+2581 changes nothing and
@@ -68,8 +69,10 @@ def convert_sentencepiece(path):
     steps.append(normalizers.Replace(" ", SPACE))
     tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = pre_tokenizers.Split(SPACE, behavior="merged_with_next")
-    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else []))
+    # The dummy-prefix space is kept on decode (sentencepiece drops it): transformers' pipeline and
+    # TextStreamer decode the new tokens alone and append them to the prompt, so a stripped space would
+    # glue the first new word to the prompt. Decoded text thus equals the runtime's streamed text.
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
 
     specials = [p for p, _, kind in pieces if kind in (2, 3)]  # unknown, control
     tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in specials])
