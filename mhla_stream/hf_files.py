@@ -75,9 +75,10 @@ def write_generation_config(directory, config=None, overrides: dict | None = Non
     gen.save_pretrained(d)
 
 
-def write_hf_files(directory, config=None, tokenizer_model=None) -> None:
+def write_hf_files(directory, config=None, tokenizer_model=None, converted=None) -> None:
     """Everything plain transformers needs next to ``config.json`` and the weights. ``tokenizer_model``:
-    a SentencePiece file to copy in and convert (default: the folder's own ``tokenizer.model``)."""
+    a SentencePiece file to copy in and convert (default: the folder's own ``tokenizer.model``);
+    ``converted``: its conversion, made earlier by the caller."""
     d = Path(directory)
     write_shims(d)
     write_generation_config(d, config)
@@ -86,4 +87,4 @@ def write_hf_files(directory, config=None, tokenizer_model=None) -> None:
         sp.write_bytes(Path(tokenizer_model).read_bytes())
     if sp.exists():
         from .hf_tokenizer import write_tokenizer_files
-        write_tokenizer_files(sp, d)  # the stream has no length limit: no model_max_length
+        write_tokenizer_files(sp, d, converted=converted)  # the stream has no length limit: no model_max_length

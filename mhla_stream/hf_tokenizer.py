@@ -31,14 +31,29 @@ def _model_proto(path):
     return proto
 
 
+class TokenizerConversionError(ValueError):
+    pass
+
+
 def convert_sentencepiece(path):
-    """A ``tokenizers.Tokenizer`` equal to the SentencePiece BPE model at ``path`` (ids and text)."""
+    """A ``tokenizers.Tokenizer`` equal to the SentencePiece BPE model at ``path`` (ids and text),
+    and its special tokens. A file that cannot be converted raises one clear error."""
+    try:
+        return _convert(path)
+    except TokenizerConversionError:
+        raise
+    except Exception as e:  # unreadable or damaged file, a model kind that does not convert
+        raise TokenizerConversionError(f"{path}: cannot convert the SentencePiece tokenizer "
+                                       f"({type(e).__name__}: {e})") from None
+
+
+def _convert(path):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
     proto = _model_proto(path)
     if proto.trainer_spec.model_type != 2:  # 2 = BPE in sentencepiece's enum
-        raise ValueError(f"{path}: only SentencePiece BPE models convert (model_type {proto.trainer_spec.model_type})")
+        raise TokenizerConversionError(f"{path}: only SentencePiece BPE models convert (model_type {proto.trainer_spec.model_type})")
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
     vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     # merges: every split of a normal piece into two pieces of the vocabulary, ordered by the score of
@@ -85,9 +100,10 @@ def convert_sentencepiece(path):
     return tok, {"bos": bos, "eos": eos, "unk": unk}
 
 
-def write_tokenizer_files(sp_path, directory, model_max_length: int | None = None) -> None:
-    """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` next to the model."""
-    tok, special = convert_sentencepiece(sp_path)
+def write_tokenizer_files(sp_path, directory, model_max_length: int | None = None, converted=None) -> None:
+    """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` next to the model
+    (``converted``: the result of ``convert_sentencepiece`` when the caller already has it)."""
+    tok, special = converted or convert_sentencepiece(sp_path)
     tok.save(os.path.join(directory, "tokenizer.json"))
     named = {f"{k}_token": v for k, v in special.items() if v is not None}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **named, "add_bos_token": special["bos"] is not None,

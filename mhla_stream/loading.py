@@ -70,9 +70,19 @@ def load_local(cls, path, dtype=None, device=None):
 
 def save_with_hf_files(model, save_directory, save_base, tokenizer_model=None, **kwargs) -> None:
     """transformers' ``save_pretrained`` plus the files plain transformers needs (``hf_files``).
+    The tokenizer is converted first, so a bad tokenizer file fails before anything is written.
     transformers would copy this package's own source files into the folder when the class was
     loaded through ``auto_map``; the shims replace that, so the copy is switched off."""
     from .hf_files import write_hf_files
+    from .hf_tokenizer import convert_sentencepiece
+    source = tokenizer_model
+    if source is None:  # the folder's own tokenizer, else the one of the folder the model came from
+        for folder in (save_directory, getattr(model, "source_directory", "")):
+            candidate = os.path.join(os.fspath(folder), "tokenizer.model") if folder else ""
+            if candidate and os.path.isfile(candidate):
+                source = candidate
+                break
+    converted = convert_sentencepiece(source) if source is not None else None
     saved = model.__dict__.get("_auto_class"), model.config.__dict__.get("_auto_class")
     model._auto_class = model.config._auto_class = None
     try:
@@ -83,9 +93,4 @@ def save_with_hf_files(model, save_directory, save_base, tokenizer_model=None, *
                 obj.__dict__.pop("_auto_class", None)
             else:
                 obj._auto_class = value
-    source = tokenizer_model
-    if source is None:  # a model loaded from a folder with a SentencePiece tokenizer carries it along
-        origin = getattr(model, "source_directory", "") or ""
-        candidate = os.path.join(origin, "tokenizer.model") if origin else ""
-        source = candidate if candidate and os.path.isfile(candidate) else None
-    write_hf_files(save_directory, model.config, source)
+    write_hf_files(save_directory, model.config, source, converted)

@@ -272,14 +272,13 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         shipped name (``mhla-stories-17m``), ``mhla-340m`` (with ``weights``) or a Hub id already in the
         huggingface_hub cache. Never touches the network. ``dtype``: a torch dtype, a name such as
         ``"bfloat16"``, or ``"auto"`` (the stored dtype); default float32."""
-        from .hub import resolve_model
+        from .hub import HUB_ID, resolve_model
         from .loading import check_kwargs, load_local
         if args:
             raise TypeError("MHLAForCausalLM.from_pretrained takes one positional argument (name or path)")
         dtype = kwargs.pop("torch_dtype", None) or dtype
         check_kwargs(kwargs)
         path = os.fspath(pretrained_model_name_or_path)
-        from .hub import HUB_ID
         looks_like_path = path.startswith((".", "/", "~")) or (os.sep in path and not HUB_ID.fullmatch(path))
         if not os.path.isdir(path) and (os.path.exists(path) or looks_like_path):
             from .checkpoint import CheckpointError
@@ -291,8 +290,10 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         ``auto_map``, ``tokenizer.json`` (from ``tokenizer_model`` or the tokenizer of the folder this
         model was loaded from) and ``generation_config.json``."""
         from .loading import save_with_hf_files
-        save_with_hf_files(self, save_directory, lambda d, **kw: super(MHLAForCausalLM, self).save_pretrained(d, *args, **kw),
-                           tokenizer_model, **kwargs)
+
+        def save_base(directory, **kw):
+            return super(MHLAForCausalLM, self).save_pretrained(directory, *args, **kw)
+        save_with_hf_files(self, save_directory, save_base, tokenizer_model, **kwargs)
 
 
 def _register_with_transformers() -> None:

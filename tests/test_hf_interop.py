@@ -165,3 +165,13 @@ def test_loading_leaves_the_global_rng_alone():
     MHLAForCausalLM.from_pretrained("mhla-stories-17m")
     StreamingMHLA.from_pretrained("mhla-stories-17m")
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_save_with_a_bad_tokenizer_fails_before_writing(tmp_path):
+    from mhla_stream.hf_tokenizer import TokenizerConversionError
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a sentencepiece model")
+    model = MHLAForCausalLM.from_pretrained("mhla-stories-17m")
+    with pytest.raises(TokenizerConversionError, match="cannot convert the SentencePiece tokenizer"):
+        model.save_pretrained(tmp_path / "out", tokenizer_model=bad)
+    assert not (tmp_path / "out").exists()
