@@ -222,8 +222,11 @@ def _peak_gib(dev) -> float | None:
 
 def _save_best(model, data: Path, out: Path) -> None:
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(out / "best")
-        if (data / "tokenizer.model").exists():
+        tok = data / "tokenizer.model"
+        # an MHLA model also writes tokenizer.json, shims and generation_config.json (plain transformers)
+        extra = {"tokenizer_model": tok} if hasattr(model, "new_state") and tok.exists() else {}
+        model.save_pretrained(out / "best", **extra)
+        if tok.exists():
             shutil.copy(data / "tokenizer.model", out / "best" / "tokenizer.model")
 
 

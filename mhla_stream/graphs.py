@@ -57,11 +57,13 @@ class GraphDecoder(GraphStep):
         super().__init__(model, cache, 1, warmup, plan)
 
 
-def prefill(model, cache: MHLACache, ids: torch.Tensor, chunk: int, plan, graph: GraphStep | None = None):
+def prefill(model, cache: MHLACache, ids: torch.Tensor, chunk: int, plan, graph: GraphStep | None = None,
+            progress=None):
     """Feeds ``ids`` [B, T] into ``cache`` in chunks of ``chunk`` tokens (bounded activation
     memory); a full chunk replays ``graph`` where one is given. Returns the last token's logits
     [B, V] (with a graph, possibly a view of its static buffer: copy it to keep it). Written once:
-    ``StreamingMHLA.feed`` and ``mhla-bench`` both prefill through here."""
+    ``StreamingMHLA.feed`` and ``mhla-bench`` both prefill through here. ``progress(done, total)``
+    is called after each chunk."""
     logits = None
     for start in range(0, ids.shape[1], chunk):
         piece = ids[:, start:start + chunk]
@@ -69,4 +71,6 @@ def prefill(model, cache: MHLACache, ids: torch.Tensor, chunk: int, plan, graph:
             logits = graph.step(piece)[:, -1]
         else:
             logits = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1, plan=plan).logits[:, -1]
+        if progress is not None:
+            progress(start + piece.shape[1], ids.shape[1])
     return logits

@@ -325,19 +325,39 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         return past_key_values
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, device=None, **kwargs):
-        """Loads a local checkpoint in this project's layout or the reference layout (SPEC section 3).
-
-        ``dtype``/``device`` place the weights; anything else is handed to transformers for hub ids.
-        """
-        path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            if os.path.exists(path) or os.sep in path or path.startswith("."):
-                raise CheckpointError(f"{path}: not a checkpoint directory")
-            return super().from_pretrained(path, *args, dtype=dtype, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path="mhla-stories-17m", *args, dtype=None, device=None,
+                        weights=None, **kwargs):
+        """Loads a checkpoint folder (this project's layout or the reference layout, SPEC section 3), a
+        shipped name (``mhla-stories-17m``), ``mhla-340m`` (with ``weights``) or a Hub id already in the
+        huggingface_hub cache. Never touches the network. ``dtype``: a torch dtype, a name such as
+        ``"bfloat16"``, or ``"auto"`` (the stored dtype); default float32."""
+        from .hub import HUB_ID, resolve_model
+        from .loading import check_kwargs, load_local
+        if args:
+            raise TypeError("MHLAForCausalLM.from_pretrained takes one positional argument (name or path)")
         dtype = kwargs.pop("torch_dtype", None) or dtype
-        config, tensors, _layout = read_checkpoint(path)
-        model = cls(config)
-        check_and_load(model, tensors, path)
-        model.to(device=device, dtype=dtype if dtype not in (None, "auto") else None)
-        return model.eval()
+        check_kwargs(kwargs)
+        path = os.fspath(pretrained_model_name_or_path)
+        looks_like_path = path.startswith((".", "/", "~")) or (os.sep in path and not HUB_ID.fullmatch(path))
+        if not os.path.isdir(path) and (os.path.exists(path) or looks_like_path):
+            from .checkpoint import CheckpointError
+            raise CheckpointError(f"{path}: not a checkpoint directory")
+        return load_local(cls, resolve_model(path, weights), dtype=dtype, device=device)
+
+    def save_pretrained(self, save_directory, *args, tokenizer_model=None, **kwargs):
+        """transformers' save plus the files that let plain transformers load the folder: shims named in
+        ``auto_map``, ``tokenizer.json`` (from ``tokenizer_model`` or the tokenizer of the folder this
+        model was loaded from) and ``generation_config.json``."""
+        from .loading import save_with_hf_files
+
+        def save_base(directory, **kw):
+            return super(MHLAForCausalLM, self).save_pretrained(directory, *args, **kw)
+        save_with_hf_files(self, save_directory, save_base, tokenizer_model, **kwargs)
+
+
+def _register_with_transformers() -> None:
+    from . import register_auto_classes
+    register_auto_classes()
+
+
+_register_with_transformers()  # importing the model classes makes AutoModelForCausalLM know "mhla"

@@ -102,8 +102,9 @@ class StreamingMHLA:
         return ids
 
     @torch.inference_mode()
-    def feed(self, text_or_ids) -> int:
-        """Adds text (tokenized; a BOS starts a fresh stream) or token ids; returns tokens fed."""
+    def feed(self, text_or_ids, progress=None) -> int:
+        """Adds text (tokenized; a BOS starts a fresh stream) or token ids; returns tokens fed.
+        ``progress(done, total)`` is called after each prefill chunk (e.g. to draw a progress bar)."""
         ids = self._to_ids(text_or_ids)
         if not ids:
             return 0
@@ -111,14 +112,20 @@ class StreamingMHLA:
             # full chunks replay one captured prefill
             self._prefill_graph = GraphStep(self.model, self.cache, self.prefill_chunk, plan=self.plan)
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        self._logits = prefill(self.model, self.cache, x, self.prefill_chunk, self.plan, self._prefill_graph)[0].float()
+        self._logits = prefill(self.model, self.cache, x, self.prefill_chunk, self.plan, self._prefill_graph,
+                               progress)[0].float()
         self._history.extend(ids)
         return len(ids)
 
     # -- generation ------------------------------------------------------------------------------
-    def stream(self, prompt=None, max_new_tokens: int = 128, **sampling):
+    def sampling_params(self, **sampling) -> SamplingParams:
+        """Settings for one generation: the arguments given (None = not given), then the model
+        folder's ``generation_config.json``, then the documented defaults (``sampling.DEFAULTS``)."""
+        return SamplingParams.resolve(getattr(self.model, "generation_config", None), **sampling)
+
+    def stream(self, prompt=None, max_new_tokens: int | None = None, **sampling):
         """Yields text pieces as tokens are produced (stop strings are held back and cut)."""
-        params = SamplingParams.from_kwargs(max_new_tokens=max_new_tokens, **sampling)
+        params = self.sampling_params(max_new_tokens=max_new_tokens, **sampling)
         if self.tokenizer is None:
             raise TokenizerError(f"model {self.name} has no tokenizer; use generate_ids")
         if prompt is not None:
@@ -139,14 +146,14 @@ class StreamingMHLA:
         if pending:
             yield pending
 
-    def generate(self, prompt=None, max_new_tokens: int = 128, **sampling) -> str:
+    def generate(self, prompt=None, max_new_tokens: int | None = None, **sampling) -> str:
         return "".join(self.stream(prompt, max_new_tokens=max_new_tokens, **sampling))
 
     @torch.inference_mode()
-    def generate_ids(self, prompt=None, max_new_tokens: int = 128, *, params: SamplingParams | None = None,
+    def generate_ids(self, prompt=None, max_new_tokens: int | None = None, *, params: SamplingParams | None = None,
                      **sampling):
         """Yields generated token ids (eos ends generation and is not fed)."""
-        params = params or SamplingParams.from_kwargs(max_new_tokens=max_new_tokens, **sampling)
+        params = params or self.sampling_params(max_new_tokens=max_new_tokens, **sampling)
         if prompt is not None:
             self.feed(prompt)
         if self._logits is None:

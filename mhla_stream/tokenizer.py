@@ -16,7 +16,7 @@ class Tokenizer:
     def __init__(self, encode, decode, vocab_size: int, bos_id: int | None, eos_id: int | None, source: str,
                  chat=None):
         self._encode, self._decode = encode, decode
-        self.chat = chat  # user message -> the text of one templated turn, or None for a base model
+        self.chat = chat  # (user message, system prompt or None) -> one templated turn; None: a base model
         self.vocab_size, self.bos_id, self.eos_id, self.source = vocab_size, bos_id, eos_id, source
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
@@ -48,9 +48,10 @@ class Tokenizer:
             raise TokenizerError(f"{directory}: cannot load the transformers tokenizer ({e})") from None
         chat = None
         if getattr(tok, "chat_template", None):
-            def chat(message):
-                return tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                               add_generation_prompt=True)
+            def chat(message, system=None):
+                turns = ([{"role": "system", "content": system}] if system else []) + \
+                    [{"role": "user", "content": message}]
+                return tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         return cls(lambda t: tok.encode(t, add_special_tokens=False), lambda ids: tok.decode(ids, skip_special_tokens=True),
                    len(tok), tok.bos_token_id, tok.eos_token_id, os.fspath(directory), chat)
 
