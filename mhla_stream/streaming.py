@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from collections import deque
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from .hub import DEFAULT_MODEL, resolve_model
 from .modeling import MHLAForCausalLM
 from .sampling import SamplingParams, select_next
 from .state import MHLAState
-from .state_io import StateFileError, model_fingerprint, read_state_file, write_state_file
+from .state_io import StateFileError, StateLayout, model_fingerprint, read_state_file, validate_state, write_state_file
 from .tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 
 _STATE_FIELDS = ("ring", "far", "prefix", "partial", "pos")
@@ -85,16 +86,25 @@ class StreamingMHLA:
 
     # -- feeding ---------------------------------------------------------------------------------
     def _to_ids(self, text_or_ids) -> list[int]:
+        """The one input normaliser: text, or a sequence / 1-D tensor of integer ids in the vocab.
+        bytes, floats, bools, strings inside lists and unordered sets are refused, never cast."""
         if isinstance(text_or_ids, str):
             if self.tokenizer is None:
                 raise TokenizerError(f"model {self.name} has no tokenizer; feed token ids instead of text")
             return self.tokenizer.encode(text_or_ids, add_bos=self._position == 0)
+        if isinstance(text_or_ids, (bytes, bytearray, memoryview)):
+            raise TypeError("feed takes a str or a sequence of int token ids, got bytes: decode them to str first")
         if isinstance(text_or_ids, torch.Tensor):
+            if text_or_ids.is_floating_point() or text_or_ids.is_complex() or text_or_ids.dtype == torch.bool:
+                raise TypeError(f"token id tensors must have an integer dtype, got {text_or_ids.dtype}")
             text_or_ids = text_or_ids.flatten().tolist()
-        try:
-            ids = [int(i) for i in text_or_ids]
-        except (TypeError, ValueError):
-            raise TypeError(f"feed takes a str or a sequence of int token ids, got {type(text_or_ids).__name__}") from None
+        elif isinstance(text_or_ids, (set, frozenset, dict)) or not hasattr(text_or_ids, "__iter__"):
+            raise TypeError(f"feed takes a str or a sequence of int token ids, got {type(text_or_ids).__name__}")
+        ids = list(text_or_ids)
+        wrong = [i for i in ids if not isinstance(i, numbers.Integral) or isinstance(i, bool)]
+        if wrong:
+            raise TypeError(f"token ids must be ints, got {type(wrong[0]).__name__} {wrong[0]!r:.40}")
+        ids = [int(i) for i in ids]
         vocab = self.model.config.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
@@ -197,16 +207,38 @@ class StreamingMHLA:
         return Snapshot([s.clone() for s in self.cache.states], None if self._logits is None else self._logits.clone(),
                         list(self._history), self._position, self.fingerprint)
 
+    def _layout(self) -> StateLayout:
+        tensors = {f"layers.{i}.{n}": (tuple(getattr(st, n).shape), getattr(st, n).dtype)
+                   for i, st in enumerate(self.cache.states) for n in _STATE_FIELDS}
+        return StateLayout(tensors, len(self.cache.states), self.model.config.vocab_size, self.policy, self.fingerprint)
+
+    def _install(self, valid) -> None:
+        """Copies a validated state into the live one (all checks are done before this runs)."""
+        for i, st in enumerate(self.cache.states):
+            for n in _STATE_FIELDS:
+                getattr(st, n).copy_(valid.layers[f"layers.{i}.{n}"])
+        self._logits = None if valid.logits is None else valid.logits.to(self.device, torch.float32).clone()
+        self._history = deque(valid.history, maxlen=self._history.maxlen)
+        self._position = self.cache.seen = valid.position
+
     def restore(self, snap: Snapshot) -> None:
+        """All or nothing: the snapshot is checked like a state file before anything is copied."""
         if not isinstance(snap, Snapshot):
             raise TypeError(f"restore takes a Snapshot from snapshot(), got {type(snap).__name__}")
         if snap.model != self.fingerprint:
             raise ValueError("this snapshot was taken from another model")
-        for live, saved in zip(self.cache.states, snap.states):
-            live.copy_(saved)
-        self._logits = None if snap.logits is None else snap.logits.clone()
-        self._history = deque(snap.history, maxlen=self._history.maxlen)
-        self._position = self.cache.seen = snap.position
+        if len(snap.states) != len(self.cache.states) or any(st.policy != self.policy for st in snap.states):
+            raise ValueError(f"this snapshot was taken from a stream with another policy or layer count "
+                             f"(this stream: {self.policy!r}, {len(self.cache.states)} layers)")
+        tensors = {f"layers.{i}.{n}": getattr(st, n) for i, st in enumerate(snap.states) for n in _STATE_FIELDS}
+        tensors["history"] = torch.tensor(list(snap.history), dtype=torch.long)
+        if snap.logits is not None:
+            tensors["logits"] = snap.logits
+        try:
+            valid = validate_state(self._layout(), tensors, snap.position)
+        except StateFileError as e:
+            raise ValueError(f"this snapshot cannot be restored: {e}") from None
+        self._install(valid)
 
     def save_state(self, path) -> None:
         tensors = {f"layers.{i}.{n}": getattr(s, n) for i, s in enumerate(self.cache.states) for n in _STATE_FIELDS}
@@ -218,21 +250,8 @@ class StreamingMHLA:
         write_state_file(path, tensors, meta)
 
     def load_state(self, path) -> None:
-        tensors, meta = read_state_file(path, self.fingerprint)
-        for i, s in enumerate(self.cache.states):
-            for n in _STATE_FIELDS:
-                t = tensors.get(f"layers.{i}.{n}")
-                if t is None or t.shape != getattr(s, n).shape or t.dtype != getattr(s, n).dtype:
-                    raise StateFileError(f"{path}: tensor layers.{i}.{n} is missing or has the wrong shape")
-        if meta.get("policy") != self.policy:
-            raise StateFileError(f"{path}: state uses policy {meta.get('policy')!r}, this stream uses {self.policy!r}")
-        # all checks passed: now (and only now) overwrite the live state
-        for i, s in enumerate(self.cache.states):
-            for n in _STATE_FIELDS:
-                getattr(s, n).copy_(tensors[f"layers.{i}.{n}"])
-        self._logits = tensors["logits"].to(self.device) if "logits" in tensors else None
-        self._history = deque(tensors["history"].tolist(), maxlen=self._history.maxlen)
-        self._position = self.cache.seen = int(meta["position"])
+        """All or nothing: ``read_state_file`` validates everything, then the live state is overwritten."""
+        self._install(read_state_file(path, self._layout()))
 
 
 __all__ = ["StreamingMHLA", "Snapshot", "StateFileError"]

@@ -22,6 +22,11 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates (e.g. undecodable bytes from argv) are not text
+            raise TokenizerError(f"text is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start} "
+                                 "(the input was probably not UTF-8)") from None
         ids = list(self._encode(text))
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
 
