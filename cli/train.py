@@ -18,6 +18,8 @@ import click
 import numpy as np
 import torch
 
+from .common import fail
+
 ARCHS = ("mhla", "linear", "transformer")
 
 
@@ -80,36 +82,91 @@ def save_atomic(obj, path: Path):
     os.replace(tmp, path)
 
 
+def load_resume(ckpt: Path, model, opt) -> tuple[int, float, float]:
+    """Resume state from ``ckpt.pt``: read with ``weights_only=True`` (tensors and plain values only,
+    so a pickled object that would run code is refused, never executed), checked, then applied."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{ckpt}: cannot resume, not a plain checkpoint ({type(e).__name__}: truncated, damaged, or holding "
+             "pickled objects, which are never run); move it away or pass --no-resume")
+    ok = (isinstance(state, dict) and isinstance(state.get("model"), dict) and isinstance(state.get("opt"), dict)
+          and isinstance(state.get("step"), int) and not isinstance(state.get("step"), bool) and state["step"] >= 0
+          and all(isinstance(state.get(k), (int, float)) for k in ("best", "elapsed")))
+    if not ok:
+        fail(f"{ckpt}: cannot resume, expected model, opt, step, best and elapsed entries; pass --no-resume")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        fail(f"{ckpt}: cannot resume, it was saved for another model or settings "
+             f"({' '.join(str(e).split())[:240]}); pass --no-resume or another --out")
+    return state["step"], float(state["best"]), float(state["elapsed"])
+
+
+def read_data_info(data: Path, context: int) -> int:
+    """The vocabulary size, after checking that the token files exist and hold a full window."""
+    try:
+        vocab = json.loads((data / "info.json").read_text(encoding="utf-8"))["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{data}: not a prepare_data folder (info.json: {type(e).__name__}); run python -m "
+             "mhla_stream.cli.prepare_data first")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or not 3 <= vocab <= 65536:
+        fail(f"{data / 'info.json'}: vocab_size must be an int in [3, 65536] (uint16 token files), got {vocab!r}")
+    for name in ("stories.bin", "books.bin", "valid.bin"):
+        f = data / name
+        if not f.is_file():
+            fail(f"{f}: token file missing; run prepare_data first")
+        if f.stat().st_size // 2 < context + 2:
+            fail(f"{f}: holds {f.stat().st_size // 2} tokens, fewer than one window of {context + 1}")
+    if not (data / "tokenizer.model").is_file():
+        fail(f"{data / 'tokenizer.model'}: missing (it is copied next to the best checkpoint); run prepare_data first")
+    return vocab
+
+
+POS = click.IntRange(1)
+
+
 @click.command()
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="from prepare_data")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--arch", default="mhla", type=click.Choice(ARCHS))
-@click.option("--hidden", default=384)
-@click.option("--layers", default=8)
-@click.option("--heads", default=4)
-@click.option("--block-size", default=64)
-@click.option("--num-blocks", default=16, help="L: trained blocks (context = block size x L)")
-@click.option("--policy", default="window+far")
-@click.option("--batch", default=32)
-@click.option("--lr", default=2e-3)
-@click.option("--warmup", default=200)
-@click.option("--steps", default=100_000, help="upper bound on optimizer steps")
-@click.option("--minutes", default=0.0, help="wall-clock budget for the loop (0 = none)")
-@click.option("--stories-frac", default=0.2)
-@click.option("--eval-every", default=250)
-@click.option("--seed", default=0)
+@click.option("--hidden", default=384, type=POS)
+@click.option("--layers", default=8, type=POS)
+@click.option("--heads", default=4, type=POS)
+@click.option("--block-size", default=64, type=POS)
+@click.option("--num-blocks", default=16, type=POS, help="L: trained blocks (context = block size x L)")
+@click.option("--policy", default="window+far", type=click.Choice(["window", "window+far"]))
+@click.option("--batch", default=32, type=POS)
+@click.option("--lr", default=2e-3, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--warmup", default=200, type=click.IntRange(0))
+@click.option("--steps", default=100_000, type=POS, help="upper bound on optimizer steps")
+@click.option("--minutes", default=0.0, type=click.FloatRange(0, 1e6), help="wall-clock budget for the loop (0 = none)")
+@click.option("--stories-frac", default=0.2, type=click.FloatRange(0, 1))
+@click.option("--eval-every", default=250, type=POS)
+@click.option("--seed", default=0, type=click.IntRange(0, 2 ** 32 - 1))
 @click.option("--compile/--no-compile", default=False)
 @click.option("--resume/--no-resume", default=True)
 def main(data, out, arch, hidden, layers, heads, block_size, num_blocks, policy, batch, lr, warmup, steps, minutes,
          stories_frac, eval_every, seed, compile, resume):
     from tqdm import tqdm
     data, out = Path(data), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    context = block_size * num_blocks
+    if context > 1 << 20:
+        fail(f"--block-size x --num-blocks = {context} tokens of context, more than {1 << 20}")
+    if arch == "transformer" and hidden % 64:
+        fail(f"--hidden {hidden}: the transformer baseline needs a multiple of 64 (heads of 64)")
+    vocab = read_data_info(data, context)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create the folder ({e.strerror})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
-    vocab = json.loads((data / "info.json").read_text())["vocab_size"]
-    context = block_size * num_blocks
-    model = build_model(arch, vocab, hidden, layers, heads, block_size, num_blocks, policy).to(device)
+    try:
+        model = build_model(arch, vocab, hidden, layers, heads, block_size, num_blocks, policy).to(device)
+    except ValueError as e:  # MHLAConfig refuses impossible shapes with one line
+        fail(str(e))
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "mixing" not in n]
     other = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "mixing" not in n)]
@@ -118,10 +175,7 @@ def main(data, out, arch, hidden, layers, heads, block_size, num_blocks, policy,
     step, best, elapsed = 0, float("inf"), 0.0
     ckpt = out / "ckpt.pt"
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, best, elapsed = state["step"], state["best"], state["elapsed"]
+        step, best, elapsed = load_resume(ckpt, model, opt)
         click.echo(f"resumed from {ckpt} at step {step}")
     batches = Batches(data, context, stories_frac, seed + step)
     valid = np.fromfile(data / "valid.bin", dtype=np.uint16)

@@ -256,6 +256,26 @@ def read_checkpoint(path) -> tuple[MHLAConfig, dict[str, torch.Tensor], str]:
     return config, out, layout
 
 
+def check_preset_architecture(directory: Path, name: str) -> None:
+    """Refuses weights brought for a named architecture (``mhla-340m``) that describe another one,
+    from the config and the weight headers only."""
+    from .configuration import PRESETS
+    directory = Path(directory)
+    raw = read_json(checkpoint_file(directory, "config.json"))
+    shapes = read_shapes(directory)
+    mixing_keys = sorted(k for k in shapes if k.endswith("attn.mixing_matrix"))
+    num_blocks = int(shapes[mixing_keys[0]][0]) if mixing_keys and shapes[mixing_keys[0]] else None
+    config, _ = config_from_dict(raw, directory / "config.json", num_blocks)
+    check_config_against_weights(config, shapes, directory)
+    want = PRESETS[name]
+    fields = ("hidden_size", "num_hidden_layers", "num_heads", "expand_k", "expand_v", "hidden_ratio",
+              "block_size", "num_blocks")
+    diff = [f"{k} {getattr(config, k)} (expected {want[k]})" for k in fields if getattr(config, k) != want[k]]
+    if diff:
+        raise CheckpointError(f"{directory}: these weights are not {name}: {', '.join(diff)}; load the folder "
+                              "itself as the model to run another shape")
+
+
 def check_and_load(model, tensors: dict[str, torch.Tensor], source) -> None:
     """Strict load with messages that name the key and the expected shape."""
     from .state_io import weights_digest

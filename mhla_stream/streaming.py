@@ -35,6 +35,8 @@ class StreamingMHLA:
                  cuda_graph: bool = True):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        from .attention import resolve_backend
+        resolve_backend(backend, model.device)  # an unknown or unusable backend fails here, not at the first feed
         self.model = model.eval()
         self.model.attn_backend = backend
         self.tokenizer = tokenizer
