@@ -127,6 +127,16 @@ def read_data_info(data: Path, context: int) -> int:
 POS = click.IntRange(1)
 
 
+class FiniteRange(click.FloatRange):
+    """click's FloatRange lets NaN through (every comparison with NaN is false)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
 @click.command()
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="from prepare_data")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
@@ -138,11 +148,11 @@ POS = click.IntRange(1)
 @click.option("--num-blocks", default=16, type=POS, help="L: trained blocks (context = block size x L)")
 @click.option("--policy", default="window+far", type=click.Choice(["window", "window+far"]))
 @click.option("--batch", default=32, type=POS)
-@click.option("--lr", default=2e-3, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--lr", default=2e-3, type=FiniteRange(0, 1, min_open=True))
 @click.option("--warmup", default=200, type=click.IntRange(0))
 @click.option("--steps", default=100_000, type=POS, help="upper bound on optimizer steps")
-@click.option("--minutes", default=0.0, type=click.FloatRange(0, 1e6), help="wall-clock budget for the loop (0 = none)")
-@click.option("--stories-frac", default=0.2, type=click.FloatRange(0, 1))
+@click.option("--minutes", default=0.0, type=FiniteRange(0, 1e6), help="wall-clock budget for the loop (0 = none)")
+@click.option("--stories-frac", default=0.2, type=FiniteRange(0, 1))
 @click.option("--eval-every", default=250, type=POS)
 @click.option("--seed", default=0, type=click.IntRange(0, 2 ** 32 - 1))
 @click.option("--compile/--no-compile", default=False)
