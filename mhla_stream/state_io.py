@@ -148,8 +148,12 @@ class ValidState:
 def read_state_file(path, layout: StateLayout) -> ValidState:
     from safetensors import safe_open
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise StateFileError(f"{path}: no such state file")
+    try:
+        info = os.stat(path)
+    except OSError:
+        raise StateFileError(f"{path}: no such state file") from None
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or stream forever
+        raise StateFileError(f"{path}: not a regular file")
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})

@@ -61,10 +61,13 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, directory) -> "Tokenizer":
+        from .checkpoint import checkpoint_file  # the checkpoint folder's one gate: regular files inside it
         d = Path(directory)
-        if (d / "tokenizer.model").exists():
-            return cls.from_sentencepiece(d / "tokenizer.model")
-        if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
+        sentencepiece = checkpoint_file(d, "tokenizer.model", required=False)
+        if sentencepiece is not None:
+            return cls.from_sentencepiece(sentencepiece)
+        found = [checkpoint_file(d, n, required=False) for n in ("tokenizer.json", "tokenizer_config.json")]
+        if any(found):
             return cls.from_transformers(d)
         raise TokenizerError(f"{d}: no tokenizer found (expected tokenizer.model, or tokenizer.json / "
                              "tokenizer_config.json); pass token ids instead of text, or add one")

@@ -176,3 +176,24 @@ def test_safetensors_header_with_absurd_shape_is_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"embeddings.weight' has shape \(5, 32\)"):
         MHLAForCausalLM.from_pretrained(d)
+
+
+def test_tokenizer_files_go_through_the_same_gate(tiny_dir, tmp_path, no_hang):
+    from mhla_stream import StreamingMHLA
+    d = tmp_path / "t"
+    shutil.copytree(tiny_dir, d)
+    (d / "tokenizer.model").unlink()
+    os.mkfifo(d / "tokenizer.model")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        StreamingMHLA.from_pretrained(d)
+    (d / "tokenizer.model").unlink()
+    os.symlink(tiny_dir / "tokenizer.model", d / "tokenizer.model")
+    with pytest.raises(CheckpointError, match="leads outside"):
+        StreamingMHLA.from_pretrained(d)
+
+
+def test_state_file_that_is_a_fifo_is_refused_without_blocking(tiny_dir, tmp_path, no_hang):
+    from mhla_stream import StateFileError, StreamingMHLA
+    os.mkfifo(tmp_path / "s.mhla")
+    with pytest.raises(StateFileError, match="not a regular file"):
+        StreamingMHLA.from_pretrained(tiny_dir).load_state(tmp_path / "s.mhla")
