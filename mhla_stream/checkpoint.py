@@ -256,6 +256,52 @@ def read_checkpoint(path) -> tuple[MHLAConfig, dict[str, torch.Tensor], str]:
     return config, out, layout
 
 
+class StoredWeights:
+    """The weights of a checkpoint folder exactly as stored, hashed once at first use (a state
+    file's fingerprint). The files' sizes and mtimes are recorded at load time: if they changed
+    since, the digest is not taken (None) rather than describe other weights than those loaded."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files = self._stats()
+        self._digest: str | None = None
+
+    def _stats(self) -> list[tuple[str, int, int]]:
+        path, weight_map = weight_files(self.directory)
+        files = [path] if weight_map is None else sorted(set(weight_map.values()))
+        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+    def digest(self) -> str | None:
+        if self._digest is None:
+            from .state_io import hash_named_tensors
+            try:
+                if self._stats() != self.files:
+                    return None
+                h = hash_named_tensors(self._tensors())
+                if self._stats() != self.files:
+                    return None
+            except (OSError, CheckpointError):
+                return None
+            self._digest = h
+        return self._digest
+
+    def _tensors(self):
+        """(key, tensor) in key order, one tensor in memory at a time (safetensors) or memory-mapped."""
+        from safetensors import safe_open
+        handles, where = [], {}
+        for path, _, _ in self.files:
+            if path.endswith(".safetensors"):
+                f = safe_open(path, framework="pt")
+                handles.append(f)
+                where.update({k: f for k in f.keys()})
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                where.update({k: state for k in state})
+        for key in sorted(where):
+            src = where[key]
+            yield key, (src[key] if isinstance(src, dict) else src.get_tensor(key))
+
+
 def check_preset_architecture(directory: Path, name: str) -> None:
     """Refuses weights brought for a named architecture (``mhla-340m``) that describe another one,
     from the config and the weight headers only."""
@@ -278,8 +324,6 @@ def check_preset_architecture(directory: Path, name: str) -> None:
 
 def check_and_load(model, tensors: dict[str, torch.Tensor], source) -> None:
     """Strict load with messages that name the key and the expected shape."""
-    from .state_io import weights_digest
-    stored_digest = weights_digest(tensors)  # the fingerprint hashes the weights as stored, not as cast
     expected = model.state_dict()
     tied = model.config.tie_word_embeddings
     if "lm_head.weight" in tensors and tied:
@@ -307,4 +351,6 @@ def check_and_load(model, tensors: dict[str, torch.Tensor], source) -> None:
             want.copy_(tensors[key])
     if tied:
         model.tie_weights()
-    model._mhla_weights_digest = stored_digest
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        # the fingerprint hashes the weights as stored, not as cast; taken at first use
+        model._mhla_stored_weights = StoredWeights(Path(source))

@@ -51,20 +51,23 @@ def digest(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None)
     return h.hexdigest()
 
 
-def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of weights exactly as stored (every value, in the file's dtype)."""
+def hash_named_tensors(items) -> str:
+    """sha256 of (name, tensor) pairs given in name order, every value in its own dtype (the same
+    bytes ``_hash_tensors`` would hash for the dict, one tensor at a time)."""
     h = hashlib.sha256()
-    _hash_tensors(h, tensors)
+    for name, t in items:
+        _hash_tensors(h, {name: t})
     return h.hexdigest()
 
 
 def model_fingerprint(model) -> str:
-    """The architecture plus the weights exactly as stored on disk (``checkpoint.check_and_load``
-    records their digest when loading), so the running dtype and library versions do not matter and
-    any changed weight does. A model built in memory hashes all its values in fp32."""
+    """The architecture plus the weights exactly as stored on disk (``checkpoint.StoredWeights``,
+    hashed once at first use), so the running dtype and library versions do not matter and any
+    changed weight does. A model built in memory hashes all its values in fp32."""
     config = model.config.to_dict()
     h = hashlib.sha256(json.dumps({k: config.get(k) for k in _ARCH_KEYS}, sort_keys=True, default=str).encode())
-    stored = getattr(model, "_mhla_weights_digest", None)
+    source = getattr(model, "_mhla_stored_weights", None)
+    stored = source.digest() if source is not None else None
     if stored is None:
         h.update(b"live")
         _hash_tensors(h, {k: v.detach().float() for k, v in model.state_dict().items()})

@@ -227,8 +227,31 @@ def test_fingerprint_sees_every_single_weight(tiny_dir, tmp_path):
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     assert state_io.model_fingerprint(MHLAForCausalLM.from_pretrained(d)) != base
     m = MHLAForCausalLM.from_pretrained(tiny_dir)
-    m._mhla_weights_digest = None  # a model built in memory hashes every live value
+    m._mhla_stored_weights = None  # a model built in memory hashes every live value
     live_fp = state_io.model_fingerprint(m)
     with torch.no_grad():
         m.model.layers[0].attn.q_proj.weight.view(-1)[-1] += 1e-4
     assert state_io.model_fingerprint(m) != live_fp
+
+
+def test_fingerprint_of_sharded_and_bin_checkpoints_is_stable(tmp_path):
+    from refckpt import reference_state_dict, write_reference_checkpoint
+    sd = reference_state_dict()
+    prints = []
+    for fmt, shards in (("safetensors", 1), ("safetensors", 2), ("bin", 2)):
+        d = tmp_path / f"{fmt}{shards}"
+        write_reference_checkpoint(d, sd, fmt=fmt, shards=shards)
+        a = state_io.model_fingerprint(MHLAForCausalLM.from_pretrained(d, dtype=torch.bfloat16))
+        assert a == state_io.model_fingerprint(MHLAForCausalLM.from_pretrained(d))
+        prints.append(a)
+    assert prints[0] == prints[1] == prints[2]  # the same stored values, however they are split
+
+
+def test_weights_rewritten_after_loading_are_not_vouched_for(tiny_dir, tmp_path):
+    d = tmp_path / "w"
+    shutil.copytree(tiny_dir, d)
+    m = MHLAForCausalLM.from_pretrained(d)
+    stored = m._mhla_stored_weights
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    os.utime(d / "model.safetensors", ns=(1, 1))
+    assert stored.digest() is None  # falls back to hashing the live values
