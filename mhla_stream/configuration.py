@@ -97,33 +97,40 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _show(x) -> str:
+    """A value for an error message, cut short (a config may hold anything)."""
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_config_values(v: dict) -> None:
     """One place for the types and ranges of every MHLAConfig field; one clear line per problem."""
     errors = []
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "block_size", "num_blocks"):
         x = v[name]
         if not _is_int(x) or not 1 <= x <= _MAX_DIM:
-            errors.append(f"{name} must be an int in [1, {_MAX_DIM}], got {x!r}")
-    if v["intermediate_size"] is not None and not (_is_int(v["intermediate_size"]) and 1 <= v["intermediate_size"] <= _MAX_DIM):
-        errors.append(f"intermediate_size must be None or an int in [1, {_MAX_DIM}], got {v['intermediate_size']!r}")
+            errors.append(f"{name} must be an int in [1, {_MAX_DIM}], got {_show(x)}")
+    inter = v["intermediate_size"]
+    if inter is not None and not (_is_int(inter) and 1 <= inter <= _MAX_DIM):
+        errors.append(f"intermediate_size must be None or an int in [1, {_MAX_DIM}], got {_show(inter)}")
     for name in ("expand_k", "expand_v", "hidden_ratio"):
         if not _is_real(v[name]) or not 0 < v[name] <= 64:
-            errors.append(f"{name} must be a finite number in (0, 64], got {v[name]!r}")
+            errors.append(f"{name} must be a finite number in (0, 64], got {_show(v[name])}")
     if not _is_real(v["rope_theta"]) or v["rope_theta"] <= 0:
-        errors.append(f"rope_theta must be a finite number > 0, got {v['rope_theta']!r}")
+        errors.append(f"rope_theta must be a finite number > 0, got {_show(v['rope_theta'])}")
     if not _is_real(v["norm_eps"]) or not 0 < v["norm_eps"] < 1:
-        errors.append(f"norm_eps must be a number in (0, 1), got {v['norm_eps']!r}")
+        errors.append(f"norm_eps must be a number in (0, 1), got {_show(v['norm_eps'])}")
     if not _is_real(v["initializer_range"]) or v["initializer_range"] < 0:
-        errors.append(f"initializer_range must be a finite number >= 0, got {v['initializer_range']!r}")
+        errors.append(f"initializer_range must be a finite number >= 0, got {_show(v['initializer_range'])}")
     if not isinstance(v["tie_word_embeddings"], bool):
-        errors.append(f"tie_word_embeddings must be true or false, got {v['tie_word_embeddings']!r}")
+        errors.append(f"tie_word_embeddings must be true or false, got {_show(v['tie_word_embeddings'])}")
     vocab = v["vocab_size"] if _is_int(v["vocab_size"]) else None
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         x = v[name]
         if x is not None and not (_is_int(x) and 0 <= x < (vocab or 0)):
-            errors.append(f"{name} must be None or an id in [0, vocab_size={vocab}), got {x!r}")
+            errors.append(f"{name} must be None or an id in [0, vocab_size={vocab}), got {_show(x)}")
     if not isinstance(v["mixing_policy"], str):
-        errors.append(f"mixing_policy must be a string, got {v['mixing_policy']!r}")
+        errors.append(f"mixing_policy must be a string, got {_show(v['mixing_policy'])}")
     if errors:
         raise ValueError("invalid MHLA config: " + "; ".join(errors))
 

@@ -142,7 +142,8 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--block-size", "8", 
 
 @pytest.mark.parametrize("args,match", [
     (["--hidden", "0"], "--hidden"), (["--heads", "-1"], "--heads"), (["--lr", "nan"], "--lr"),
-    (["--lr", "0"], "--lr"), (["--stories-frac", "nan"], "--stories-frac"), (["--policy", "sliding"], "--policy"), (["--stories-frac", "2"], "--stories-frac"),
+    (["--lr", "0"], "--lr"), (["--stories-frac", "nan"], "--stories-frac"), (["--policy", "sliding"], "--policy"),
+    (["--stories-frac", "2"], "--stories-frac"),
     (["--minutes", "-1"], "--minutes"), (["--batch", "x"], "--batch"), (["--block-size", "0"], "--block-size"),
     (["--hidden", "30", "--heads", "4"], "not divisible"), (["--num-blocks", "200000"], "context"),
     (["--arch", "transformer", "--hidden", "96"], "multiple of 64"), (["--seed", "-3"], "--seed"),
@@ -168,7 +169,8 @@ def test_train_resume_works_and_never_unpickles(train_data, tmp_path):
     r = cli(train, ["--data", str(train_data), "--out", str(out), *TINY, "--steps", "1"])
     assert r.exit_code == 0, r.output
     r = cli(train, ["--data", str(train_data), "--out", str(out), *TINY, "--steps", "2"])
-    assert r.exit_code == 0 and "resumed from" in r.output and json.loads(r.output[r.output.rindex('{"arch"'):].splitlines()[0])["steps"] == 2
+    summary = json.loads(r.output[r.output.rindex('{"arch"'):].splitlines()[0])
+    assert r.exit_code == 0 and "resumed from" in r.output and summary["steps"] == 2
     r = cli(train, ["--data", str(train_data), "--out", str(out), *TINY, "--steps", "3", "--hidden", "64"])
     assert r.exit_code == 2 and "saved for another model" in r.output
     marker = tmp_path / "code-ran"
