@@ -7,6 +7,7 @@ Llama, SDPA) in the same run.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 
@@ -18,7 +19,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from mhla_stream import MHLACache
 from mhla_stream.graphs import GraphDecoder, GraphStep, prefill
 
-from .common import load_model, pick_device
+from .common import check_backend, check_weights_flag, fail, load_model, pick_device
 
 
 def _sync(device):
@@ -120,6 +121,12 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
     except (ValueError, AssertionError):
         raise click.BadParameter("expected comma-separated positive integers", param_hint="--prompt-len/--batch")
     device = pick_device(device)
+    check_weights_flag(model, weights)
+    check_backend(backend, device)
+    if json_path:  # found out now, not after the whole run
+        folder = os.path.dirname(os.path.abspath(json_path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(json_path):
+            fail(f"--json {json_path}: folder {folder} does not exist or is not writable (or the path is a folder)")
     dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     m = load_model(model, weights, random_weights, device, dtype)
     click.echo(f"# plan (batch {batches[0]}): {m.make_plan(batches[0], backend=backend, cuda_graphs=cuda_graph).describe()}")
@@ -149,8 +156,11 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
         click.echo(" | ".join(r.get("error", "") if c == "ttft_s" and "error" in r else
                               (f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))) for c in cols))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        try:
+            with open(json_path, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        except OSError as e:
+            fail(f"--json {json_path}: cannot write the results ({e.strerror})")
 
 
 if __name__ == "__main__":

@@ -126,9 +126,53 @@ def pick_device(device):
     import torch
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise click.UsageError(f"--device {device}: not a device name (cpu, cuda, cuda:1 ...)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise click.UsageError(f"--device {device}: only cpu and cuda devices are supported")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.UsageError(f"--device {device}: no CUDA device is available here")
     return device
+
+
+def check_backend(backend: str, device: str) -> None:
+    """``--backend`` against the device, before anything is loaded."""
+    import torch
+
+    from mhla_stream.attention import resolve_backend
+    try:
+        resolve_backend(backend, torch.device(device))
+    except (RuntimeError, ValueError) as e:
+        fail(f"--backend {backend}: {e}")
+
+
+def check_weights_flag(model: str, weights) -> None:
+    from mhla_stream.hub import USER_WEIGHT_MODELS
+    if weights is not None and model not in USER_WEIGHT_MODELS:
+        fail(f"--weights is only for {', '.join(USER_WEIGHT_MODELS)}; {model} brings its own weights "
+             "(pass a checkpoint folder as --model instead)")
+
+
+def text_input(value, source: str) -> str:
+    """The one input normaliser for text from argv, stdin or a file: bytes must be UTF-8, and
+    undecodable argv bytes (which Python keeps as lone surrogates) are refused with one line."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            fail(f"{source} is not UTF-8 text (byte 0x{value[e.start]:02x} at offset {e.start})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        fail(f"{source} is not UTF-8 text (undecodable byte at character {e.start})")
+    return value
+
+
+def read_stdin_text() -> str:
+    stream = getattr(sys.stdin, "buffer", None)
+    return text_input(stream.read() if stream is not None else sys.stdin.read(), "standard input")
 
 
 def load_stream(model, weights, device, dtype, backend, policy, threads=None, **kw):
@@ -138,12 +182,14 @@ def load_stream(model, weights, device, dtype, backend, policy, threads=None, **
     from mhla_stream import CheckpointError, ModelNotFound, StreamingMHLA
     device = pick_device(device)
     set_threads(threads, device)
+    check_weights_flag(model, weights)
+    check_backend(backend, device)
     if dtype is None:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     try:
         return StreamingMHLA.from_pretrained(model, device=device, dtype=getattr(torch, dtype), weights=weights,
                                              backend=backend, policy=policy, **kw)
-    except (ModelNotFound, CheckpointError) as e:
+    except (ModelNotFound, CheckpointError, ValueError) as e:
         fail(str(e))
     except RuntimeError as e:  # e.g. a backend that is not available here
         fail(f"cannot start {model}: {e}")
@@ -162,7 +208,7 @@ def load_model(model, weights, random_weights, device, dtype):
         else:
             try:
                 cfg = MHLAForCausalLM.from_pretrained(resolve_model(model, weights)).config
-            except (ModelNotFound, CheckpointError) as e:
+            except (ModelNotFound, CheckpointError, ValueError) as e:
                 fail(str(e))
         torch.manual_seed(0)
         with torch.device(device):
@@ -171,7 +217,7 @@ def load_model(model, weights, random_weights, device, dtype):
     else:
         try:
             m = MHLAForCausalLM.from_pretrained(resolve_model(model, weights), device=device, dtype=dtype)
-        except (ModelNotFound, CheckpointError) as e:
+        except (ModelNotFound, CheckpointError, ValueError) as e:
             fail(str(e))
     return m.eval().prepare_inference()
 

@@ -8,12 +8,12 @@ import time
 import click
 
 from .common import (check_sampling, command, feed_with_progress, friendly_errors, load_stream, model_options,
-                     sampling_kwargs, sampling_options)
+                     read_stdin_text, sampling_kwargs, sampling_options, text_input)
 
 
 @command
 @click.argument("prompt", required=False)
-@click.option("--file", "prompt_file", type=click.File("r", encoding="utf-8"), default=None,
+@click.option("--file", "prompt_file", type=click.File("rb"), default=None,
               help="read the prompt from this file (a progress bar shows long prefills on a terminal)")
 @click.option("--json", "as_json", is_flag=True, help="print text and timings as JSON")
 @model_options
@@ -23,15 +23,16 @@ def main(prompt, prompt_file, as_json, model, weights, device, dtype, backend, p
     """Continue PROMPT (or --file, or standard input) with the model."""
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give the prompt as an argument or with --file, not both")
-    if prompt is None:
-        if prompt_file is not None:
-            prompt = prompt_file.read()
-        elif not sys.stdin.isatty():
-            prompt = sys.stdin.read()
-        else:
-            raise click.UsageError("no prompt: pass one as an argument, with --file, or on standard input")
+    if prompt is not None:
+        prompt = text_input(prompt, "the prompt argument")
+    elif prompt_file is not None:
+        prompt = text_input(prompt_file.read(), f"--file {prompt_file.name}")
+    elif not sys.stdin.isatty():
+        prompt = read_stdin_text()
+    else:
+        raise click.UsageError("no prompt: pass one as an argument, with --file, or on standard input")
     params = sampling_kwargs(kw)
-    check_sampling(params)  # bad values fail before the model loads
+    check_sampling(params)  # every sampling value checked before the model is loaded
     stream = load_stream(model, weights, device, dtype, backend, policy, threads)
     t0 = time.perf_counter()
     n_prompt = feed_with_progress(stream, prompt) if prompt else 0

@@ -20,13 +20,29 @@ import click
 import torch
 
 from mhla_stream.configuration import PRESETS
+
 from mhla_stream.training import checkpoint as ckpt_io
 from mhla_stream.training.data import Batches, DataError, evaluate, load_tokens, read_vocab_size
 from mhla_stream.training.distributed import DistContext, setup
 from mhla_stream.training.flops import mfu, peak_bf16_flops, train_flops_per_token
 from mhla_stream.training.model import ARCHS, LossModule, build_model, context_of, enable_activation_checkpointing
 
+from .common import fail
+
 TRAIN_PRESETS = tuple(sorted(PRESETS))
+
+
+POS = click.IntRange(1)
+
+
+class FiniteRange(click.FloatRange):
+    """click's FloatRange lets NaN through (every comparison with NaN is false)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 
 
 @click.command()
@@ -36,26 +52,26 @@ TRAIN_PRESETS = tuple(sorted(PRESETS))
 @click.option("--preset", default=None, type=click.Choice(TRAIN_PRESETS),
               help="a named architecture (mhla-340m: SPEC section 3); overrides --hidden/--layers/--heads/"
                    "--block-size/--num-blocks; the vocabulary is the data's tokenizer's")
-@click.option("--hidden", default=384)
-@click.option("--layers", default=8)
-@click.option("--heads", default=4)
-@click.option("--block-size", default=64)
-@click.option("--num-blocks", default=16, help="L: trained blocks (context = block size x L)")
-@click.option("--policy", default="window+far")
+@click.option("--hidden", default=384, type=POS)
+@click.option("--layers", default=8, type=POS)
+@click.option("--heads", default=4, type=POS)
+@click.option("--block-size", default=64, type=POS)
+@click.option("--num-blocks", default=16, type=POS, help="L: trained blocks (context = block size x L)")
+@click.option("--policy", default="window+far", type=click.Choice(["window", "window+far"]))
 @click.option("--batch", default=32, type=click.IntRange(min=1), help="sequences per micro-batch per rank")
 @click.option("--grad-accum", default=1, type=click.IntRange(min=1),
               help="micro-batches per optimizer step; global batch = batch x grad-accum x ranks")
-@click.option("--lr", default=2e-3)
+@click.option("--lr", default=2e-3, type=FiniteRange(0, 1, min_open=True))
 @click.option("--warmup", default=200, type=click.IntRange(min=0))
 @click.option("--steps", default=100_000, type=click.IntRange(min=1), help="upper bound on optimizer steps")
 @click.option("--stop-at", default=0, type=click.IntRange(min=0),
               help="stop with a checkpoint after this step, keeping the schedule of --steps (0 = off)")
-@click.option("--minutes", default=0.0, type=click.FloatRange(min=0), help="wall-clock budget for the loop (0 = none)")
-@click.option("--stories-frac", default=0.2, type=click.FloatRange(0, 1))
+@click.option("--minutes", default=0.0, type=FiniteRange(0, 1e6), help="wall-clock budget for the loop (0 = none)")
+@click.option("--stories-frac", default=0.2, type=FiniteRange(0, 1))
 @click.option("--eval-every", default=250, type=click.IntRange(min=1))
 @click.option("--eval-windows", default=64, type=click.IntRange(min=1), help="validation windows per evaluation")
 @click.option("--log-every", default=50, type=click.IntRange(min=1), help="steps between throughput log lines")
-@click.option("--seed", default=0)
+@click.option("--seed", default=0, type=click.IntRange(0, 2 ** 32 - 1))
 @click.option("--fused-loss/--no-fused-loss", default=True,
               help="cross-entropy fused with the LM head, chunk by chunk: the full logits never exist")
 @click.option("--loss-chunk", default=4096, type=click.IntRange(min=1), help="tokens per chunk of the fused loss")
@@ -72,7 +88,7 @@ def main(data, out, arch, preset, hidden, layers, heads, block_size, num_blocks,
     try:
         train(ctx, **{k: v for k, v in locals().items() if k != "ctx"})
     except (DataError, ckpt_io.TrainCheckpointError) as e:
-        raise click.ClickException(str(e)) from None
+        fail(str(e))
     finally:
         ctx.close()
 
@@ -83,9 +99,16 @@ def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, bloc
     from tqdm import tqdm
     args = {k: v for k, v in locals().items() if k not in ("ctx", "tqdm")}
     data, out, dev = Path(data), Path(out), ctx.device
+    if preset is None and block_size * num_blocks > 1 << 20:
+        fail(f"--block-size x --num-blocks = {block_size * num_blocks} tokens of context, more than {1 << 20}")
+    if arch == "transformer" and hidden % 64:
+        fail(f"--hidden {hidden}: the transformer baseline needs a multiple of 64 (heads of 64)")
     vocab = read_vocab_size(data)
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(arch, vocab, hidden, layers, heads, block_size, num_blocks, policy, preset).to(dev)
+    try:
+        model = build_model(arch, vocab, hidden, layers, heads, block_size, num_blocks, policy, preset).to(dev)
+    except ValueError as e:  # MHLAConfig refuses impossible shapes with one line
+        fail(str(e))
     context = context_of(model)
     batches = Batches(data, context, stories_frac, seed, vocab)
     valid = load_tokens(data / "valid.bin", context + 2, vocab)
@@ -98,7 +121,10 @@ def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, bloc
     other = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "mixing" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # only now, after every input was checked: a refused run leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create the folder ({e.strerror})")
     step, best, elapsed = 0, float("inf"), 0.0
     ckpt = out / ckpt_io.FILENAME
     found = ckpt if ckpt.exists() else (out / ckpt_io.LEGACY_FILENAME)

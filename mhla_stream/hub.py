@@ -51,10 +51,15 @@ def weight_search_path(name: str, weights=None) -> list[Path]:
 
 def resolve_model(name_or_path, weights=None) -> Path:
     name = os.fspath(name_or_path)
+    if weights is not None and name not in USER_WEIGHT_MODELS:
+        raise ValueError(f"weights are only taken by {', '.join(USER_WEIGHT_MODELS)}; {name!r} brings its own "
+                         "(give a checkpoint folder as the model instead)")
     if name in USER_WEIGHT_MODELS:
         places = weight_search_path(name, weights)
         for p in places:
             if (p / "config.json").exists():
+                from .checkpoint import check_preset_architecture
+                check_preset_architecture(p, name)  # a checkpoint of another shape is not this model
                 return p
         looked = "\n".join(f"  - {p}" for p in places)
         raise ModelNotFound(

@@ -5,6 +5,7 @@ penalty, temperature, top-k, top-p, min-p), so the same seed and settings give t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,15 +37,19 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens must be an int >= 0"),
-            (_num(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0 (0 = greedy)"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an int >= 0 (0 = off)"),
+            (_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens must be an int >= 0"),
+            (_num(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0 (0 = greedy)"),
+            (_int(self.top_k) and self.top_k >= 0, "top_k must be an int >= 0 (0 = off)"),
             (_num(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (_num(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1] (0 = off)"),
-            (_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (isinstance(self.do_sample, bool), "do_sample must be True or False"),
-            (self.seed is None or isinstance(self.seed, int), "seed must be an int or None"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (_num(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty must be a finite number > 0"),
+            (isinstance(self.do_sample, bool), "do_sample must be true or false"),
+            (isinstance(self.stop_at_eos, bool), "stop_at_eos must be true or false"),
+            (self.seed is None or (_int(self.seed) and 0 <= self.seed < 2 ** 64),
+             "seed must be None or an int in [0, 2**64)"),
+            (isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
+             "stop must be a list of non-empty strings"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -106,7 +111,12 @@ def _validate_with_transformers(p: SamplingParams) -> None:
 
 
 def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real, finite number (inf temperature would sample uniformly, NaN would sample garbage)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

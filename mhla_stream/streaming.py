@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from collections import deque
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from .modeling import MHLAForCausalLM
 from .plan import ExecutionPlan
 from .sampling import SamplingParams, select_next
 from .state import MHLAState
-from .state_io import StateFileError, model_fingerprint, read_state_file, write_state_file
+from .state_io import StateFileError, StateLayout, model_fingerprint, read_state_file, validate_state, write_state_file
 from .tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 
 
@@ -34,6 +35,8 @@ class StreamingMHLA:
                  cuda_graph: bool = True):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        from .attention import resolve_backend
+        resolve_backend(backend, model.device)  # an unknown or unusable backend fails here, not at the first feed
         self.model = model.eval()
         # this stream's own execution plan: the model is shared and never told how to run
         self.plan: ExecutionPlan = model.make_plan(1, backend=backend, policy=policy, cuda_graphs=cuda_graph)
@@ -85,16 +88,25 @@ class StreamingMHLA:
 
     # -- feeding ---------------------------------------------------------------------------------
     def _to_ids(self, text_or_ids) -> list[int]:
+        """The one input normaliser: text, or a sequence / 1-D tensor of integer ids in the vocab.
+        bytes, floats, bools, strings inside lists and unordered sets are refused, never cast."""
         if isinstance(text_or_ids, str):
             if self.tokenizer is None:
                 raise TokenizerError(f"model {self.name} has no tokenizer; feed token ids instead of text")
             return self.tokenizer.encode(text_or_ids, add_bos=self.position == 0)
+        if isinstance(text_or_ids, (bytes, bytearray, memoryview)):
+            raise TypeError("feed takes a str or a sequence of int token ids, got bytes: decode them to str first")
         if isinstance(text_or_ids, torch.Tensor):
+            if text_or_ids.is_floating_point() or text_or_ids.is_complex() or text_or_ids.dtype == torch.bool:
+                raise TypeError(f"token id tensors must have an integer dtype, got {text_or_ids.dtype}")
             text_or_ids = text_or_ids.flatten().tolist()
-        try:
-            ids = [int(i) for i in text_or_ids]
-        except (TypeError, ValueError):
-            raise TypeError(f"feed takes a str or a sequence of int token ids, got {type(text_or_ids).__name__}") from None
+        elif isinstance(text_or_ids, (set, frozenset, dict)) or not hasattr(text_or_ids, "__iter__"):
+            raise TypeError(f"feed takes a str or a sequence of int token ids, got {type(text_or_ids).__name__}")
+        ids = list(text_or_ids)
+        wrong = [i for i in ids if not isinstance(i, numbers.Integral) or isinstance(i, bool)]
+        if wrong:
+            raise TypeError(f"token ids must be ints, got {type(wrong[0]).__name__} {wrong[0]!r:.40}")
+        ids = [int(i) for i in ids]
         vocab = self.model.config.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
@@ -196,15 +208,38 @@ class StreamingMHLA:
         return Snapshot([s.clone() for s in self.cache.states], None if self._logits is None else self._logits.clone(),
                         list(self._history), self.position, self.fingerprint)
 
+    def _layout(self) -> StateLayout:
+        tensors = {f"layers.{i}.{n}": (tuple(getattr(st, n).shape), getattr(st, n).dtype)
+                   for i, st in enumerate(self.cache.states) for n in MHLAState.TENSORS}
+        return StateLayout(tensors, len(self.cache.states), self.model.config.vocab_size, self.policy, self.fingerprint)
+
+    def _install(self, valid) -> None:
+        """Copies a validated state into the live one (all checks are done before this runs)."""
+        for i, st in enumerate(self.cache.states):
+            for n in MHLAState.TENSORS:
+                getattr(st, n).copy_(valid.layers[f"layers.{i}.{n}"])
+        self._logits = None if valid.logits is None else valid.logits.to(self.device, torch.float32).clone()
+        self._history = deque(valid.history, maxlen=self._history.maxlen)
+        # the position is the state's pos, copied above (validated equal to the file's position)
+
     def restore(self, snap: Snapshot) -> None:
+        """All or nothing: the snapshot is checked like a state file before anything is copied."""
         if not isinstance(snap, Snapshot):
             raise TypeError(f"restore takes a Snapshot from snapshot(), got {type(snap).__name__}")
         if snap.model != self.fingerprint:
             raise ValueError("this snapshot was taken from another model")
-        for live, saved in zip(self.cache.states, snap.states):
-            live.copy_(saved)
-        self._logits = None if snap.logits is None else snap.logits.clone()
-        self._history = deque(snap.history, maxlen=self._history.maxlen)
+        if len(snap.states) != len(self.cache.states) or any(st.policy != self.policy for st in snap.states):
+            raise ValueError(f"this snapshot was taken from a stream with another policy or layer count "
+                             f"(this stream: {self.policy!r}, {len(self.cache.states)} layers)")
+        tensors = {f"layers.{i}.{n}": getattr(st, n) for i, st in enumerate(snap.states) for n in MHLAState.TENSORS}
+        tensors["history"] = torch.tensor(list(snap.history), dtype=torch.long)
+        if snap.logits is not None:
+            tensors["logits"] = snap.logits
+        try:
+            valid = validate_state(self._layout(), tensors, snap.position)
+        except StateFileError as e:
+            raise ValueError(f"this snapshot cannot be restored: {e}") from None
+        self._install(valid)
 
     def save_state(self, path) -> None:
         tensors = {f"layers.{i}.{n}": getattr(s, n) for i, s in enumerate(self.cache.states) for n in MHLAState.TENSORS}
@@ -216,20 +251,8 @@ class StreamingMHLA:
         write_state_file(path, tensors, meta)
 
     def load_state(self, path) -> None:
-        tensors, meta = read_state_file(path, self.fingerprint)
-        for i, s in enumerate(self.cache.states):
-            for n in MHLAState.TENSORS:
-                t = tensors.get(f"layers.{i}.{n}")
-                if t is None or t.shape != getattr(s, n).shape or t.dtype != getattr(s, n).dtype:
-                    raise StateFileError(f"{path}: tensor layers.{i}.{n} is missing or has the wrong shape")
-        if meta.get("policy") != self.policy:
-            raise StateFileError(f"{path}: state uses policy {meta.get('policy')!r}, this stream uses {self.policy!r}")
-        # all checks passed: now (and only now) overwrite the live state
-        for i, s in enumerate(self.cache.states):
-            for n in MHLAState.TENSORS:
-                getattr(s, n).copy_(tensors[f"layers.{i}.{n}"])
-        self._logits = tensors["logits"].to(self.device) if "logits" in tensors else None
-        self._history = deque(tensors["history"].tolist(), maxlen=self._history.maxlen)
+        """All or nothing: ``read_state_file`` validates everything, then the live state is overwritten."""
+        self._install(read_state_file(path, self._layout()))
 
 
 __all__ = ["StreamingMHLA", "Snapshot", "StateFileError"]

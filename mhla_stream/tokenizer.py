@@ -22,6 +22,11 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates (e.g. undecodable bytes from argv) are not text
+            raise TokenizerError(f"text is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start} "
+                                 "(the input was probably not UTF-8)") from None
         ids = list(self._encode(text))
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
 
@@ -57,10 +62,13 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, directory) -> "Tokenizer":
+        from .checkpoint import checkpoint_file  # the checkpoint folder's one gate: regular files inside it
         d = Path(directory)
-        if (d / "tokenizer.model").exists():
-            return cls.from_sentencepiece(d / "tokenizer.model")
-        if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
+        sentencepiece = checkpoint_file(d, "tokenizer.model", required=False)
+        if sentencepiece is not None:
+            return cls.from_sentencepiece(sentencepiece)
+        found = [checkpoint_file(d, n, required=False) for n in ("tokenizer.json", "tokenizer_config.json")]
+        if any(found):
             return cls.from_transformers(d)
         raise TokenizerError(f"{d}: no tokenizer found (expected tokenizer.model, or tokenizer.json / "
                              "tokenizer_config.json); pass token ids instead of text, or add one")

@@ -197,20 +197,20 @@ def test_train_cli_refuses_bad_input_with_one_line(tmp_path, data_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     r = train(["--data", empty, "--out", out, *TINY])
-    assert r.exit_code == 1 and "info.json: not found" in r.output
+    assert r.exit_code == 2 and "info.json: not found" in r.output
     (empty / "info.json").write_text(json.dumps({"vocab_size": 16}))  # the token files hold ids up to 63
     for n in ("stories", "books", "valid"):
         (empty / f"{n}.bin").write_bytes((data_dir / f"{n}.bin").read_bytes())
     r = train(["--data", empty, "--out", out, *TINY])
-    assert r.exit_code == 1 and "outside the vocabulary of 16" in r.output
+    assert r.exit_code == 2 and "outside the vocabulary of 16" in r.output
     (empty / "info.json").write_text(json.dumps({"vocab_size": 64}))
     np.zeros(10, dtype=np.uint16).tofile(empty / "valid.bin")
     r = train(["--data", empty, "--out", out, *TINY])
-    assert r.exit_code == 1 and "valid.bin: 10 tokens, need at least 34" in r.output
+    assert r.exit_code == 2 and "valid.bin: 10 tokens, need at least 34" in r.output
     out.mkdir()
     (out / "ckpt.safetensors").write_bytes(b"\x00" * 64)
     r = train(["--data", data_dir, "--out", out, *TINY, "--steps", "1"])
-    assert r.exit_code == 1 and "cannot read checkpoint" in r.output
+    assert r.exit_code == 2 and "cannot read checkpoint" in r.output
     assert (out / "ckpt.safetensors").read_bytes() == b"\x00" * 64  # left exactly as it was
 
 

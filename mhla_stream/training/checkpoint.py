@@ -116,5 +116,6 @@ def _load_legacy(path: Path, model, opt, device) -> dict:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
     except Exception as e:  # noqa: BLE001 -- any failure to read is one clear line
-        raise TrainCheckpointError(f"{path}: cannot read legacy checkpoint ({str(e).splitlines()[0]})") from None
+        raise TrainCheckpointError(f"{path}: cannot read legacy checkpoint: damaged, for another model, or holding "
+                                   f"pickled objects, which are never run ({str(e).splitlines()[0][:200]})") from None
     return {"step": state["step"], "best": state["best"], "elapsed": state["elapsed"]}
