@@ -7,31 +7,35 @@ import time
 
 import click
 
-from .common import friendly_errors, load_stream, model_options, sampling_kwargs, sampling_options
+from .common import (check_sampling, command, feed_with_progress, friendly_errors, load_stream, model_options,
+                     read_stdin_text, sampling_kwargs, sampling_options, text_input)
 
 
-@click.command()
+@command
 @click.argument("prompt", required=False)
-@click.option("--file", "prompt_file", type=click.File("r", encoding="utf-8"), default=None, help="read the prompt here")
+@click.option("--file", "prompt_file", type=click.File("rb"), default=None,
+              help="read the prompt from this file (a progress bar shows long prefills on a terminal)")
 @click.option("--json", "as_json", is_flag=True, help="print text and timings as JSON")
 @model_options
 @sampling_options
 @friendly_errors
-def main(prompt, prompt_file, as_json, model, weights, device, dtype, backend, policy, **kw):
+def main(prompt, prompt_file, as_json, model, weights, device, dtype, backend, policy, threads, **kw):
     """Continue PROMPT (or --file, or standard input) with the model."""
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give the prompt as an argument or with --file, not both")
-    if prompt is None:
-        if prompt_file is not None:
-            prompt = prompt_file.read()
-        elif not sys.stdin.isatty():
-            prompt = sys.stdin.read()
-        else:
-            raise click.UsageError("no prompt: pass one as an argument, with --file, or on standard input")
-    stream = load_stream(model, weights, device, dtype, backend, policy)
+    if prompt is not None:
+        prompt = text_input(prompt, "the prompt argument")
+    elif prompt_file is not None:
+        prompt = text_input(prompt_file.read(), f"--file {prompt_file.name}")
+    elif not sys.stdin.isatty():
+        prompt = read_stdin_text()
+    else:
+        raise click.UsageError("no prompt: pass one as an argument, with --file, or on standard input")
     params = sampling_kwargs(kw)
+    check_sampling(params)  # every sampling value checked before the model is loaded
+    stream = load_stream(model, weights, device, dtype, backend, policy, threads)
     t0 = time.perf_counter()
-    n_prompt = stream.feed(prompt) if prompt else 0
+    n_prompt = feed_with_progress(stream, prompt) if prompt else 0
     t1 = time.perf_counter()
     pieces, n_new = [], 0
     start = stream.position

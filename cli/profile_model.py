@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 
 import click
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mhla_stream import MHLACache
+from mhla_stream.graphs import GraphDecoder
+
+from .common import load_model
 
 
 def _kernel_table(prof, steps: int):
@@ -39,15 +46,14 @@ def _print(title, table, wall_us, limit=25):
 
 def _products(m):
     """Each decode projection alone: the fused skinny kernel against cuBLAS, in GB/s of weights."""
-    from mhla_stream.kernels.triton_skinny import skinny_linear
+    from mhla_stream.kernels.triton_skinny import skinny_linear  # GPU only: triton is optional
+    from triton.testing import do_bench_cudagraph
     layer = m.model.layers[0]
     attn, mlp = layer.attn, layer.mlp
-    from triton.testing import do_bench_cudagraph
     H, K, V = attn.num_heads, attn.head_k_dim, attn.head_v_dim
     D, dev, dt = m.config.hidden_size, m.device, m.dtype
     x, o, g = (torch.randn(1, n, device=dev, dtype=dt) for n in (D, H * V, H * V))
-    wqkvg, wgu = attn._fused.weight(attn.q_proj, attn.k_proj, attn.v_proj, attn.g_proj), \
-        mlp._fused.weight(mlp.gate_proj, mlp.up_proj)
+    wqkvg, wgu = attn.qkvg_weight.get(), mlp.gate_up_weight.get()
     a = torch.randn(1, mlp.down_proj.weight.shape[1], device=dev, dtype=dt)
     gn = attn.g_norm_swish_gate
     cases = {
@@ -80,14 +86,9 @@ def _products(m):
 @click.option("--steps", default=20, show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path())
 def main(model, chunk, context, steps, json_path):
-    from torch.profiler import ProfilerActivity, profile
-
-    from mhla_stream import MHLACache
-    from mhla_stream.graphs import GraphDecoder
-    from .bench import load_model
-
     dev = "cuda"
-    m = load_model(model, None, True, dev, torch.bfloat16, "auto")
+    m = load_model(model, None, True, dev, torch.bfloat16)
+    click.echo(f"plan: {m.make_plan(1).describe()}")
     vocab = m.config.vocab_size
     report = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "model": model}
     with torch.inference_mode():
@@ -99,7 +100,6 @@ def main(model, chunk, context, steps, json_path):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             m(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
-        import warnings
         cache = MHLACache(m.new_state(1))
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")  # any host synchronisation inside the forward is reported

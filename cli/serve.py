@@ -65,11 +65,11 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     from mhla_stream.serve.server import build_server
     from mhla_stream.tokenizer import Tokenizer, TokenizerError
 
-    from .bench import load_model
-    from .common import fail, pick_device
+    from .common import check_backend, fail, load_model, pick_device
 
     model = model or DEFAULT_MODEL
     device = pick_device(device)
+    check_backend(backend, device)
     dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     try:
         path = resolve_model(model, weights) if not (random_weights and model in ("mhla-340m",)) else None
@@ -77,7 +77,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     except (TokenizerError, FileNotFoundError) as e:
         fail(f"cannot serve {model}: {e}")
     try:
-        m = load_model(model, weights, random_weights, device, dtype, backend)
+        m = load_model(model, weights, random_weights, device, dtype)
     except RuntimeError as e:
         fail(f"cannot start {model}: {e}")
     if tokenizer is None:  # random weights without a checkpoint: the shipped tokenizer, for benchmarks only
@@ -88,7 +88,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
         app = build_server(m, tokenizer, model_name=os.path.basename(os.path.normpath(model)), max_batch=max_batch,
                            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
                            api_key=api_key, sessions_dir=sessions_dir, session_memory=budget, policy=policy,
-                           cuda_graph=cuda_graph,
+                           cuda_graph=cuda_graph, backend=backend,
                            on_shutdown=(lambda: shutil.rmtree(sessions_dir, ignore_errors=True)) if temporary else None)
     except OSError as e:
         fail(f"sessions dir {sessions_dir}: {e}")

@@ -100,13 +100,14 @@ async def _long_prompt_phase(base, vocab, streams, long_len, long_prompts, strea
 def _in_process(model, weights, random_weights, device, dtype, batches, prompt_len, new_tokens, backend):
     import torch
 
-    from .bench import load_model, run_one
-    m = load_model(model, weights, random_weights, device, dtype, backend)
+    from .bench import run_one
+    from .common import load_model
+    m = load_model(model, weights, random_weights, device, dtype)
     graphs = device.startswith("cuda")
     rows = []
     for b in batches:
-        run_one("mhla", m, prompt_len, 2, b, 512, device, graphs)  # warm-up at the timed shape
-        r = run_one("mhla", m, prompt_len, new_tokens, b, 512, device, graphs)
+        run_one("mhla", m, prompt_len, 2, b, 512, device, graphs, backend)  # warm-up at the timed shape
+        r = run_one("mhla", m, prompt_len, new_tokens, b, 512, device, graphs, backend)
         rows.append({"batch": b, "decode_tok_s": r["decode_tok_s"], "decode_ms_per_step": r["decode_ms_per_step"]})
     state_bytes = sum(s.nbytes for s in m.new_state(1, device="meta")) if hasattr(m, "new_state") else 0
     params = sum(p.numel() * p.element_size() for p in m.parameters())

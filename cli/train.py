@@ -1,133 +1,148 @@
 """``mhla-train``: train an MHLA language model (or a baseline) from the token files that
-``prepare_data`` writes. bf16 autocast on a GPU, progress bar, periodic validation loss,
-checkpoints with resume, and a JSON-lines log.
+``prepare_data`` writes, on one device or many (``torchrun``, DDP). bf16 autocast on a GPU,
+gradient accumulation, periodic validation loss, atomic checkpoints that resume on any number of
+ranks, tokens/s and MFU in a JSON-lines log.
 
     mhla-train --data runs/data --out runs/mhla --minutes 7
     mhla-train --data runs/data --out runs/tfm --arch transformer --steps 3000
+    torchrun --nproc_per_node 2 -m mhla_stream.cli.train --data runs/data --out runs/340m --preset mhla-340m --batch 8
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
-ARCHS = ("mhla", "linear", "transformer")
+from mhla_stream.configuration import PRESETS
+
+from mhla_stream.training import checkpoint as ckpt_io
+from mhla_stream.training.data import Batches, DataError, evaluate, load_tokens, read_vocab_size
+from mhla_stream.training.distributed import DistContext, setup
+from mhla_stream.training.flops import mfu, peak_bf16_flops, train_flops_per_token
+from mhla_stream.training.model import ARCHS, LossModule, build_model, context_of, enable_activation_checkpointing
+
+from .common import fail
+
+TRAIN_PRESETS = tuple(sorted(PRESETS))
 
 
-def build_model(arch, vocab, hidden, layers, heads, block_size, num_blocks, policy):
-    from mhla_stream import MHLAConfig, MHLAForCausalLM
-    if arch == "transformer":
-        from transformers import LlamaConfig, LlamaForCausalLM
-        from mhla_stream.configuration import mlp_intermediate_size
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                          intermediate_size=mlp_intermediate_size(hidden, 4), max_position_embeddings=block_size * num_blocks,
-                          rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
-        return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
-    cfg = MHLAConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_heads=heads, block_size=block_size,
-                     num_blocks=num_blocks, mixing_policy=policy, bos_token_id=1, eos_token_id=2)
-    model = MHLAForCausalLM(cfg)
-    if arch == "linear":  # plain causal linear attention: every block weighted 1, frozen
-        for layer in model.model.layers:
-            layer.attn.mixing_matrix.data.fill_(1.0)
-            layer.attn.mixing_matrix.requires_grad_(False)
-    return model
+POS = click.IntRange(1)
 
 
-class Batches:
-    """Random windows of ``context + 1`` tokens, a fraction from the stories, the rest from books."""
+class FiniteRange(click.FloatRange):
+    """click's FloatRange lets NaN through (every comparison with NaN is false)."""
 
-    def __init__(self, data: Path, context: int, stories_frac: float, seed: int):
-        self.stories = np.fromfile(data / "stories.bin", dtype=np.uint16)
-        self.books = np.fromfile(data / "books.bin", dtype=np.uint16)
-        self.context, self.frac = context, stories_frac
-        self.rng = np.random.default_rng(seed)
-
-    def next(self, batch, device):
-        rows = []
-        for _ in range(batch):
-            src = self.stories if self.rng.random() < self.frac else self.books
-            i = self.rng.integers(0, len(src) - self.context - 1)
-            rows.append(src[i:i + self.context + 1])
-        x = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return x.to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def evaluate(model, tokens: np.ndarray, context: int, device, max_windows=64) -> float:
-    model.eval()
-    n = min(max_windows, (len(tokens) - 1) // context)
-    losses = []
-    for i in range(0, n, 16):
-        x = np.stack([tokens[j * context: j * context + context + 1] for j in range(i, min(n, i + 16))]).astype(np.int64)
-        x = torch.from_numpy(x).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=x[:, :-1]).logits
-        losses.append(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none"))
-    model.train()
-    return float(torch.cat(losses).mean())
-
-
-def save_atomic(obj, path: Path):
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 
 
 @click.command()
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="from prepare_data")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--arch", default="mhla", type=click.Choice(ARCHS))
-@click.option("--hidden", default=384)
-@click.option("--layers", default=8)
-@click.option("--heads", default=4)
-@click.option("--block-size", default=64)
-@click.option("--num-blocks", default=16, help="L: trained blocks (context = block size x L)")
-@click.option("--policy", default="window+far")
-@click.option("--batch", default=32)
-@click.option("--lr", default=2e-3)
-@click.option("--warmup", default=200)
-@click.option("--steps", default=100_000, help="upper bound on optimizer steps")
-@click.option("--minutes", default=0.0, help="wall-clock budget for the loop (0 = none)")
-@click.option("--stories-frac", default=0.2)
-@click.option("--eval-every", default=250)
-@click.option("--seed", default=0)
-@click.option("--compile/--no-compile", default=False)
+@click.option("--preset", default=None, type=click.Choice(TRAIN_PRESETS),
+              help="a named architecture (mhla-340m: SPEC section 3); overrides --hidden/--layers/--heads/"
+                   "--block-size/--num-blocks; the vocabulary is the data's tokenizer's")
+@click.option("--hidden", default=384, type=POS)
+@click.option("--layers", default=8, type=POS)
+@click.option("--heads", default=4, type=POS)
+@click.option("--block-size", default=64, type=POS)
+@click.option("--num-blocks", default=16, type=POS, help="L: trained blocks (context = block size x L)")
+@click.option("--policy", default="window+far", type=click.Choice(["window", "window+far"]))
+@click.option("--batch", default=32, type=click.IntRange(min=1), help="sequences per micro-batch per rank")
+@click.option("--grad-accum", default=1, type=click.IntRange(min=1),
+              help="micro-batches per optimizer step; global batch = batch x grad-accum x ranks")
+@click.option("--lr", default=2e-3, type=FiniteRange(0, 1, min_open=True))
+@click.option("--warmup", default=200, type=click.IntRange(min=0))
+@click.option("--steps", default=100_000, type=click.IntRange(min=1), help="upper bound on optimizer steps")
+@click.option("--stop-at", default=0, type=click.IntRange(min=0),
+              help="stop with a checkpoint after this step, keeping the schedule of --steps (0 = off)")
+@click.option("--minutes", default=0.0, type=FiniteRange(0, 1e6), help="wall-clock budget for the loop (0 = none)")
+@click.option("--stories-frac", default=0.2, type=FiniteRange(0, 1))
+@click.option("--eval-every", default=250, type=click.IntRange(min=1))
+@click.option("--eval-windows", default=64, type=click.IntRange(min=1), help="validation windows per evaluation")
+@click.option("--log-every", default=50, type=click.IntRange(min=1), help="steps between throughput log lines")
+@click.option("--seed", default=0, type=click.IntRange(0, 2 ** 32 - 1))
+@click.option("--fused-loss/--no-fused-loss", default=True,
+              help="cross-entropy fused with the LM head, chunk by chunk: the full logits never exist")
+@click.option("--loss-chunk", default=4096, type=click.IntRange(min=1), help="tokens per chunk of the fused loss")
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False,
+              help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+@click.option("--compile/--no-compile", default=False, help="torch.compile the training step")
 @click.option("--resume/--no-resume", default=True)
-def main(data, out, arch, hidden, layers, heads, block_size, num_blocks, policy, batch, lr, warmup, steps, minutes,
-         stories_frac, eval_every, seed, compile, resume):
+@click.option("--save/--no-save", default=True, help="write checkpoints and the best model (off for benchmarks)")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+def main(data, out, arch, preset, hidden, layers, heads, block_size, num_blocks, policy, batch, grad_accum, lr, warmup,
+         steps, stop_at, minutes, stories_frac, eval_every, eval_windows, log_every, seed, fused_loss, loss_chunk,
+         activation_checkpointing, compile, resume, save, device):
+    ctx = setup(device)
+    try:
+        train(ctx, **{k: v for k, v in locals().items() if k != "ctx"})
+    except (DataError, ckpt_io.TrainCheckpointError) as e:
+        fail(str(e))
+    finally:
+        ctx.close()
+
+
+def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, block_size, num_blocks, policy, batch,
+          grad_accum, lr, warmup, steps, stop_at, minutes, stories_frac, eval_every, eval_windows, log_every, seed,
+          fused_loss, loss_chunk, activation_checkpointing, compile, resume, save, device):
     from tqdm import tqdm
-    data, out = Path(data), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(seed)
-    vocab = json.loads((data / "info.json").read_text())["vocab_size"]
-    context = block_size * num_blocks
-    model = build_model(arch, vocab, hidden, layers, heads, block_size, num_blocks, policy).to(device)
+    args = {k: v for k, v in locals().items() if k not in ("ctx", "tqdm")}
+    data, out, dev = Path(data), Path(out), ctx.device
+    if preset is None and block_size * num_blocks > 1 << 20:
+        fail(f"--block-size x --num-blocks = {block_size * num_blocks} tokens of context, more than {1 << 20}")
+    if arch == "transformer" and hidden % 64:
+        fail(f"--hidden {hidden}: the transformer baseline needs a multiple of 64 (heads of 64)")
+    vocab = read_vocab_size(data)
+    torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    try:
+        model = build_model(arch, vocab, hidden, layers, heads, block_size, num_blocks, policy, preset).to(dev)
+    except ValueError as e:  # MHLAConfig refuses impossible shapes with one line
+        fail(str(e))
+    context = context_of(model)
+    batches = Batches(data, context, stories_frac, seed, vocab)
+    valid = load_tokens(data / "valid.bin", context + 2, vocab)
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = train_flops_per_token(model, arch)
+    peak = peak_bf16_flops(dev)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "mixing" not in n]
     other = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "mixing" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+                            lr=lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
+    try:  # only now, after every input was checked: a refused run leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create the folder ({e.strerror})")
     step, best, elapsed = 0, float("inf"), 0.0
-    ckpt = out / "ckpt.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, best, elapsed = state["step"], state["best"], state["elapsed"]
-        click.echo(f"resumed from {ckpt} at step {step}")
-    batches = Batches(data, context, stories_frac, seed + step)
-    valid = np.fromfile(data / "valid.bin", dtype=np.uint16)
-    fwd = torch.compile(model) if compile else model
-    total = steps if not minutes else None
-    log = open(out / "log.jsonl", "a")
+    ckpt = out / ckpt_io.FILENAME
+    found = ckpt if ckpt.exists() else (out / ckpt_io.LEGACY_FILENAME)
+    if resume and found.exists():
+        meta = ckpt_io.load(found, model, opt, dev)
+        step, best, elapsed = meta["step"], meta["best"], meta["elapsed"]
+        if ctx.is_main:
+            click.echo(f"resumed from {found} at step {step} (written by {meta.get('world', 1)} rank(s), "
+                       f"now {ctx.world})", err=True)
+    step_module = LossModule(model, fused_loss, loss_chunk)
+    if ctx.distributed:
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
+    run_step = torch.compile(step_module) if compile else step_module
+    log = open(out / "log.jsonl", "a") if ctx.is_main else None
+    global_batch = batch * grad_accum * ctx.world
+    tokens_per_step = global_batch * context
+    est_steps = steps
 
     def lr_at(s):
         horizon = steps if not minutes else max(s + 1, int(est_steps))
@@ -135,49 +150,110 @@ def main(data, out, arch, hidden, layers, heads, block_size, num_blocks, policy,
             return lr * (s + 1) / warmup
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, horizon - warmup)))))
 
-    est_steps = steps
-    bar = tqdm(total=total, initial=step, desc=f"train {arch} ({n_params / 1e6:.1f}M)", dynamic_ncols=True)
-    t0 = time.time() - elapsed
-    model.train()
-    while step < steps:
-        x = batches.next(batch, device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = fwd(input_ids=x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        elapsed = time.time() - t0
-        if minutes:
-            est_steps = step / elapsed * minutes * 60
-        bar.update(1)
-        done = (minutes and elapsed >= minutes * 60) or step >= steps
-        if step % eval_every == 0 or done:
-            val = evaluate(model, valid, context, device)
-            rec = {"step": step, "tokens": step * batch * context, "train_loss": float(loss), "val_loss": val,
-                   "lr": lr_at(step), "elapsed_s": round(elapsed, 1), "params": n_params, "arch": arch}
+    def write(rec):
+        if log is not None:
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{float(loss):.3f}", val=f"{val:.3f}")
-            if val < best:
-                best = val
-                if hasattr(model, "save_pretrained"):
-                    model.save_pretrained(out / "best")
-                    shutil.copy(data / "tokenizer.model", out / "best" / "tokenizer.model")
-            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                         "elapsed": elapsed}, ckpt)
-        if done:
-            break
+
+    bar = tqdm(total=steps if not minutes else None, initial=step, disable=not ctx.is_main, dynamic_ncols=True,
+               desc=f"train {arch} ({n_params / 1e6:.1f}M) x{ctx.world}")
+    rates, loss_sum, since = [], torch.zeros((), device=dev), step
+    t0 = time.time() - elapsed
+    t_mark, paused = time.time(), 0.0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model.train()
+    done = step >= steps or (stop_at and step >= stop_at)
+    while not done:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        for micro in range(grad_accum):
+            x = batches.get(step, micro * ctx.world + ctx.rank, batch, dev)
+            sync = step_module.no_sync() if ctx.distributed and micro < grad_accum - 1 else nullcontext()
+            with sync:  # DDP averages the gradients over ranks on the last micro-batch's backward only
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    loss = run_step(x) / grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.time() - t0
+        if minutes:  # rank 0's clock decides for all ranks, so the schedule and the stop agree
+            elapsed, est = ctx.from_main([elapsed, step / max(elapsed, 1e-9) * minutes * 60])
+            est_steps = est
+        bar.update(1)
+        done = bool((minutes and elapsed >= minutes * 60) or step >= steps or (stop_at and step >= stop_at))
+        evaluate_now = step % eval_every == 0 or done
+        if step % log_every == 0 or evaluate_now:
+            train_loss = _mean_over_ranks(ctx, loss_sum / (step - since))
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            now = time.time()
+            rate = (step - since) * tokens_per_step / max(now - t_mark - paused, 1e-9)
+            rates.append(rate)
+            rec = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr_at(step),
+                   "tokens_per_s": round(rate, 1), "mfu": _round(mfu(rate, flops_per_token, peak, ctx.world)),
+                   "peak_mem_gib": _peak_gib(dev), "elapsed_s": round(elapsed, 1), "params": n_params, "arch": arch,
+                   "world": ctx.world, "global_batch": global_batch}
+            loss_sum.zero_()
+            since, t_mark, paused = step, now, 0.0
+            if evaluate_now:
+                t_eval = time.time()
+                if ctx.is_main:
+                    rec["val_loss"] = evaluate(model, valid, context, dev, eval_windows)
+                    bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{rec['val_loss']:.3f}")
+                    if rec["val_loss"] < best:
+                        best = rec["val_loss"]
+                        if save:
+                            _save_best(model, data, out)
+                    if save:
+                        ckpt_io.save(ckpt, model, opt, {"step": step, "best": best, "elapsed": elapsed,
+                                                        "world": ctx.world, "args": args})
+                ctx.barrier()
+                paused = time.time() - t_eval  # evaluation and checkpoint time is not training time
+            write(rec)
     bar.close()
-    summary = {"arch": arch, "params": n_params, "steps": step, "tokens": step * batch * context,
+    if not ctx.is_main:
+        return
+    steady = rates[1:] or rates  # the first interval includes warm-up and compilation
+    rate = sorted(steady)[len(steady) // 2] if steady else None
+    summary = {"arch": arch, "preset": preset, "params": n_params, "steps": step, "tokens": step * tokens_per_step,
                "best_val_loss": best, "elapsed_s": round(time.time() - t0, 1), "context": context,
-               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+               "world": ctx.world, "batch": batch, "grad_accum": grad_accum, "global_batch": global_batch,
+               "tokens_per_s": rate and round(rate, 1), "mfu": _round(rate and mfu(rate, flops_per_token, peak, ctx.world)),
+               "peak_mem_gib": _peak_gib(dev), "fused_loss": fused_loss,
+               "activation_checkpointing": activation_checkpointing, "compile": compile,
+               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     click.echo(json.dumps(summary))
+
+
+def _mean_over_ranks(ctx: DistContext, value: torch.Tensor) -> float:
+    if ctx.distributed:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= ctx.world
+    return float(value)
+
+
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
+def _peak_gib(dev) -> float | None:
+    return round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
+
+
+def _save_best(model, data: Path, out: Path) -> None:
+    if hasattr(model, "save_pretrained"):
+        tok = data / "tokenizer.model"
+        # an MHLA model also writes tokenizer.json, shims and generation_config.json (plain transformers)
+        extra = {"tokenizer_model": tok} if hasattr(model, "new_state") and tok.exists() else {}
+        model.save_pretrained(out / "best", **extra)
+        if tok.exists():
+            shutil.copy(data / "tokenizer.model", out / "best" / "tokenizer.model")
 
 
 if __name__ == "__main__":

@@ -16,3 +16,11 @@ def numba_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def pdl_supported() -> bool:
+    """Whether the decode kernels launch with programmatic dependent launch here."""
+    if not triton_available():
+        return False
+    from .triton_common import PDL  # imports triton: only when it is importable
+    return PDL

@@ -1,6 +1,40 @@
-"""Pieces shared by the Triton kernels: the mixing coefficient (SPEC section 2) and tile sizes."""
+"""Conventions shared by the Triton kernels: the interpreter and PDL switches, the mixing
+coefficient (SPEC section 2) with its clamp bounds, the autotuners' timer and tile sizes."""
+import torch
 import triton
 import triton.language as tl
+
+from ..mixing import CLAMP_MAX, CLAMP_MIN
+from ..switches import switches
+
+INTERPRET = switches().interpret  # TRITON_INTERPRET=1: kernels run on the CPU, one program at a time
+# the kernels read the raw mixing parameter and clamp it on load to the bounds of mixing.py
+MIX_LO: tl.constexpr = tl.constexpr(CLAMP_MIN)
+MIX_HI: tl.constexpr = tl.constexpr(CLAMP_MAX)
+
+
+def _pdl_supported() -> bool:
+    """Programmatic dependent launch (Hopper+): a kernel starts while its predecessor drains and
+    reads its weights before waiting for the predecessor's outputs. Off under the interpreter,
+    on older Triton, or with MHLA_STREAM_PDL=0."""
+    if INTERPRET or not switches().pdl or not torch.cuda.is_available():
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        return (hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+                and torch.cuda.get_device_capability()[0] >= 9)
+    except Exception:
+        return False
+
+
+PDL = _pdl_supported()
+
+
+@triton.jit
+def ring_block(last, w, W):
+    """The block held by ring slot ``w`` when ``last`` is the newest completed block (< 0: empty
+    slot). Block ``j`` lives in slot ``j % W``; ``torch_ops.ring_blocks`` is the same rule."""
+    return last - (((last - w) % W) + W) % W
 
 
 @triton.jit
@@ -15,14 +49,14 @@ def window_coef(m_ptr, L, i, j):
     col = tl.minimum(tl.maximum(col, 0), L - 1)
     # the raw parameter is read: clamp here (tril holds by construction, since col <= row)
     m = tl.load(m_ptr + tl.maximum(row, 0) * L + col, mask=ok, other=0.0).to(tl.float32)
-    return tl.where(ok, tl.minimum(tl.maximum(m, 1e-5), 1.0), 0.0)
+    return tl.where(ok, tl.minimum(tl.maximum(m, MIX_LO), MIX_HI), 0.0)
 
 
 @triton.jit
 def far_coef(m_ptr, L, i):
     """Weight of the *sum* of the blocks older than the window for query block ``i`` (window+far)."""
     count = (i - L + 1).to(tl.float32)
-    edge = tl.minimum(tl.maximum(tl.load(m_ptr + (L - 1) * L).to(tl.float32), 1e-5), 1.0)
+    edge = tl.minimum(tl.maximum(tl.load(m_ptr + (L - 1) * L).to(tl.float32), MIX_LO), MIX_HI)
     return tl.where(count > 0, edge / tl.maximum(count, 1.0), 0.0)
 
 
@@ -38,7 +72,7 @@ def ext_coef(m_ptr, L, i, j, FAR: tl.constexpr):
 def graph_bench(fn, quantiles=None):
     """The autotuners' timer: CUDA-graph replays, so that a slow host's launch overhead (100+ us
     a launch seen on the GPU machine) does not drown the difference between configurations."""
-    from triton.testing import do_bench_cudagraph
+    from triton.testing import do_bench_cudagraph  # the testing module is needed only when tuning
     return do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 

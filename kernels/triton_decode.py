@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import far_coef, pow2, window_coef
-from .triton_skinny import PDL
+from .triton_common import PDL, far_coef, pow2, ring_block, window_coef
 
 
 @triton.jit
@@ -94,7 +93,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
                 tl.store(ring + t1, r1, mask=mt1)
                 tl.store(ring + t2, r2, mask=mt2)
                 cur1, cur2 = r1, r2
-            jw = (nxt - 1) - (((nxt - 1 - w) % W) + W) % W                              # block now in slot w
+            jw = ring_block(nxt - 1, w, W)                             # block now in slot w
             coef = window_coef(m_ptr, L, nxt, jw)
             acc1 += coef * cur1
             acc2 += coef * cur2
@@ -111,9 +110,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
     tl.store(r_ptr + head + t2, r2, mask=mt2)
 
 
-def decode_into(o, q, k, v, mc, state, scale, rope=None):
+def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None):
     """Launch the decode kernel. q, k: [B, H, K] views (any batch/head strides, unit last stride);
-    v: [B, H, V]; o: [B, H, V] output. ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to
+    v: [B, H, V]; o: [B, H, V] output; ``raw_mixing``: the [L, L] parameter (clamped on load). ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to
     the raw q, k in the kernel (the model's fused decode); None takes q, k as features already."""
     B, H, K = q.shape
     V = v.shape[-1]
@@ -122,20 +121,21 @@ def decode_into(o, q, k, v, mc, state, scale, rope=None):
     cos, sin = rope if rope is not None else (state.partial, state.partial)
     BV = min(pow2(V), 16)  # many small programs: at batch 1 the step is latency bound
     _decode_kernel[(B * H, triton.cdiv(V, BV))](
-        q, k, v, o, state.partial, state.prefix, state.ring, state.far, state.pos, mc, cos, sin,
-        mc.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
+        q, k, v, o, state.partial, state.prefix, state.ring, state.far, state.pos, raw_mixing, cos, sin,
+        raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0, PDL=PDL, BK2=pow2((K + 1) // 2), BV=BV,
         num_warps=4, launch_pdl=PDL)
     return o
 
 
-def decode_step(q, k, v, mc, state, scale):
-    """q, k [B, 1, H, K], v [B, 1, H, V] -> o [B, 1, H, V]; advances ``state`` by one token."""
+def decode_step(q, k, v, raw_mixing, state, scale):
+    """q, k [B, 1, H, K], v [B, 1, H, V] -> o [B, 1, H, V]; advances ``state`` by one token.
+    ``raw_mixing``: the [L, L] parameter as it is (the kernel clamps on load)."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if q.stride() != k.stride():
         q, k = q.contiguous(), k.contiguous()
     o = torch.empty_like(v, memory_format=torch.contiguous_format)
-    decode_into(o[:, 0], q[:, 0], k[:, 0], v[:, 0], mc, state, scale)
+    decode_into(o[:, 0], q[:, 0], k[:, 0], v[:, 0], raw_mixing, state, scale)
     state.pos += 1
     return o

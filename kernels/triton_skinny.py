@@ -15,37 +15,17 @@ Rounding follows the unfused model: each value that the eager code stores in the
 dtype is rounded to it here too. One row (M = 1) multiplies and row-sums [BN, BK] weight tiles;
 more rows use ``tl.dot`` tiles of 16+ rows.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import graph_bench, pow2
+from .triton_common import INTERPRET, PDL, graph_bench, pow2
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
 # few configurations: each costs a compile at the first decode step of a new model shape
 _GEMV = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=3)
          for bn in (2, 4, 8, 16) for bk, w in ((512, 4), (1024, 8))]
 _DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3) for bn in (16, 32, 64) for bk in (128, 256)]
-
-
-def _pdl_supported() -> bool:
-    """Programmatic dependent launch (Hopper+): a kernel starts while its predecessor drains and
-    reads its weights before waiting for the predecessor's outputs. Off under the interpreter,
-    on older Triton, or with MHLA_STREAM_PDL=0."""
-    if _INTERPRET or os.environ.get("MHLA_STREAM_PDL", "1") == "0" or not torch.cuda.is_available():
-        return False
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-        return (hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
-                and torch.cuda.get_device_capability()[0] >= 9)
-    except Exception:
-        return False
-
-
-PDL = _pdl_supported()
 
 
 @triton.jit
@@ -146,7 +126,7 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     bm = 1 if small else min(pow2(M, 16), 64)
     dummy = x
     launch, fixed = (_gemv if small else _gemm), {}
-    if _INTERPRET:  # no tuning; few programs, since the interpreter runs them one by one
+    if INTERPRET:  # no tuning; few programs, since the interpreter runs them one by one
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 64}
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, bm))  # noqa: E731
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
@@ -154,6 +134,6 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
                  x.stride(0), gate.stride(0) if gate is not None else 0,
                  residual.stride(0) if residual is not None else 0, y.stride(0),
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-                 DOT=not small, F32_DOT=_INTERPRET or x.dtype == torch.float32, BM=bm,
+                 DOT=not small, F32_DOT=INTERPRET or x.dtype == torch.float32, BM=bm,
                  NG=pow2(K // gs, 1), BGS=pow2(gs, 1), PDL=PDL, launch_pdl=PDL, **fixed)
     return y

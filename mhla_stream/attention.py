@@ -8,10 +8,20 @@ from __future__ import annotations
 import torch
 
 from . import torch_ops
-from .mixing import DEFAULT_POLICY, check_policy, prepare_mixing
+from .kernels import numba_available, triton_available
+from .mixing import DEFAULT_POLICY, check_policy, has_far, prepare_mixing
+from .plan import BACKENDS, resolve_backend
 from .state import MHLAState
 
-BACKENDS = ("auto", "torch", "triton", "numba")
+# optional compiled backends, imported only where their package is installed
+triton_chunk_prefill = triton_decode_step = numba_decode = None
+if triton_available():
+    from .kernels.triton_chunk import chunk_prefill as triton_chunk_prefill
+    from .kernels.triton_decode import decode_step as triton_decode_step
+if numba_available():
+    from .kernels.numba_decode import numba_decode
+
+__all__ = ["mhla_attention", "torch_mhla", "resolve_backend", "BACKENDS"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -22,7 +32,7 @@ def _check_inputs(q, k, v, lengths):
         if x.dim() != 4:
             raise ValueError(f"{name} must be [B, T, H, D] (4 dims), got shape {tuple(x.shape)}")
         if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32/float16/bfloat16, got {x.dtype}")
+            raise TypeError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}")
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
@@ -38,44 +48,6 @@ def _check_inputs(q, k, v, lengths):
             raise ValueError(f"lengths must be an integer tensor of shape [B] = [{q.shape[0]}]")
         if bool((lengths < 0).any()) or bool((lengths > q.shape[1]).any()):
             raise ValueError(f"lengths must lie in [0, T={q.shape[1]}], got {lengths.tolist()}")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        if device.type == "cuda":
-            return "triton" if _available("triton") else "torch"
-        return "numba" if _available("numba") else "torch"
-    if backend != "torch" and not _available(backend):
-        raise RuntimeError(f"backend {backend!r} is not available here: {_why_unavailable(backend)}")
-    if backend == "triton" and device.type != "cuda" and not _triton_interpret():
-        raise RuntimeError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
-    if backend == "numba" and device.type != "cpu":
-        raise RuntimeError(f"backend 'numba' runs on CPU tensors, got {device}")
-    return backend
-
-
-def _triton_interpret() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _available(name: str) -> bool:
-    return _why_unavailable(name) is None
-
-
-def _why_unavailable(name: str):
-    try:
-        if name == "triton":
-            from .kernels import triton_available
-            return None if triton_available() else "triton is not importable"
-        if name == "numba":
-            from .kernels import numba_available
-            return None if numba_available() else "numba is not importable"
-    except ImportError as e:  # pragma: no cover - depends on the install
-        return str(e)
-    return None
 
 
 def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: MHLAState | None = None,
@@ -95,8 +67,8 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     chosen = resolve_backend(backend, q.device)
-    mc = _mixing_for(chosen, mixing, q.device)
-    L = mc.shape[0]
+    mixing = mixing_for(chosen, mixing, q.device)  # raw for Triton (clamped in-kernel), else clamped
+    L = mixing.shape[0]
     scale = K ** -0.5 if scale is None else float(scale)
     if state is not None:
         if not isinstance(state, MHLAState):
@@ -111,22 +83,23 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
                                 policy=check_policy(policy or DEFAULT_POLICY), device=q.device)
     policy = state.policy if state is not None else check_policy(policy or DEFAULT_POLICY)
 
-    if chosen == "triton":
-        from .kernels.triton_ops import triton_mhla
-        o = triton_mhla(q, k, v, mc, scale=scale, block_size=block_size, policy=policy, state=state,
-                        lengths=lengths)
-    elif chosen == "numba" and state is not None:
-        from .kernels.numba_ops import numba_mhla
-        o = numba_mhla(q, k, v, mc, scale=scale, block_size=block_size, policy=policy, state=state,
-                       lengths=lengths)
+    # the form: a stateful call of one token per sequence is a decode step (recurrent form), any
+    # other call the chunk form; numba has only the decode form (its prefill is torch's chunk form)
+    decode = state is not None and T == 1 and lengths is None
+    if chosen == "triton" and decode:
+        o = triton_decode_step(q, k, v, mixing, state, scale)
+    elif chosen == "triton":
+        o = triton_chunk_prefill(q, k, v, mixing, scale, block_size, has_far(policy), state, lengths)
+    elif chosen == "numba" and decode:
+        o = numba_decode(q, k, v, mixing, scale=scale, block_size=block_size, state=state)
     else:
-        o = _torch_mhla(q, k, v, mc, scale, block_size, policy, state, lengths)
+        o = torch_mhla(q, k, v, mixing, scale, block_size, policy, state, lengths)
     return (o, state) if return_state else o
 
 
-def _mixing_for(backend: str, mixing, device):
+def mixing_for(backend: str, mixing, device):
     """The Triton kernels clamp on load, so they take the raw [L, L] parameter as it is (no extra
-    launches per call); every other form takes the prepared fp32 matrix."""
+    launches per call); every other form takes the clamped fp32 matrix (``prepare_mixing``)."""
     if backend == "triton" and isinstance(mixing, torch.Tensor) and mixing.is_floating_point() \
             and mixing.device == device and mixing.dim() >= 2:
         raw = mixing.reshape(mixing.shape[0], -1)
@@ -135,7 +108,10 @@ def _mixing_for(backend: str, mixing, device):
     return prepare_mixing(mixing).to(device)
 
 
-def _torch_mhla(q, k, v, mc, scale, block_size, policy, state, lengths):
+def torch_mhla(q, k, v, clamped, scale, block_size, policy, state, lengths):
+    """The torch forms: chunk (with or without a state) or one-token decode. ``clamped`` is the
+    prepared fp32 mixing matrix."""
+    mc = clamped
     B, T = q.shape[:2]
     if state is None:
         return torch_ops.chunk_forward(q, k, v, mc, scale, block_size, policy)[0]

@@ -2,6 +2,8 @@
 
 Nothing grows with the context: each layer keeps its bounded MHLA state. ``seen`` counts the
 columns of ``input_ids`` already consumed (padding included), which is what ``generate`` asks.
+It is derived, never counted separately: the state's position (the one truth for real tokens)
+plus the padding columns that the model skipped (``add_padding``).
 """
 from __future__ import annotations
 
@@ -17,10 +19,19 @@ class MHLACache(Cache):
     def __init__(self, states: list[MHLAState]):
         super().__init__(layers=[])
         self.states = states
-        self.seen = 0
+        # per sequence: attention-masked columns consumed without entering the state (host side)
+        self.padding = torch.zeros(states[0].batch_size if states else 0, dtype=torch.long)
 
     def __len__(self):
         return len(self.states)
+
+    @property
+    def seen(self) -> int:
+        """Columns of ``input_ids`` consumed: tokens in the state plus padding (same for every row)."""
+        return int(self.states[0].pos[0]) + int(self.padding[0]) if self.states else 0
+
+    def add_padding(self, columns: torch.Tensor) -> None:
+        self.padding += columns.cpu()
 
     def __repr__(self):
         return f"MHLACache(layers={len(self.states)}, seen={self.seen}, bytes={self.nbytes})"
@@ -47,13 +58,14 @@ class MHLACache(Cache):
     def reset(self):
         for s in self.states:
             s.zero_()
-        self.seen = 0
+        self.padding.zero_()
 
     def crop(self, max_length: int):
         raise NotImplementedError("a recurrent MHLA state cannot be cropped; take a snapshot and restore it instead")
 
     def _reindex(self, index: torch.Tensor):
         self.states = [s.select(index.to(s.device)).clone() for s in self.states]
+        self.padding = self.padding[index.cpu()].clone()
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self._reindex(beam_idx)

@@ -3,14 +3,14 @@ can run as one fused kernel (``torch.compile``); on the CPU, and whenever gradie
 plain eager code runs. ``MHLA_STREAM_COMPILE=0`` turns compilation off.
 
 Fusing matters for prefill and for batched decode (batch 1 decode has its own five-launch path,
-``fused_decode.py``).
+``MHLABlock.decode_step``). The execution plan reports the choice (``compile_elementwise``).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from .switches import switches
 
 
 def rms_norm(x, weight, eps: float):
@@ -18,11 +18,40 @@ def rms_norm(x, weight, eps: float):
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
+# RoPE angles must be exact at any position: the stream has no length limit, and an fp32
+# ``pos * freq`` is off by radians past ~1e7 tokens. Each frequency f is the fp32 value the model
+# was trained with, held in float64. A position p = hi * 2**20 + lo gives the angle
+#     lo * f                    exact in float64 (20-bit lo times 24-bit f)
+#   + hi * ((2**20 * f) mod 2pi)  the reduced constant to ~1e-16, so ~1e-9 rad off at p = 2**40,
+# and float64 cos/sin then reduce the sum exactly. 2pi is split Cody-Waite style (a 30-bit head
+# whose multiples by k < 2**23 are exact, and a float64 tail) so the reduction costs no accuracy.
+_POS_SPLIT = 1 << 20
+_TWO_PI_HEAD = 6.283185303211212158203125     # 2pi truncated to 30 significant bits (exact)
+_TWO_PI_TAIL = 3.968374318722162e-09          # float64(2pi - head)
+
+
+def rope_frequencies(dim: int, theta: float, device=None):
+    """The model's inverse frequencies: computed in fp32 (as trained), returned in float64."""
+    return (theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)).double()
+
+
+def rope_angles(positions, dim: int, theta: float):
+    """Angles [..., dim/2] in float64 for integer ``positions``, exact to ~1e-9 rad up to 2**40 and
+    drifting only ~1e-16 rad per 2**20 tokens past it; the same function serves every path."""
+    f = rope_frequencies(dim, theta, positions.device)
+    scaled = f * _POS_SPLIT                                   # exact: a power of two
+    k = torch.round(scaled / (_TWO_PI_HEAD + _TWO_PI_TAIL))
+    reduced = (scaled - k * _TWO_PI_HEAD) - k * _TWO_PI_TAIL  # (2**20 f) mod 2pi, in [-pi, pi]
+    pos = positions.to(torch.int64)
+    hi = torch.div(pos, _POS_SPLIT, rounding_mode="floor").to(torch.float64)[..., None]
+    lo = torch.remainder(pos, _POS_SPLIT).to(torch.float64)[..., None]
+    return lo * f + hi * reduced
+
+
 def rope_tables(positions, dim: int, theta: float):
-    """cos, sin [B, T, 1, dim/2] for GPT-NeoX rotate-half RoPE at integer ``positions`` [B, T]."""
-    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
-    ang = positions.to(torch.float32)[..., None] * inv_freq
-    return ang.cos()[:, :, None], ang.sin()[:, :, None]
+    """cos, sin [B, T, 1, dim/2] fp32 for GPT-NeoX rotate-half RoPE at integer ``positions`` [B, T]."""
+    ang = rope_angles(positions, dim, theta)
+    return ang.cos().float()[:, :, None], ang.sin().float()[:, :, None]
 
 
 def rope_at(start, T: int, dim: int, theta: float):
@@ -51,7 +80,7 @@ _COMPILED: dict = {}
 def fast(fn):
     """``fn`` or its compiled form: compiled only for CUDA tensors with gradients off."""
     def call(x, *args):
-        if x.is_cuda and not torch.is_grad_enabled() and os.environ.get("MHLA_STREAM_COMPILE", "1") != "0":
+        if x.is_cuda and not torch.is_grad_enabled() and switches().compile:
             compiled = _COMPILED.get(fn)
             if compiled is None:
                 compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)

@@ -19,14 +19,14 @@ from .cache import MHLACache
 
 
 class GraphStep:
-    def __init__(self, model, cache: MHLACache, chunk: int = 1, warmup: int = 2):
+    def __init__(self, model, cache: MHLACache, chunk: int = 1, warmup: int = 2, plan=None):
         if model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model on a CUDA device")
         self.model, self.cache, self.chunk = model, cache, chunk
         B = cache.states[0].batch_size
+        self.plan = plan if plan is not None else model.make_plan(B)  # captured with this plan
         self.ids = torch.zeros(B, chunk, dtype=torch.long, device=model.device)
         saved = [s.clone() for s in cache.states]
-        seen = cache.seen
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -36,23 +36,41 @@ class GraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
             self.logits = self._forward()
-        for live, s in zip(cache.states, saved):
+        for live, s in zip(cache.states, saved):  # positions included
             live.copy_(s)
-        cache.seen = seen
 
     def _forward(self):
-        return self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        return self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                          plan=self.plan).logits
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, chunk] -> logits of the last token [B, 1, V] (a view of a static buffer: copy it to keep it)."""
         self.ids.copy_(ids)
-        self.graph.replay()
-        self.cache.seen += self.chunk
+        self.graph.replay()  # moves the states' positions on the device
         return self.logits
 
 
 class GraphDecoder(GraphStep):
     """The decode step (one token per sequence)."""
 
-    def __init__(self, model, cache: MHLACache, warmup: int = 2):
-        super().__init__(model, cache, 1, warmup)
+    def __init__(self, model, cache: MHLACache, warmup: int = 2, plan=None):
+        super().__init__(model, cache, 1, warmup, plan)
+
+
+def prefill(model, cache: MHLACache, ids: torch.Tensor, chunk: int, plan, graph: GraphStep | None = None,
+            progress=None):
+    """Feeds ``ids`` [B, T] into ``cache`` in chunks of ``chunk`` tokens (bounded activation
+    memory); a full chunk replays ``graph`` where one is given. Returns the last token's logits
+    [B, V] (with a graph, possibly a view of its static buffer: copy it to keep it). Written once:
+    ``StreamingMHLA.feed`` and ``mhla-bench`` both prefill through here. ``progress(done, total)``
+    is called after each chunk."""
+    logits = None
+    for start in range(0, ids.shape[1], chunk):
+        piece = ids[:, start:start + chunk]
+        if graph is not None and piece.shape[1] == graph.chunk:
+            logits = graph.step(piece)[:, -1]
+        else:
+            logits = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1, plan=plan).logits[:, -1]
+        if progress is not None:
+            progress(start + piece.shape[1], ids.shape[1])
+    return logits

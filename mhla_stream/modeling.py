@@ -14,42 +14,48 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import fused_decode
 from .attention import mhla_attention
 from .cache import MHLACache
+from .checkpoint import CheckpointError, check_and_load, read_checkpoint
 from .configuration import MHLAConfig
 from .fused import gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_at_fast, swiglu_fast
+from .kernels import triton_available
 from .mixing import init_mixing
+from .plan import ExecutionPlan, make_plan
 from .state import MHLAState
 
+if triton_available():  # optional: the fused CUDA inference paths
+    from .kernels.triton_decode import decode_into
+    from .kernels.triton_features import relu_rope_qk
+    from .kernels.triton_skinny import skinny_linear
 
-class FusedLinears:
-    """At inference on a GPU, several projections of the same input run as one matrix product over
-    their concatenated weights (fewer launches per decoded token). The concatenation is cached
-    and rebuilt whenever a weight changes (``_version``) or moves."""
 
-    def __init__(self):
-        self._key, self._weight = None, None
+class ConcatenatedWeight:
+    """The weights of several projections of one input, concatenated, so that at inference on a
+    GPU they run as one matrix product (fewer launches per decoded token). A real tensor, made
+    on first use (``MHLAForCausalLM.prepare_inference`` makes them all up front) and made again
+    whenever a source weight is replaced, moved or cast (``to()``), or changed in place
+    (``load_state_dict``, an optimizer step: its version counter moves)."""
 
-    def weight(self, *linears):
-        ws = [lin.weight for lin in linears]
-        key = tuple((w.data_ptr(), w._version, w.dtype) for w in ws)
-        if key != self._key:
-            self._weight, self._key = torch.cat(ws, 0), key
-            if self._weight.is_cuda and not torch.cuda.is_current_stream_capturing():
+    def __init__(self, *linears: nn.Linear):
+        self._linears = linears  # a plain tuple: the modules stay registered on their owner only
+        self._made_from, self.tensor = None, None
+
+    def _source_key(self, ws):
+        return tuple((w, w._version, w.device, w.dtype) for w in ws)
+
+    def get(self) -> torch.Tensor:
+        ws = [lin.weight for lin in self._linears]
+        key = self._source_key(ws)
+        stale = self._made_from is None or any(
+            a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(key, self._made_from))
+        if stale:
+            self.tensor, self._made_from = torch.cat(ws, 0), key
+            if self.tensor.is_cuda and not torch.cuda.is_current_stream_capturing():
                 # the decode kernels read their first weight tile before waiting on the previous
                 # kernel (programmatic dependent launch): the new copy must be complete by then
                 torch.cuda.current_stream().synchronize()
-        return self._weight
-
-
-def fuse_here(x) -> bool:
-    return x.is_cuda and not torch.is_grad_enabled()
-
-
-def _triton_features() -> bool:
-    from .kernels import triton_available
-    return triton_available() and os.environ.get("MHLA_STREAM_FUSED_DECODE", "1") != "0"
+        return self.tensor
 
 
 class RMSNorm(nn.Module):
@@ -74,32 +80,30 @@ class MHLAAttention(nn.Module):
         self.g_proj = nn.Linear(config.hidden_size, H * V, bias=False)
         self.o_proj = nn.Linear(H * V, config.hidden_size, bias=False)
         self.g_norm_swish_gate = RMSNorm(V, config.norm_eps)
-        self.mixing_matrix = nn.Parameter(init_mixing(config.num_blocks))
-        self._fused = FusedLinears()
+        self.mixing_matrix = nn.Parameter(init_mixing(config.num_blocks))  # raw: clamped where it is read
+        self.qkvg_weight = ConcatenatedWeight(self.q_proj, self.k_proj, self.v_proj, self.g_proj)
 
-    def forward(self, x, rope, state: MHLAState | None = None, lengths=None, backend: str = "auto"):
+    def forward(self, x, rope, state: MHLAState | None, lengths, plan: ExecutionPlan):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         cos, sin = rope
-        lins = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
-        if fuse_here(x) and _triton_features():
+        if plan.triton_features:
             # one product for q, k, v, g; one launch for relu + RoPE of q and k, read in place
-            from .kernels.triton_features import relu_rope_qk
-            qk, v, g = F.linear(x, self._fused.weight(*lins)).split([2 * H * K, H * V, H * V], -1)
+            qk, v, g = F.linear(x, self.qkvg_weight.get()).split([2 * H * K, H * V, H * V], -1)
             qk = relu_rope_qk(qk, cos, sin, H, K)
             q, k = qk[:, :, :H], qk[:, :, H:]
         else:
-            if fuse_here(x):
-                q, k, v, g = F.linear(x, self._fused.weight(*lins)).split([H * K, H * K, H * V, H * V], -1)
+            if plan.fused_projections:
+                q, k, v, g = F.linear(x, self.qkvg_weight.get()).split([H * K, H * K, H * V, H * V], -1)
             else:
-                q, k, v, g = (lin(x) for lin in lins)
+                q, k, v, g = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj))
             q = relu_rope_fast(q.reshape(B, T, H, K), cos, sin)
             k = relu_rope_fast(k.reshape(B, T, H, K), cos, sin)
         v = v.reshape(B, T, H, V)
         g = g.reshape(B, T, H, V)
         o = mhla_attention(q, k, v, self.mixing_matrix, block_size=self.config.block_size, state=state,
-                           backend=backend, policy=None if state is not None else self.config.mixing_policy,
-                           lengths=lengths)
+                           backend=plan.backend_for(T, state is not None),
+                           policy=None if state is not None else self.config.mixing_policy, lengths=lengths)
         o = gated_norm_fast(o, self.g_norm_swish_gate.weight, g, self.g_norm_swish_gate.eps)
         return self.o_proj(o.reshape(B, T, H * V))
 
@@ -110,11 +114,11 @@ class MHLAMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self._fused = FusedLinears()
+        self.gate_up_weight = ConcatenatedWeight(self.gate_proj, self.up_proj)
 
-    def forward(self, x):
-        if fuse_here(x):
-            gate, up = F.linear(x, self._fused.weight(self.gate_proj, self.up_proj)).chunk(2, -1)
+    def forward(self, x, plan: ExecutionPlan):
+        if plan.fused_projections:
+            gate, up = F.linear(x, self.gate_up_weight.get()).chunk(2, -1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(swiglu_fast(gate, up))
@@ -128,9 +132,44 @@ class MHLABlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MHLAMLP(config)
 
-    def forward(self, x, rope, state=None, lengths=None, backend="auto"):
-        h = x + self.attn(self.attn_norm(x), rope, state, lengths, backend)
-        return h + self.mlp(self.mlp_norm(h))
+    def forward(self, x, rope, state, lengths, plan: ExecutionPlan):
+        h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
+        return h + self.mlp(self.mlp_norm(h), plan)
+
+    def decode_step(self, x, cos, sin, state: MHLAState):
+        """One token per sequence through the block in five launches (CUDA inference, Triton):
+
+            qkvg = RMSNorm(x) W_qkvg^T                         skinny product, norm in its prologue
+            o    = MHLA decode(relu+RoPE(q), relu+RoPE(k), v)  state update and block close in one kernel
+            h    = x + (RMSNorm_V(o) * silu(g)) W_o^T          gated output norm in the prologue, residual
+            a    = silu(RMSNorm(h) W_gate^T) * (RMSNorm(h) W_up^T)
+            out  = h + a W_down^T
+
+        against about 17 launches of ``forward``. x [B, 1, D] -> [B, 1, D]; cos, sin [B, K/2] fp32.
+        ``state`` is advanced except its position: the caller moves every layer's at once
+        (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
+        to the activation dtype; only summation order differs.
+        """
+        attn, mlp = self.attn, self.mlp
+        B = x.shape[0]
+        H, K, V = attn.num_heads, attn.head_k_dim, attn.head_v_dim
+        # the checks mhla_attention makes on the other path (host-side shapes only: no sync)
+        state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
+        x2 = x.reshape(B, -1)
+        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps)
+        hk, hv = H * K, H * V
+        q = qkvg[:, :hk].view(B, H, K)
+        k = qkvg[:, hk:2 * hk].view(B, H, K)
+        v = qkvg[:, 2 * hk:2 * hk + hv].view(B, H, V)
+        g = qkvg[:, 2 * hk + hv:]
+        o = torch.empty(B, H, V, device=x.device, dtype=x.dtype)
+        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin))  # raw mixing: clamped in-kernel
+        gn = attn.g_norm_swish_gate
+        h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
+                          residual=x2)
+        a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
+                          swiglu=True)
+        return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1)
 
 
 class MHLAPreTrainedModel(PreTrainedModel):
@@ -157,7 +196,6 @@ class MHLAModel(MHLAPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([MHLABlock(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.fused_decode = None  # None: fused decode kernels on CUDA at inference; True/False forces
         self.post_init()
 
     def get_input_embeddings(self):
@@ -167,20 +205,29 @@ class MHLAModel(MHLAPreTrainedModel):
         self.embeddings = value
 
     def forward(self, input_ids=None, inputs_embeds=None, states: list[MHLAState] | None = None,
-                lengths=None, backend: str = "auto"):
+                lengths=None, plan: ExecutionPlan | None = None):
+        """``plan``: how to run (``plan.make_plan``); None: the default for these inputs."""
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
+        plan = plan_for_call(plan, x, self.training)
         start = states[0].pos[:, None] if states is not None else torch.zeros(B, 1, dtype=torch.long, device=x.device)
         rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
-        if fused_decode.wanted(self, x, states, lengths, backend):
+        if plan.fused_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
             for layer, state in zip(self.layers, states):
-                x = fused_decode.block_step(layer, x, cos, sin, state)
-            fused_decode.advance_positions(states)
+                x = layer.decode_step(x, cos, sin, state)
+            MHLAState.advance_positions(states)
             return self.norm(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, None if states is None else states[i], lengths, backend)
+            x = layer(x, rope, None if states is None else states[i], lengths, plan)
         return self.norm(x)
+
+
+def plan_for_call(plan: ExecutionPlan | None, x: torch.Tensor, training: bool) -> ExecutionPlan:
+    """The given plan, or the default one for ``x``'s device, dtype and batch; while gradients
+    flow, without the inference-only paths."""
+    plan = plan if plan is not None else make_plan(x.device, x.dtype, x.shape[0])
+    return plan.with_gradients(training) if torch.is_grad_enabled() else plan
 
 
 class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
@@ -190,7 +237,6 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MHLAModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.attn_backend = "auto"  # set by the runtime; "torch" is used whenever gradients flow
         self.post_init()
 
     def get_input_embeddings(self):
@@ -213,14 +259,25 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
                                 num_blocks=c.num_blocks, policy=policy or c.mixing_policy, device=device)
                 for _ in range(c.num_hidden_layers)]
 
-    def _backend(self) -> str:
-        return "torch" if (torch.is_grad_enabled() and self.training) else self.attn_backend
+    def make_plan(self, batch_size: int = 1, **options) -> ExecutionPlan:
+        """An execution plan for this model's device and dtype (options: see ``plan.make_plan``)."""
+        return make_plan(self.device, self.dtype, batch_size, **options)
+
+    def prepare_inference(self) -> "MHLAForCausalLM":
+        """Makes the concatenated projection weights now (on CUDA) rather than at the first call.
+        They follow later weight changes by themselves; this only moves the work to load time."""
+        if self.device.type == "cuda":
+            for layer in self.model.layers:
+                layer.attn.qkvg_weight.get()
+                layer.mlp.gate_up_weight.get()
+        return self
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
-                use_cache=None, logits_to_keep: int = 0, **kwargs):
+                use_cache=None, logits_to_keep: int = 0, plan: ExecutionPlan | None = None, **kwargs):
         """Causal LM forward. With ``past_key_values`` (an ``MHLACache``) the call continues the stream;
         with ``use_cache`` and no cache a new one is made and returned. ``attention_mask`` [B, T] may
-        pad on either side: padded tokens neither move positions nor enter the state."""
+        pad on either side: padded tokens neither move positions nor enter the state. ``plan``: how
+        to run this call (``make_plan``); None: the default for the inputs' device, dtype and batch."""
         cache = past_key_values if isinstance(past_key_values, MHLACache) else None
         x = self.model.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
@@ -233,14 +290,15 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
             if bool(mask.all()):
                 mask = None
         if mask is None:
-            hidden = self.model(inputs_embeds=x, states=states, backend=self._backend())
+            hidden = self.model(inputs_embeds=x, states=states, plan=plan)
         else:  # move each row's real tokens to the front, run with lengths, move them back
             order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
             packed = x.gather(1, order[..., None].expand_as(x))
-            hidden = self.model(inputs_embeds=packed, states=states, lengths=mask.sum(1), backend=self._backend())
+            lengths = mask.sum(1)
+            hidden = self.model(inputs_embeds=packed, states=states, lengths=lengths, plan=plan)
             hidden = torch.empty_like(hidden).scatter_(1, order[..., None].expand_as(hidden), hidden)
-        if cache is not None:
-            cache.seen += T
+            if cache is not None:
+                cache.add_padding(T - lengths)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep])
         loss = None
@@ -252,7 +310,8 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
                                       use_cache=True, **kwargs):
         cache = past_key_values if isinstance(past_key_values, MHLACache) else None
         seen = cache.seen if cache is not None else 0
-        inputs = {"past_key_values": cache, "use_cache": use_cache, "attention_mask": attention_mask}
+        inputs = {"past_key_values": cache, "use_cache": use_cache, "attention_mask": attention_mask,
+                  "plan": kwargs.get("plan")}
         if inputs_embeds is not None and seen == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:
@@ -266,22 +325,39 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         return past_key_values
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, device=None, **kwargs):
-        """Loads a local checkpoint in this project's layout or the reference layout (SPEC section 3).
-
-        ``dtype``/``device`` place the weights; anything else is handed to transformers for hub ids.
-        """
-        from .checkpoint import check_and_load, read_checkpoint
-
-        path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            if os.path.exists(path) or os.sep in path or path.startswith("."):
-                from .checkpoint import CheckpointError
-                raise CheckpointError(f"{path}: not a checkpoint directory")
-            return super().from_pretrained(path, *args, dtype=dtype, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path="mhla-stories-17m", *args, dtype=None, device=None,
+                        weights=None, **kwargs):
+        """Loads a checkpoint folder (this project's layout or the reference layout, SPEC section 3), a
+        shipped name (``mhla-stories-17m``), ``mhla-340m`` (with ``weights``) or a Hub id already in the
+        huggingface_hub cache. Never touches the network. ``dtype``: a torch dtype, a name such as
+        ``"bfloat16"``, or ``"auto"`` (the stored dtype); default float32."""
+        from .hub import HUB_ID, resolve_model
+        from .loading import check_kwargs, load_local
+        if args:
+            raise TypeError("MHLAForCausalLM.from_pretrained takes one positional argument (name or path)")
         dtype = kwargs.pop("torch_dtype", None) or dtype
-        config, tensors, _layout = read_checkpoint(path)
-        model = cls(config)
-        check_and_load(model, tensors, path)
-        model.to(device=device, dtype=dtype if dtype not in (None, "auto") else None)
-        return model.eval()
+        check_kwargs(kwargs)
+        path = os.fspath(pretrained_model_name_or_path)
+        looks_like_path = path.startswith((".", "/", "~")) or (os.sep in path and not HUB_ID.fullmatch(path))
+        if not os.path.isdir(path) and (os.path.exists(path) or looks_like_path):
+            from .checkpoint import CheckpointError
+            raise CheckpointError(f"{path}: not a checkpoint directory")
+        return load_local(cls, resolve_model(path, weights), dtype=dtype, device=device)
+
+    def save_pretrained(self, save_directory, *args, tokenizer_model=None, **kwargs):
+        """transformers' save plus the files that let plain transformers load the folder: shims named in
+        ``auto_map``, ``tokenizer.json`` (from ``tokenizer_model`` or the tokenizer of the folder this
+        model was loaded from) and ``generation_config.json``."""
+        from .loading import save_with_hf_files
+
+        def save_base(directory, **kw):
+            return super(MHLAForCausalLM, self).save_pretrained(directory, *args, **kw)
+        save_with_hf_files(self, save_directory, save_base, tokenizer_model, **kwargs)
+
+
+def _register_with_transformers() -> None:
+    from . import register_auto_classes
+    register_auto_classes()
+
+
+_register_with_transformers()  # importing the model classes makes AutoModelForCausalLM know "mhla"

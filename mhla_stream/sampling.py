@@ -1,13 +1,23 @@
-"""Next-token selection: greedy or sampling with temperature, top-k, top-p and repetition penalty.
+"""Next-token selection: greedy or sampling with temperature, top-k, top-p, min-p and repetition penalty.
 
 The transforms are applied in the order transformers' ``generate`` applies them (repetition
-penalty, temperature, top-k, top-p), so the same seed and settings give the same tokens.
+penalty, temperature, top-k, top-p, min-p), so the same seed and settings give the same tokens.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+
+# The documented defaults (README, "Generation settings"): used for what a model folder's
+# generation_config.json does not say. No repetition penalty, so greedy decoding (-t 0,
+# do_sample=False) is exactly transformers' greedy with the same folder.
+DEFAULTS = {"max_new_tokens": 200, "do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
+# settings shared with transformers.GenerationConfig (the rest are the runtime's own)
+HF_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
 
 
 @dataclass
@@ -16,6 +26,7 @@ class SamplingParams:
     temperature: float = 1.0     # 0 means greedy
     top_k: int = 0               # 0 disables
     top_p: float = 1.0           # 1 disables
+    min_p: float = 0.0           # 0 disables; else drop tokens below min_p x the top probability
     repetition_penalty: float = 1.0
     do_sample: bool = True
     seed: int | None = None
@@ -26,13 +37,19 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens must be an int >= 0"),
-            (_num(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0 (0 = greedy)"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an int >= 0 (0 = off)"),
+            (_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens must be an int >= 0"),
+            (_num(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0 (0 = greedy)"),
+            (_int(self.top_k) and self.top_k >= 0, "top_k must be an int >= 0 (0 = off)"),
             (_num(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (self.seed is None or isinstance(self.seed, int), "seed must be an int or None"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (_num(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1] (0 = off)"),
+            (_num(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty must be a finite number > 0"),
+            (isinstance(self.do_sample, bool), "do_sample must be true or false"),
+            (isinstance(self.stop_at_eos, bool), "stop_at_eos must be true or false"),
+            (self.seed is None or (_int(self.seed) and 0 <= self.seed < 2 ** 64),
+             "seed must be None or an int in [0, 2**64)"),
+            (isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
+             "stop must be a list of non-empty strings"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -44,15 +61,62 @@ class SamplingParams:
 
     @classmethod
     def from_kwargs(cls, **kw) -> "SamplingParams":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(kw) - known)
-        if unknown:
-            raise TypeError(f"unknown sampling argument(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        """Explicit settings only: what is not given keeps the dataclass's neutral value."""
+        _check_names(kw)
         return cls(**{k: v for k, v in kw.items() if v is not None})
+
+    @classmethod
+    def resolve(cls, generation_config=None, **kw) -> "SamplingParams":
+        """The one place settings come from: ``kw`` (None = not given), then the model folder's
+        ``generation_config`` (a ``transformers.GenerationConfig`` or a dict; only what it sets),
+        then ``DEFAULTS``. ``temperature=0`` means greedy, as ``do_sample=False`` does."""
+        _check_names(kw)
+        given = {k: v for k, v in kw.items() if v is not None}
+        folder = generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else \
+            dict(generation_config or {})
+        settings = {**DEFAULTS, **{k: v for k, v in folder.items() if k in HF_KEYS and v is not None}}
+        if given.get("temperature") == 0:
+            given.setdefault("do_sample", False)
+        elif "temperature" in given and "do_sample" not in given:
+            given["do_sample"] = True  # asking for a temperature asks for sampling
+        settings.update(given)
+        if settings.get("do_sample") is False:  # greedy: sampling-only settings do not apply
+            for key in _SAMPLING_ONLY:
+                settings.pop(key, None)
+        params = cls(**settings)
+        _validate_with_transformers(params)
+        return params
+
+
+def _check_names(kw: dict) -> None:
+    known = set(SamplingParams.__dataclass_fields__)
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise TypeError(f"unknown sampling argument(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+
+
+def _validate_with_transformers(p: SamplingParams) -> None:
+    """transformers' own checks on the shared settings, as one ValueError line."""
+    from transformers import GenerationConfig
+    shared = {k: getattr(p, k) for k in HF_KEYS}
+    if p.greedy:
+        shared = {k: v for k, v in shared.items() if k not in _SAMPLING_ONLY}
+        shared["do_sample"] = False
+    if not shared.get("min_p"):
+        shared.pop("min_p", None)
+    try:
+        GenerationConfig(**shared).validate(strict=True)
+    except ValueError as e:
+        raise ValueError(f"invalid sampling parameter: {str(e).splitlines()[0]}") from None
 
 
 def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real, finite number (inf temperature would sample uniformly, NaN would sample garbage)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -74,6 +138,9 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         drop = cum <= 1 - p.top_p
         drop[..., -1] = False                                            # keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if p.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
 
 

@@ -32,6 +32,8 @@ class MHLAState:
     num_blocks: int  # L, the trained blocks of the mixing matrix
     policy: str
 
+    # the tensors that make up the state, in this order: what clone/copy_/nbytes and the state
+    # files (``StreamingMHLA.save_state``) iterate over
     TENSORS = ("ring", "far", "prefix", "partial", "pos")
 
     @classmethod
@@ -101,6 +103,12 @@ class MHLAState:
         for n in self.TENSORS:
             getattr(self, n).zero_()
         return self
+
+    @staticmethod
+    def advance_positions(states: list["MHLAState"], n: int = 1) -> None:
+        """Every state's position += n, as one multi-tensor launch (the fused decode leaves
+        positions to its caller, which moves all layers at once)."""
+        torch._foreach_add_([s.pos for s in states], n)
 
     def check_compatible(self, batch_size: int, num_heads: int, key_dim: int, value_dim: int,
                          block_size: int, num_blocks: int) -> None:

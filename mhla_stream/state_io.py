@@ -1,88 +1,244 @@
-"""State files: safetensors with metadata, written atomically, checked on load.
+"""State files: safetensors with metadata, written atomically, validated in one place on load.
 
-Metadata: format name and version, the model's fingerprint and config, position, policy, and
-a sha256 of every tensor, so a state from another model, an unknown version, or a truncated or
-altered file is refused with a message and the live state is left as it was.
+Metadata: format name and version, the model's fingerprint and config, position and policy.
+The sha256 covers every tensor and every metadata field, and ``validate_state`` then checks that
+the content is a state this stream can continue (shapes, dtypes, positions, logits, history), so
+a file from another model, an unknown version, a truncated, altered or crafted file is refused
+with a message, and the caller copies nothing until everything has passed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 FORMAT = "mhla-stream-state"
-VERSION = "1"
+VERSION = "2"  # 2: the checksum covers the metadata; 1 (unchecked metadata) is refused
+STALE_TMP_SECONDS = 10 * 60  # a temporary file this old was left by a killed save
+_FLOAT_FIELDS = ("ring", "far", "prefix", "partial")
+# config fields that define the network; library versions, dtype and names are left out
+_ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "expand_k", "expand_v", "hidden_ratio",
+              "intermediate_size", "norm_eps", "block_size", "num_blocks", "rope_theta", "tie_word_embeddings",
+              "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class StateFileError(ValueError):
     pass
 
 
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _hash_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def digest(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
+    """sha256 of the tensors and of every metadata field (except the checksum itself)."""
+    h = hashlib.sha256()
+    _hash_tensors(h, tensors)
+    if meta is not None:
+        h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def hash_named_tensors(items) -> str:
+    """sha256 of (name, tensor) pairs given in name order, every value in its own dtype (the same
+    bytes ``_hash_tensors`` would hash for the dict, one tensor at a time)."""
+    h = hashlib.sha256()
+    for name, t in items:
+        _hash_tensors(h, {name: t})
     return h.hexdigest()
 
 
 def model_fingerprint(model) -> str:
-    """Config plus a strided sample of every parameter: cheap even for large models."""
-    h = hashlib.sha256(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
-    for name, p in model.state_dict().items():
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu()
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(sample.numpy().tobytes())
+    """The architecture plus the weights exactly as stored on disk (``checkpoint.StoredWeights``,
+    hashed once at first use), so the running dtype and library versions do not matter and any
+    changed weight does. A model built in memory hashes all its values in fp32."""
+    config = model.config.to_dict()
+    h = hashlib.sha256(json.dumps({k: config.get(k) for k in _ARCH_KEYS}, sort_keys=True, default=str).encode())
+    source = getattr(model, "_mhla_stored_weights", None)
+    stored = source.digest() if source is not None else None
+    if stored is None:
+        h.update(b"live")
+        _hash_tensors(h, {k: v.detach().float() for k, v in model.state_dict().items()})
+    else:
+        h.update(stored.encode())
     return h.hexdigest()[:32]
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Temporary files of saves that were killed (SIGKILL leaves no chance to clean up): ours, in
+    this folder, regular files and older than ``STALE_TMP_SECONDS`` (a live save is never that old)."""
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(".state-") and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and now - info.st_mtime > STALE_TMP_SECONDS:
+                os.remove(path)
+        except OSError:
+            pass  # raced with another cleaner, or not ours to remove
 
 
 def write_state_file(path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
     path = os.fspath(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {**meta, "format": FORMAT, "version": VERSION, "sha256": digest(tensors)}
+    meta = {**meta, "format": FORMAT, "version": VERSION}
+    meta["sha256"] = digest(tensors, meta)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise StateFileError(f"{path}: folder {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
+    _remove_stale_temporaries(directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise StateFileError(f"{path}: cannot write in {directory} ({e.strerror})") from None
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+    except Exception as e:  # a full disk, a quota, an I/O error: one clear error, the old file kept
+        _remove_quietly(tmp)
+        raise StateFileError(f"{path}: could not save the state ({type(e).__name__}: "
+                             f"{getattr(e, 'strerror', None) or e}); the previous file, if any, is unchanged") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
 
 
-def read_state_file(path, expect_model: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+@dataclass
+class StateLayout:
+    """What a state must look like to be continued by a given stream."""
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]  # layers.{i}.{field} -> (shape, dtype)
+    num_layers: int
+    vocab_size: int
+    policy: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, states, vocab_size: int, fingerprint: str) -> "StateLayout":
+        """The layout of one sequence's per-layer ``states`` (``MHLAState`` of batch 1)."""
+        tensors = {f"layers.{i}.{n}": (tuple(getattr(st, n).shape), getattr(st, n).dtype)
+                   for i, st in enumerate(states) for n in st.TENSORS}
+        return cls(tensors, len(states), vocab_size, states[0].policy, fingerprint)
+
+
+@dataclass
+class ValidState:
+    layers: dict[str, torch.Tensor]
+    logits: torch.Tensor | None
+    history: list[int]
+    position: int
+    meta: dict[str, str] = field(default_factory=dict)  # a file's metadata (checksummed with it)
+
+
+def read_state_file(path, layout: StateLayout) -> ValidState:
     from safetensors import safe_open
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise StateFileError(f"{path}: no such state file")
+    try:
+        info = os.stat(path)
+    except OSError:
+        raise StateFileError(f"{path}: no such state file") from None
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or stream forever
+        raise StateFileError(f"{path}: not a regular file")
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise StateFileError(f"{path}: not a readable state file, truncated or damaged ({type(e).__name__}: {e})") from None
+        raise StateFileError(f"{path}: not a readable state file, truncated or damaged ({type(e).__name__})") from None
     if meta.get("format") != FORMAT:
-        raise StateFileError(f"{path}: not an mhla-stream state file (format {meta.get('format')!r})")
+        raise StateFileError(f"{path}: not an mhla-stream state file (format {str(meta.get('format'))[:40]!r})")
+    if meta.get("version") == "1":
+        raise StateFileError(f"{path}: state file version '1' was written by an older release whose metadata is not "
+                             f"checksummed; it cannot be trusted, save the stream again (this release reads {VERSION})")
     if meta.get("version") != VERSION:
-        raise StateFileError(f"{path}: state file version {meta.get('version')!r} is not known to this release "
-                             f"(it reads version {VERSION})")
-    if meta.get("model") != expect_model:
-        raise StateFileError(f"{path}: this state was made by another model ({meta.get('model_name', '?')}, "
-                             f"fingerprint {meta.get('model')}); the loaded model's fingerprint is {expect_model}")
-    if digest(tensors) != meta.get("sha256"):
+        raise StateFileError(f"{path}: state file version {str(meta.get('version'))[:20]!r} is not known to this "
+                             f"release (it reads version {VERSION})")
+    if meta.get("model") != layout.fingerprint:
+        raise StateFileError(f"{path}: this state was made by another model ({str(meta.get('model_name', '?'))[:80]}, "
+                             f"fingerprint {str(meta.get('model'))[:40]}); the loaded model's fingerprint is "
+                             f"{layout.fingerprint}")
+    if digest(tensors, meta) != meta.get("sha256"):
         raise StateFileError(f"{path}: checksum mismatch, the file was altered or damaged")
-    return tensors, meta
+    if meta.get("policy") != layout.policy:
+        raise StateFileError(f"{path}: state uses policy {str(meta.get('policy'))[:40]!r}, this stream uses "
+                             f"{layout.policy!r}")
+    position = meta.get("position", "")
+    if not re.fullmatch(r"[0-9]{1,19}", position) or int(position) >= 2 ** 63:
+        raise StateFileError(f"{path}: position {position[:40]!r} is not an int >= 0")
+    try:
+        valid = validate_state(layout, tensors, int(position))
+    except StateFileError as e:
+        raise StateFileError(f"{path}: {e}") from None
+    valid.meta = meta
+    return valid
+
+
+def validate_state(layout: StateLayout, tensors: dict[str, torch.Tensor], position: int) -> ValidState:
+    """The one check of a state's content (files and snapshots): every layer tensor present with its
+    shape and dtype, no unknown tensors, ``pos`` equal to the position, float tensors finite,
+    logits [vocab] fp32 and finite (present exactly when the position is > 0), history int64 ids
+    in range and no longer than the position. Raises StateFileError; touches nothing."""
+    if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+        raise StateFileError(f"position must be an int >= 0, got {position!r}")
+    known = set(layout.tensors) | {"logits", "history"}
+    unknown = sorted(set(tensors) - known)
+    if unknown:
+        raise StateFileError(f"unexpected tensors {', '.join(unknown[:5])[:200]} (not a state of this model)")
+    layers = {}
+    for name, (shape, dtype) in layout.tensors.items():
+        t = tensors.get(name)
+        if t is None:
+            raise StateFileError(f"tensor {name} is missing")
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise StateFileError(f"tensor {name} has shape {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+        field = name.rsplit(".", 1)[1]
+        if field == "pos" and bool((t != position).any()):
+            raise StateFileError(f"tensor {name} says {t.tolist()[:4]} tokens were seen, the position says {position}")
+        if field in _FLOAT_FIELDS and not bool(torch.isfinite(t).all()):
+            raise StateFileError(f"tensor {name} holds NaN or infinite values")
+        layers[name] = t
+    logits = tensors.get("logits")
+    if (logits is None) != (position == 0):
+        raise StateFileError(f"logits are {'missing' if logits is None else 'present'} at position {position}")
+    if logits is not None:
+        if tuple(logits.shape) != (layout.vocab_size,) or logits.dtype != torch.float32:
+            raise StateFileError(f"logits have shape {tuple(logits.shape)} {logits.dtype}, expected "
+                                 f"({layout.vocab_size},) torch.float32")
+        if not bool(torch.isfinite(logits).all()):
+            raise StateFileError("logits hold NaN or infinite values")
+    history = tensors.get("history")
+    if history is None:
+        raise StateFileError("tensor history is missing")
+    if history.dim() != 1 or history.dtype != torch.int64:
+        raise StateFileError(f"history has shape {tuple(history.shape)} {history.dtype}, expected a 1-D int64 tensor")
+    if history.numel() > position:
+        raise StateFileError(f"history holds {history.numel()} tokens but the position is {position}")
+    if history.numel() and not bool(((history >= 0) & (history < layout.vocab_size)).all()):
+        raise StateFileError(f"history holds token ids outside [0, {layout.vocab_size})")
+    return ValidState(layers, logits, history.tolist(), position)

@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import json
+import numbers
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from .cache import MHLACache
+from .graphs import GraphDecoder, GraphStep, prefill
 from .hub import DEFAULT_MODEL, resolve_model
 from .modeling import MHLAForCausalLM
+from .plan import ExecutionPlan
 from .sampling import SamplingParams, select_next
 from .state import MHLAState
-from .state_io import StateFileError, model_fingerprint, read_state_file, write_state_file
+from .state_io import StateFileError, StateLayout, model_fingerprint, read_state_file, validate_state, write_state_file
 from .tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
-
-_STATE_FIELDS = ("ring", "far", "prefix", "partial", "pos")
 
 
 @dataclass
@@ -34,19 +35,21 @@ class StreamingMHLA:
                  cuda_graph: bool = True):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        from .attention import resolve_backend
+        resolve_backend(backend, model.device)  # an unknown or unusable backend fails here, not at the first feed
         self.model = model.eval()
-        self.model.attn_backend = backend
+        # this stream's own execution plan: the model is shared and never told how to run
+        self.plan: ExecutionPlan = model.make_plan(1, backend=backend, policy=policy, cuda_graphs=cuda_graph)
+        model.prepare_inference()
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or "mhla"
         self.prefill_chunk = prefill_chunk
         self.cache = MHLACache(model.new_state(1, policy))
         self._logits: torch.Tensor | None = None  # next-token logits [V], fp32
         self._history: deque[int] = deque(maxlen=history)  # recent ids, for the repetition penalty
-        self._position = 0
         self._fingerprint: str | None = None
         self._graph = None  # CUDA-graph decode step, made on first use (the state is never reallocated)
         self._prefill_graph = None  # likewise for a full prefill chunk
-        self._use_graph = cuda_graph and self.device.type == "cuda" and backend in ("auto", "triton")
 
     @classmethod
     def from_pretrained(cls, name_or_path=DEFAULT_MODEL, device=None, dtype=None, *, weights=None, **kwargs):
@@ -61,8 +64,8 @@ class StreamingMHLA:
     # -- read-only facts -------------------------------------------------------------------------
     @property
     def position(self) -> int:
-        """Tokens fed into the stream so far."""
-        return self._position
+        """Tokens fed into the stream so far (the state's own position)."""
+        return int(self.cache.states[0].pos[0])
 
     @property
     def state_bytes(self) -> int:
@@ -85,16 +88,25 @@ class StreamingMHLA:
 
     # -- feeding ---------------------------------------------------------------------------------
     def _to_ids(self, text_or_ids) -> list[int]:
+        """The one input normaliser: text, or a sequence / 1-D tensor of integer ids in the vocab.
+        bytes, floats, bools, strings inside lists and unordered sets are refused, never cast."""
         if isinstance(text_or_ids, str):
             if self.tokenizer is None:
                 raise TokenizerError(f"model {self.name} has no tokenizer; feed token ids instead of text")
-            return self.tokenizer.encode(text_or_ids, add_bos=self._position == 0)
+            return self.tokenizer.encode(text_or_ids, add_bos=self.position == 0)
+        if isinstance(text_or_ids, (bytes, bytearray, memoryview)):
+            raise TypeError("feed takes a str or a sequence of int token ids, got bytes: decode them to str first")
         if isinstance(text_or_ids, torch.Tensor):
+            if text_or_ids.is_floating_point() or text_or_ids.is_complex() or text_or_ids.dtype == torch.bool:
+                raise TypeError(f"token id tensors must have an integer dtype, got {text_or_ids.dtype}")
             text_or_ids = text_or_ids.flatten().tolist()
-        try:
-            ids = [int(i) for i in text_or_ids]
-        except (TypeError, ValueError):
-            raise TypeError(f"feed takes a str or a sequence of int token ids, got {type(text_or_ids).__name__}") from None
+        elif isinstance(text_or_ids, (set, frozenset, dict)) or not hasattr(text_or_ids, "__iter__"):
+            raise TypeError(f"feed takes a str or a sequence of int token ids, got {type(text_or_ids).__name__}")
+        ids = list(text_or_ids)
+        wrong = [i for i in ids if not isinstance(i, numbers.Integral) or isinstance(i, bool)]
+        if wrong:
+            raise TypeError(f"token ids must be ints, got {type(wrong[0]).__name__} {wrong[0]!r:.40}")
+        ids = [int(i) for i in ids]
         vocab = self.model.config.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
@@ -102,28 +114,30 @@ class StreamingMHLA:
         return ids
 
     @torch.inference_mode()
-    def feed(self, text_or_ids) -> int:
-        """Adds text (tokenized; a BOS starts a fresh stream) or token ids; returns tokens fed."""
+    def feed(self, text_or_ids, progress=None) -> int:
+        """Adds text (tokenized; a BOS starts a fresh stream) or token ids; returns tokens fed.
+        ``progress(done, total)`` is called after each prefill chunk (e.g. to draw a progress bar)."""
         ids = self._to_ids(text_or_ids)
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start:start + self.prefill_chunk]
-            x = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            if self._use_graph and len(chunk) == self.prefill_chunk:  # full chunks replay one captured prefill
-                from .graphs import GraphStep
-                if self._prefill_graph is None:
-                    self._prefill_graph = GraphStep(self.model, self.cache, self.prefill_chunk)
-                self._logits = self._prefill_graph.step(x)[0, -1].float()
-            else:
-                out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-                self._logits = out.logits[0, -1].float()
-            self._history.extend(chunk)
-            self._position += len(chunk)
+        if not ids:
+            return 0
+        if self.plan.cuda_graphs and len(ids) >= self.prefill_chunk and self._prefill_graph is None:
+            # full chunks replay one captured prefill
+            self._prefill_graph = GraphStep(self.model, self.cache, self.prefill_chunk, plan=self.plan)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        self._logits = prefill(self.model, self.cache, x, self.prefill_chunk, self.plan, self._prefill_graph,
+                               progress)[0].float()
+        self._history.extend(ids)
         return len(ids)
 
     # -- generation ------------------------------------------------------------------------------
-    def stream(self, prompt=None, max_new_tokens: int = 128, **sampling):
+    def sampling_params(self, **sampling) -> SamplingParams:
+        """Settings for one generation: the arguments given (None = not given), then the model
+        folder's ``generation_config.json``, then the documented defaults (``sampling.DEFAULTS``)."""
+        return SamplingParams.resolve(getattr(self.model, "generation_config", None), **sampling)
+
+    def stream(self, prompt=None, max_new_tokens: int | None = None, **sampling):
         """Yields text pieces as tokens are produced (stop strings are held back and cut)."""
-        params = SamplingParams.from_kwargs(max_new_tokens=max_new_tokens, **sampling)
+        params = self.sampling_params(max_new_tokens=max_new_tokens, **sampling)
         if self.tokenizer is None:
             raise TokenizerError(f"model {self.name} has no tokenizer; use generate_ids")
         if prompt is not None:
@@ -144,14 +158,14 @@ class StreamingMHLA:
         if pending:
             yield pending
 
-    def generate(self, prompt=None, max_new_tokens: int = 128, **sampling) -> str:
+    def generate(self, prompt=None, max_new_tokens: int | None = None, **sampling) -> str:
         return "".join(self.stream(prompt, max_new_tokens=max_new_tokens, **sampling))
 
     @torch.inference_mode()
-    def generate_ids(self, prompt=None, max_new_tokens: int = 128, *, params: SamplingParams | None = None,
+    def generate_ids(self, prompt=None, max_new_tokens: int | None = None, *, params: SamplingParams | None = None,
                      **sampling):
         """Yields generated token ids (eos ends generation and is not fed)."""
-        params = params or SamplingParams.from_kwargs(max_new_tokens=max_new_tokens, **sampling)
+        params = params or self.sampling_params(max_new_tokens=max_new_tokens, **sampling)
         if prompt is not None:
             self.feed(prompt)
         if self._logits is None:
@@ -175,64 +189,68 @@ class StreamingMHLA:
 
     def _decode(self, token: int) -> None:
         """One token in: the same as ``feed([token])``, through a CUDA graph where there is one."""
-        if not self._use_graph:
+        if not self.plan.cuda_graphs:
             self.feed([token])
             return
-        from .graphs import GraphDecoder
         if self._graph is None:
-            self._graph = GraphDecoder(self.model, self.cache)
+            self._graph = GraphDecoder(self.model, self.cache, plan=self.plan)
         x = torch.tensor([[token]], dtype=torch.long, device=self.device)
         self._logits = self._graph.step(x)[0, -1].float()
         self._history.append(token)
-        self._position += 1
 
     # -- state management ------------------------------------------------------------------------
     def reset(self) -> None:
         self.cache.reset()
         self._logits = None
         self._history.clear()
-        self._position = 0
 
     def snapshot(self) -> Snapshot:
         return Snapshot([s.clone() for s in self.cache.states], None if self._logits is None else self._logits.clone(),
-                        list(self._history), self._position, self.fingerprint)
+                        list(self._history), self.position, self.fingerprint)
+
+    def _layout(self) -> StateLayout:
+        return StateLayout.of(self.cache.states, self.model.config.vocab_size, self.fingerprint)
+
+    def _install(self, valid) -> None:
+        """Copies a validated state into the live one (all checks are done before this runs)."""
+        for i, st in enumerate(self.cache.states):
+            for n in MHLAState.TENSORS:
+                getattr(st, n).copy_(valid.layers[f"layers.{i}.{n}"])
+        self._logits = None if valid.logits is None else valid.logits.to(self.device, torch.float32).clone()
+        self._history = deque(valid.history, maxlen=self._history.maxlen)
+        # the position is the state's pos, copied above (validated equal to the file's position)
 
     def restore(self, snap: Snapshot) -> None:
+        """All or nothing: the snapshot is checked like a state file before anything is copied."""
         if not isinstance(snap, Snapshot):
             raise TypeError(f"restore takes a Snapshot from snapshot(), got {type(snap).__name__}")
         if snap.model != self.fingerprint:
             raise ValueError("this snapshot was taken from another model")
-        for live, saved in zip(self.cache.states, snap.states):
-            live.copy_(saved)
-        self._logits = None if snap.logits is None else snap.logits.clone()
-        self._history = deque(snap.history, maxlen=self._history.maxlen)
-        self._position = self.cache.seen = snap.position
+        if len(snap.states) != len(self.cache.states) or any(st.policy != self.policy for st in snap.states):
+            raise ValueError(f"this snapshot was taken from a stream with another policy or layer count "
+                             f"(this stream: {self.policy!r}, {len(self.cache.states)} layers)")
+        tensors = {f"layers.{i}.{n}": getattr(st, n) for i, st in enumerate(snap.states) for n in MHLAState.TENSORS}
+        tensors["history"] = torch.tensor(list(snap.history), dtype=torch.long)
+        if snap.logits is not None:
+            tensors["logits"] = snap.logits
+        try:
+            valid = validate_state(self._layout(), tensors, snap.position)
+        except StateFileError as e:
+            raise ValueError(f"this snapshot cannot be restored: {e}") from None
+        self._install(valid)
 
     def save_state(self, path) -> None:
-        tensors = {f"layers.{i}.{n}": getattr(s, n) for i, s in enumerate(self.cache.states) for n in _STATE_FIELDS}
+        tensors = {f"layers.{i}.{n}": getattr(s, n) for i, s in enumerate(self.cache.states) for n in MHLAState.TENSORS}
         tensors["history"] = torch.tensor(list(self._history), dtype=torch.long)
         if self._logits is not None:
             tensors["logits"] = self._logits
-        meta = {"model": self.fingerprint, "model_name": self.name, "position": str(self._position),
+        meta = {"model": self.fingerprint, "model_name": self.name, "position": str(self.position),
                 "policy": self.policy, "config": json.dumps(self.model.config.to_diff_dict(), default=str)}
         write_state_file(path, tensors, meta)
 
     def load_state(self, path) -> None:
-        tensors, meta = read_state_file(path, self.fingerprint)
-        for i, s in enumerate(self.cache.states):
-            for n in _STATE_FIELDS:
-                t = tensors.get(f"layers.{i}.{n}")
-                if t is None or t.shape != getattr(s, n).shape or t.dtype != getattr(s, n).dtype:
-                    raise StateFileError(f"{path}: tensor layers.{i}.{n} is missing or has the wrong shape")
-        if meta.get("policy") != self.policy:
-            raise StateFileError(f"{path}: state uses policy {meta.get('policy')!r}, this stream uses {self.policy!r}")
-        # all checks passed: now (and only now) overwrite the live state
-        for i, s in enumerate(self.cache.states):
-            for n in _STATE_FIELDS:
-                getattr(s, n).copy_(tensors[f"layers.{i}.{n}"])
-        self._logits = tensors["logits"].to(self.device) if "logits" in tensors else None
-        self._history = deque(tensors["history"].tolist(), maxlen=self._history.maxlen)
-        self._position = self.cache.seen = int(meta["position"])
+        """All or nothing: ``read_state_file`` validates everything, then the live state is overwritten."""
+        self._install(read_state_file(path, self._layout()))
 
 
 __all__ = ["StreamingMHLA", "Snapshot", "StateFileError"]

@@ -16,12 +16,17 @@ class Tokenizer:
     def __init__(self, encode, decode, vocab_size: int, bos_id: int | None, eos_id: int | None, source: str,
                  chat=None):
         self._encode, self._decode = encode, decode
-        self.chat = chat  # user message -> the text of one templated turn, or None for a base model
+        self.chat = chat  # (user message, system prompt or None) -> one templated turn; None: a base model
         self.vocab_size, self.bos_id, self.eos_id, self.source = vocab_size, bos_id, eos_id, source
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates (e.g. undecodable bytes from argv) are not text
+            raise TokenizerError(f"text is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start} "
+                                 "(the input was probably not UTF-8)") from None
         ids = list(self._encode(text))
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
 
@@ -48,18 +53,22 @@ class Tokenizer:
             raise TokenizerError(f"{directory}: cannot load the transformers tokenizer ({e})") from None
         chat = None
         if getattr(tok, "chat_template", None):
-            def chat(message):
-                return tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                               add_generation_prompt=True)
+            def chat(message, system=None):
+                turns = ([{"role": "system", "content": system}] if system else []) + \
+                    [{"role": "user", "content": message}]
+                return tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         return cls(lambda t: tok.encode(t, add_special_tokens=False), lambda ids: tok.decode(ids, skip_special_tokens=True),
                    len(tok), tok.bos_token_id, tok.eos_token_id, os.fspath(directory), chat)
 
     @classmethod
     def from_directory(cls, directory) -> "Tokenizer":
+        from .checkpoint import checkpoint_file  # the checkpoint folder's one gate: regular files inside it
         d = Path(directory)
-        if (d / "tokenizer.model").exists():
-            return cls.from_sentencepiece(d / "tokenizer.model")
-        if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
+        sentencepiece = checkpoint_file(d, "tokenizer.model", required=False)
+        if sentencepiece is not None:
+            return cls.from_sentencepiece(sentencepiece)
+        found = [checkpoint_file(d, n, required=False) for n in ("tokenizer.json", "tokenizer_config.json")]
+        if any(found):
             return cls.from_transformers(d)
         raise TokenizerError(f"{d}: no tokenizer found (expected tokenizer.model, or tokenizer.json / "
                              "tokenizer_config.json); pass token ids instead of text, or add one")

@@ -1,8 +1,9 @@
-"""Chunk and decode forms of the MHLA operator in plain PyTorch (SPEC section 1).
+"""Chunk and decode (recurrent) forms of the MHLA operator in plain PyTorch (SPEC section 1).
 
 The chunk form handles any start position (a call may begin mid-block) and carries an
 ``MHLAState`` in and out; it is differentiable when no state is updated in place, which is
-how training uses it. The decode form is the one-token update of the same state.
+how training uses it. The decode form is the one-token update of the same state. Every
+function here takes the clamped fp32 mixing matrix (``mc`` = ``mixing.prepare_mixing``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .state import MHLAState
 
 
 # --------------------------------------------------------------------------------------------
-# Block boundary: P_{i} from the stored summaries (shared by decode and by the kernels' tests)
+# Block boundary: P_{i} from the stored summaries (torch decode and numba decode close blocks here)
 # --------------------------------------------------------------------------------------------
 def ring_blocks(block: torch.Tensor, window: int) -> torch.Tensor:
     """Block index held by each ring slot when block ``block`` [B] is current: [B, W] (may be < 0)."""
@@ -49,7 +50,7 @@ def close_blocks(state: MHLAState, mc: torch.Tensor, done: torch.Tensor) -> None
     sub.partial.zero_()
     sub.prefix.copy_(mix_prefix(sub, mc, block + 1))
     for n in ("ring", "far", "prefix", "partial"):
-        getattr(state, n)[idx] = getattr(sub, n)
+        getattr(state, n)[idx] = getattr(sub, n)  # every tensor but pos, which the caller moved
 
 
 # --------------------------------------------------------------------------------------------

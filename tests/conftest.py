@@ -64,3 +64,17 @@ def tiny_dir(tmp_path_factory):
             layer.attn.mixing_matrix.copy_(torch.rand(4, 4).tril() + 0.05)
     model.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def no_triton_interpreter(monkeypatch):
+    """As if TRITON_INTERPRET were unset: the environment is read once per process
+    (``mhla_stream.switches``), so the switch is replaced and cached plans are dropped."""
+    from mhla_stream import switches as sw
+    from mhla_stream.plan import make_plan
+    off = sw.Switches(interpret=False, fused_decode=True, pdl=True, compile=True)
+    monkeypatch.setattr(sw, "switches", lambda: off)
+    monkeypatch.setattr("mhla_stream.plan.switches", sw.switches)
+    make_plan.cache_clear()
+    yield
+    make_plan.cache_clear()

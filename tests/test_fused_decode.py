@@ -81,17 +81,16 @@ def test_fused_decode_gives_the_unfused_logits(policy, dtype):
     torch.manual_seed(0)
     cfg = preset_config("mhla-tiny", mixing_policy=policy)
     model = MHLAForCausalLM(cfg).to(DEV, dtype).eval()
-    model.attn_backend = "triton"
+    unfused = model.make_plan(2, backend="triton", fused_decode=False)
+    fused = model.make_plan(2, backend="triton", fused_decode=True)
     ids = torch.randint(3, 256, (2, 44), device=DEV)
     with torch.inference_mode():
         ref_cache, fused_cache = MHLACache(model.new_state(2)), MHLACache(model.new_state(2))
-        model(ids[:, :13], past_key_values=ref_cache)
-        model(ids[:, :13], past_key_values=fused_cache)
+        model(ids[:, :13], past_key_values=ref_cache, plan=unfused)
+        model(ids[:, :13], past_key_values=fused_cache, plan=fused)
         for t in range(13, 44):  # crosses block closes (C = 8) and the trained edge (L = 4 blocks)
-            model.model.fused_decode = False
-            a = model(ids[:, t:t + 1], past_key_values=ref_cache).logits
-            model.model.fused_decode = True
-            b = model(ids[:, t:t + 1], past_key_values=fused_cache).logits
+            a = model(ids[:, t:t + 1], past_key_values=ref_cache, plan=unfused).logits
+            b = model(ids[:, t:t + 1], past_key_values=fused_cache, plan=fused).logits
             assert rel_err(b, a) < (1e-5 if dtype == torch.float32 else 2e-2), t
         for s_ref, s_fused in zip(ref_cache.states, fused_cache.states):
             assert torch.equal(s_ref.pos, s_fused.pos)

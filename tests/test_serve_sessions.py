@@ -70,18 +70,20 @@ def test_store_names_files_by_hash_and_skips_damaged_files(tmp_path):
     import torch
 
     from mhla_stream.serve.sessions import SessionData, SessionStore, file_name
+    from mhla_stream.state_io import StateLayout
+    layout = StateLayout({"layers.0.pos": ((1,), torch.long)}, 1, 10, "window", "fp")
     for sid in ("../x", "/etc/passwd", "a\\b", "x" * 256):
         name = file_name(sid)
         assert os.sep not in name and ".." not in name and len(name) < 100
     (tmp_path / file_name("junk")).write_bytes(b"not a state file")
-    store = SessionStore(str(tmp_path), 0, "fp", {"policy": "window"})
+    store = SessionStore(str(tmp_path), 0, layout, {"policy": "window"})
     assert store.describe() == []
     store.acquire("../escape")
-    data = SessionData({"layers.0.pos": torch.zeros(1, dtype=torch.long)}, None, [1, 2], 2)
+    data = SessionData({"layers.0.pos": torch.full((1,), 2, dtype=torch.long)}, torch.zeros(10), [1, 2], 2)
     store.release("../escape", data)  # budget 0: straight to disk, inside the folder
     assert sorted(os.listdir(tmp_path)) == sorted([file_name("junk"), file_name("../escape")])
     assert not (tmp_path.parent / "escape").exists()
-    again = SessionStore(str(tmp_path), 0, "fp", {"policy": "window"})
+    again = SessionStore(str(tmp_path), 0, layout, {"policy": "window"})
     assert [s["id"] for s in again.describe()] == ["../escape"]
     again.acquire("../escape")
     assert again.load("../escape").history == [1, 2]

@@ -67,11 +67,16 @@ class _Seq:
 
 class Engine:
     def __init__(self, model, tokenizer, store, *, max_batch: int = 32, max_queue: int = 256,
-                 prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True):
+                 prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True,
+                 backend: str = "auto"):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.device = model.device
         self.states = model.new_state(max_batch, policy)
+        # the engine's own execution plans (never written onto the model): one-row prefill chunks,
+        # and the batched decode step over the slots
+        self.prefill_plan = model.make_plan(1, backend=backend, policy=policy, cuda_graphs=False)
+        self.decode_plan = model.make_plan(max_batch, backend=backend, policy=policy, cuda_graphs=cuda_graph)
         self.free = list(range(max_batch))
         self.seqs: dict[int, _Seq] = {}
         self.waiting: collections.deque[Job] = collections.deque()
@@ -80,9 +85,9 @@ class Engine:
         self._accepting = True
         self._faults = os.environ.get("MHLA_SERVE_FAULT_INJECTION") == "1"
         self._graph = None
-        if cuda_graph and self.device.type == "cuda" and model.attn_backend in ("auto", "triton"):
+        if self.decode_plan.cuda_graphs:
             from ..graphs import GraphDecoder  # every decode step replays one capture of all rows
-            self._graph = GraphDecoder(model, MHLACache(self.states))
+            self._graph = GraphDecoder(model, MHLACache(self.states), plan=self.decode_plan)
         self.thread = threading.Thread(target=self._run, name="mhla-engine", daemon=True)
 
     # -- called from the server's threads ------------------------------------------------------------
@@ -238,7 +243,7 @@ class Engine:
         chunk, seq.feed = seq.feed[:self.prefill_chunk], seq.feed[self.prefill_chunk:]
         x = torch.tensor([chunk], dtype=torch.long, device=self.device)
         out = self.model(input_ids=x, past_key_values=MHLACache(self._slot(seq.slot)), use_cache=True,
-                         logits_to_keep=1)
+                         logits_to_keep=1, plan=self.prefill_plan)
         seq.logits = out.logits[0, -1].float()
         seq.history.extend(chunk)
         seq.position += len(chunk)
@@ -294,7 +299,10 @@ class Engine:
             logits = self._graph.step(ids)[:, -1].float()
         else:
             cache = MHLACache([s.select(slice(lo, hi + 1)) for s in self.states])
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            plan = self.decode_plan if ids.shape[0] == self.max_batch else \
+                self.model.make_plan(ids.shape[0], backend=self.decode_plan.decode_backend, cuda_graphs=False)
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                plan=plan).logits[:, -1].float()
         for r, saved in keep.items():
             for live, old in zip(self._slot(r), saved):
                 live.copy_(old)

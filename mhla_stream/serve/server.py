@@ -12,16 +12,17 @@ from .sessions import SessionStore
 def build_server(model, tokenizer, *, model_name: str, max_batch: int = 32, max_queue: int = 256,
                  max_prompt_tokens: int = 131072, prefill_chunk: int = 512, api_key: str | None = None,
                  sessions_dir: str, session_memory: int = 4 << 30, policy: str | None = None,
-                 cuda_graph: bool = True, on_shutdown=None):
-    from ..state_io import model_fingerprint
+                 cuda_graph: bool = True, backend: str = "auto", on_shutdown=None):
+    from ..state_io import StateLayout, model_fingerprint
     model.eval()
     policy = policy or model.config.mixing_policy
     meta = {"model_name": model_name, "policy": policy,
             "config": json.dumps(model.config.to_diff_dict(), default=str)}
-    store = SessionStore(sessions_dir, session_memory, model_fingerprint(model), meta)
+    layout = StateLayout.of(model.new_state(1, policy, device="meta"), model.config.vocab_size, model_fingerprint(model))
+    store = SessionStore(sessions_dir, session_memory, layout, meta)
     metrics = Metrics()
     engine = Engine(model, tokenizer, store, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                    policy=policy, metrics=metrics, cuda_graph=cuda_graph)
+                    policy=policy, metrics=metrics, cuda_graph=cuda_graph, backend=backend)
     config = ServerConfig(model_name, api_key, max_prompt_tokens)
     app = create_app(engine, tokenizer, store, metrics, config, on_shutdown)
     app.state.engine, app.state.store = engine, store

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..state import MHLAState
-from ..state_io import StateFileError, read_state_file, write_state_file
+from ..state_io import StateFileError, StateLayout, read_state_file, write_state_file
 
 FIELDS = MHLAState.TENSORS
 SUFFIX = ".mhla-session"
@@ -64,8 +64,10 @@ def file_name(session_id: str) -> str:
 
 
 class SessionStore:
-    def __init__(self, directory: str, host_budget: int, fingerprint: str, meta: dict[str, str]):
-        self.directory, self.host_budget, self.fingerprint = directory, host_budget, fingerprint
+    def __init__(self, directory: str, host_budget: int, layout: StateLayout, meta: dict[str, str]):
+        """``layout``: what one session's state must look like (files are checked against it on read)."""
+        self.directory, self.host_budget, self.layout = directory, host_budget, layout
+        self.fingerprint = layout.fingerprint
         self.meta = meta  # model name, policy, config: written into each file like save_state does
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -128,10 +130,12 @@ class SessionStore:
                 raise SessionMissing(f"no session {session_id!r}")
             if entry.data is not None or not entry.on_disk:
                 return entry.data
-        tensors, meta = read_state_file(os.path.join(self.directory, file_name(session_id)), self.fingerprint)
-        logits = tensors.pop("logits", None)
-        history = tensors.pop("history").tolist()
-        data = SessionData(tensors, logits, history, int(meta["position"]), json.loads(meta.get("messages", "[]")))
+        valid = read_state_file(os.path.join(self.directory, file_name(session_id)), self.layout)
+        try:
+            messages = json.loads(valid.meta.get("messages", "[]"))
+        except ValueError:
+            raise StateFileError(f"session {session_id!r}: its stored messages are not JSON") from None
+        data = SessionData(valid.layers, valid.logits, valid.history, valid.position, messages)
         with self._lock:
             if entry.data is None:
                 entry.data = data

@@ -1,6 +1,9 @@
-"""CPU decode with numba: the per-token update fused in one parallel loop over (sequence, head).
-Prefill on the CPU uses the torch chunk form (BLAS-bound already); block closing reuses
-``torch_ops.close_blocks`` (once every C tokens)."""
+"""CPU decode form with numba: the per-token update fused in one parallel loop over (sequence,
+head). There is no numba prefill: on the CPU the torch chunk form is BLAS-bound already (the
+dispatch in ``attention.py`` sends it there). Block closing reuses ``torch_ops.close_blocks``
+(once every C tokens)."""
+import threading
+
 import numba
 import numpy as np
 import torch
@@ -28,15 +31,24 @@ def _decode(q, k, v, r, p, blocks, m, scale, o):
             o[b, h, y] = acc[y] * scale
 
 
-def numba_mhla(q, k, v, mc, *, scale, block_size, policy, state, lengths=None):
-    if q.shape[1] != 1 or lengths is not None:
-        from ..attention import _torch_mhla
-        return _torch_mhla(q, k, v, mc, scale, block_size, policy, state, lengths)
+# numba's default ``workqueue`` threading layer aborts the whole process when two threads launch
+# parallel kernels at once (two streams decoding on one model). The omp/tbb layers would cope,
+# but omp is not fork safe and tbb is often absent, so launches are serialised instead: the
+# kernel already uses every core, so two at once would gain nothing.
+_LAUNCH_LOCK = threading.Lock()
+
+
+def numba_decode(q, k, v, clamped, *, scale, block_size, state):
+    """One token per sequence (q, k [B, 1, H, K], v [B, 1, H, V]); ``clamped``: the prepared fp32
+    mixing matrix. Advances ``state`` by one token, closing the blocks that fill."""
+    mc = clamped
     f32 = lambda x: x[:, 0].float().contiguous().numpy()  # noqa: E731
     out = np.empty((q.shape[0], q.shape[2], v.shape[-1]), dtype=np.float32)
     blocks = (state.pos // block_size).numpy()
-    _decode(f32(q), f32(k), f32(v), state.partial.numpy(), state.prefix.numpy(), blocks,
+    args = (f32(q), f32(k), f32(v), state.partial.numpy(), state.prefix.numpy(), blocks,
             mc.contiguous().numpy(), np.float32(scale), out)
+    with _LAUNCH_LOCK:
+        _decode(*args)
     state.pos += 1
     torch_ops.close_blocks(state, mc, state.pos % block_size == 0)
     return torch.from_numpy(out)[:, None].to(q.dtype)

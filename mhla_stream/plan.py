@@ -1,0 +1,113 @@
+"""``ExecutionPlan``: which code path runs, decided in one place and carried per call.
+
+A plan is made by ``make_plan`` from the device, the dtype, the batch and the environment
+(read once per process, ``switches()``). ``StreamingMHLA`` makes one per stream; the model
+makes a default one per (device, dtype, batch) for plain ``forward``/``generate()`` calls.
+A plan is never written onto a shared model, so two streams on one model may run different
+backends or policies side by side. ``print(plan.describe())`` shows every decision; the
+environment switches are listed in ``switches.py``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .kernels import numba_available, pdl_supported, triton_available
+from .mixing import check_policy
+from .switches import switches
+
+BACKENDS = ("auto", "torch", "triton", "numba")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The operator backend for tensors on ``device``: "auto" picks Triton on CUDA and numba on
+    the CPU (each falling back to torch when not importable); a named one must be usable here."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton" if triton_available() else "torch"
+        return "numba" if numba_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend 'triton' is not available here: triton is not importable")
+    if backend == "numba" and not numba_available():
+        raise RuntimeError("backend 'numba' is not available here: numba is not importable")
+    if backend == "triton" and device.type != "cuda" and not switches().interpret:
+        raise RuntimeError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
+    if backend == "numba" and device.type != "cpu":
+        raise RuntimeError(f"backend 'numba' runs on CPU tensors, got {device}")
+    return backend
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Every execution decision for one stream (or one model default). Fields:
+
+    prefill_backend / decode_backend   operator backend for calls of several tokens / one token
+    fused_decode        one-token steps run ``MHLABlock.decode_step`` (five Triton launches a layer)
+    fused_projections   q/k/v/g and gate/up as one product each (CUDA inference)
+    triton_features     relu + RoPE of q and k in one Triton launch during prefill
+    compile_elementwise torch.compile of norms, RoPE tables and SwiGLU (CUDA inference)
+    cuda_graphs         StreamingMHLA replays captured decode steps and full prefill chunks
+    pdl                 decode kernels overlap through programmatic dependent launch
+    policy              mixing policy for new states (None: the model's)
+    """
+    device: str
+    dtype: str
+    batch: int
+    prefill_backend: str
+    decode_backend: str
+    fused_decode: bool
+    fused_projections: bool
+    triton_features: bool
+    compile_elementwise: bool
+    cuda_graphs: bool
+    pdl: bool
+    policy: str | None
+
+    def backend_for(self, tokens: int, stateful: bool) -> str:
+        """The operator backend for one call: the decode backend for one token with a state."""
+        return self.decode_backend if (stateful and tokens == 1) else self.prefill_backend
+
+    def with_gradients(self, training: bool) -> "ExecutionPlan":
+        """The plan for a call with gradients enabled: no fused or compiled inference paths, and
+        while training the differentiable torch operator."""
+        backends = dict(prefill_backend="torch", decode_backend="torch") if training else {}
+        return replace(self, fused_decode=False, fused_projections=False, triton_features=False,
+                       compile_elementwise=False, **backends)
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+@functools.lru_cache(maxsize=256)  # deterministic (the environment is read once): the model asks per call
+def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "auto", policy: str | None = None,
+              cuda_graphs: bool = True, fused_decode: bool | None = None) -> ExecutionPlan:
+    """The one place where execution paths are chosen.
+
+    ``backend``: "auto" or a named operator backend (an unavailable one is an error here, at
+    creation, rather than at the first call). ``fused_decode``: None decides (CUDA, batch 1,
+    Triton, MHLA_STREAM_FUSED_DECODE not 0); True forces it (tests under TRITON_INTERPRET).
+    """
+    device = torch.device(device)
+    if policy is not None:
+        check_policy(policy)
+    chosen = resolve_backend(backend, device)
+    env = switches()
+    cuda = device.type == "cuda"
+    triton_path = chosen == "triton" and backend in ("auto", "triton")
+    if fused_decode is None:
+        # batch 1 only: at batch 8 and 32 cuBLAS's products beat the tl.dot form (H100, 2026-11-22)
+        fused_decode = cuda and triton_path and env.fused_decode and batch == 1
+    else:  # forced (tests run it on the CPU under TRITON_INTERPRET)
+        fused_decode = bool(fused_decode) and backend in ("auto", "triton")
+    return ExecutionPlan(
+        device=str(device), dtype=str(dtype).replace("torch.", ""), batch=batch,
+        prefill_backend="torch" if chosen == "numba" else chosen,  # numba has a decode form only
+        decode_backend=chosen, fused_decode=fused_decode, fused_projections=cuda,
+        triton_features=cuda and triton_available() and env.fused_decode,
+        compile_elementwise=cuda and env.compile, cuda_graphs=cuda and cuda_graphs and backend in ("auto", "triton"),
+        pdl=cuda and triton_path and pdl_supported(), policy=policy)

@@ -1,0 +1,32 @@
+"""The environment variables that steer execution, read once per process (``switches()``).
+
+    TRITON_INTERPRET=1            Triton kernels run in the interpreter (CPU tests)
+    MHLA_STREAM_FUSED_DECODE=0    no batch-1 fused decode and no Triton feature kernel in prefill
+    MHLA_STREAM_PDL=0             no programmatic dependent launch between decode kernels
+    MHLA_STREAM_COMPILE=0         no torch.compile of the elementwise ops on CUDA
+
+Kept apart from ``plan.py`` so that the kernels can read the same switches without importing
+library policy.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Switches:
+    interpret: bool
+    fused_decode: bool
+    pdl: bool
+    compile: bool
+
+
+@functools.lru_cache(maxsize=None)
+def switches() -> Switches:
+    env = os.environ.get
+    return Switches(interpret=env("TRITON_INTERPRET", "0") == "1",
+                    fused_decode=env("MHLA_STREAM_FUSED_DECODE", "1") != "0",
+                    pdl=env("MHLA_STREAM_PDL", "1") != "0",
+                    compile=env("MHLA_STREAM_COMPILE", "1") != "0")

@@ -1,0 +1,1 @@
+"""Training pieces behind ``mhla-train``: distributed set-up, data, checkpoints, the fused loss, FLOP counts."""

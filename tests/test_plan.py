@@ -1,0 +1,117 @@
+"""The execution plan: made in one place, visible, per stream, never written onto a shared model."""
+import dataclasses
+
+import pytest
+import torch
+
+from mhla_stream import MHLAForCausalLM, StreamingMHLA, preset_config
+from mhla_stream.plan import ExecutionPlan, make_plan
+
+
+def test_cpu_plan_is_torch_prefill_numba_decode_and_describes_itself():
+    plan = make_plan("cpu", torch.float32, 1)
+    assert (plan.prefill_backend, plan.decode_backend) == ("torch", "numba")
+    assert not (plan.fused_decode or plan.fused_projections or plan.cuda_graphs or plan.pdl)
+    text = plan.describe()
+    for field in dataclasses.fields(ExecutionPlan):
+        assert f"{field.name}=" in text
+    assert plan.backend_for(1, stateful=True) == "numba" and plan.backend_for(1, stateful=False) == "torch"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.decode_backend = "torch"
+    grad = plan.with_gradients(training=True)
+    assert (grad.prefill_backend, grad.decode_backend) == ("torch", "torch") and plan.decode_backend == "numba"
+
+
+@pytest.mark.parametrize("kwargs, error, match", [(dict(backend="cuda"), ValueError, "unknown backend"),
+                                                  (dict(policy="everything"), ValueError, "unknown mixing policy"),
+                                                  (dict(backend="triton"), RuntimeError, "needs CUDA")])
+def test_bad_plan_requests_fail_at_creation(kwargs, error, match, monkeypatch):
+    if kwargs.get("backend") == "triton":  # the interpreter makes triton usable on the CPU: switch it off
+        from mhla_stream import switches as sw
+        monkeypatch.setattr(sw, "switches", lambda: sw.Switches(False, True, True, True))
+        monkeypatch.setattr("mhla_stream.plan.switches", sw.switches)
+        make_plan.cache_clear()
+    try:
+        with pytest.raises(error, match=match):
+            make_plan("cpu", torch.float32, 1, **kwargs)
+    finally:
+        make_plan.cache_clear()
+
+
+def test_bad_stream_backend_leaves_the_model_untouched(tiny_dir):
+    model = MHLAForCausalLM.from_pretrained(tiny_dir)
+    before = dict(vars(model))
+    with pytest.raises(ValueError, match="unknown backend"):
+        StreamingMHLA(model, backend="gpu")
+    assert vars(model).keys() == before.keys()
+
+
+def _run(stream, steps):
+    """Feeds and generates as scripted; returns every generated id and the final logits."""
+    out = []
+    for kind, arg in steps:
+        if kind == "feed":
+            stream.feed(arg)
+        else:
+            out.append(list(stream.generate_ids(None, max_new_tokens=arg, do_sample=False)))
+    return out
+
+
+def test_two_streams_on_one_model_with_different_plans_interleave(tiny_dir):
+    """One model, two streams: torch + window and numba + window+far. Interleaved step by step,
+    each gives exactly what it gives alone (the trained edge, L*C = 32 tokens, is crossed)."""
+    model = MHLAForCausalLM.from_pretrained(tiny_dir)
+    g = torch.Generator().manual_seed(3)
+    script = [("feed", torch.randint(3, 300, (n,), generator=g).tolist()) if n > 5 else ("gen", n)
+              for n in (21, 4, 30, 3, 9, 5, 40, 4)]
+    configs = [dict(backend="torch", policy="window"), dict(backend="numba", policy="window+far")]
+    alone = []
+    for cfg in configs:
+        s = StreamingMHLA(model, **cfg)
+        alone.append((_run(s, script), s._logits.clone(), s.position))
+    a, b = (StreamingMHLA(model, **cfg) for cfg in configs)
+    assert a.plan != b.plan and a.plan.decode_backend == "torch" and b.plan.decode_backend == "numba"
+    assert (a.policy, b.policy) == ("window", "window+far")
+    together = ([], [])
+    for step in script:  # one step of a, then the same step of b
+        for s, out in zip((a, b), together):
+            out.extend(_run(s, [step]))
+    for (ids, logits, position), s, out in zip(alone, (a, b), together):
+        assert out == ids and s.position == position == 21 + 4 + 30 + 3 + 9 + 5 + 40 + 4
+        assert torch.equal(s._logits, logits)
+    assert together[0] != together[1] or not torch.equal(a._logits, b._logits)  # the plans do differ
+
+
+def test_model_forward_takes_a_plan_per_call():
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).eval()
+    ids = torch.randint(3, 256, (1, 40))
+    with torch.inference_mode():
+        outs = []
+        for backend in ("torch", "numba"):
+            cache = None
+            plan = model.make_plan(1, backend=backend)
+            logits = []
+            for t in range(ids.shape[1]):  # token by token: the decode backend runs
+                out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True, plan=plan)
+                cache = out.past_key_values
+                logits.append(out.logits)
+            assert cache.seen == ids.shape[1] == int(cache.states[0].pos[0])
+            outs.append(torch.cat(logits, 1))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_concatenated_weights_follow_weight_changes():
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).eval()
+    attn = model.model.layers[0].attn
+    first = attn.qkvg_weight.get()
+    assert attn.qkvg_weight.get() is first  # made once
+    sd = {k: v + 1 if k.endswith("q_proj.weight") else v for k, v in model.state_dict().items()}
+    model.load_state_dict(sd)
+    again = attn.qkvg_weight.get()
+    assert torch.equal(again[: attn.q_proj.weight.shape[0]], attn.q_proj.weight)
+    model.to(torch.float64)
+    assert attn.qkvg_weight.get().dtype == torch.float64
+    ws = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.g_proj.weight]
+    assert torch.equal(attn.qkvg_weight.get(), torch.cat(ws, 0))
