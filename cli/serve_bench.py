@@ -100,7 +100,7 @@ async def _long_prompt_phase(base, vocab, streams, long_len, long_prompts, strea
 def _in_process(model, weights, random_weights, device, dtype, batches, prompt_len, new_tokens, backend):
     import torch
 
-    from .bench import run_one
+    from .bench_runs import run_one
     from .common import load_model
     m = load_model(model, weights, random_weights, device, dtype)
     graphs = device.startswith("cuda")

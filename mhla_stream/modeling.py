@@ -16,7 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .attention import mhla_attention
 from .cache import MHLACache
-from .checkpoint import CheckpointError, check_and_load, read_checkpoint
+from .checkpoint import CheckpointError
 from .configuration import MHLAConfig
 from .fused import gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_at_fast, swiglu_fast
 from .kernels import triton_available
@@ -340,7 +340,6 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         path = os.fspath(pretrained_model_name_or_path)
         looks_like_path = path.startswith((".", "/", "~")) or (os.sep in path and not HUB_ID.fullmatch(path))
         if not os.path.isdir(path) and (os.path.exists(path) or looks_like_path):
-            from .checkpoint import CheckpointError
             raise CheckpointError(f"{path}: not a checkpoint directory")
         return load_local(cls, resolve_model(path, weights), dtype=dtype, device=device)
 

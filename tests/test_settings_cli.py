@@ -72,8 +72,8 @@ def test_cli_greedy_equals_the_api(tiny_dir):
 
 
 def test_help_and_version_are_fast_and_load_nothing():
-    code = ("import sys\nfrom mhla_stream.cli import chat, generate\n"
-            "for cmd in (chat, generate):\n"
+    code = ("import sys\nfrom mhla_stream.cli import bench, chat, generate, serve, train\n"
+            "for cmd in (chat, generate, bench, train, serve):\n"
             "    try:\n        cmd.main(['--help'])\n    except SystemExit:\n        pass\n"
             "print('LOADED', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

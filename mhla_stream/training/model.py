@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ..plan import make_plan
 from .fused_loss import fused_linear_cross_entropy
 
-ARCHS = ("mhla", "linear", "transformer")
+from . import ARCHS  # noqa: F401  (re-exported)
 
 
 def build_model(arch: str, vocab: int, hidden: int, layers: int, heads: int, block_size: int, num_blocks: int,

@@ -1,0 +1,87 @@
+"""The measurements behind ``mhla-bench`` (and ``serve_bench``'s in-process baseline): one timed
+prefill + decode of an MHLA model or of a same-size transformers Llama. Kept apart from the
+command so that ``mhla-bench --help`` imports neither torch nor transformers."""
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from mhla_stream import MHLACache
+from mhla_stream.graphs import GraphDecoder, GraphStep, prefill
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_bytes(device) -> int:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def same_size_transformer(cfg, device, dtype):
+    lc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                     num_attention_heads=max(1, cfg.hidden_size // 64), intermediate_size=cfg.intermediate_size,
+                     max_position_embeddings=1 << 20, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True)
+    with torch.device(device):
+        m = LlamaForCausalLM._from_config(lc, attn_implementation="sdpa", dtype=dtype)
+    return m.eval()
+
+
+@torch.inference_mode()
+def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=False, backend="auto"):
+    """One timed prefill + decode. The MHLA model runs with its own plan for this batch."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
+    reset_peak(device)
+    plan = model.make_plan(batch, backend=backend, cuda_graphs=graphs) if kind == "mhla" else None
+    if kind == "mhla":
+        cache = MHLACache(model.new_state(batch, device=device))
+    else:
+        cache = DynamicCache(config=model.config)
+    prefill_graph = decoder = None
+    capture_s = 0.0
+    chunk = chunk if kind == "mhla" else prompt_len  # the Transformer prefills whole (flash attention)
+    if kind == "mhla" and plan.cuda_graphs:  # captured once before timing, as a server does at start-up
+        t = time.perf_counter()
+        if prompt_len >= chunk:
+            prefill_graph = GraphStep(model, cache, chunk, plan=plan)
+        decoder = GraphDecoder(model, cache, plan=plan)
+        sync(device)
+        capture_s = time.perf_counter() - t
+    sync(device)
+    t0 = time.perf_counter()
+    if kind == "mhla":
+        logits = prefill(model, cache, ids, chunk, plan, prefill_graph)
+    else:
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    nxt = logits.argmax(-1, keepdim=True)
+    sync(device)
+    t1 = time.perf_counter()
+    if decoder is not None:
+        for _ in range(new_tokens):
+            nxt = decoder.step(nxt)[:, -1].argmax(-1, keepdim=True)
+    else:
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True, **({"plan": plan} if plan else {}))
+            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    t2 = time.perf_counter()
+    state = cache.nbytes if kind == "mhla" else sum(t.numel() * t.element_size() for layer in cache.layers
+                                                    for t in (layer.keys, layer.values) if t is not None)
+    return {"model": kind, "prompt_len": prompt_len, "batch": batch, "ttft_s": t1 - t0,
+            "prefill_tok_s": batch * prompt_len / (t1 - t0), "decode_tok_s": batch * new_tokens / max(t2 - t1, 1e-9),
+            "decode_ms_per_step": (t2 - t1) / new_tokens * 1e3, "graph_capture_s": capture_s,
+            "peak_mem_GiB": peak_bytes(device) / 2**30, "state_MiB": state / 2**20}
