@@ -83,6 +83,11 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(path):
                 fail(f"{flag} {path}: folder {folder} does not exist or is not writable (or the path is a folder)")
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib: pip install matplotlib (or mhla-stream[plot])")
     import torch
     from tqdm import tqdm
 
