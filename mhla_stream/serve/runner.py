@@ -92,7 +92,8 @@ class StepRunner:
             self.decode_graphs[n] = GraphStep(self.model, MHLACache(self.rows(0, n)), 1, plan=plan)
         for size in self.piece_sizes:
             self.prefill_graphs[size] = GraphStep(self.model, MHLACache(self.staging), size, plan=self.prefill_plan)
-        torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def rows(self, start: int, stop: int) -> list[MHLAState]:
         return [s.select(slice(start, stop)) for s in self.states]
