@@ -57,6 +57,7 @@ class _Seq:
     position: int
     logits: torch.Tensor | None = None
     pending: int | None = None             # generated token still to be fed
+    fresh: int | None = None               # generated token whose text is not yet published
     generated: int = 0
     finish: str | None = None
     assembler: TextAssembler | None = None
@@ -153,6 +154,11 @@ class Engine:
         picks = dict(zip(map(id, plain), torch.stack([s.logits for s in plain]).argmax(-1).tolist())) if plain else {}
         for seq in ready:
             self._guarded(seq, lambda q: self._choose(q, picks.get(id(q))))
+        picked = [s for s in ready if s.fresh is not None]
+        # rows that leave before the step publish their token now; the others while the step runs on
+        # the device (a CUDA step is launched asynchronously: text decoding, metrics and emitting the
+        # pieces then overlap it instead of adding to it)
+        self._publish([s for s in picked if s.pending is None])
         # done before the step: a finished row must not be stepped (its state may be a session's)
         for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None]:
             self._end(seq)
@@ -163,6 +169,7 @@ class Engine:
             except Exception as e:
                 for seq in decoding:
                     self._end(seq, error=e)
+        self._publish([s for s in picked if self.seqs.get(s.slot) is s])
         for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None]:
             self._end(seq)
 
@@ -278,9 +285,24 @@ class Engine:
         if p.stop_at_eos and token == self.model.config.eos_token_id:
             seq.finish = "stop"
             return
-        seq.pending = token
+        seq.pending = seq.fresh = token
         seq.generated += 1
+        if seq.generated >= p.max_new_tokens:
+            seq.finish = "length"
+            if seq.job.session is None:
+                seq.pending = None  # nobody keeps this state: skip feeding the last token
+
+    def _publish(self, seqs: list[_Seq]):
+        """The tokens just picked: metrics, text pieces (a stop string ends the sequence; a token fed
+        past it changes nothing kept: a session's stream is fed every token but eos anyway)."""
         now = time.perf_counter()
+        for seq in seqs:
+            token, seq.fresh = seq.fresh, None
+            if token is None:
+                continue
+            self._guarded(seq, lambda q: self._publish_one(q, token, now))
+
+    def _publish_one(self, seq: _Seq, token: int, now: float):
         if self.metrics is not None:
             if seq.generated == 1:
                 self.metrics.ttft.observe(now - seq.job.submitted)
@@ -292,10 +314,6 @@ class Engine:
             seq.job.emit("text", piece)
         if stopped:
             seq.finish = "stop"
-        elif seq.generated >= p.max_new_tokens:
-            seq.finish = "length"
-        if seq.finish is not None and seq.job.session is None:
-            seq.pending = None  # nobody keeps this state: skip feeding the last token
 
     def _decode(self, decoding: list[_Seq]):
         logits, lo = self.runner.decode({s.slot: s.pending for s in decoding})

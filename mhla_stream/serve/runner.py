@@ -72,6 +72,7 @@ class StepRunner:
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.device = model.device
         self.states = model.new_state(max_batch + 1, policy)  # the slots, then the staging row
+        self._views: dict[tuple[int, int], list[MHLAState]] = {}
         self.staging = self.rows(max_batch, max_batch + 1)
         self.backend, self.policy = backend, policy
         self.prefill_plan = model.make_plan(1, backend=backend, policy=policy, cuda_graphs=cuda_graphs)
@@ -96,7 +97,12 @@ class StepRunner:
             torch.cuda.synchronize()
 
     def rows(self, start: int, stop: int) -> list[MHLAState]:
-        return [s.select(slice(start, stop)) for s in self.states]
+        """Views of rows [start, stop) of every layer's state, made once per range (making ~5 views a
+        layer every step is measurable host time)."""
+        views = self._views.get((start, stop))
+        if views is None:
+            views = self._views[(start, stop)] = [s.select(slice(start, stop)) for s in self.states]
+        return views
 
     def describe(self) -> str:
         graphs = (f"decode graphs for {self.buckets} rows, prefill graphs for pieces {self.piece_sizes}"
