@@ -131,3 +131,69 @@ def test_staging_chunk_bounds(model):
         with pytest.raises(ValueError, match="staging chunk"):
             r.stage_feed(bad)
     assert "1 slots + 1 staging row" in r.describe() and r.info()["decode_buckets"] == "1"
+
+
+# -- the engine in-process (no HTTP): staging row and low-row decode under a mixed load ---------------------
+
+def _engine(stream, max_batch, chunk):
+    import tempfile
+
+    from mhla_stream.serve.engine import Engine
+    from mhla_stream.serve.sessions import SessionStore
+    from mhla_stream.state_io import StateLayout, model_fingerprint
+    m = stream.model
+    layout = StateLayout.of(m.new_state(1, device="meta"), m.config.vocab_size, model_fingerprint(m))
+    store = SessionStore(tempfile.mkdtemp(), 1 << 30, layout,
+                         {"model_name": "t", "policy": m.config.mixing_policy, "config": "{}"})
+    return Engine(m, stream.tokenizer, store, max_batch=max_batch, prefill_chunk=chunk)
+
+
+def _job(ids, n, out, session=None):
+    from mhla_stream.sampling import SamplingParams
+    from mhla_stream.serve.engine import Job
+    p = SamplingParams(temperature=0, max_new_tokens=n)
+    key = len(out)
+    out[key] = []
+
+    def emit(kind, payload):
+        out[key].append(payload if kind == "text" else (kind, payload))
+    return Job(p, emit, ids=ids, add_bos=False, session=session)  # ids carry their BOS
+
+
+def _drive(engine, jobs_by_turn):
+    """Runs engine turns on this thread, submitting jobs_by_turn[t] before turn t."""
+    t = 0
+    while t < len(jobs_by_turn) or engine.seqs or engine.waiting:
+        for job in (jobs_by_turn[t] if t < len(jobs_by_turn) else []):
+            engine.submit(job)
+        engine._turn()
+        t += 1
+
+
+def _text(events):
+    assert isinstance(events[-1], tuple) and events[-1][0] == "done", events[-1]
+    return "".join(e for e in events if isinstance(e, str))
+
+
+def test_engine_long_prompt_mid_decode_and_sessions_equal_alone():
+    from mhla_stream import StreamingMHLA
+    ref = StreamingMHLA.from_pretrained()
+    tok = ref.tokenizer
+    engine = _engine(ref, 4, 32)  # a 32-token chunk: the long prompt takes several turns in the staging row
+    short = [tok.encode(p, add_bos=True) for p in ("Once upon a time", "The dog ran", "Tom had a ball")]
+    long_ids = tok.encode("Lily saw a big red ball in the park. " * 12, add_bos=True)
+    assert len(long_ids) > 3 * 32
+    out = {}
+    # two streams start, the long prompt and a session request arrive while they decode, a third short one later
+    turns = [[_job(short[0], 12, out), _job(short[1], 12, out)], [], [_job(long_ids, 6, out)],
+             [_job(short[2], 5, out, session="s")]]
+    _drive(engine, turns)
+    assert not engine.seqs  # the session's first request is done: its next one may come
+    _drive(engine, [[_job(tok.encode(" Then"), 5, out, session="s")]])
+    want = []
+    for ids, n in ((short[0], 12), (short[1], 12), (long_ids, 6), (short[2], 5)):
+        ref.reset()
+        want.append(ref.generate(ids, max_new_tokens=n, temperature=0))
+    want.append(ref.generate(tok.encode(" Then"), max_new_tokens=5, temperature=0))  # the session goes on
+    assert [_text(out[k]) for k in range(5)] == want
+    assert engine.staging is None and not engine.seqs and sorted(engine.free) == [0, 1, 2, 3]
