@@ -95,6 +95,7 @@ class StepRunner:
             self.prefill_graphs[size] = GraphStep(self.model, MHLACache(self.staging), size, plan=self.prefill_plan)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the captures' warm-up saved and restored the rows they cover
 
     def rows(self, start: int, stop: int) -> list[MHLAState]:
         """Views of rows [start, stop) of every layer's state, made once per range (making ~5 views a
