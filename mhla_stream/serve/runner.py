@@ -143,12 +143,12 @@ class StepRunner:
     # -- staging ---------------------------------------------------------------------------------------
     def stage_begin(self, tensors: dict | None) -> None:
         """Empties the staging row, or loads a stored session state (``layers.{i}.{name}`` tensors) into it."""
-        for i, v in enumerate(self.staging):
-            if tensors is None:
-                v.zero_()
-            else:
-                for n in MHLAState.TENSORS:
-                    getattr(v, n).copy_(tensors[f"layers.{i}.{n}"])
+        live = self._tensors(self.staging)
+        if tensors is None:
+            torch._foreach_zero_(live)  # a few launches for every layer's tensors, not one per tensor
+        else:
+            names = [f"layers.{i}.{n}" for i in range(len(self.staging)) for n in MHLAState.TENSORS]
+            torch._foreach_copy_(live, [tensors[k].to(self.device) for k in names])
 
     def stage_feed(self, ids: list[int]) -> torch.Tensor:
         """Feeds up to one chunk of ids into the staging row; returns the last token's fp32 logits [V]."""
@@ -167,5 +167,8 @@ class StepRunner:
 
     def stage_finish(self, slot: int) -> None:
         """Copies the staged state (positions included) into ``slot``."""
-        for live, staged in zip(self.rows(slot, slot + 1), self.staging):
-            live.copy_(staged)
+        torch._foreach_copy_(self._tensors(self.rows(slot, slot + 1)), self._tensors(self.staging))
+
+    @staticmethod
+    def _tensors(states: list[MHLAState]) -> list[torch.Tensor]:
+        return [getattr(s, n) for s in states for n in MHLAState.TENSORS]
