@@ -128,6 +128,7 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job.emit = lambda kind, payload: loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+        job.sink = (loop, queue)
         engine.submit(job)
         try:
             kind, payload = await next_event(queue, request, job)

@@ -32,6 +32,11 @@ log = logging.getLogger("mhla_stream.serve")
 FAULT_MARK = "<<inject-fault>>"  # with MHLA_SERVE_FAULT_INJECTION=1, a request containing it fails (tests)
 
 
+def _put_all(items):
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 @dataclass
 class Job:
     """One request. ``emit(kind, payload)`` is called from the engine thread: start, text, done, error."""
@@ -44,6 +49,7 @@ class Job:
     fork_from: str | None = None
     max_prompt_tokens: int = 1 << 30
     cancelled: threading.Event = field(default_factory=threading.Event)
+    sink: tuple | None = None              # (event loop, asyncio.Queue): text pieces of a turn go in one call
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -294,15 +300,22 @@ class Engine:
 
     def _publish(self, seqs: list[_Seq]):
         """The tokens just picked: metrics, text pieces (a stop string ends the sequence; a token fed
-        past it changes nothing kept: a session's stream is fed every token but eos anyway)."""
+        past it changes nothing kept: a session's stream is fed every token but eos anyway). Pieces
+        for jobs with a ``sink`` reach their event loop in one wake-up per turn, not one per token."""
         now = time.perf_counter()
+        batches: dict[object, list] = {}
         for seq in seqs:
             token, seq.fresh = seq.fresh, None
             if token is None:
                 continue
-            self._guarded(seq, lambda q: self._publish_one(q, token, now))
+            self._guarded(seq, lambda q: self._publish_one(q, token, now, batches))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: the server is going away
+                log.warning("dropped text for %d requests: their event loop is closed", len(items))
 
-    def _publish_one(self, seq: _Seq, token: int, now: float):
+    def _publish_one(self, seq: _Seq, token: int, now: float, batches: dict):
         if self.metrics is not None:
             if seq.generated == 1:
                 self.metrics.ttft.observe(now - seq.job.submitted)
@@ -311,7 +324,11 @@ class Engine:
         seq.last_token_at = now
         piece, stopped = seq.assembler.push(token)
         if piece:
-            seq.job.emit("text", piece)
+            if seq.job.sink is not None:
+                loop, queue = seq.job.sink
+                batches.setdefault(loop, []).append((queue, ("text", piece)))
+            else:
+                seq.job.emit("text", piece)
         if stopped:
             seq.finish = "stop"
 
