@@ -119,7 +119,8 @@ async def _long_prompt_phase(base, vocab, streams, long_len, long_prompts, strea
         for _ in range(long_prompts):
             await _stream_one(client, base, [rng.randrange(3, vocab) for _ in range(long_len)], 1, long_records)
         t1 = time.perf_counter()
-        cpu_share = (time.process_time() - cpu0) / (t1 - t0 + 0.5)  # CPU of this client process since cpu0 (0.5 s before t0)
+        # this client process's CPU use since cpu0, taken 0.5 s before t0
+        cpu_share = (time.process_time() - cpu0) / (t1 - t0 + 0.5)
         await asyncio.gather(*runners)
     _, itl = _latencies(records, (t0, t1))
     long_ttft = [r["stamps"][0] - r["start"] for r in long_records if r["stamps"]]
