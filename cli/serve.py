@@ -8,6 +8,7 @@ Heavy imports (torch, the model, FastAPI) happen inside ``main`` so ``--help`` s
 from __future__ import annotations
 
 import re
+import sys
 
 import click
 
@@ -34,8 +35,9 @@ def parse_bytes(text: str) -> int:
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1),
               help="requests waiting for a slot before new ones get 429")
 @click.option("--max-prompt-tokens", default=131072, show_default=True, type=click.IntRange(1))
-@click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(1),
-              help="prompt tokens per engine turn (interleaved with decode steps)")
+@click.option("--prefill-chunk", default=None, type=click.IntRange(1),
+              help="prompt tokens per engine turn, between decode steps [default: 1024 on CUDA "
+                   "(captured graphs), 512 on the CPU]")
 @click.option("--api-key", default=None, envvar="MHLA_SERVE_API_KEY",
               help="require 'Authorization: Bearer KEY' on /v1 (or set MHLA_SERVE_API_KEY)")
 @click.option("--sessions-dir", type=click.Path(file_okay=False), default=None,
@@ -46,7 +48,7 @@ def parse_bytes(text: str) -> int:
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--backend", default="auto", type=click.Choice(["auto", "torch", "triton", "numba"]))
 @click.option("--policy", default=None, type=click.Choice(["window", "window+far"]))
-@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="replay the decode step (CUDA)")
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="replay captured decode steps and prefill pieces (CUDA)")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk, api_key,
@@ -82,6 +84,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
         fail(f"cannot start {model}: {e}")
     if tokenizer is None:  # random weights without a checkpoint: the shipped tokenizer, for benchmarks only
         tokenizer = _widened(Tokenizer.from_directory(resolve_model(DEFAULT_MODEL)), m.config.vocab_size)
+    prefill_chunk = prefill_chunk or (1024 if device.startswith("cuda") else 512)
     temporary = sessions_dir is None
     sessions_dir = tempfile.mkdtemp(prefix="mhla-sessions-") if temporary else sessions_dir
     try:
@@ -95,8 +98,12 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (the lifespan flushes sessions), then re-raises the
     # signal to whatever handler was there before it: a no-op here, so the process exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    # the engine thread and the event loop share the GIL: a thread wanting it back waits up to the switch
+    # interval (5 ms by default) while the other runs Python, which would show directly in the ITL
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     click.echo(f"mhla-serve: {model} on {device} ({dtype}), http://{host}:{port}/v1, {max_batch} slots, "
                f"sessions in {sessions_dir}", err=True)
+    click.echo(f"mhla-serve engine: {app.state.engine.runner.describe()}", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 

@@ -128,6 +128,7 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job.emit = lambda kind, payload: loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+        job.sink = (loop, queue)
         engine.submit(job)
         try:
             kind, payload = await next_event(queue, request, job)
@@ -160,10 +161,18 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
                 if first is not None:
                     yield _sse({**head, **first})
                 while True:
-                    kind, payload = await next_event(queue, request, job)
+                    # every event already queued, text pieces joined into one chunk: when the loop falls
+                    # behind the engine it sends fewer, larger chunks instead of a growing backlog
+                    batch = [await next_event(queue, request, job)]
+                    while not queue.empty():
+                        batch.append(queue.get_nowait())
+                    text = "".join(p for k, p in batch if k == "text")
+                    if text:
+                        yield _sse({**head, **chunk_of(text, None)})
+                    kind, payload = next(((k, p) for k, p in batch if k != "text"), ("text", None))
                     if kind == "text":
-                        yield _sse({**head, **chunk_of(payload, None)})
-                    elif kind == "error":
+                        continue
+                    if kind == "error":
                         yield _sse(payload.body())
                         break
                     else:

@@ -1,10 +1,11 @@
 """The engine: one thread owns the model and runs every request with continuous batching.
 
-Slots are the rows of one preallocated state of ``max_batch`` sequences. Each loop turn admits
-waiting requests into free slots, prefills one chunk of one prompt (a single-row forward on that
-slot's views), picks the next token of every sequence that is generating, and feeds those tokens
-in one batched decode step (sequences at different positions). So a long prompt arriving costs
-the running streams one chunk per turn, never a freeze. A sequence reproduces
+Slots are rows of one preallocated state (``runner.py`` says how the rows are used). Each loop turn
+admits waiting requests into free slots (lowest first), prefills about one chunk of prompt in the
+staging row (a finished prompt's state is copied into its slot), picks the next token of every
+sequence that is generating, ends the sequences that are done, and feeds the picked tokens in one
+batched decode step (sequences at different positions). So a long prompt arriving costs the
+running streams one chunk per turn, never a freeze. A sequence reproduces
 ``StreamingMHLA.generate`` token for token: the same BOS rule, ``select_next``, history for the
 repetition penalty, stop strings and eos, and every generated token but eos is fed.
 """
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import MHLACache
 from ..sampling import SamplingParams, select_next
 from ..state import MHLAState
+from .runner import StepRunner
 from .schemas import APIError
 from .sessions import SessionBusy, SessionData, SessionMissing, StateFileError
 from .text import TextAssembler
@@ -29,6 +30,11 @@ from .text import TextAssembler
 HISTORY = 4096  # as StreamingMHLA's default: recent ids for the repetition penalty
 log = logging.getLogger("mhla_stream.serve")
 FAULT_MARK = "<<inject-fault>>"  # with MHLA_SERVE_FAULT_INJECTION=1, a request containing it fails (tests)
+
+
+def _put_all(items):
+    for queue, event in items:
+        queue.put_nowait(event)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Job:
     fork_from: str | None = None
     max_prompt_tokens: int = 1 << 30
     cancelled: threading.Event = field(default_factory=threading.Event)
+    sink: tuple | None = None              # (event loop, asyncio.Queue): text pieces of a turn go in one call
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -56,6 +63,7 @@ class _Seq:
     position: int
     logits: torch.Tensor | None = None
     pending: int | None = None             # generated token still to be fed
+    fresh: int | None = None               # generated token whose text is not yet published
     generated: int = 0
     finish: str | None = None
     assembler: TextAssembler | None = None
@@ -63,6 +71,8 @@ class _Seq:
     last_token_at: float = 0.0
     prompt_tokens: int = 0
     fault: bool = False
+    stored: dict | None = None             # a session's state tensors, until the staging row takes them
+    staged: bool = False                   # the prompt is fed and the state sits in the slot
 
 
 class Engine:
@@ -72,22 +82,19 @@ class Engine:
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.device = model.device
-        self.states = model.new_state(max_batch, policy)
-        # the engine's own execution plans (never written onto the model): one-row prefill chunks,
-        # and the batched decode step over the slots
-        self.prefill_plan = model.make_plan(1, backend=backend, policy=policy, cuda_graphs=False)
-        self.decode_plan = model.make_plan(max_batch, backend=backend, policy=policy, cuda_graphs=cuda_graph)
+        self.runner = StepRunner(model, max_batch, prefill_chunk, policy=policy, backend=backend,
+                                 cuda_graphs=cuda_graph)
         self.free = list(range(max_batch))
         self.seqs: dict[int, _Seq] = {}
+        self.staging: _Seq | None = None       # the sequence whose prompt is in the staging row
         self.waiting: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
         self._accepting = True
         self._faults = os.environ.get("MHLA_SERVE_FAULT_INJECTION") == "1"
-        self._graph = None
-        if self.decode_plan.cuda_graphs:
-            from ..graphs import GraphDecoder  # every decode step replays one capture of all rows
-            self._graph = GraphDecoder(model, MHLACache(self.states), plan=self.decode_plan)
+        log.info("engine: %s", self.runner.describe())
+        if metrics is not None:
+            metrics.engine.info(self.runner.info())
         self.thread = threading.Thread(target=self._run, name="mhla-engine", daemon=True)
 
     # -- called from the server's threads ------------------------------------------------------------
@@ -146,20 +153,21 @@ class Engine:
     def _turn(self):
         self._reap_cancelled()
         self._admit()
-        # up to about one chunk of prompt tokens per turn: several short prompts, or one chunk of a long
-        # one; a prompt's chunk boundaries never depend on what else runs (same numbers alone or batched)
-        budget = self.prefill_chunk
-        for seq in [s for s in self.seqs.values() if s.feed]:
-            if budget <= 0:
-                break
-            budget -= min(len(seq.feed), self.prefill_chunk)
-            self._guarded(seq, self._prefill_chunk)
-        ready = [s for s in self.seqs.values() if not s.feed and s.pending is None and s.finish is None]
+        self._prefill()
+        ready = [s for s in self.seqs.values() if s.staged and s.pending is None and s.finish is None]
         # greedy rows without a penalty: one argmax and one device sync for all of them
         plain = [s for s in ready if s.job.params.greedy and s.job.params.repetition_penalty == 1.0]
         picks = dict(zip(map(id, plain), torch.stack([s.logits for s in plain]).argmax(-1).tolist())) if plain else {}
         for seq in ready:
             self._guarded(seq, lambda q: self._choose(q, picks.get(id(q))))
+        picked = [s for s in ready if s.fresh is not None]
+        # rows that leave before the step publish their token now; the others while the step runs on
+        # the device (a CUDA step is launched asynchronously: text decoding, metrics and emitting the
+        # pieces then overlap it instead of adding to it)
+        self._publish([s for s in picked if s.pending is None])
+        # done before the step: a finished row must not be stepped (its state may be a session's)
+        for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None]:
+            self._end(seq)
         decoding = [s for s in self.seqs.values() if s.pending is not None]
         if decoding:
             try:
@@ -167,8 +175,35 @@ class Engine:
             except Exception as e:
                 for seq in decoding:
                     self._end(seq, error=e)
+        self._publish([s for s in picked if self.seqs.get(s.slot) is s])
         for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None]:
             self._end(seq)
+
+    def _prefill(self):
+        """About one chunk of prompt tokens a turn: several short prompts, or one chunk of a long one.
+        A prompt's chunk boundaries never depend on what else runs (same numbers alone or batched)."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            seq = self.staging
+            if seq is None:
+                seq = next((s for s in self.seqs.values() if not s.staged), None)  # admission order
+                if seq is None:
+                    return
+                try:
+                    self.runner.stage_begin(seq.stored)
+                except Exception as e:
+                    self._end(seq, error=e)
+                    continue
+                seq.stored, self.staging = None, seq
+            if seq.feed:
+                budget -= min(len(seq.feed), self.prefill_chunk)
+                self._guarded(seq, self._prefill_chunk)
+            if self.staging is seq and not seq.feed:
+                self._guarded(seq, self._stage_finish)
+
+    def _stage_finish(self, seq: _Seq):
+        self.runner.stage_finish(seq.slot)
+        seq.staged, self.staging = True, None
 
     def _guarded(self, seq, fn):
         try:
@@ -199,17 +234,10 @@ class Engine:
                 self._fail_job(job, e)
 
     def _slot(self, slot: int) -> list[MHLAState]:
-        return [s.select(slice(slot, slot + 1)) for s in self.states]
+        return self.runner.rows(slot, slot + 1)
 
     def _start(self, job: Job, slot: int) -> _Seq:
         data = self.store.load(job.session) if job.session is not None else None
-        views = self._slot(slot)
-        for v in views:
-            v.zero_()
-        if data is not None:
-            for i, v in enumerate(views):
-                for n in MHLAState.TENSORS:
-                    getattr(v, n).copy_(data.tensors[f"layers.{i}.{n}"])
         position = data.position if data else 0
         messages = list(data.messages) if data else []
         ids = job.ids
@@ -235,16 +263,13 @@ class Engine:
             seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(6), "little")
             generator = torch.Generator(device=self.device).manual_seed(seed)
         seq = _Seq(job, slot, list(ids), messages, history, position, logits, generator=generator,
-                   prompt_tokens=len(ids), fault=fault)
+                   prompt_tokens=len(ids), fault=fault, stored=data.tensors if data is not None else None)
         job.emit("start", {"prompt_tokens": len(ids), "position": position})
         return seq
 
     def _prefill_chunk(self, seq: _Seq):
         chunk, seq.feed = seq.feed[:self.prefill_chunk], seq.feed[self.prefill_chunk:]
-        x = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, past_key_values=MHLACache(self._slot(seq.slot)), use_cache=True,
-                         logits_to_keep=1, plan=self.prefill_plan)
-        seq.logits = out.logits[0, -1].float()
+        seq.logits = self.runner.stage_feed(chunk)
         seq.history.extend(chunk)
         seq.position += len(chunk)
 
@@ -266,9 +291,31 @@ class Engine:
         if p.stop_at_eos and token == self.model.config.eos_token_id:
             seq.finish = "stop"
             return
-        seq.pending = token
+        seq.pending = seq.fresh = token
         seq.generated += 1
+        if seq.generated >= p.max_new_tokens:
+            seq.finish = "length"
+            if seq.job.session is None:
+                seq.pending = None  # nobody keeps this state: skip feeding the last token
+
+    def _publish(self, seqs: list[_Seq]):
+        """The tokens just picked: metrics, text pieces (a stop string ends the sequence; a token fed
+        past it changes nothing kept: a session's stream is fed every token but eos anyway). Pieces
+        for jobs with a ``sink`` reach their event loop in one wake-up per turn, not one per token."""
         now = time.perf_counter()
+        batches: dict[object, list] = {}
+        for seq in seqs:
+            token, seq.fresh = seq.fresh, None
+            if token is None:
+                continue
+            self._guarded(seq, lambda q: self._publish_one(q, token, now, batches))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: the server is going away
+                log.warning("dropped text for %d requests: their event loop is closed", len(items))
+
+    def _publish_one(self, seq: _Seq, token: int, now: float, batches: dict):
         if self.metrics is not None:
             if seq.generated == 1:
                 self.metrics.ttft.observe(now - seq.job.submitted)
@@ -277,38 +324,18 @@ class Engine:
         seq.last_token_at = now
         piece, stopped = seq.assembler.push(token)
         if piece:
-            seq.job.emit("text", piece)
+            if seq.job.sink is not None:
+                loop, queue = seq.job.sink
+                batches.setdefault(loop, []).append((queue, ("text", piece)))
+            else:
+                seq.job.emit("text", piece)
         if stopped:
             seq.finish = "stop"
-        elif seq.generated >= p.max_new_tokens:
-            seq.finish = "length"
-        if seq.finish is not None and seq.job.session is None:
-            seq.pending = None  # nobody keeps this state: skip feeding the last token
 
     def _decode(self, decoding: list[_Seq]):
-        rows = sorted(s.slot for s in decoding)
-        lo, hi = (0, self.max_batch - 1) if self._graph is not None else (rows[0], rows[-1])
-        by_slot = {s.slot: s for s in decoding}
-        # occupied rows in range that are not decoding (mid-prefill) must come out unchanged
-        keep = {r: [v.clone() for v in self._slot(r)] for r in range(lo, hi + 1) if r in self.seqs and r not in by_slot}
-        ids = torch.zeros(hi - lo + 1, 1, dtype=torch.long)
-        for r, s in by_slot.items():
-            ids[r - lo, 0] = s.pending
-        ids = ids.to(self.device)
-        if self._graph is not None:
-            logits = self._graph.step(ids)[:, -1].float()
-        else:
-            cache = MHLACache([s.select(slice(lo, hi + 1)) for s in self.states])
-            plan = self.decode_plan if ids.shape[0] == self.max_batch else \
-                self.model.make_plan(ids.shape[0], backend=self.decode_plan.decode_backend, cuda_graphs=False)
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                                plan=plan).logits[:, -1].float()
-        for r, saved in keep.items():
-            for live, old in zip(self._slot(r), saved):
-                live.copy_(old)
-        logits = logits.clone() if self._graph is not None else logits  # the graph's output buffer is reused
-        for r, s in by_slot.items():
-            s.logits = logits[r - lo]
+        logits, lo = self.runner.decode({s.slot: s.pending for s in decoding})
+        for s in decoding:
+            s.logits = logits[s.slot - lo]
             s.history.append(s.pending)
             s.position += 1
             s.pending = None
@@ -320,6 +347,8 @@ class Engine:
         if self.seqs.get(seq.slot) is not seq:
             return
         del self.seqs[seq.slot]
+        if self.staging is seq:
+            self.staging = None
         self.free.append(seq.slot)
         self.free.sort()
         job = seq.job

@@ -1,7 +1,7 @@
 """Prometheus metrics of the server (one registry per server, exposed at ``GET /metrics``)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -20,6 +20,7 @@ class Metrics:
         self.itl = Histogram("mhla_inter_token_latency_seconds", "between consecutive tokens of one sequence",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.sessions = Gauge("mhla_sessions", "stored sessions by tier", ["tier"], registry=r)
+        self.engine = Info("mhla_engine", "the engine's slots, decode buckets, prefill pieces and plans", registry=r)
         self.session_bytes = Gauge("mhla_session_bytes", "bytes of stored sessions by tier", ["tier"], registry=r)
 
     def render(self, engine, store) -> bytes:

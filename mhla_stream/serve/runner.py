@@ -1,0 +1,174 @@
+"""The engine's model calls: the batched decode step over the slots and prompt prefill in a staging row.
+
+State rows ``0 .. max_batch - 1`` are the slots; one more row, ``max_batch``, is the staging row.
+Slots are handed out lowest-first, so the active rows sit at the low end: a decode step runs over
+rows ``[0, n)`` only, with ``n`` the smallest bucket (1, 2, 4, ..., max_batch) that covers the
+highest active slot. On CUDA each bucket is one captured graph over views ``select(slice(0, n))``
+of the same state storage, so one sequence costs a batch-1 step, not a batch-``max_batch`` one.
+
+A prompt is prefilled in the staging row (one prompt at a time), then its finished state is
+copied into its slot and it joins decoding. Rows inside the decode range that are not decoding
+(free slots, slots whose prompt is still staging) hold nothing anyone reads: whatever the step
+writes there is overwritten by the staging copy before the row is used, so nothing has to be saved
+and restored around a step. On CUDA a prefill chunk is split into power-of-two pieces (1024 =
+1024, 700 = 512 + 128 + 32 + 16 + 8 + 4), each the replay of one captured graph: no host-bound
+eager forward (tens of ms of Python launches for a 24-layer model) sits between decode steps.
+The chunk form of the operator is exact across chunkings to fp32 rounding. On the CPU the chunk
+runs eagerly in one call, as ``StreamingMHLA.feed`` does.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..cache import MHLACache
+from ..state import MHLAState
+
+log = logging.getLogger("mhla_stream.serve")
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """Row counts the decode step is captured for: powers of two below ``max_batch``, then ``max_batch``."""
+    sizes, n = [], 1
+    while n < max_batch:
+        sizes.append(n)
+        n *= 2
+    return sizes + [max_batch]
+
+
+def bucket_for(rows: int, buckets: list[int]) -> int:
+    """The smallest bucket holding ``rows`` rows (``buckets`` ascending)."""
+    for b in buckets:
+        if b >= rows:
+            return b
+    raise ValueError(f"{rows} rows do not fit in the largest decode bucket ({buckets[-1]})")
+
+
+def prefill_pieces(tokens: int, sizes: list[int]) -> list[int]:
+    """Splits ``tokens`` into pieces of the captured ``sizes`` (descending, ending in 1), largest first."""
+    pieces = []
+    for size in sizes:
+        while tokens >= size:
+            pieces.append(size)
+            tokens -= size
+    if tokens:
+        raise ValueError("prefill piece sizes must end in 1")
+    return pieces
+
+
+def prefill_sizes(chunk: int) -> list[int]:
+    """The chunk itself, then every power of two below it, descending."""
+    sizes, n = [], 1
+    while n < chunk:
+        sizes.append(n)
+        n *= 2
+    return [chunk] + sizes[::-1]
+
+
+class StepRunner:
+    def __init__(self, model, max_batch: int, prefill_chunk: int, *, policy: str | None = None,
+                 backend: str = "auto", cuda_graphs: bool = True):
+        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        self.device = model.device
+        self.states = model.new_state(max_batch + 1, policy)  # the slots, then the staging row
+        self._views: dict[tuple[int, int], list[MHLAState]] = {}
+        self.staging = self.rows(max_batch, max_batch + 1)
+        self.backend, self.policy = backend, policy
+        self.prefill_plan = model.make_plan(1, backend=backend, policy=policy, cuda_graphs=cuda_graphs)
+        self.decode_plan = model.make_plan(max_batch, backend=backend, policy=policy, cuda_graphs=cuda_graphs)
+        self.buckets = decode_buckets(max_batch)
+        self.graphs = self.decode_plan.cuda_graphs
+        self.decode_graphs: dict[int, object] = {}
+        self.prefill_graphs: dict[int, object] = {}
+        self.piece_sizes = prefill_sizes(prefill_chunk)
+        if self.graphs:
+            self._capture()
+
+    def _capture(self):
+        # at start-up, not on first use: a capture in the middle of serving would stall every stream
+        from ..graphs import GraphStep
+        for n in self.buckets:
+            plan = self.model.make_plan(n, backend=self.backend, policy=self.policy, cuda_graphs=True)
+            self.decode_graphs[n] = GraphStep(self.model, MHLACache(self.rows(0, n)), 1, plan=plan)
+        for size in self.piece_sizes:
+            self.prefill_graphs[size] = GraphStep(self.model, MHLACache(self.staging), size, plan=self.prefill_plan)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the captures' warm-up saved and restored the rows they cover
+
+    def rows(self, start: int, stop: int) -> list[MHLAState]:
+        """Views of rows [start, stop) of every layer's state, made once per range (making ~5 views a
+        layer every step is measurable host time)."""
+        views = self._views.get((start, stop))
+        if views is None:
+            views = self._views[(start, stop)] = [s.select(slice(start, stop)) for s in self.states]
+        return views
+
+    def describe(self) -> str:
+        graphs = (f"decode graphs for {self.buckets} rows, prefill graphs for pieces {self.piece_sizes}"
+                  if self.graphs else "no CUDA graphs (eager steps)")
+        return (f"{self.max_batch} slots + 1 staging row, prefill chunk {self.prefill_chunk}, {graphs}; "
+                f"decode plan: {self.decode_plan.describe()}; prefill plan: {self.prefill_plan.describe()}")
+
+    def info(self) -> dict[str, str]:
+        """The same as ``describe`` as Prometheus info labels."""
+        return {"slots": str(self.max_batch), "prefill_chunk": str(self.prefill_chunk),
+                "cuda_graphs": str(self.graphs), "decode_buckets": ",".join(map(str, self.buckets)),
+                "prefill_pieces": ",".join(map(str, self.piece_sizes)) if self.graphs else "",
+                "decode_plan": self.decode_plan.describe(), "prefill_plan": self.prefill_plan.describe()}
+
+    # -- decode ----------------------------------------------------------------------------------------
+    def decode(self, tokens: dict[int, int]) -> tuple[torch.Tensor, int]:
+        """One token for each slot in ``tokens`` (slot -> id); other rows of the range run on junk.
+        Returns (fp32 logits [rows, V] owned by the caller, the slot of row 0)."""
+        top = max(tokens) + 1
+        if self.graphs:
+            lo, hi = 0, bucket_for(top, self.buckets)
+        else:
+            lo, hi = min(tokens), top
+        row_ids = [0] * (hi - lo)
+        for slot, token in tokens.items():
+            row_ids[slot - lo] = token
+        ids = torch.tensor(row_ids, dtype=torch.long).view(-1, 1).to(self.device, non_blocking=True)
+        if self.graphs:
+            # the graph's output buffer is reused by the next replay: take a copy
+            return self.decode_graphs[hi].step(ids)[:, -1].to(torch.float32, copy=True), lo
+        plan = self.model.make_plan(hi - lo, backend=self.decode_plan.decode_backend, policy=self.policy,
+                                    cuda_graphs=False)
+        out = self.model(input_ids=ids, past_key_values=MHLACache(self.rows(lo, hi)), use_cache=True,
+                         logits_to_keep=1, plan=plan)
+        return out.logits[:, -1].float(), lo
+
+    # -- staging ---------------------------------------------------------------------------------------
+    def stage_begin(self, tensors: dict | None) -> None:
+        """Empties the staging row, or loads a stored session state (``layers.{i}.{name}`` tensors) into it."""
+        live = self._tensors(self.staging)
+        if tensors is None:
+            torch._foreach_zero_(live)  # a few launches for every layer's tensors, not one per tensor
+        else:
+            names = [f"layers.{i}.{n}" for i in range(len(self.staging)) for n in MHLAState.TENSORS]
+            torch._foreach_copy_(live, [tensors[k].to(self.device) for k in names])
+
+    def stage_feed(self, ids: list[int]) -> torch.Tensor:
+        """Feeds up to one chunk of ids into the staging row; returns the last token's fp32 logits [V]."""
+        if not 0 < len(ids) <= self.prefill_chunk:
+            raise ValueError(f"a staging chunk holds 1 to {self.prefill_chunk} ids, got {len(ids)}")
+        x = torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)
+        if not self.graphs:
+            out = self.model(input_ids=x, past_key_values=MHLACache(self.staging), use_cache=True,
+                             logits_to_keep=1, plan=self.prefill_plan)
+            return out.logits[0, -1].float()
+        start, logits = 0, None
+        for size in prefill_pieces(len(ids), self.piece_sizes):
+            logits = self.prefill_graphs[size].step(x[:, start:start + size])
+            start += size
+        return logits[0, -1].to(torch.float32, copy=True)
+
+    def stage_finish(self, slot: int) -> None:
+        """Copies the staged state (positions included) into ``slot``."""
+        torch._foreach_copy_(self._tensors(self.rows(slot, slot + 1)), self._tensors(self.staging))
+
+    @staticmethod
+    def _tensors(states: list[MHLAState]) -> list[torch.Tensor]:
+        return [getattr(s, n) for s in states for n in MHLAState.TENSORS]

@@ -1,0 +1,199 @@
+"""The serve engine's step runner: decode buckets, prefill pieces, staging-row prefill equal to a direct
+prefill, and batched decode over the low rows equal to each sequence alone. The CUDA-graph path is
+exercised on the CPU with a stand-in for ``GraphStep`` that runs the same fixed-shape forward eagerly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mhla_stream.cache import MHLACache
+from mhla_stream.serve.runner import StepRunner, bucket_for, decode_buckets, prefill_pieces, prefill_sizes
+
+
+@pytest.fixture(scope="module")
+def model():
+    from mhla_stream import StreamingMHLA
+    return StreamingMHLA.from_pretrained().model
+
+
+def test_decode_buckets_and_bucket_choice():
+    assert decode_buckets(65) == [1, 2, 4, 8, 16, 32, 64, 65]
+    assert decode_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert decode_buckets(1) == [1]
+    b = decode_buckets(65)
+    assert [bucket_for(n, b) for n in (1, 2, 3, 5, 32, 33, 64, 65)] == [1, 2, 4, 8, 32, 64, 64, 65]
+    with pytest.raises(ValueError, match="largest decode bucket"):
+        bucket_for(66, b)
+
+
+def test_prefill_pieces_cover_any_length():
+    sizes = prefill_sizes(1024)
+    assert sizes == [1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert prefill_sizes(1000)[:2] == [1000, 512] and prefill_sizes(1) == [1]
+    assert prefill_pieces(1024, sizes) == [1024]
+    assert prefill_pieces(700, sizes) == [512, 128, 32, 16, 8, 4]
+    for n in range(1, 1025, 37):
+        pieces = prefill_pieces(n, sizes)
+        assert sum(pieces) == n and pieces == sorted(pieces, reverse=True)
+    with pytest.raises(ValueError):
+        prefill_pieces(3, [2])
+
+
+def _direct(model, ids, chunk):
+    """The reference: a fresh one-row state fed ``ids`` in chunks, as StreamingMHLA.feed does."""
+    states = model.new_state(1)
+    cache = MHLACache(states)
+    for i in range(0, len(ids), chunk):
+        logits = model(input_ids=torch.tensor([ids[i:i + chunk]]), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits[0, -1].float()
+    return states, logits
+
+
+def _close(a, b, tol=1e-4):
+    return torch.allclose(a, b, atol=tol, rtol=tol)
+
+
+def _stage(runner, ids, slot):
+    runner.stage_begin(None)
+    for i in range(0, len(ids), runner.prefill_chunk):
+        logits = runner.stage_feed(ids[i:i + runner.prefill_chunk])
+    runner.stage_finish(slot)
+    return logits
+
+
+class _EagerGraph:
+    """Stands in for GraphStep on the CPU: the same fixed (rows, chunk) forward on the same views."""
+    captured: list = []
+
+    def __init__(self, model, cache, chunk=1, warmup=2, plan=None):
+        self.model, self.cache, self.chunk, self.plan = model, cache, chunk, plan
+        self.rows = cache.states[0].batch_size
+        _EagerGraph.captured.append((self.rows, chunk))
+
+    def step(self, ids):
+        assert tuple(ids.shape) == (self.rows, self.chunk), "a replay must match its capture's shape"
+        return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                          plan=self.plan).logits
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+@torch.inference_mode()
+def test_staging_prefill_and_low_row_decode_equal_each_sequence_alone(model, monkeypatch, graphs):
+    r = StepRunner(model, 5, 16, cuda_graphs=False)
+    if graphs:  # the CUDA code path, with graph replays run eagerly
+        import mhla_stream.graphs
+        monkeypatch.setattr(mhla_stream.graphs, "GraphStep", _EagerGraph)
+        _EagerGraph.captured = []
+        r.graphs = True
+        r._capture()
+        assert _EagerGraph.captured == [(n, 1) for n in (1, 2, 4, 5)] + [(1, s) for s in (16, 8, 4, 2, 1)]
+    prompts = {0: list(range(5, 42)), 2: list(range(100, 107)), 3: [9]}
+    refs = {}
+    for slot, ids in prompts.items():
+        logits = _stage(r, ids, slot)
+        states, want = _direct(model, ids, 512)
+        assert _close(logits, want)
+        for live, ref in zip(r.rows(slot, slot + 1), states):
+            assert int(live.pos) == len(ids) and _close(live.far, ref.far) and _close(live.ring, ref.ring)
+        refs[slot] = (states, ids)
+    # slot 1 and 4 are junk rows: whatever happens to them must not touch the others
+    tokens = {0: 11, 2: 22, 3: 33}
+    logits, lo = r.decode(tokens)
+    assert lo == 0 and logits.shape[0] == 4  # rows [0, 4): slot 3 is the highest active one
+    for slot, token in tokens.items():
+        states, ids = refs[slot]
+        _, want = _direct(model, ids + [token], 512)
+        assert _close(logits[slot - lo], want)
+    # one sequence alone on slot 0: the smallest bucket
+    logits, lo = r.decode({0: 5})
+    assert logits.shape[0] == 1 and lo == 0
+    # eagerly only the occupied range runs; the graph path rounds up to a bucket (here all 5 rows)
+    logits, lo = r.decode({3: 1, 4: 2})
+    assert (lo, logits.shape[0]) == ((0, 5) if graphs else (3, 2))
+
+
+@torch.inference_mode()
+def test_staging_loads_a_stored_state(model):
+    r = StepRunner(model, 2, 8, cuda_graphs=False)
+    states, _ = _direct(model, list(range(3, 20)), 8)
+    stored = {f"layers.{i}.{n}": getattr(s, n).clone() for i, s in enumerate(states) for n in s.TENSORS}
+    r.stage_begin(stored)
+    logits = r.stage_feed([7, 8, 9])
+    r.stage_finish(1)
+    _, want = _direct(model, list(range(3, 20)) + [7, 8, 9], 8)
+    assert _close(logits, want) and int(r.rows(1, 2)[0].pos) == 20
+
+
+def test_staging_chunk_bounds(model):
+    r = StepRunner(model, 1, 4, cuda_graphs=False)
+    r.stage_begin(None)
+    for bad in ([], [1, 2, 3, 4, 5]):
+        with pytest.raises(ValueError, match="staging chunk"):
+            r.stage_feed(bad)
+    assert "1 slots + 1 staging row" in r.describe() and r.info()["decode_buckets"] == "1"
+
+
+# -- the engine in-process (no HTTP): staging row and low-row decode under a mixed load ---------------------
+
+def _engine(stream, max_batch, chunk):
+    import tempfile
+
+    from mhla_stream.serve.engine import Engine
+    from mhla_stream.serve.sessions import SessionStore
+    from mhla_stream.state_io import StateLayout, model_fingerprint
+    m = stream.model
+    layout = StateLayout.of(m.new_state(1, device="meta"), m.config.vocab_size, model_fingerprint(m))
+    store = SessionStore(tempfile.mkdtemp(), 1 << 30, layout,
+                         {"model_name": "t", "policy": m.config.mixing_policy, "config": "{}"})
+    return Engine(m, stream.tokenizer, store, max_batch=max_batch, prefill_chunk=chunk)
+
+
+def _job(ids, n, out, session=None):
+    from mhla_stream.sampling import SamplingParams
+    from mhla_stream.serve.engine import Job
+    p = SamplingParams(temperature=0, max_new_tokens=n)
+    key = len(out)
+    out[key] = []
+
+    def emit(kind, payload):
+        out[key].append(payload if kind == "text" else (kind, payload))
+    return Job(p, emit, ids=ids, add_bos=False, session=session)  # ids carry their BOS
+
+
+def _drive(engine, jobs_by_turn):
+    """Runs engine turns on this thread, submitting jobs_by_turn[t] before turn t."""
+    t = 0
+    while t < len(jobs_by_turn) or engine.seqs or engine.waiting:
+        for job in (jobs_by_turn[t] if t < len(jobs_by_turn) else []):
+            engine.submit(job)
+        engine._turn()
+        t += 1
+
+
+def _text(events):
+    assert isinstance(events[-1], tuple) and events[-1][0] == "done", events[-1]
+    return "".join(e for e in events if isinstance(e, str))
+
+
+def test_engine_long_prompt_mid_decode_and_sessions_equal_alone():
+    from mhla_stream import StreamingMHLA
+    ref = StreamingMHLA.from_pretrained()
+    tok = ref.tokenizer
+    engine = _engine(ref, 4, 32)  # a 32-token chunk: the long prompt takes several turns in the staging row
+    short = [tok.encode(p, add_bos=True) for p in ("Once upon a time", "The dog ran", "Tom had a ball")]
+    long_ids = tok.encode("Lily saw a big red ball in the park. " * 12, add_bos=True)
+    assert len(long_ids) > 3 * 32
+    out = {}
+    # two streams start, the long prompt and a session request arrive while they decode, a third short one later
+    turns = [[_job(short[0], 12, out), _job(short[1], 12, out)], [], [_job(long_ids, 6, out)],
+             [_job(short[2], 5, out, session="s")]]
+    _drive(engine, turns)
+    assert not engine.seqs  # the session's first request is done: its next one may come
+    _drive(engine, [[_job(tok.encode(" Then"), 5, out, session="s")]])
+    want = []
+    for ids, n in ((short[0], 12), (short[1], 12), (long_ids, 6), (short[2], 5)):
+        ref.reset()
+        want.append(ref.generate(ids, max_new_tokens=n, temperature=0))
+    want.append(ref.generate(tok.encode(" Then"), max_new_tokens=5, temperature=0))  # the session goes on
+    assert [_text(out[k]) for k in range(5)] == want
+    assert engine.staging is None and not engine.seqs and sorted(engine.free) == [0, 1, 2, 3]
