@@ -12,6 +12,8 @@ import sys
 
 import click
 
+from .common import command
+
 DEFAULT_SESSION_MEMORY = "4GiB"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -24,7 +26,7 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-@click.command()
+@command
 @click.option("--model", default=None, help="model name or checkpoint directory (default: the shipped model)")
 @click.option("--weights", type=click.Path(), default=None, help="directory with the weights of a named model")
 @click.option("--random-weights", is_flag=True, help="random weights of the model's shape (benchmarks only)")
