@@ -233,17 +233,24 @@ def check_config_against_weights(config: MHLAConfig, shapes: dict[str, tuple[int
             raise CheckpointError(f"{source}: key {key!r} has shape {shape}, expected {want[key]} by the config")
 
 
-def read_checkpoint(path) -> tuple[MHLAConfig, dict[str, torch.Tensor], str]:
-    """Config and converted state dict (this project's names and shapes) of a checkpoint directory."""
-    directory = Path(os.fspath(path))
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory (a checkpoint is a folder with config.json and weights)")
+def read_checked_config(directory: Path) -> tuple[MHLAConfig, str]:
+    """The config (and layout name) of a checkpoint folder, checked against the weights' shapes as
+    the file headers give them: nothing is allocated before the two agree."""
     raw = read_json(checkpoint_file(directory, "config.json"))
     shapes = read_shapes(directory)
     mixing_keys = sorted(k for k in shapes if k.endswith("attn.mixing_matrix"))
     num_blocks = int(shapes[mixing_keys[0]][0]) if mixing_keys and shapes[mixing_keys[0]] else None
     config, layout = config_from_dict(raw, directory / "config.json", num_blocks)
     check_config_against_weights(config, shapes, directory)
+    return config, layout
+
+
+def read_checkpoint(path) -> tuple[MHLAConfig, dict[str, torch.Tensor], str]:
+    """Config and converted state dict (this project's names and shapes) of a checkpoint directory."""
+    directory = Path(os.fspath(path))
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (a checkpoint is a folder with config.json and weights)")
+    config, layout = read_checked_config(directory)
     tensors, origin = load_state_dict(directory)
     out = {}
     for key, t in tensors.items():
@@ -307,12 +314,7 @@ def check_preset_architecture(directory: Path, name: str) -> None:
     from the config and the weight headers only."""
     from .configuration import PRESETS
     directory = Path(directory)
-    raw = read_json(checkpoint_file(directory, "config.json"))
-    shapes = read_shapes(directory)
-    mixing_keys = sorted(k for k in shapes if k.endswith("attn.mixing_matrix"))
-    num_blocks = int(shapes[mixing_keys[0]][0]) if mixing_keys and shapes[mixing_keys[0]] else None
-    config, _ = config_from_dict(raw, directory / "config.json", num_blocks)
-    check_config_against_weights(config, shapes, directory)
+    config, _ = read_checked_config(directory)
     want = PRESETS[name]
     fields = ("hidden_size", "num_hidden_layers", "num_heads", "expand_k", "expand_v", "hidden_ratio",
               "block_size", "num_blocks")
