@@ -16,7 +16,7 @@ import click
 from .common import check_backend, check_weights_flag, command, fail, load_model, pick_device
 
 COLUMNS = ["model", "prompt_len", "batch", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_ms_per_step",
-           "peak_mem_GiB", "state_MiB"]
+           "peak_mem_GiB", "state_MiB", "floor_tok_s", "pct_of_floor"]
 
 
 def format_row(r: dict) -> str:
@@ -56,7 +56,10 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 @click.option("--prompt-len", default="2048,32768", show_default=True, help="comma-separated prompt lengths")
 @click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--batch", default="1", show_default=True, help="comma-separated batch sizes")
-@click.option("--prefill-chunk", default=16384, show_default=True, type=click.IntRange(1))
+@click.option("--prefill-chunk", default=16384, show_default=True, type=click.IntRange(1),
+              help="prompt tokens per prefill step, over the whole batch")
+@click.option("--fused-decode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="the five-launch Triton decode step (auto: batch 1 on CUDA)")
 @click.option("--compare", type=click.Choice(["transformer"]), default=None)
 @click.option("--device", default=None)
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
@@ -66,8 +69,8 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 @click.option("--json", "json_path", default=None, type=click.Path(), help="also write the rows here")
 @click.option("--plot", "plot_path", default=None, type=click.Path(),
               help="draw tokens/s and memory against prompt length into this PNG (matplotlib)")
-def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_chunk, compare, device, dtype, backend,
-         cuda_graph, json_path, plot_path):
+def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_chunk, fused_decode, compare, device,
+         dtype, backend, cuda_graph, json_path, plot_path):
     """Measure prefill and decode speed of an MHLA model on long prompts."""
     try:
         lengths = [int(x) for x in prompt_len.split(",")]
@@ -97,15 +100,24 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
                    "GPU, and a 340M model at long prompts takes a very long time on a CPU", err=True)
     dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     m = load_model(model, weights, random_weights, device, dtype)
-    click.echo(f"# plan (batch {batches[0]}): {m.make_plan(batches[0], backend=backend, cuda_graphs=cuda_graph).describe()}")
+    fused = {"auto": None, "on": True, "off": False}[fused_decode]
+    plan_of = lambda b: m.make_plan(b, backend=backend, cuda_graphs=cuda_graph, fused_decode=fused)  # noqa: E731
+    click.echo(f"# plan (batch {batches[0]}): {plan_of(batches[0]).describe()}")
     kinds = [("mhla", m)]
     if compare:
         kinds.append(("transformer", same_size_transformer(m.config, device, dtype)))
     meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": str(dtype),
             "date": time.strftime("%Y-%m-%d"), "model": model, "random_weights": random_weights,
             "params": sum(p.numel() for p in m.parameters()), "new_tokens": new_tokens,
-            "plans": {b: m.make_plan(b, backend=backend, cuda_graphs=cuda_graph).describe() for b in batches}}
-    click.echo(f"# {meta['device']}, {meta['dtype']}, {meta['date']}, {model} ({meta['params'] / 1e6:.0f}M params)")
+            "plans": {b: plan_of(b).describe() for b in batches}}
+    bandwidth = None
+    if device.startswith("cuda"):  # the decode floor's bandwidth, measured in this run
+        from .bench_floor import copy_bandwidth
+        bandwidth = meta["copy_bandwidth_TBps"] = copy_bandwidth(device) / 1e12
+        bandwidth *= 1e12
+    click.echo(f"# {meta['device']}, {meta['dtype']}, {meta['date']}, {model} ({meta['params'] / 1e6:.0f}M params)"
+               + (f"; copy bandwidth {bandwidth / 1e12:.2f} TB/s (decode floor: weights once + each sequence's "
+                  f"state traffic)" if bandwidth else ""))
     click.echo(" | ".join(COLUMNS))
     rows = []
     jobs = [(k, mod, L, b) for L in lengths for b in batches for k, mod in kinds]
@@ -113,9 +125,10 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
     for kind, mod, L, b in bar:
         graphs = cuda_graph and device.startswith("cuda")
         # warm-up at the timed chunk shape: kernels compiled and tuned, graphs captured once before timing
-        run_one(kind, mod, min(L, prefill_chunk), 2, b, prefill_chunk, device, graphs, backend)
+        chunk = max(64, prefill_chunk // b)  # per sequence: the step's activations stay bounded at any batch
+        run_one(kind, mod, min(L, chunk), 2, b, chunk, device, graphs, backend, fused_decode=fused)
         try:
-            rows.append(run_one(kind, mod, L, new_tokens, b, prefill_chunk, device, graphs, backend))
+            rows.append(run_one(kind, mod, L, new_tokens, b, chunk, device, graphs, backend, bandwidth, fused))
         except torch.OutOfMemoryError:
             rows.append({"model": kind, "prompt_len": L, "batch": b, "error": "out of memory"})
             reset_peak(device)

@@ -12,6 +12,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from mhla_stream import MHLACache
 from mhla_stream.graphs import GraphDecoder, GraphStep, prefill
 
+from .bench_floor import decode_floor
+
 
 def sync(device):
     if str(device).startswith("cuda"):
@@ -40,12 +42,15 @@ def same_size_transformer(cfg, device, dtype):
 
 
 @torch.inference_mode()
-def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=False, backend="auto"):
-    """One timed prefill + decode. The MHLA model runs with its own plan for this batch."""
+def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=False, backend="auto", bandwidth=None,
+            fused_decode=None):
+    """One timed prefill + decode. The MHLA model runs with its own plan for this batch. With a
+    measured ``bandwidth`` (bytes/s) an MHLA row also gets the decode step's memory-traffic floor."""
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
     reset_peak(device)
-    plan = model.make_plan(batch, backend=backend, cuda_graphs=graphs) if kind == "mhla" else None
+    plan = model.make_plan(batch, backend=backend, cuda_graphs=graphs, fused_decode=fused_decode) \
+        if kind == "mhla" else None
     if kind == "mhla":
         cache = MHLACache(model.new_state(batch, device=device))
     else:
@@ -81,7 +86,13 @@ def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=Fa
     t2 = time.perf_counter()
     state = cache.nbytes if kind == "mhla" else sum(t.numel() * t.element_size() for layer in cache.layers
                                                     for t in (layer.keys, layer.values) if t is not None)
-    return {"model": kind, "prompt_len": prompt_len, "batch": batch, "ttft_s": t1 - t0,
-            "prefill_tok_s": batch * prompt_len / (t1 - t0), "decode_tok_s": batch * new_tokens / max(t2 - t1, 1e-9),
-            "decode_ms_per_step": (t2 - t1) / new_tokens * 1e3, "graph_capture_s": capture_s,
-            "peak_mem_GiB": peak_bytes(device) / 2**30, "state_MiB": state / 2**20}
+    row = {"model": kind, "prompt_len": prompt_len, "batch": batch, "ttft_s": t1 - t0,
+           "prefill_tok_s": batch * prompt_len / (t1 - t0), "decode_tok_s": batch * new_tokens / max(t2 - t1, 1e-9),
+           "decode_ms_per_step": (t2 - t1) / new_tokens * 1e3, "graph_capture_s": capture_s,
+           "peak_mem_GiB": peak_bytes(device) / 2**30, "state_MiB": state / 2**20}
+    if kind == "mhla" and bandwidth:
+        floor = decode_floor(model, cache.states, batch, bandwidth)
+        step_s = (t2 - t1) / new_tokens
+        row.update(floor, pct_of_floor=100 * floor["floor_ms_per_step"] / (step_s * 1e3),
+                   decode_GBps=(floor["weight_MB"] + floor["state_MB_per_step"]) * 1e6 / step_s / 1e9)
+    return row

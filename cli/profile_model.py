@@ -84,15 +84,67 @@ def _products(m):
 @click.option("--chunk", default=16384, show_default=True, help="prefill chunk length")
 @click.option("--context", default=2048, show_default=True, help="tokens before the profiled decode steps")
 @click.option("--steps", default=20, show_default=True)
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="sequences per decode step")
+@click.option("--decode-only", is_flag=True, help="skip the prefill-chunk and projection profiles")
+@click.option("--fused-decode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path())
-def main(model, chunk, context, steps, json_path):
+def main(model, chunk, context, steps, batch, decode_only, fused_decode, json_path):
     dev = "cuda"
     m = load_model(model, None, True, dev, torch.bfloat16)
-    click.echo(f"plan: {m.make_plan(1).describe()}")
+    plan = m.make_plan(batch, fused_decode={"auto": None, "on": True, "off": False}[fused_decode])
+    click.echo(f"plan: {plan.describe()}")
     vocab = m.config.vocab_size
     report = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "model": model}
     with torch.inference_mode():
         ids = torch.randint(3, vocab, (1, chunk), device=dev)
+        if not decode_only:
+            _profile_prefill(m, ids, chunk, report)
+        ids = ids[:, :context].expand(batch, -1).contiguous()
+        cache = MHLACache(m.new_state(batch))
+        m(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = ids[:, :1]
+        for _ in range(3):
+            m(input_ids=nxt, past_key_values=cache, use_cache=True, plan=plan)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                m(input_ids=nxt, past_key_values=cache, use_cache=True, plan=plan)
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            m(input_ids=nxt, past_key_values=cache, use_cache=True, plan=plan)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps * 1e6
+        report["decode_eager"] = {"batch": batch, "wall_us": wall, "kernels": _kernel_table(prof, steps)}
+        _print(f"decode step, batch {batch}, eager", report["decode_eager"]["kernels"], wall)
+
+        dec = GraphDecoder(m, cache, plan=plan)
+        for _ in range(3):
+            dec.step(nxt)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                dec.step(nxt)
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps * 5):
+            dec.step(nxt)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / (steps * 5) * 1e6
+        report["decode_graph"] = {"batch": batch, "wall_us": wall, "tok_s": batch * 1e6 / wall,
+                                  "kernels": _kernel_table(prof, steps)}
+        _print(f"decode step, batch {batch}, CUDA graph ({batch * 1e6 / wall:,.0f} tok/s)",
+               report["decode_graph"]["kernels"], wall)
+        if not decode_only:
+            report["products"] = _products(m)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def _profile_prefill(m, ids, chunk, report):
+    """One prefill chunk: kernels, wall time, and any host synchronisation inside the forward."""
+    with torch.inference_mode():
         for _ in range(2):  # compile, tune
             m(input_ids=ids, past_key_values=MHLACache(m.new_state(1)), use_cache=True, logits_to_keep=1)
         torch.cuda.synchronize()
@@ -117,44 +169,6 @@ def main(model, chunk, context, steps, json_path):
         report["prefill"] = {"chunk": chunk, "wall_us": wall, "host_us": host, "syncs": len(syncs), "tok_s": chunk / wall * 1e6,
                              "kernels": _kernel_table(prof, 1)}
         _print(f"prefill, one {chunk}-token chunk ({chunk / wall * 1e6:,.0f} tok/s)", report["prefill"]["kernels"], wall)
-
-        cache = MHLACache(m.new_state(1))
-        m(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = ids[:, :1]
-        for _ in range(3):
-            m(input_ids=nxt, past_key_values=cache, use_cache=True)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                m(input_ids=nxt, past_key_values=cache, use_cache=True)
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            m(input_ids=nxt, past_key_values=cache, use_cache=True)
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / steps * 1e6
-        report["decode_eager"] = {"wall_us": wall, "kernels": _kernel_table(prof, steps)}
-        _print("decode step, eager", report["decode_eager"]["kernels"], wall)
-
-        dec = GraphDecoder(m, cache)
-        for _ in range(3):
-            dec.step(nxt)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                dec.step(nxt)
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps * 5):
-            dec.step(nxt)
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / (steps * 5) * 1e6
-        report["decode_graph"] = {"wall_us": wall, "tok_s": 1e6 / wall, "kernels": _kernel_table(prof, steps)}
-        _print(f"decode step, CUDA graph ({1e6 / wall:,.0f} tok/s)", report["decode_graph"]["kernels"], wall)
-        report["products"] = _products(m)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
