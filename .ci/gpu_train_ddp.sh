@@ -8,6 +8,8 @@
 # files; else it prepares them from the shared texts (shared/data or ../shared/data) within $PREP_S
 # seconds; else it trains on the synthetic tokens (the curve then only shows that training runs).
 # Knobs: BENCH_STEPS (40), TRAIN_MIN (3), EXTRA=1 adds activation-checkpointing and compile runs.
+# The MHLA operator trains with its Triton forward + backward (--attn-backend auto on CUDA);
+# bench_1gpu_torch_op is the same run with the torch chunk form (TORCH_OP=0 skips it).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 OUT=${OUT:-/tmp/gpu_train_ddp}
@@ -73,6 +75,7 @@ bench() {  # bench NAME NPROC [flags...]: BENCH_STEPS steps of the 340M shape, n
 bench bench_1gpu 1
 [ "$NPROC" -ge 2 ] && bench bench_2gpu "$NPROC"
 bench bench_1gpu_plain_loss 1 --no-fused-loss
+[ "${TORCH_OP:-1}" = 1 ] && bench bench_1gpu_torch_op 1 --attn-backend torch
 if [ "${EXTRA:-0}" = 1 ]; then
   bench bench_1gpu_act_ckpt 1 --activation-checkpointing
   bench bench_1gpu_compile 1 --compile

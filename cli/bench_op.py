@@ -4,6 +4,11 @@
 
 Shapes: B = 1, H = 4, K = 128, V = 256 (the 340M layer); SDPA uses 16 heads x 64 (the same-size
 Transformer). fla is optional: its columns are skipped when it is not installed.
+
+``--backward``: forward + backward instead (the training step of one layer's operator), Triton
+autograd path against the torch chunk form and fla's chunk_linear_attn, at ``--batch`` sequences:
+
+    python -m mhla_stream.cli.bench_op --backward --batch 8 --lengths 2048,8192 --json bwd.json
 """
 from __future__ import annotations
 
@@ -43,11 +48,16 @@ def bench(fn, ms=200):
 @click.option("--json", "json_path", default=None, help="write the results here as JSON")
 @click.option("--torch-max", default=32768, help="longest T for the plain PyTorch chunk form")
 @click.option("--profile", "profile_T", default=0, help="print the per-kernel time of one MHLA prefill at this T")
-def main(lengths, dtype, json_path, torch_max, profile_T):
+@click.option("--backward", is_flag=True, help="time forward + backward (training) instead of prefill and decode")
+@click.option("--batch", default=1, type=click.IntRange(min=1), help="sequences per call (--backward)")
+def main(lengths, dtype, json_path, torch_max, profile_T, backward, batch):
     dev, dt = "cuda", getattr(torch, dtype)
     H, K, V, C, L = 4, 128, 256, 64, 32
     chunk_la, recur_la = _fla()
     m = init_mixing(L).to(dev)
+    if backward:
+        return _backward_table([int(x) for x in lengths.split(",")], batch, dt, dtype, json_path, torch_max,
+                               chunk_la, (H, K, V, C, L))
     rows = []
     for T in [int(x) for x in lengths.split(",")]:
         torch.manual_seed(0)
@@ -92,6 +102,59 @@ def main(lengths, dtype, json_path, torch_max, profile_T):
         print(" | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": dtype,
             "torch": torch.__version__, "shapes": dict(B=1, H=H, K=K, V=V, C=C, L=L)}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def _backward_table(lengths, B, dt, dtype, json_path, torch_max, chunk_la, shape):
+    """Forward + backward of one call: Triton autograd (mhla), torch chunk form, fla chunk_linear_attn."""
+    H, K, V, C, L = shape
+    dev = "cuda"
+    m = init_mixing(L).to(dev).requires_grad_()
+    rows = []
+    for T in lengths:
+        torch.manual_seed(0)
+        q = torch.rand(B, T, H, K, device=dev, dtype=dt, requires_grad=True)
+        k = torch.rand(B, T, H, K, device=dev, dtype=dt, requires_grad=True)
+        v = torch.randn(B, T, H, V, device=dev, dtype=dt, requires_grad=True)
+        do = torch.randn(B, T, H, V, device=dev, dtype=dt)
+
+        def step(backend):
+            def run():
+                q.grad = k.grad = v.grad = m.grad = None
+                mhla_attention(q, k, v, m, block_size=C, backend=backend).backward(do)
+            return run
+        r = {"T": T, "B": B}
+        for name, backend in (("mhla", "triton"), ("torch_chunk", "torch")):
+            if backend == "torch" and T > torch_max:
+                continue
+            step(backend)()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            r[f"{name}_fwd_bwd_ms"] = bench(step(backend))
+            r[f"{name}_extra_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+        if chunk_la:
+            def fla_run():
+                q.grad = k.grad = v.grad = None
+                chunk_la(q, k, v, normalize=False)[0].backward(do)
+            r["fla_fwd_bwd_ms"] = bench(fla_run)
+            r["mhla_over_fla"] = r["mhla_fwd_bwd_ms"] / r["fla_fwd_bwd_ms"]
+        if "torch_chunk_fwd_bwd_ms" in r:
+            r["torch_over_mhla"] = r["torch_chunk_fwd_bwd_ms"] / r["mhla_fwd_bwd_ms"]
+        r["mhla_tok_s"] = B * T / r["mhla_fwd_bwd_ms"] * 1e3
+        rows.append(r)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+        print(json.dumps(r), flush=True)
+    cols = ["T", "B", "mhla_fwd_bwd_ms", "fla_fwd_bwd_ms", "mhla_over_fla", "torch_chunk_fwd_bwd_ms", "torch_over_mhla",
+            "mhla_tok_s", "mhla_extra_peak_gib", "torch_chunk_extra_peak_gib"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
+    meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": dtype,
+            "torch": torch.__version__, "mode": "forward+backward", "shapes": dict(B=B, H=H, K=K, V=V, C=C, L=L)}
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -68,13 +68,16 @@ class FiniteRange(click.FloatRange):
 @click.option("--loss-chunk", default=4096, type=click.IntRange(min=1), help="tokens per chunk of the fused loss")
 @click.option("--activation-checkpointing/--no-activation-checkpointing", default=False,
               help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+@click.option("--attn-backend", default="auto", type=click.Choice(["auto", "triton", "torch"]),
+              help="MHLA operator while training: auto = Triton forward + backward on CUDA, the torch chunk form "
+                   "elsewhere; torch forces the torch form")
 @click.option("--compile/--no-compile", default=False, help="torch.compile the training step")
 @click.option("--resume/--no-resume", default=True)
 @click.option("--save/--no-save", default=True, help="write checkpoints and the best model (off for benchmarks)")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 def main(data, out, arch, preset, hidden, layers, heads, block_size, num_blocks, policy, batch, grad_accum, lr, warmup,
          steps, stop_at, minutes, stories_frac, eval_every, eval_windows, log_every, seed, fused_loss, loss_chunk,
-         activation_checkpointing, compile, resume, save, device):
+         activation_checkpointing, attn_backend, compile, resume, save, device):
     """Train an MHLA language model (or a baseline) from prepare_data's token files."""
     args = dict(locals())
     from mhla_stream.training.checkpoint import TrainCheckpointError

@@ -194,8 +194,8 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
         H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
     if NB > 1:
         # far blocks exist only once some target is L blocks past the start: skip the scan otherwise
-        # (with a state, no check: it would synchronise, and a captured prefill must not)
-        far_reachable = far and (has_state or bool((pos // C + NB > L).any()))
+        # (with a state, no check; without one every sequence starts at 0: no device sync either)
+        far_reachable = far and (has_state or NB > L)
         cum = torch.cumsum(S, 2) if far_reachable else S
         far = far and (far_reachable or has_state)
         BI, BJ, BCOL = 64, 32, 128

@@ -14,9 +14,10 @@ from .plan import BACKENDS, resolve_backend
 from .state import MHLAState
 
 # optional compiled backends, imported only where their package is installed
-triton_chunk_prefill = triton_decode_step = numba_decode = None
+triton_chunk_prefill = triton_chunk_trainable = triton_decode_step = numba_decode = None
 if triton_available():
     from .kernels.triton_chunk import chunk_prefill as triton_chunk_prefill
+    from .kernels.triton_chunk_bwd import chunk_trainable as triton_chunk_trainable
     from .kernels.triton_decode import decode_step as triton_decode_step
 if numba_available():
     from .kernels.numba_decode import numba_decode
@@ -84,9 +85,13 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
     policy = state.policy if state is not None else check_policy(policy or DEFAULT_POLICY)
 
     # the form: a stateful call of one token per sequence is a decode step (recurrent form), any
-    # other call the chunk form; numba has only the decode form (its prefill is torch's chunk form)
+    # other call the chunk form; numba has only the decode form (its prefill is torch's chunk form).
+    # A stateless Triton call that needs gradients (training) runs the Triton forward + backward;
+    # calls with a state (updated in place) keep their inference paths.
     decode = state is not None and T == 1 and lengths is None
-    if chosen == "triton" and decode:
+    if chosen == "triton" and state is None and _needs_grad(q, k, v, mixing):
+        o = triton_chunk_trainable(q, k, v, mixing, scale, block_size, policy, lengths)
+    elif chosen == "triton" and decode:
         o = triton_decode_step(q, k, v, mixing, state, scale)
     elif chosen == "triton":
         o = triton_chunk_prefill(q, k, v, mixing, scale, block_size, has_far(policy), state, lengths)
@@ -95,6 +100,10 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
     else:
         o = torch_mhla(q, k, v, mixing, scale, block_size, policy, state, lengths)
     return (o, state) if return_state else o
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
 
 
 def mixing_for(backend: str, mixing, device):

@@ -54,6 +54,9 @@ class ExecutionPlan:
     cuda_graphs         StreamingMHLA replays captured decode steps and full prefill chunks
     pdl                 decode kernels overlap through programmatic dependent launch
     policy              mixing policy for new states (None: the model's)
+    train_backend       operator backend while training: "triton" (Triton forward + backward, on
+                        CUDA or with an explicit backend="triton") or "torch" (the differentiable
+                        chunk form: make_plan(backend="torch") or MHLA_STREAM_TRITON_TRAIN=0)
     """
     device: str
     dtype: str
@@ -67,6 +70,7 @@ class ExecutionPlan:
     cuda_graphs: bool
     pdl: bool
     policy: str | None
+    train_backend: str = "torch"
 
     def backend_for(self, tokens: int, stateful: bool) -> str:
         """The operator backend for one call: the decode backend for one token with a state."""
@@ -74,8 +78,8 @@ class ExecutionPlan:
 
     def with_gradients(self, training: bool) -> "ExecutionPlan":
         """The plan for a call with gradients enabled: no fused or compiled inference paths, and
-        while training the differentiable torch operator."""
-        backends = dict(prefill_backend="torch", decode_backend="torch") if training else {}
+        while training the training backend (Triton forward + backward, or the torch form)."""
+        backends = dict(prefill_backend=self.train_backend, decode_backend=self.train_backend) if training else {}
         return replace(self, fused_decode=False, fused_projections=False, triton_features=False,
                        compile_elementwise=False, **backends)
 
@@ -110,4 +114,5 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
         decode_backend=chosen, fused_decode=fused_decode, fused_projections=cuda,
         triton_features=cuda and triton_available() and env.fused_decode,
         compile_elementwise=cuda and env.compile, cuda_graphs=cuda and cuda_graphs and backend in ("auto", "triton"),
-        pdl=cuda and triton_path and pdl_supported(), policy=policy)
+        pdl=cuda and triton_path and pdl_supported(), policy=policy,
+        train_backend="triton" if chosen == "triton" and env.triton_train else "torch")

@@ -4,6 +4,8 @@
     MHLA_STREAM_FUSED_DECODE=0    no batch-1 fused decode and no Triton feature kernel in prefill
     MHLA_STREAM_PDL=0             no programmatic dependent launch between decode kernels
     MHLA_STREAM_COMPILE=0         no torch.compile of the elementwise ops on CUDA
+    MHLA_STREAM_TRITON_TRAIN=0    training keeps the differentiable torch chunk form on CUDA
+                                  (default: the Triton forward + backward)
 
 Kept apart from ``plan.py`` so that the kernels can read the same switches without importing
 library policy.
@@ -21,6 +23,7 @@ class Switches:
     fused_decode: bool
     pdl: bool
     compile: bool
+    triton_train: bool = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,4 +32,5 @@ def switches() -> Switches:
     return Switches(interpret=env("TRITON_INTERPRET", "0") == "1",
                     fused_decode=env("MHLA_STREAM_FUSED_DECODE", "1") != "0",
                     pdl=env("MHLA_STREAM_PDL", "1") != "0",
-                    compile=env("MHLA_STREAM_COMPILE", "1") != "0")
+                    compile=env("MHLA_STREAM_COMPILE", "1") != "0",
+                    triton_train=env("MHLA_STREAM_TRITON_TRAIN", "1") != "0")

@@ -191,7 +191,8 @@ def test_preset_340m_shape_flops_and_peak_table(monkeypatch):
 def test_train_cli_refuses_bad_input_with_one_line(tmp_path, data_dir):
     out = tmp_path / "run"
     for extra, msg in ((["--grad-accum", "0"], "--grad-accum"), (["--preset", "mhla-1t"], "--preset"),
-                       (["--batch", "0"], "--batch"), (["--stories-frac", "2"], "--stories-frac")):
+                       (["--batch", "0"], "--batch"), (["--stories-frac", "2"], "--stories-frac"),
+                       (["--attn-backend", "cuda"], "--attn-backend")):
         r = train(["--data", data_dir, "--out", out, *TINY, *extra])
         assert r.exit_code == 2 and msg in r.output, r.output
     empty = tmp_path / "empty"
@@ -212,6 +213,19 @@ def test_train_cli_refuses_bad_input_with_one_line(tmp_path, data_dir):
     r = train(["--data", data_dir, "--out", out, *TINY, "--steps", "1"])
     assert r.exit_code == 2 and "cannot read checkpoint" in r.output
     assert (out / "ckpt.safetensors").read_bytes() == b"\x00" * 64  # left exactly as it was
+
+
+def test_train_cli_with_the_triton_operator(tmp_path, data_dir):
+    """--attn-backend triton: the operator's Triton forward + backward (interpreter on the CPU)
+    trains the same steps as the torch form."""
+    runs = {}
+    for backend in ("torch", "triton"):
+        out = tmp_path / backend
+        r = train(["--data", data_dir, "--out", out, *TINY, "--steps", "2", "--attn-backend", backend, "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "summary.json").read_text())["attn_backend"] == backend
+        runs[backend] = params(out)
+    assert_same(runs["torch"], runs["triton"], tol=1e-4)
 
 
 # ---- DDP: two gloo processes against one process; resume on another world size -----------------------

@@ -20,7 +20,7 @@ from .model import LossModule, build_model, context_of, enable_activation_checkp
 
 def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, block_size, num_blocks, policy, batch,
           grad_accum, lr, warmup, steps, stop_at, minutes, stories_frac, eval_every, eval_windows, log_every, seed,
-          fused_loss, loss_chunk, activation_checkpointing, compile, resume, save, device):
+          fused_loss, loss_chunk, activation_checkpointing, compile, resume, save, device, attn_backend="auto"):
     from tqdm import tqdm
     args = {k: v for k, v in locals().items() if k not in ("ctx", "tqdm")}
     data, out, dev = Path(data), Path(out), ctx.device
@@ -59,7 +59,7 @@ def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, bloc
         if ctx.is_main:
             click.echo(f"resumed from {found} at step {step} (written by {meta.get('world', 1)} rank(s), "
                        f"now {ctx.world})", err=True)
-    step_module = LossModule(model, fused_loss, loss_chunk)
+    step_module = LossModule(model, fused_loss, loss_chunk, attn_backend)
     if ctx.distributed:
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -148,7 +148,7 @@ def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, bloc
                "best_val_loss": best, "elapsed_s": round(time.time() - t0, 1), "context": context,
                "world": ctx.world, "batch": batch, "grad_accum": grad_accum, "global_batch": global_batch,
                "tokens_per_s": rate and round(rate, 1), "mfu": _round(rate and mfu(rate, flops_per_token, peak, ctx.world)),
-               "peak_mem_gib": _peak_gib(dev), "fused_loss": fused_loss,
+               "peak_mem_gib": _peak_gib(dev), "fused_loss": fused_loss, "attn_backend": attn_backend,
                "activation_checkpointing": activation_checkpointing, "compile": compile,
                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

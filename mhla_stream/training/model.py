@@ -78,20 +78,26 @@ def enable_activation_checkpointing(model) -> None:
 
 
 class LossModule(torch.nn.Module):
-    """``forward(windows)`` -> mean next-token loss of ``windows`` [B, T + 1]. DDP wraps this module."""
+    """``forward(windows)`` -> mean next-token loss of ``windows`` [B, T + 1]. DDP wraps this module.
 
-    def __init__(self, lm, fused_loss: bool, loss_chunk: int = 4096):
+    ``attn_backend`` (MHLA): "auto" trains with the Triton forward + backward of the operator on
+    CUDA and the torch chunk form elsewhere; "torch" forces the torch form; "triton" forces Triton
+    (on the CPU only under TRITON_INTERPRET=1)."""
+
+    def __init__(self, lm, fused_loss: bool, loss_chunk: int = 4096, attn_backend: str = "auto"):
         super().__init__()
-        self.lm, self.fused, self.loss_chunk = lm, fused_loss, loss_chunk
+        self.lm, self.fused, self.loss_chunk, self.attn_backend = lm, fused_loss, loss_chunk, attn_backend
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         inputs, targets = windows[:, :-1], windows[:, 1:]
+        mhla = is_mhla(self.lm)
+        # the plan's train_backend picks the operator once the model sees gradients (plan_for_call)
+        plan = make_plan(inputs.device, self.lm.dtype, inputs.shape[0], backend=self.attn_backend) if mhla else None
         if not self.fused:
-            logits = self.lm(input_ids=inputs).logits
+            logits = (self.lm(input_ids=inputs, plan=plan) if mhla else self.lm(input_ids=inputs)).logits
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        if is_mhla(self.lm):  # MHLA: the decoder stack, torch (differentiable) form
-            plan = make_plan(inputs.device, self.lm.dtype, inputs.shape[0], backend="torch")
+        if mhla:  # MHLA: the decoder stack
             hidden = self.lm.model(input_ids=inputs, plan=plan)
         else:
             hidden = self.lm.model(input_ids=inputs).last_hidden_state
