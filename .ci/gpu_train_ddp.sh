@@ -7,7 +7,8 @@
 # shape). The training run uses $DATA (default runs/data, from prepare_data) if it holds token
 # files; else it prepares them from the shared texts (shared/data or ../shared/data) within $PREP_S
 # seconds; else it trains on the synthetic tokens (the curve then only shows that training runs).
-# Knobs: BENCH_STEPS (40), TRAIN_MIN (3), EXTRA=1 adds activation-checkpointing and compile runs.
+# Knobs: BENCH_STEPS (40), TRAIN_MIN (3), EXTRA=1 adds activation-checkpointing and compile runs,
+# PLAIN_LOSS=0 skips the unfused-loss run, SKIP_TRAIN=1 the training run (throughput only).
 # The MHLA operator trains with its Triton forward + backward (--attn-backend auto on CUDA);
 # bench_1gpu_torch_op is the same run with the torch chunk form (TORCH_OP=0 skips it).
 set -uo pipefail
@@ -74,7 +75,7 @@ bench() {  # bench NAME NPROC [flags...]: BENCH_STEPS steps of the 340M shape, n
 
 bench bench_1gpu 1
 [ "$NPROC" -ge 2 ] && bench bench_2gpu "$NPROC"
-bench bench_1gpu_plain_loss 1 --no-fused-loss
+[ "${PLAIN_LOSS:-1}" = 1 ] && bench bench_1gpu_plain_loss 1 --no-fused-loss
 [ "${TORCH_OP:-1}" = 1 ] && bench bench_1gpu_torch_op 1 --attn-backend torch
 if [ "${EXTRA:-0}" = 1 ]; then
   bench bench_1gpu_act_ckpt 1 --activation-checkpointing
@@ -85,11 +86,13 @@ if [ -n "$PREP_PID" ]; then
   wait "$PREP_PID" || { echo "data preparation failed or ran out of time:"; tail -3 "$WORK/prep.log"; rm -f "$DATA/info.json"; }
 fi
 if [ ! -f "$DATA/info.json" ]; then DATA="$SYN"; DATA_KIND=synthetic; fi
+[ "${SKIP_TRAIN:-0}" = 1 ] || {
 echo "== training ($NPROC process(es), $TRAIN) on $DATA ($DATA_KIND)"
 timeout 420 $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m mhla_stream.cli.train $COMMON \
   --data "$DATA" --out "$WORK/train" --eval-every $EVAL_EVERY $TRAIN $LR > "$WORK/train.log" 2>&1 \
   || { echo "training failed:"; tail -15 "$WORK/train.log"; }
 tail -1 "$WORK/train.log"
+}
 
 $PY - "$WORK" "$OUT" "$DATA_KIND" <<'PY'
 import json, sys, pathlib
