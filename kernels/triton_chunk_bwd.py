@@ -181,7 +181,8 @@ def chunk_backward(q, k, v, do, raw_mixing, scale: float, C: int, policy: str, l
     g_diag = torch.empty(NB, BH, device=dev, dtype=torch.float32)
     _qkv_grad_kernel[(NB, BH)](
         q, k, v, do, P, dS, diag, dq, dk, dv, g_diag, n, T, C, BH, scale, *strides, H=H, K=K, V=V, BT=BT, BK=BK,
-        BV=BV, DOT=dot_dtype, PREC=prec, num_warps=_WARPS)
+        BV=BV, DOT=dot_dtype, PREC=prec, num_warps=_WARPS,
+        num_stages=1)  # unpipelined V walk (4 steps at V = 256): pipelined, the tiles need 254 KB of shared memory on an H100
     del P, dS
     dmixing = None
     if mixing_grad:
