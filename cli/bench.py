@@ -13,7 +13,7 @@ import time
 
 import click
 
-from .common import check_backend, check_weights_flag, command, fail, load_model, pick_device
+from .common import check_backend, check_weights_flag, command, fail, load_model, pick_device, state_dtype_option
 
 COLUMNS = ["model", "prompt_len", "batch", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_ms_per_step",
            "peak_mem_GiB", "state_MiB"]
@@ -63,11 +63,12 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 @click.option("--backend", default="auto", type=click.Choice(["auto", "torch", "triton", "numba"]))
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="capture the MHLA decode step and full prefill chunks (before timing)")
+@state_dtype_option
 @click.option("--json", "json_path", default=None, type=click.Path(), help="also write the rows here")
 @click.option("--plot", "plot_path", default=None, type=click.Path(),
               help="draw tokens/s and memory against prompt length into this PNG (matplotlib)")
 def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_chunk, compare, device, dtype, backend,
-         cuda_graph, json_path, plot_path):
+         cuda_graph, state_dtype, json_path, plot_path):
     """Measure prefill and decode speed of an MHLA model on long prompts."""
     try:
         lengths = [int(x) for x in prompt_len.split(",")]
@@ -97,14 +98,16 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
                    "GPU, and a 340M model at long prompts takes a very long time on a CPU", err=True)
     dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     m = load_model(model, weights, random_weights, device, dtype)
-    click.echo(f"# plan (batch {batches[0]}): {m.make_plan(batches[0], backend=backend, cuda_graphs=cuda_graph).describe()}")
+    plan_options = dict(backend=backend, cuda_graphs=cuda_graph, state_dtype=state_dtype)
+    click.echo(f"# plan (batch {batches[0]}): {m.make_plan(batches[0], **plan_options).describe()}")
     kinds = [("mhla", m)]
     if compare:
         kinds.append(("transformer", same_size_transformer(m.config, device, dtype)))
     meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": str(dtype),
             "date": time.strftime("%Y-%m-%d"), "model": model, "random_weights": random_weights,
             "params": sum(p.numel() for p in m.parameters()), "new_tokens": new_tokens,
-            "plans": {b: m.make_plan(b, backend=backend, cuda_graphs=cuda_graph).describe() for b in batches}}
+            "state_dtype": m.make_plan(1, **plan_options).state_dtype,
+            "plans": {b: m.make_plan(b, **plan_options).describe() for b in batches}}
     click.echo(f"# {meta['device']}, {meta['dtype']}, {meta['date']}, {model} ({meta['params'] / 1e6:.0f}M params)")
     click.echo(" | ".join(COLUMNS))
     rows = []
@@ -113,9 +116,9 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
     for kind, mod, L, b in bar:
         graphs = cuda_graph and device.startswith("cuda")
         # warm-up at the timed chunk shape: kernels compiled and tuned, graphs captured once before timing
-        run_one(kind, mod, min(L, prefill_chunk), 2, b, prefill_chunk, device, graphs, backend)
+        run_one(kind, mod, min(L, prefill_chunk), 2, b, prefill_chunk, device, graphs, backend, state_dtype)
         try:
-            rows.append(run_one(kind, mod, L, new_tokens, b, prefill_chunk, device, graphs, backend))
+            rows.append(run_one(kind, mod, L, new_tokens, b, prefill_chunk, device, graphs, backend, state_dtype))
         except torch.OutOfMemoryError:
             rows.append({"model": kind, "prompt_len": L, "batch": b, "error": "out of memory"})
             reset_peak(device)

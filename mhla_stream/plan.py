@@ -16,6 +16,7 @@ import torch
 
 from .kernels import numba_available, pdl_supported, triton_available
 from .mixing import check_policy
+from .state import dtype_name, resolve_state_dtype
 from .switches import switches
 
 BACKENDS = ("auto", "torch", "triton", "numba")
@@ -54,6 +55,7 @@ class ExecutionPlan:
     cuda_graphs         StreamingMHLA replays captured decode steps and full prefill chunks
     pdl                 decode kernels overlap through programmatic dependent launch
     policy              mixing policy for new states (None: the model's)
+    state_dtype         storage dtype of the completed block summaries (the ring) in new states
     """
     device: str
     dtype: str
@@ -67,6 +69,7 @@ class ExecutionPlan:
     cuda_graphs: bool
     pdl: bool
     policy: str | None
+    state_dtype: str = "float32"
 
     def backend_for(self, tokens: int, stateful: bool) -> str:
         """The operator backend for one call: the decode backend for one token with a state."""
@@ -85,16 +88,18 @@ class ExecutionPlan:
 
 @functools.lru_cache(maxsize=256)  # deterministic (the environment is read once): the model asks per call
 def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "auto", policy: str | None = None,
-              cuda_graphs: bool = True, fused_decode: bool | None = None) -> ExecutionPlan:
+              cuda_graphs: bool = True, fused_decode: bool | None = None, state_dtype=None) -> ExecutionPlan:
     """The one place where execution paths are chosen.
 
     ``backend``: "auto" or a named operator backend (an unavailable one is an error here, at
     creation, rather than at the first call). ``fused_decode``: None decides (CUDA, batch 1,
     Triton, MHLA_STREAM_FUSED_DECODE not 0); True forces it (tests under TRITON_INTERPRET).
+    ``state_dtype``: the ring's storage dtype for the states made with this plan (None = fp32).
     """
     device = torch.device(device)
     if policy is not None:
         check_policy(policy)
+    ring_dtype = dtype_name(resolve_state_dtype(state_dtype))
     chosen = resolve_backend(backend, device)
     env = switches()
     cuda = device.type == "cuda"
@@ -110,4 +115,4 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
         decode_backend=chosen, fused_decode=fused_decode, fused_projections=cuda,
         triton_features=cuda and triton_available() and env.fused_decode,
         compile_elementwise=cuda and env.compile, cuda_graphs=cuda and cuda_graphs and backend in ("auto", "triton"),
-        pdl=cuda and triton_path and pdl_supported(), policy=policy)
+        pdl=cuda and triton_path and pdl_supported(), policy=policy, state_dtype=ring_dtype)

@@ -1,0 +1,163 @@
+"""State storage (``state_dtype``): a ring of completed block summaries in bf16.
+
+The rule every form follows: a completed summary is rounded to bf16 when it completes, and every
+later use (mixed prefixes, far sum) reads the rounded value. So each form is checked tightly
+against the definition under that rule (``mhla_reference(..., state_dtype="bf16")``), and
+loosely against the plain fp32 definition (the measured cost of the option).
+
+TOL_RING: a summary whose fp32 value lies within fp32 noise of a bf16 rounding boundary may
+round the other way in another summation order (one bf16 ulp in one element); that moves the
+output by up to ~2e-5 relative at these shapes, still 10x below the effect of the rounding itself.
+"""
+import random
+
+import pytest
+import torch
+from conftest import TOL, rand_qkv, rel_err
+
+from mhla_stream import POLICIES, MHLAState, mhla_attention, mhla_reference
+
+TOL_RING = 5e-5
+TOL_VS_FP32 = 3e-3  # bf16 ring against the fp32 definition (observed 3e-4 .. 6e-4 here)
+C, L = 16, 4        # 4 trained blocks of 16: the trained edge is at 64 tokens
+
+
+def calls(q, k, v, m, cuts, backend, policy, state_dtype="bf16", lengths=None):
+    state, outs, t = None, [], 0
+    for n in cuts:
+        o, state = mhla_attention(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n], m, block_size=C, state=state,
+                                  return_state=True, backend=backend, policy=policy, state_dtype=state_dtype)
+        outs.append(o)
+        t += n
+    assert t == q.shape[1]
+    return torch.cat(outs, 1), state
+
+
+def cut_patterns(T, seed):
+    rng = random.Random(seed)
+    random_cuts = []
+    while sum(random_cuts) < T:
+        random_cuts.append(min(rng.choice([1, 2, C - 1, C, C + 1, 3 * C + 5, 37]), T - sum(random_cuts)))
+    ones = min(T, 90)
+    return [[T], random_cuts, [C // 2 + 3] + [1] * max(ones - C // 2 - 3, 0) + ([T - ones] if T > ones else [])]
+
+
+# -- the state object --------------------------------------------------------------------------
+@pytest.mark.parametrize("given,want", [(None, torch.float32), ("fp32", torch.float32), ("float32", torch.float32),
+                                        (torch.float32, torch.float32), ("bf16", torch.bfloat16),
+                                        ("bfloat16", torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_state_dtype_names(given, want):
+    st = MHLAState.empty(2, 2, 4, 4, num_blocks=3, policy="window+far", state_dtype=given)
+    assert st.state_dtype == st.ring.dtype == want
+    assert all(getattr(st, n).dtype == torch.float32 for n in ("far", "prefix", "partial"))
+
+
+@pytest.mark.parametrize("bad", ["fp16", "float16", torch.float16, torch.float64, "BF16", "bf 16", "", 16, 1.5,
+                                 "torch.bfloat16", ["bf16"], "x" * 500])
+def test_bad_state_dtype_is_one_clear_line(bad):
+    with pytest.raises(ValueError, match="state_dtype must be torch.float32 or torch.bfloat16") as e:
+        MHLAState.empty(1, 1, 4, 4, num_blocks=3, policy="window", state_dtype=bad)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+
+
+def test_nbytes_and_whole_state_operations_keep_the_ring_dtype():
+    # the mhla-340m layer shape: the ring is 31 of the 34 (window+far) K x V tensors
+    fp32 = MHLAState.empty(1, 4, 128, 256, num_blocks=32, policy="window+far")
+    bf16 = MHLAState.empty(1, 4, 128, 256, num_blocks=32, policy="window+far", state_dtype="bf16")
+    kv = 4 * 128 * 256
+    assert fp32.nbytes == 8 + kv * (31 + 3) * 4 and bf16.nbytes == 8 + kv * (31 * 2 + 3 * 4)
+    st = MHLAState.empty(3, 2, 4, 4, num_blocks=3, policy="window+far", state_dtype="bf16")
+    st.ring.normal_()
+    for other in (st.clone(), st.to("cpu"), st.select(slice(1, 3))):
+        assert other.state_dtype == torch.bfloat16 and other.far.dtype == torch.float32
+    assert torch.equal(st.clone().ring, st.ring)
+    target = MHLAState.empty(3, 2, 4, 4, num_blocks=3, policy="window+far")
+    with pytest.raises(ValueError, match="ring is bfloat16 into one whose ring is float32"):
+        target.copy_(st)
+    assert not target.ring.any() and target.state_dtype == torch.float32  # nothing was copied
+    same = MHLAState.empty(3, 2, 4, 4, num_blocks=3, policy="window+far", state_dtype="bf16")
+    assert torch.equal(same.copy_(st).ring, st.ring)
+
+
+def test_attention_state_dtype_argument_is_checked():
+    q, k, v, m = rand_qkv(1, 5, 1, 4, 4, L)
+    _, st = mhla_attention(q, k, v, m, block_size=C, return_state=True, state_dtype="bf16")
+    with pytest.raises(ValueError, match="state_dtype float32 differs from the state's bfloat16"):
+        mhla_attention(q, k, v, m, block_size=C, state=st, state_dtype="fp32")
+    with pytest.raises(ValueError, match="state_dtype must be"):
+        mhla_attention(q, k, v, m, block_size=C, state_dtype="fp16")
+    assert st.pos.tolist() == [5]
+
+
+# -- every form against the definition under the rounding rule -----------------------------------
+@pytest.mark.parametrize("T", (1, 63, 64, 65, 1000))
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("backend", ("torch", "numba"))
+def test_cpu_forms_follow_the_rounding_rule_for_any_cutting(T, policy, backend):
+    q, k, v, m = rand_qkv(2, T, 2, 16, 8, L, seed=T)
+    ref = mhla_reference(q, k, v, m, block_size=C, policy=policy, state_dtype="bf16")
+    ref32 = mhla_reference(q, k, v, m, block_size=C, policy=policy)
+    for cuts in cut_patterns(T, T):
+        out, state = calls(q, k, v, m, cuts, backend, policy)
+        assert state.state_dtype == torch.bfloat16 and state.pos.tolist() == [T, T]
+        err = rel_err(out, ref)
+        assert err < TOL_RING, cuts
+        assert rel_err(out, ref32) < TOL_VS_FP32
+        if T > C:  # the rounding did happen: the fp32 definition is much further away
+            assert rel_err(out, ref32) > 10 * err
+
+
+def test_states_agree_whatever_the_cutting():
+    """The stored ring is the same bf16 values (to one ulp flip) however the calls were cut."""
+    q, k, v, m = rand_qkv(1, 300, 2, 16, 8, L, seed=3)
+    _, whole = calls(q, k, v, m, [300], "torch", "window+far")
+    for cuts in cut_patterns(300, 1)[1:]:
+        _, st = calls(q, k, v, m, cuts, "torch", "window+far")
+        assert rel_err(st.ring.float(), whole.ring.float()) < 1e-3 / 64
+        assert rel_err(st.far, whole.far) < 1e-5 and rel_err(st.prefix, whole.prefix) < 1e-5
+
+
+def test_batch_with_different_lengths_and_positions():
+    q, k, v, m = rand_qkv(2, 90, 2, 8, 8, L, seed=4)
+    ref = mhla_reference(q, k, v, m, block_size=C, state_dtype="bf16")
+    o1, st = mhla_attention(q[:, :50], k[:, :50], v[:, :50], m, block_size=C, return_state=True, backend="torch",
+                            lengths=torch.tensor([37, 50]), state_dtype="bf16")
+    assert rel_err(o1[0, :37], ref[0, :37]) < TOL_RING and rel_err(o1[1], ref[1, :50]) < TOL_RING
+    take = lambda x: torch.stack([x[0, 37:77], x[1, 50:90]])  # noqa: E731
+    o2 = mhla_attention(take(q), take(k), take(v), m, block_size=C, state=st, backend="torch")
+    assert rel_err(o2[0], ref[0, 37:77]) < TOL_RING and rel_err(o2[1], ref[1, 50:90]) < TOL_RING
+
+
+def test_low_precision_inputs_with_a_bf16_ring():
+    q, k, v, m = rand_qkv(2, 150, 2, 16, 8, L, dtype=torch.bfloat16, seed=3)
+    ref = mhla_reference(q, k, v, m, block_size=C, state_dtype="bf16")
+    out, state = calls(q, k, v, m, [40, 1, 1, 60, 48], "torch", "window")
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < TOL[torch.bfloat16]
+    assert state.far.dtype == state.prefix.dtype == state.partial.dtype == torch.float32
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_triton_prefill_and_decode_follow_the_rounding_rule(policy):
+    """Triton (under TRITON_INTERPRET on a CPU): starts mid-block, crosses the trained edge, decodes
+    through block closes; the state equals the torch form's."""
+    H, K, V = 2, 16, 32
+    T = C * (L + 5) + 7
+    q, k, v, m = rand_qkv(2, T, H, K, V, L, seed=1)
+    ref = mhla_reference(q, k, v, m, block_size=C, policy=policy, state_dtype="bf16")
+    cuts = [C // 2 + 3, 1, C * 2, 5, 1, C - 1]
+    cuts.append(T - sum(cuts) - C - 3)
+    cuts += [1] * (C + 3)
+    out, state = calls(q, k, v, m, cuts, "triton", policy)
+    assert rel_err(out, ref) < TOL_RING
+    assert rel_err(out, mhla_reference(q, k, v, m, block_size=C, policy=policy)) > 10 * rel_err(out, ref)
+    _, state_t = calls(q, k, v, m, cuts, "torch", policy)
+    assert state.state_dtype == torch.bfloat16
+    assert rel_err(state.ring.float(), state_t.ring.float()) < 1e-3 / 64
+    for name in ("far", "prefix", "partial"):
+        a, b = getattr(state, name), getattr(state_t, name)
+        assert a.numel() == 0 or rel_err(a, b) < TOL[torch.float32]
+    # one stateless-start call with lengths: the prefill's own summaries are rounded too
+    o1, st = mhla_attention(q, k, v, m, block_size=C, return_state=True, backend="triton", policy=policy,
+                            state_dtype="bf16", lengths=torch.tensor([T, T - 20]))
+    assert rel_err(o1[0], ref[0]) < TOL_RING and rel_err(o1[1, :T - 20], ref[1, :T - 20]) < TOL_RING
+    assert st.pos.tolist() == [T, T - 20]
