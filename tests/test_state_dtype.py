@@ -38,8 +38,10 @@ def cut_patterns(T, seed):
     random_cuts = []
     while sum(random_cuts) < T:
         random_cuts.append(min(rng.choice([1, 2, C - 1, C, C + 1, 3 * C + 5, 37]), T - sum(random_cuts)))
-    ones = min(T, 90)
-    return [[T], random_cuts, [C // 2 + 3] + [1] * max(ones - C // 2 - 3, 0) + ([T - ones] if T > ones else [])]
+    head = min(C // 2 + 3, T)                     # mid-block, then one token at a time through block closes
+    ones = max(min(T, 90) - head, 0)
+    tail = [T - head - ones] if T > head + ones else []
+    return [[T], random_cuts, [head] + [1] * ones + tail]
 
 
 # -- the state object --------------------------------------------------------------------------
