@@ -163,3 +163,25 @@ def test_triton_prefill_and_decode_follow_the_rounding_rule(policy):
                             state_dtype="bf16", lengths=torch.tensor([T, T - 20]))
     assert rel_err(o1[0], ref[0]) < TOL_RING and rel_err(o1[1, :T - 20], ref[1, :T - 20]) < TOL_RING
     assert st.pos.tolist() == [T, T - 20]
+
+
+def test_fused_decode_with_a_bf16_ring_gives_the_unfused_logits():
+    """The model's fused decode (relu + RoPE and the block close inside the Triton decode kernel)
+    against the unfused path, both with bf16 rings, through block closes and the trained edge."""
+    from mhla_stream import MHLACache, MHLAForCausalLM, preset_config
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny", mixing_policy="window+far")).eval()
+    unfused = model.make_plan(2, backend="triton", fused_decode=False, state_dtype="bf16")
+    fused = model.make_plan(2, backend="triton", fused_decode=True, state_dtype="bf16")
+    ids = torch.randint(3, 256, (2, 34))
+    with torch.inference_mode():
+        caches = [MHLACache(model.new_state(2, state_dtype="bf16")) for _ in range(2)]
+        for cache, plan in zip(caches, (unfused, fused)):
+            model(ids[:, :13], past_key_values=cache, plan=plan)
+        for t in range(13, 34):  # C = 8, L = 4: closes at 16, 24, 32 (the trained edge: block 0 goes far)
+            a = model(ids[:, t:t + 1], past_key_values=caches[0], plan=unfused).logits
+            b = model(ids[:, t:t + 1], past_key_values=caches[1], plan=fused).logits
+            assert rel_err(b, a) < 1e-5, t
+    for s_ref, s_fused in zip(caches[0].states, caches[1].states):
+        assert s_fused.ring.dtype == torch.bfloat16 and torch.equal(s_ref.pos, s_fused.pos)
+        assert rel_err(s_fused.ring.float(), s_ref.ring.float()) < 1e-3 / 64
