@@ -21,6 +21,11 @@ from mhla_stream import MHLACache  # noqa: E402
 from mhla_stream.graphs import prefill  # noqa: E402
 
 
+def step(model, cache, x, plan):
+    """One decoded token: the next-token logits [vocab] in fp32."""
+    return model(input_ids=x, past_key_values=cache, use_cache=True, plan=plan).logits[0, -1].float()
+
+
 @torch.inference_mode()
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,11 +60,10 @@ def main():
             for _ in range(new_tokens):
                 tokens.append(int(logits[-1].argmax()))
                 x = torch.tensor([[tokens[-1]]], device=device)
-                logits.append(model(input_ids=x, past_key_values=cache, use_cache=True, plan=plan).logits[0, -1].float())
+                logits.append(step(model, cache, x, plan))
         else:
             for tok in tokens:
-                x = torch.tensor([[tok]], device=device)
-                logits.append(model(input_ids=x, past_key_values=cache, use_cache=True, plan=plan).logits[0, -1].float())
+                logits.append(step(model, cache, torch.tensor([[tok]], device=device), plan))
         if device == "cuda":
             torch.cuda.synchronize()
         steps = torch.stack(logits)  # [1 + new_tokens, vocab]: after the prompt, then after each token

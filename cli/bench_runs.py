@@ -46,7 +46,9 @@ def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=Fa
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
     reset_peak(device)
-    plan = model.make_plan(batch, backend=backend, cuda_graphs=graphs, state_dtype=state_dtype) if kind == "mhla" else None
+    plan = None
+    if kind == "mhla":
+        plan = model.make_plan(batch, backend=backend, cuda_graphs=graphs, state_dtype=state_dtype)
     if kind == "mhla":
         cache = MHLACache(model.new_state(batch, device=device, state_dtype=plan.state_dtype))
     else:

@@ -110,9 +110,10 @@ def test_hostile_state_dtype_files(bf16, tiny_dir, tmp_path):
     fp32.save_state(tmp_path / "fp32")
     meta32, t32 = file_parts(tmp_path / "fp32")
     cases = [  # (stream, file) pairs that must be refused, with the message expected
-        (bf16, craft(tmp_path / "a", {**meta32, "state_dtype": "bfloat16"}, t32), r"ring has shape .* torch.float32, "
-                                                                                   r"expected .* torch.bfloat16"),
-        (fp32, craft(tmp_path / "b", {**meta, "state_dtype": "float32"}, t), r"torch.bfloat16, expected .* torch.float32"),
+        (bf16, craft(tmp_path / "a", {**meta32, "state_dtype": "bfloat16"}, t32),
+         r"ring has shape .* torch.float32, expected .* torch.bfloat16"),
+        (fp32, craft(tmp_path / "b", {**meta, "state_dtype": "float32"}, t),
+         r"torch.bfloat16, expected .* torch.float32"),
         (fp32, craft(tmp_path / "c", {**meta32, "state_dtype": "float64"}, t32), "'float64', this stream"),
         (bf16, craft(tmp_path / "d", {**meta, "state_dtype": "bf16" * 40}, t), "this stream stores them in 'bfloat16'"),
         (bf16, craft(tmp_path / "e", meta, {**t, "layers.1.ring": t["layers.1.ring"].float()}), "layers.1.ring has"),
@@ -163,7 +164,8 @@ def test_generate_and_chat_take_state_dtype():
     assert half["state_bytes"] < 0.6 * full["state_bytes"]
     r = runner.invoke(generate.main, ["hi", "--state-dtype", "fp16"])
     assert r.exit_code == 2 and "--state-dtype" in r.output and "bf16" in r.output
-    r = runner.invoke(chat.main, ["--state-dtype", "bfloat16", "-n", "3", "--seed", "0"], input="Hello\n/stats\n/quit\n")
+    r = runner.invoke(chat.main, ["--state-dtype", "bfloat16", "-n", "3", "--seed", "0"],
+                      input="Hello\n/stats\n/quit\n")
     assert r.exit_code == 0 and "summaries stored in bfloat16" in r.output
 
 
