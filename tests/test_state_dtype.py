@@ -20,6 +20,18 @@ from mhla_stream import POLICIES, MHLAState, mhla_attention, mhla_reference
 TOL_RING = 5e-5
 TOL_VS_FP32 = 3e-3  # bf16 ring against the fp32 definition (observed 3e-4 .. 6e-4 here)
 C, L = 16, 4        # 4 trained blocks of 16: the trained edge is at 64 tokens
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"  # the Triton tests: natively on a GPU, else under TRITON_INTERPRET
+
+
+def same_stored_values(a, b):
+    """Two bf16 rings hold the same summaries: equal, except where a sum near a rounding boundary
+    went the other way in another summation order (one bf16 ulp, in under 1% of the elements; the
+    absolute term covers sums near 0, where fp32 noise of the whole sum is larger than one ulp)."""
+    a, b = a.float(), b.float()
+    assert a.shape == b.shape
+    assert bool(((a - b).abs() <= b.abs() * 2 ** -7 + 1e-5 * b.abs().max()).all())
+    assert float((a != b).float().mean()) < 0.01
 
 
 def calls(q, k, v, m, cuts, backend, policy, state_dtype="bf16", lengths=None):
@@ -115,7 +127,7 @@ def test_states_agree_whatever_the_cutting():
     _, whole = calls(q, k, v, m, [300], "torch", "window+far")
     for cuts in cut_patterns(300, 1)[1:]:
         _, st = calls(q, k, v, m, cuts, "torch", "window+far")
-        assert rel_err(st.ring.float(), whole.ring.float()) < 1e-3 / 64
+        same_stored_values(st.ring, whole.ring)
         assert rel_err(st.far, whole.far) < 1e-5 and rel_err(st.prefix, whole.prefix) < 1e-5
 
 
@@ -144,7 +156,7 @@ def test_triton_prefill_and_decode_follow_the_rounding_rule(policy):
     through block closes; the state equals the torch form's."""
     H, K, V = 2, 16, 32
     T = C * (L + 5) + 7
-    q, k, v, m = rand_qkv(2, T, H, K, V, L, seed=1)
+    q, k, v, m = rand_qkv(2, T, H, K, V, L, seed=1, device=DEV)
     ref = mhla_reference(q, k, v, m, block_size=C, policy=policy, state_dtype="bf16")
     cuts = [C // 2 + 3, 1, C * 2, 5, 1, C - 1]
     cuts.append(T - sum(cuts) - C - 3)
@@ -154,13 +166,13 @@ def test_triton_prefill_and_decode_follow_the_rounding_rule(policy):
     assert rel_err(out, mhla_reference(q, k, v, m, block_size=C, policy=policy)) > 10 * rel_err(out, ref)
     _, state_t = calls(q, k, v, m, cuts, "torch", policy)
     assert state.state_dtype == torch.bfloat16
-    assert rel_err(state.ring.float(), state_t.ring.float()) < 1e-3 / 64
+    same_stored_values(state.ring.cpu(), state_t.ring.cpu())
     for name in ("far", "prefix", "partial"):
         a, b = getattr(state, name), getattr(state_t, name)
         assert a.numel() == 0 or rel_err(a, b) < TOL[torch.float32]
     # one stateless-start call with lengths: the prefill's own summaries are rounded too
     o1, st = mhla_attention(q, k, v, m, block_size=C, return_state=True, backend="triton", policy=policy,
-                            state_dtype="bf16", lengths=torch.tensor([T, T - 20]))
+                            state_dtype="bf16", lengths=torch.tensor([T, T - 20], device=DEV))
     assert rel_err(o1[0], ref[0]) < TOL_RING and rel_err(o1[1, :T - 20], ref[1, :T - 20]) < TOL_RING
     assert st.pos.tolist() == [T, T - 20]
 
@@ -170,18 +182,18 @@ def test_fused_decode_with_a_bf16_ring_gives_the_unfused_logits():
     against the unfused path, both with bf16 rings, through block closes and the trained edge."""
     from mhla_stream import MHLACache, MHLAForCausalLM, preset_config
     torch.manual_seed(0)
-    model = MHLAForCausalLM(preset_config("mhla-tiny", mixing_policy="window+far")).eval()
-    unfused = model.make_plan(2, backend="triton", fused_decode=False, state_dtype="bf16")
-    fused = model.make_plan(2, backend="triton", fused_decode=True, state_dtype="bf16")
-    ids = torch.randint(3, 256, (2, 34))
+    model = MHLAForCausalLM(preset_config("mhla-tiny", mixing_policy="window+far")).to(DEV).eval()
+    unfused = model.make_plan(1, backend="triton", fused_decode=False, state_dtype="bf16")
+    fused = model.make_plan(1, backend="triton", fused_decode=True, state_dtype="bf16")
+    ids = torch.randint(3, 256, (1, 34), device=DEV)
     with torch.inference_mode():
-        caches = [MHLACache(model.new_state(2, state_dtype="bf16")) for _ in range(2)]
+        caches = [MHLACache(model.new_state(1, state_dtype="bf16")) for _ in range(2)]
         for cache, plan in zip(caches, (unfused, fused)):
             model(ids[:, :13], past_key_values=cache, plan=plan)
         for t in range(13, 34):  # C = 8, L = 4: closes at 16, 24, 32 (the trained edge: block 0 goes far)
             a = model(ids[:, t:t + 1], past_key_values=caches[0], plan=unfused).logits
             b = model(ids[:, t:t + 1], past_key_values=caches[1], plan=fused).logits
-            assert rel_err(b, a) < 1e-5, t
+            assert rel_err(b, a) < TOL_RING, t  # (the fp32-ring test holds 1e-5: here add one ulp flips)
     for s_ref, s_fused in zip(caches[0].states, caches[1].states):
         assert s_fused.ring.dtype == torch.bfloat16 and torch.equal(s_ref.pos, s_fused.pos)
-        assert rel_err(s_fused.ring.float(), s_ref.ring.float()) < 1e-3 / 64
+        same_stored_values(s_fused.ring, s_ref.ring)
