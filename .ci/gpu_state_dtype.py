@@ -6,6 +6,8 @@ MiB per sequence of both. JSON goes to $OUT/gpu_state_dtype.json when $OUT is se
 
     python .ci/gpu_state_dtype.py                  # H100: ~5k-token prompt, 200 decoded tokens
     python .ci/gpu_state_dtype.py --tiny           # CPU smoke run (mhla-tiny, short prompt)
+
+(needs the package installed, e.g. ``pip install -e .`` as the .ci/gpu_*.sh scripts do)
 """
 import argparse
 import json
@@ -15,10 +17,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from cli.common import load_model  # noqa: E402  (the same random-weights model as mhla-bench)
-from mhla_stream import MHLACache  # noqa: E402
-from mhla_stream.graphs import prefill  # noqa: E402
+from mhla_stream import MHLACache
+from mhla_stream.cli.common import load_model  # the same random-weights model as mhla-bench
+from mhla_stream.graphs import prefill
 
 
 def step(model, cache, x, plan):

@@ -261,7 +261,8 @@ class StreamingMHLA:
         if self._logits is not None:
             tensors["logits"] = self._logits
         meta = {"model": self.fingerprint, "model_name": self.name, "position": str(self.position),
-                "policy": self.policy, "state_dtype": dtype_name(self.state_dtype), "config": json.dumps(self.model.config.to_diff_dict(), default=str)}
+                "policy": self.policy, "state_dtype": dtype_name(self.state_dtype),
+                "config": json.dumps(self.model.config.to_diff_dict(), default=str)}
         write_state_file(path, tensors, meta)
 
     def load_state(self, path) -> None:

@@ -190,3 +190,16 @@ def test_eval_long_compares_state_dtypes(tiny_dir, tmp_path):
     assert res["state_bytes_per_sequence"]["bfloat16"] < res["state_bytes_per_sequence"]["float32"]
     bad = CliRunner().invoke(eval_long.main, ["--tokens", str(tmp_path / "t.bin"), "--state-dtype", "fp16"])
     assert bad.exit_code == 2
+
+
+def test_gpu_check_script_runs_tiny_on_the_cpu(tmp_path, monkeypatch):
+    import os
+    import runpy
+    script = os.path.join(os.path.dirname(__file__), "..", ".ci", "gpu_state_dtype.py")
+    monkeypatch.setattr("sys.argv", [script, "--tiny", "--prompt-len", "30", "--new-tokens", "12"])
+    monkeypatch.setenv("OUT", str(tmp_path))
+    runpy.run_path(script, run_name="__main__")
+    res = json.loads((tmp_path / "gpu_state_dtype.json").read_text())
+    assert 0 < res["decode"]["max_abs"] < 0.1 and res["greedy_agreement"] > 0.5
+    mib = res["state_MiB_per_sequence"]
+    assert mib["bfloat16"] < mib["float32"]
