@@ -169,10 +169,19 @@ def test_generate_and_chat_take_state_dtype():
     assert r.exit_code == 0 and "summaries stored in bfloat16" in r.output
 
 
-def test_bench_help_lists_state_dtype():
+def test_bench_measures_with_a_bf16_ring(tmp_path):
     from mhla_stream.cli import bench
-    r = CliRunner().invoke(bench.main, ["--help"])
-    assert "--state-dtype" in r.output
+    rows = {}
+    for name in ("fp32", "bf16"):
+        out = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(bench.main, ["--model", "mhla-tiny", "--random-weights", "--prompt-len", "40",
+                                            "--new-tokens", "3", "--device", "cpu", "--state-dtype", name,
+                                            "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        rows[name] = json.loads(out.read_text())
+    meta = rows["bf16"]["meta"]
+    assert meta["state_dtype"] == "bfloat16" and "state_dtype=bfloat16" in meta["plans"]["1"]
+    assert rows["bf16"]["rows"][0]["state_MiB"] < rows["fp32"]["rows"][0]["state_MiB"]
 
 
 def test_eval_long_compares_state_dtypes(tiny_dir, tmp_path):
