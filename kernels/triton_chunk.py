@@ -58,7 +58,6 @@ def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t
     b, h = bh // H, bh % H
     t, mt, i0, live = _block_rows(seq_ptr, b, m, C, BT)                                      # [BT] call tokens
     if live:
-        r0, _, n = _seq_info(seq_ptr, b)
         ok_k, ov = tl.arange(0, BK), pv * BV + tl.arange(0, BV)
         kt = tl.load(k_ptr + b * sk_b + t[:, None] * sk_t + h * sk_h + ok_k[None, :],
                      mask=mt[:, None] & (ok_k[None, :] < K), other=0.0)                        # [BT, BK]
@@ -73,6 +72,7 @@ def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t
             if m == 0:
                 s += tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0)
         if ROUND:  # a block this call completes is stored rounded (bf16 ring): every reader sees that value
+            r0, _, n = _seq_info(seq_ptr, b)
             if m < (r0 + n) // C:
                 s = round_bf16(s)
         tl.store(s_ptr + (bh * NB + m) * K * V + tile, s, mask=mtile)
