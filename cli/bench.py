@@ -13,7 +13,7 @@ import time
 
 import click
 
-from .common import check_backend, check_weights_flag, command, fail, load_model, pick_device
+from .common import check_backend, check_weights_flag, command, fail, load_model, pick_device, state_dtype_option
 
 COLUMNS = ["model", "prompt_len", "batch", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_ms_per_step",
            "peak_mem_GiB", "state_MiB", "floor_tok_s", "pct_of_floor"]
@@ -66,11 +66,12 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 @click.option("--backend", default="auto", type=click.Choice(["auto", "torch", "triton", "numba"]))
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="capture the MHLA decode step and full prefill chunks (before timing)")
+@state_dtype_option
 @click.option("--json", "json_path", default=None, type=click.Path(), help="also write the rows here")
 @click.option("--plot", "plot_path", default=None, type=click.Path(),
               help="draw tokens/s and memory against prompt length into this PNG (matplotlib)")
 def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_chunk, fused_decode, compare, device,
-         dtype, backend, cuda_graph, json_path, plot_path):
+         dtype, backend, cuda_graph, state_dtype, json_path, plot_path):
     """Measure prefill and decode speed of an MHLA model on long prompts."""
     try:
         lengths = [int(x) for x in prompt_len.split(",")]
@@ -101,20 +102,21 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
     dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     m = load_model(model, weights, random_weights, device, dtype)
     fused = {"auto": None, "on": True, "off": False}[fused_decode]
-    plan_of = lambda b: m.make_plan(b, backend=backend, cuda_graphs=cuda_graph, fused_decode=fused)  # noqa: E731
-    click.echo(f"# plan (batch {batches[0]}): {plan_of(batches[0]).describe()}")
+    plan_options = dict(backend=backend, cuda_graphs=cuda_graph, state_dtype=state_dtype, fused_decode=fused)
+    click.echo(f"# plan (batch {batches[0]}): {m.make_plan(batches[0], **plan_options).describe()}")
     kinds = [("mhla", m)]
     if compare:
         kinds.append(("transformer", same_size_transformer(m.config, device, dtype)))
     meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": str(dtype),
             "date": time.strftime("%Y-%m-%d"), "model": model, "random_weights": random_weights,
             "params": sum(p.numel() for p in m.parameters()), "new_tokens": new_tokens,
-            "plans": {b: plan_of(b).describe() for b in batches}}
+            "state_dtype": m.make_plan(1, **plan_options).state_dtype,
+            "plans": {b: m.make_plan(b, **plan_options).describe() for b in batches}}
     bandwidth = None
     if device.startswith("cuda"):  # the decode floor's bandwidth, measured in this run
         from .bench_floor import copy_bandwidth
-        bandwidth = meta["copy_bandwidth_TBps"] = copy_bandwidth(device) / 1e12
-        bandwidth *= 1e12
+        bandwidth = copy_bandwidth(device)
+        meta["copy_bandwidth_TBps"] = bandwidth / 1e12
     click.echo(f"# {meta['device']}, {meta['dtype']}, {meta['date']}, {model} ({meta['params'] / 1e6:.0f}M params)"
                + (f"; copy bandwidth {bandwidth / 1e12:.2f} TB/s (decode floor: weights once + each sequence's "
                   f"state traffic)" if bandwidth else ""))
@@ -126,9 +128,10 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
         graphs = cuda_graph and device.startswith("cuda")
         # warm-up at the timed chunk shape: kernels compiled and tuned, graphs captured once before timing
         chunk = max(64, prefill_chunk // b)  # per sequence: the step's activations stay bounded at any batch
-        run_one(kind, mod, min(L, chunk), 2, b, chunk, device, graphs, backend, fused_decode=fused)
+        run_one(kind, mod, min(L, chunk), 2, b, chunk, device, graphs, backend, state_dtype, fused_decode=fused)
         try:
-            rows.append(run_one(kind, mod, L, new_tokens, b, chunk, device, graphs, backend, bandwidth, fused))
+            rows.append(run_one(kind, mod, L, new_tokens, b, chunk, device, graphs, backend, state_dtype, bandwidth,
+                                fused))
         except torch.OutOfMemoryError:
             rows.append({"model": kind, "prompt_len": L, "batch": b, "error": "out of memory"})
             reset_peak(device)

@@ -42,17 +42,20 @@ def same_size_transformer(cfg, device, dtype):
 
 
 @torch.inference_mode()
-def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=False, backend="auto", bandwidth=None,
-            fused_decode=None):
-    """One timed prefill + decode. The MHLA model runs with its own plan for this batch. With a
-    measured ``bandwidth`` (bytes/s) an MHLA row also gets the decode step's memory-traffic floor."""
+def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=False, backend="auto", state_dtype=None,
+            bandwidth=None, fused_decode=None):
+    """One timed prefill + decode. The MHLA model runs with its own plan for this batch;
+    ``state_dtype``: storage of its block summaries (None = fp32). With a measured ``bandwidth``
+    (bytes/s) an MHLA row also gets the decode step's memory-traffic floor."""
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
     reset_peak(device)
-    plan = model.make_plan(batch, backend=backend, cuda_graphs=graphs, fused_decode=fused_decode) \
-        if kind == "mhla" else None
+    plan = None
     if kind == "mhla":
-        cache = MHLACache(model.new_state(batch, device=device))
+        plan = model.make_plan(batch, backend=backend, cuda_graphs=graphs, state_dtype=state_dtype,
+                               fused_decode=fused_decode)
+    if kind == "mhla":
+        cache = MHLACache(model.new_state(batch, device=device, state_dtype=plan.state_dtype))
     else:
         cache = DynamicCache(config=model.config)
     prefill_graph = decoder = None

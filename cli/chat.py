@@ -15,7 +15,7 @@ import time
 import click
 
 from .common import (check_sampling, command, feed_with_progress, friendly_errors, load_stream, model_options,
-                     sampling_kwargs, sampling_options)
+                     sampling_kwargs, sampling_options, state_dtype_option)
 
 HELP = """commands:
   /system TEXT  start over with TEXT as the system prompt (a base model reads it as the opening text);
@@ -174,7 +174,7 @@ class Session:
     def _stats(self, _arg) -> None:
         s = self.stream
         parts = [f"position {s.position} tokens", f"state {s.state_bytes / 2**20:.2f} MiB", f"policy {s.policy}",
-                 f"device {s.device}"]
+                 f"device {s.device}", f"summaries stored in {str(s.state_dtype).replace('torch.', '')}"]
         if self.last:
             parts.append(f"last reply {self.last['new_tokens']} tokens at {self.last['decode_tok_s']:.1f} tok/s")
             parts.append(f"prompt {self.last['prompt_tokens']} tokens at {self.last['prefill_tok_s']:.0f} tok/s")
@@ -259,9 +259,10 @@ def logical_lines(read):
 
 @command
 @model_options
+@state_dtype_option
 @sampling_options
 @friendly_errors
-def main(model, weights, device, dtype, backend, policy, threads, **kw):
+def main(model, weights, device, dtype, backend, policy, threads, state_dtype, **kw):
     """Chat with an MHLA model (the shipped default unless --model says otherwise). /help inside lists
     the commands and how to type several lines."""
     params = sampling_kwargs(kw)
@@ -270,7 +271,7 @@ def main(model, weights, device, dtype, backend, policy, threads, **kw):
         sys.stdin.reconfigure(errors="replace")
     except (AttributeError, ValueError):
         pass
-    stream = load_stream(model, weights, device, dtype, backend, policy, threads)
+    stream = load_stream(model, weights, device, dtype, backend, policy, threads, state_dtype=state_dtype)
     interactive = sys.stdin.isatty()
     colour = sys.stdout.isatty()
     readline = setup_readline() if interactive else None

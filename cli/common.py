@@ -46,6 +46,19 @@ def model_options(fn):
     return fn
 
 
+# the names mhla_stream.state.STATE_DTYPES accepts (repeated here so that --help imports no torch;
+# a test checks that the two lists agree)
+STATE_DTYPE_NAMES = ("fp32", "float32", "bf16", "bfloat16")
+
+
+def state_dtype_option(fn):
+    """``--state-dtype``: storage of the completed block summaries (kept apart from model_options,
+    which mhla-serve shares)."""
+    return click.option("--state-dtype", default="fp32", show_default=True, type=click.Choice(STATE_DTYPE_NAMES),
+                        help="storage of the completed block summaries (the ring, ~94% of the MHLA state): bf16 "
+                             "halves the state memory; every sum is still formed in fp32 (README: State storage)")(fn)
+
+
 def sampling_options(fn):
     """Every option defaults to None = take the model folder's generation_config.json, then the
     documented defaults (mhla_stream.sampling.DEFAULTS; README "Generation settings")."""

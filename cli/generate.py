@@ -8,7 +8,7 @@ import time
 import click
 
 from .common import (check_sampling, command, feed_with_progress, friendly_errors, load_stream, model_options,
-                     read_stdin_text, sampling_kwargs, sampling_options, text_input)
+                     read_stdin_text, sampling_kwargs, sampling_options, state_dtype_option, text_input)
 
 
 @command
@@ -17,9 +17,10 @@ from .common import (check_sampling, command, feed_with_progress, friendly_error
               help="read the prompt from this file (a progress bar shows long prefills on a terminal)")
 @click.option("--json", "as_json", is_flag=True, help="print text and timings as JSON")
 @model_options
+@state_dtype_option
 @sampling_options
 @friendly_errors
-def main(prompt, prompt_file, as_json, model, weights, device, dtype, backend, policy, threads, **kw):
+def main(prompt, prompt_file, as_json, model, weights, device, dtype, backend, policy, threads, state_dtype, **kw):
     """Continue PROMPT (or --file, or standard input) with the model."""
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give the prompt as an argument or with --file, not both")
@@ -33,7 +34,7 @@ def main(prompt, prompt_file, as_json, model, weights, device, dtype, backend, p
         raise click.UsageError("no prompt: pass one as an argument, with --file, or on standard input")
     params = sampling_kwargs(kw)
     check_sampling(params)  # every sampling value checked before the model is loaded
-    stream = load_stream(model, weights, device, dtype, backend, policy, threads)
+    stream = load_stream(model, weights, device, dtype, backend, policy, threads, state_dtype=state_dtype)
     t0 = time.perf_counter()
     n_prompt = feed_with_progress(stream, prompt) if prompt else 0
     t1 = time.perf_counter()
@@ -52,7 +53,8 @@ def main(prompt, prompt_file, as_json, model, weights, device, dtype, backend, p
                                "decode_s": round(t2 - t1, 4),
                                "prefill_tok_s": round(n_prompt / max(t1 - t0, 1e-9), 1),
                                "decode_tok_s": round(n_new / max(t2 - t1, 1e-9), 1),
-                               "state_bytes": stream.state_bytes}))
+                               "state_bytes": stream.state_bytes,
+                               "state_dtype": str(stream.state_dtype).replace("torch.", "")}))
     else:
         click.echo()
 

@@ -42,11 +42,13 @@ def rss_mib() -> float:
 @click.option("--max-chars", default=0, help="read only this many characters (0 = all)")
 @click.option("--prompt", default="\n\nIn short, this story is about", show_default=True)
 @click.option("--max-new-tokens", default=80)
-def main(path, model, device, chars_per_chunk, max_chars, prompt, max_new_tokens):
+@click.option("--state-dtype", default="fp32", show_default=True,
+              type=click.Choice(["fp32", "float32", "bf16", "bfloat16"]), help="storage of the completed block summaries (bf16: half the state memory)")
+def main(path, model, device, chars_per_chunk, max_chars, prompt, max_new_tokens, state_dtype):
     text = read(path)
     if max_chars:
         text = text[:max_chars]
-    stream = StreamingMHLA.from_pretrained(model, device=device)
+    stream = StreamingMHLA.from_pretrained(model, device=device, state_dtype=state_dtype)
     memory = []
     with tqdm(total=len(text), unit="char", unit_scale=True, desc=path.name, dynamic_ncols=True) as bar:
         for start in range(0, len(text), chars_per_chunk):

@@ -7,6 +7,11 @@ block ``i0_b + m`` and holds its call tokens ``[m*C - r_b, (m+1)*C - r_b) & [0, 
                  in-call summaries plus the carried ring, plus the far sum (window+far)
   3. output:     o_t = s * (q_t P_m + M_ext[i, i] * (causal (q k^T) v + q_t R [m = 0]))
 
+A state whose ring is stored in bf16 (``ROUND``): pass 1 rounds the summaries of the blocks a
+call completes as it writes them (the open block, the next partial R, stays fp32), so the mixing,
+the far sums and the ring all read the rounded value, as every other form does; the ring is
+widened to fp32 on load.
+
 Accumulation is fp32; fp32 inputs use IEEE dots, 16-bit inputs use tensor cores (tf32 for the
 fp32 operands). ``F32_DOT`` upcasts dot operands: set under TRITON_INTERPRET, whose bf16 dot is
 wrong in triton 3.9.
@@ -15,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, ext_coef, far_coef, graph_bench, pow2, ring_block, window_coef
+from .triton_common import INTERPRET, ext_coef, far_coef, graph_bench, pow2, ring_block, round_bf16, window_coef
 
 # Launch configurations, tuned per (K, V) on the GPU; one fixed choice under the interpreter.
 # Only pure-output kernels are tuned (tuning re-runs them).
@@ -47,7 +52,7 @@ def _block_rows(seq_ptr, b, m, C, BT: tl.constexpr):
 @_tuned
 @triton.jit
 def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr, ROUND: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
     m, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -66,6 +71,10 @@ def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t
         if HAS_STATE:
             if m == 0:
                 s += tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0)
+        if ROUND:  # a block this call completes is stored rounded (bf16 ring): every reader sees that value
+            r0, _, n = _seq_info(seq_ptr, b)
+            if m < (r0 + n) // C:
+                s = round_bf16(s)
         tl.store(s_ptr + (bh * NB + m) * K * V + tile, s, mask=mtile)
 
 
@@ -99,7 +108,7 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, 
                 j = ring_block(i0 - 1, w, W)                                   # block in slot w
                 coef = ext_coef(m_ptr, L, ti[:, None], j[None, :], FAR) * (w[None, :] < W)       # [BI, BW]
                 rt = tl.load(ring_ptr + (bh * W + w[:, None]) * KV + cols[None, :],
-                             mask=(w[:, None] < W) & mc[None, :], other=0.0)                   # [BW, BCOL]
+                             mask=(w[:, None] < W) & mc[None, :], other=0.0).to(tl.float32)    # [BW, BCOL]
                 acc += tl.dot(coef, rt, input_precision=PREC)
         if FAR:  # blocks older than the window: their running sum, weighted M[L-1, 0] / count
             fc = far_coef(m_ptr, L, ti)                                                          # [BI]
@@ -191,7 +200,8 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
 
     _summary_kernel[(NB, B * H, triton.cdiv(V, BV))](
         k, v, S, r_old, seq, NB, size, C, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
+        H=H, K=K, V=V, HAS_STATE=has_state, ROUND=has_state and state.state_dtype == torch.bfloat16,
+        BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
     if NB > 1:
         # far blocks exist only once some target is L blocks past the start: skip the scan otherwise
         # (with a state, no check; without one every sequence starts at 0: no device sync either)
@@ -232,14 +242,15 @@ def _advance_kernel(s_ptr, p_ptr, ring_ptr, far_ptr, r_ptr, p0_ptr, pos_ptr, seq
                 far = tl.load(far_ptr + bh * KV + cols, mask=mc, other=0.0)                        # [BCOL]
                 for j in range(tl.maximum(i0 - W, 0), end - W):
                     if j < i0:
-                        far += tl.load(ring_ptr + (bh * W + j % W) * KV + cols, mask=mc, other=0.0)
+                        far += tl.load(ring_ptr + (bh * W + j % W) * KV + cols, mask=mc, other=0.0).to(tl.float32)
                     else:
                         far += tl.load(sums + (j - i0) * KV, mask=mc, other=0.0)
                 tl.store(far_ptr + bh * KV + cols, far, mask=mc)
             for w in range(0, W):
                 jw = ring_block(end - 1, w, W)   # newest block for slot w
                 if jw >= i0:
-                    tl.store(ring_ptr + (bh * W + w) * KV + cols, tl.load(sums + (jw - i0) * KV, mask=mc), mask=mc)
+                    summary = tl.load(sums + (jw - i0) * KV, mask=mc)  # rounded already (ROUND): exact in the ring
+                    tl.store(ring_ptr + (bh * W + w) * KV + cols, summary.to(ring_ptr.dtype.element_ty), mask=mc)
             tl.store(p0_ptr + bh * KV + cols, tl.load(p_ptr + (bh * NB + nc) * KV + cols, mask=mc), mask=mc)
         partial = tl.load(sums + nc * KV, mask=mc, other=0.0)    # block nc: open, or not touched
         tl.store(r_ptr + bh * KV + cols, tl.where(nc < nb, partial, 0.0), mask=mc)

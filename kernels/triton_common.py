@@ -69,6 +69,16 @@ def ext_coef(m_ptr, L, i, j, FAR: tl.constexpr):
     return c
 
 
+@triton.jit
+def round_bf16(x):
+    """fp32 ``x`` rounded to the nearest bf16 value (ties to even), kept in fp32: what a bf16 ring
+    stores. Done on the bits because the interpreter's fp32 -> bf16 cast truncates (triton 3.9);
+    the result converts to bf16 exactly on every backend. Finite x and +-inf (state values)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
 def graph_bench(fn, quantiles=None):
     """The autotuners' timer: CUDA-graph replays, so that a slow host's launch overhead (100+ us
     a launch seen on the GPU machine) does not drown the difference between configurations."""

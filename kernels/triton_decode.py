@@ -8,6 +8,9 @@ Per (sequence, head, column block of V) program:
         far += evicted slot (window+far), ring[i % W] = R,
         P = sum_w M_ext[i+1, j_w] ring[w] + far_coef * far,  R = 0
 
+A bf16 ring (``state_dtype``) is widened to fp32 on load; R is rounded when it is stored as
+S_i, and the mixing reads that rounded value, as every other form does.
+
 Everything a program touches is its own columns of R, P, ring and far, so the block-boundary
 mixing needs no second launch. The kernel leaves ``pos`` alone: ``decode_step`` adds 1 after it,
 and the model's fused decode advances all layers' positions in one launch per step. No host
@@ -20,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import PDL, far_coef, pow2, ring_block, window_coef
+from .triton_common import PDL, far_coef, pow2, ring_block, round_bf16, window_coef
 
 
 @triton.jit
@@ -38,7 +41,7 @@ def _features(x1, x2, c, s, FEATURES: tl.constexpr, DT: tl.constexpr):
 def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
                    L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
-                   PDL: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
+                   ROUND: tl.constexpr, PDL: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()  # everything read here comes from earlier kernels
     bh = tl.program_id(0)
@@ -83,16 +86,19 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
         acc2 = tl.zeros([BK2, BV], dtype=tl.float32)
         for w in range(0, W):
             ring = ring_ptr + (bh * W + w) * K * V
-            cur1 = tl.load(ring + t1, mask=mt1, other=0.0)                                  # [BK2, BV]
-            cur2 = tl.load(ring + t2, mask=mt2, other=0.0)
+            cur1 = tl.load(ring + t1, mask=mt1, other=0.0).to(tl.float32)                   # [BK2, BV]
+            cur2 = tl.load(ring + t2, mask=mt2, other=0.0).to(tl.float32)
             if w == slot:
                 if FAR:  # the slot's old block (i - W) leaves the window
                     keep = tl.where(i >= W, 1.0, 0.0)
                     f1 += keep * cur1
                     f2 += keep * cur2
-                tl.store(ring + t1, r1, mask=mt1)
-                tl.store(ring + t2, r2, mask=mt2)
-                cur1, cur2 = r1, r2
+                s1, s2 = r1, r2
+                if ROUND:  # S_i as a bf16 ring stores it: the mixing below reads this value too
+                    s1, s2 = round_bf16(r1), round_bf16(r2)
+                tl.store(ring + t1, s1.to(ring_ptr.dtype.element_ty), mask=mt1)
+                tl.store(ring + t2, s2.to(ring_ptr.dtype.element_ty), mask=mt2)
+                cur1, cur2 = s1, s2
             jw = ring_block(nxt - 1, w, W)                             # block now in slot w
             coef = window_coef(m_ptr, L, nxt, jw)
             acc1 += coef * cur1
@@ -124,7 +130,8 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None):
         q, k, v, o, state.partial, state.prefix, state.ring, state.far, state.pos, raw_mixing, cos, sin,
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
-        H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0, PDL=PDL, BK2=pow2((K + 1) // 2), BV=BV,
+        H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
+        ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, BK2=pow2((K + 1) // 2), BV=BV,
         num_warps=4, launch_pdl=PDL)
     return o
 

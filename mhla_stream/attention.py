@@ -11,7 +11,7 @@ from . import torch_ops
 from .kernels import numba_available, triton_available
 from .mixing import DEFAULT_POLICY, check_policy, has_far, prepare_mixing
 from .plan import BACKENDS, resolve_backend
-from .state import MHLAState
+from .state import MHLAState, dtype_name, resolve_state_dtype
 
 # optional compiled backends, imported only where their package is installed
 triton_chunk_prefill = triton_chunk_trainable = triton_decode_step = numba_decode = None
@@ -53,14 +53,16 @@ def _check_inputs(q, k, v, lengths):
 
 def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: MHLAState | None = None,
                    return_state: bool = False, backend: str = "auto", policy: str | None = None,
-                   lengths: torch.Tensor | None = None):
+                   lengths: torch.Tensor | None = None, state_dtype=None):
     """Causal MHLA: ``o_t = s * sum_{u<=t} M[b(t), b(u)] (q_t . k_u) v_u`` (SPEC section 1).
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; mixing: [L, L] (raw or prepared; clamped and masked here).
     ``state``: an ``MHLAState`` to continue from (updated in place); with ``return_state`` a new one
     is created when none is given. ``lengths`` [B]: valid tokens per sequence (right padding), only
     those update the state. ``policy`` applies past the trained blocks (default: the state's, else
-    ``DEFAULT_POLICY``). Returns ``o`` [B, T, H, V] in the input dtype, or ``(o, state)``.
+    ``DEFAULT_POLICY``). ``state_dtype``: storage dtype of the completed summaries of a new state
+    (None = fp32, or bf16; a given state keeps its own). Returns ``o`` [B, T, H, V] in the input
+    dtype, or ``(o, state)``.
     """
     _check_inputs(q, k, v, lengths)
     B, T, H, K = q.shape
@@ -79,9 +81,15 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
             raise ValueError(f"policy {policy!r} differs from the state's {state.policy!r}")
         if state.device != q.device:
             raise ValueError(f"state is on {state.device} but the inputs are on {q.device}")
+        if state_dtype is not None and resolve_state_dtype(state_dtype) != state.state_dtype:
+            raise ValueError(f"state_dtype {dtype_name(resolve_state_dtype(state_dtype))} differs from the state's "
+                             f"{dtype_name(state.state_dtype)}")
     elif return_state:
         state = MHLAState.empty(B, H, K, V, block_size=block_size, num_blocks=L,
-                                policy=check_policy(policy or DEFAULT_POLICY), device=q.device)
+                                policy=check_policy(policy or DEFAULT_POLICY), device=q.device,
+                                state_dtype=state_dtype)
+    elif state_dtype is not None:
+        resolve_state_dtype(state_dtype)  # checked, though a call without a state stores no summaries
     policy = state.policy if state is not None else check_policy(policy or DEFAULT_POLICY)
 
     # the form: a stateful call of one token per sequence is a decode step (recurrent form), any

@@ -251,12 +251,15 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def new_state(self, batch_size: int = 1, policy: str | None = None, device=None) -> list[MHLAState]:
-        """Fresh per-layer streaming states (fp32, preallocated) for ``batch_size`` sequences."""
+    def new_state(self, batch_size: int = 1, policy: str | None = None, device=None,
+                  state_dtype=None) -> list[MHLAState]:
+        """Fresh per-layer streaming states (preallocated) for ``batch_size`` sequences: fp32, except
+        the completed block summaries (the ring) in ``state_dtype`` (None = fp32, or bf16)."""
         c = self.config
         device = device if device is not None else self.device
         return [MHLAState.empty(batch_size, c.num_heads, c.head_k_dim, c.head_v_dim, block_size=c.block_size,
-                                num_blocks=c.num_blocks, policy=policy or c.mixing_policy, device=device)
+                                num_blocks=c.num_blocks, policy=policy or c.mixing_policy, device=device,
+                                state_dtype=state_dtype)
                 for _ in range(c.num_hidden_layers)]
 
     def make_plan(self, batch_size: int = 1, **options) -> ExecutionPlan:

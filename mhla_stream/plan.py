@@ -16,6 +16,7 @@ import torch
 
 from .kernels import numba_available, pdl_supported, triton_available
 from .mixing import check_policy
+from .state import dtype_name, resolve_state_dtype
 from .switches import switches
 
 BACKENDS = ("auto", "torch", "triton", "numba")
@@ -57,6 +58,7 @@ class ExecutionPlan:
     train_backend       operator backend while training: "triton" (Triton forward + backward, on
                         CUDA or with an explicit backend="triton") or "torch" (the differentiable
                         chunk form: make_plan(backend="torch") or MHLA_STREAM_TRITON_TRAIN=0)
+    state_dtype         storage dtype of the completed block summaries (the ring) in new states
     """
     device: str
     dtype: str
@@ -71,6 +73,7 @@ class ExecutionPlan:
     pdl: bool
     policy: str | None
     train_backend: str = "torch"
+    state_dtype: str = "float32"
 
     def backend_for(self, tokens: int, stateful: bool) -> str:
         """The operator backend for one call: the decode backend for one token with a state."""
@@ -89,16 +92,18 @@ class ExecutionPlan:
 
 @functools.lru_cache(maxsize=256)  # deterministic (the environment is read once): the model asks per call
 def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "auto", policy: str | None = None,
-              cuda_graphs: bool = True, fused_decode: bool | None = None) -> ExecutionPlan:
+              cuda_graphs: bool = True, fused_decode: bool | None = None, state_dtype=None) -> ExecutionPlan:
     """The one place where execution paths are chosen.
 
     ``backend``: "auto" or a named operator backend (an unavailable one is an error here, at
     creation, rather than at the first call). ``fused_decode``: None decides (CUDA, batch 1,
     Triton, MHLA_STREAM_FUSED_DECODE not 0); True forces it (tests under TRITON_INTERPRET).
+    ``state_dtype``: the ring's storage dtype for the states made with this plan (None = fp32).
     """
     device = torch.device(device)
     if policy is not None:
         check_policy(policy)
+    ring_dtype = dtype_name(resolve_state_dtype(state_dtype))
     chosen = resolve_backend(backend, device)
     env = switches()
     cuda = device.type == "cuda"
@@ -114,5 +119,5 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
         decode_backend=chosen, fused_decode=fused_decode, fused_projections=cuda,
         triton_features=cuda and triton_available() and env.fused_decode,
         compile_elementwise=cuda and env.compile, cuda_graphs=cuda and cuda_graphs and backend in ("auto", "triton"),
-        pdl=cuda and triton_path and pdl_supported(), policy=policy,
+        pdl=cuda and triton_path and pdl_supported(), policy=policy, state_dtype=ring_dtype,
         train_backend="triton" if chosen == "triton" and env.triton_train else "torch")

@@ -1,9 +1,10 @@
 """Per-layer streaming state of the MHLA operator (SPEC section 1, decode form).
 
-Preallocated fp32 tensors with explicit positions, so a decode step only writes in place
+Preallocated tensors with explicit positions, so a decode step only writes in place
 (and can be captured in a CUDA graph). For a batch of ``B`` sequences and ``H`` heads:
 
-    ring    [B, H, W, K, V]  summaries S_j of the last W = max(L-1, 1) completed blocks, slot j % W
+    ring    [B, H, W, K, V]  summaries S_j of the last W = max(L-1, 1) completed blocks, slot j % W,
+                             stored in ``state_dtype`` (fp32 by default, or bf16)
     far     [B, H, K, V]     sum of the summaries evicted from the ring (policy window+far only)
     prefix  [B, H, K, V]     P_i, the mixed prefix of the current block i
     partial [B, H, K, V]     R, sum of k v^T over the tokens of block i seen so far
@@ -11,6 +12,12 @@ Preallocated fp32 tensors with explicit positions, so a decode step only writes 
 
 The number of far blocks is derived from ``pos`` (``completed - W``), so it is not stored.
 Memory is O(L * K * V) per head per sequence however long the stream runs.
+
+State storage (``state_dtype``): the ring is ~94% of the state, so it alone may be stored in
+bf16 (SPEC section 1 allows narrower storage of completed summaries as a measured opt-in).
+The rule every form follows: a completed block summary S_j is rounded to the storage dtype when
+it completes, and every later use of S_j (the mixed prefixes, the far sum) reads the rounded
+value. ``far``, ``prefix`` and ``partial`` stay fp32 and every sum is formed in fp32.
 """
 from __future__ import annotations
 
@@ -19,6 +26,26 @@ from dataclasses import dataclass, fields
 import torch
 
 from .mixing import check_policy, has_far
+
+STATE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_state_dtype(state_dtype) -> torch.dtype:
+    """The ring's storage dtype from ``None`` (fp32), a torch dtype or one of the names
+    ``STATE_DTYPES``; anything else is a ValueError."""
+    if state_dtype is None:
+        return torch.float32
+    if isinstance(state_dtype, torch.dtype):
+        if state_dtype in (torch.float32, torch.bfloat16):
+            return state_dtype
+    elif isinstance(state_dtype, str) and state_dtype in STATE_DTYPES:
+        return STATE_DTYPES[state_dtype]
+    raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16 (or one of {', '.join(STATE_DTYPES)}), "
+                     f"got {state_dtype!r:.60}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 @dataclass
@@ -38,15 +65,18 @@ class MHLAState:
 
     @classmethod
     def empty(cls, batch_size: int, num_heads: int, key_dim: int, value_dim: int, *, block_size: int = 64,
-              num_blocks: int, policy: str, device=None) -> "MHLAState":
+              num_blocks: int, policy: str, device=None, state_dtype=None) -> "MHLAState":
+        """Zeroed state; ``state_dtype`` (None = fp32, or bf16) is the ring's storage dtype."""
         check_policy(policy)
+        ring_dtype = resolve_state_dtype(state_dtype)
         if block_size < 1 or num_blocks < 1:
             raise ValueError(f"block_size and num_blocks must be >= 1, got {block_size} and {num_blocks}")
         B, H, K, V = batch_size, num_heads, key_dim, value_dim
         W = max(num_blocks - 1, 1)
         z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
         far = z(B, H, K, V) if has_far(policy) else z(B, H, 0, V)
-        return cls(z(B, H, W, K, V), far, z(B, H, K, V), z(B, H, K, V),
+        ring = torch.zeros(B, H, W, K, V, dtype=ring_dtype, device=device)
+        return cls(ring, far, z(B, H, K, V), z(B, H, K, V),
                    torch.zeros(B, dtype=torch.int64, device=device), block_size, num_blocks, policy)
 
     # -- shape facts ---------------------------------------------------------------------------
@@ -75,6 +105,11 @@ class MHLAState:
         return self.ring.device
 
     @property
+    def state_dtype(self) -> torch.dtype:
+        """Storage dtype of the completed summaries (the ring); everything else is fp32."""
+        return self.ring.dtype
+
+    @property
     def nbytes(self) -> int:
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.TENSORS)
 
@@ -88,6 +123,7 @@ class MHLAState:
         return self._map(lambda t: t.clone())
 
     def to(self, device) -> "MHLAState":
+        """The same state on ``device`` (dtypes kept: a ring is never re-rounded or widened here)."""
         return self._map(lambda t: t.to(device))
 
     def select(self, index) -> "MHLAState":
@@ -95,6 +131,11 @@ class MHLAState:
         return self._map(lambda t: t[index])
 
     def copy_(self, other: "MHLAState") -> "MHLAState":
+        """Overwrites this state with ``other``; both must store the ring in the same dtype (a
+        silent conversion would round or widen completed summaries). Checked before any copy."""
+        if other.state_dtype != self.state_dtype:
+            raise ValueError(f"cannot copy a state whose ring is {dtype_name(other.state_dtype)} into one whose ring "
+                             f"is {dtype_name(self.state_dtype)}")
         for n in self.TENSORS:
             getattr(self, n).copy_(getattr(other, n))
         return self

@@ -1,6 +1,7 @@
 """State files: safetensors with metadata, written atomically, validated in one place on load.
 
-Metadata: format name and version, the model's fingerprint and config, position and policy.
+Metadata: format name and version, the model's fingerprint and config, position, policy and
+the ring's storage dtype (``state_dtype``; absent in files written before the option: fp32).
 The sha256 covers every tensor and every metadata field, and ``validate_state`` then checks that
 the content is a state this stream can continue (shapes, dtypes, positions, logits, history), so
 a file from another model, an unknown version, a truncated, altered or crafted file is refused
@@ -138,13 +139,15 @@ class StateLayout:
     vocab_size: int
     policy: str
     fingerprint: str
+    state_dtype: str = "float32"  # storage dtype of the completed block summaries (the ring)
 
     @classmethod
     def of(cls, states, vocab_size: int, fingerprint: str) -> "StateLayout":
         """The layout of one sequence's per-layer ``states`` (``MHLAState`` of batch 1)."""
         tensors = {f"layers.{i}.{n}": (tuple(getattr(st, n).shape), getattr(st, n).dtype)
                    for i, st in enumerate(states) for n in st.TENSORS}
-        return cls(tensors, len(states), vocab_size, states[0].policy, fingerprint)
+        ring = str(states[0].ring.dtype).replace("torch.", "")
+        return cls(tensors, len(states), vocab_size, states[0].policy, fingerprint, ring)
 
 
 @dataclass
@@ -188,6 +191,10 @@ def read_state_file(path, layout: StateLayout) -> ValidState:
     if meta.get("policy") != layout.policy:
         raise StateFileError(f"{path}: state uses policy {str(meta.get('policy'))[:40]!r}, this stream uses "
                              f"{layout.policy!r}")
+    stored = meta.get("state_dtype", "float32")  # files from before the option stored an fp32 ring
+    if stored != layout.state_dtype:
+        raise StateFileError(f"{path}: state stores its block summaries in {stored[:20]!r}, this stream stores them in "
+                             f"{layout.state_dtype!r}; open a stream with state_dtype={stored[:20]!r} to load it")
     position = meta.get("position", "")
     if not re.fullmatch(r"[0-9]{1,19}", position) or int(position) >= 2 ** 63:
         raise StateFileError(f"{path}: position {position[:40]!r} is not an int >= 0")

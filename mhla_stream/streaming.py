@@ -14,7 +14,7 @@ from .hub import DEFAULT_MODEL, resolve_model
 from .modeling import MHLAForCausalLM
 from .plan import ExecutionPlan
 from .sampling import SamplingParams, select_next
-from .state import MHLAState
+from .state import MHLAState, dtype_name, resolve_state_dtype
 from .state_io import StateFileError, StateLayout, model_fingerprint, read_state_file, validate_state, write_state_file
 from .tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 
@@ -32,19 +32,23 @@ class Snapshot:
 class StreamingMHLA:
     def __init__(self, model: MHLAForCausalLM, tokenizer: Tokenizer | None = None, *, policy: str | None = None,
                  backend: str = "auto", prefill_chunk: int = 4096, history: int = 4096, name: str | None = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, state_dtype=None):
+        """``state_dtype``: storage of the completed block summaries (the ring, ~94% of the state):
+        None / torch.float32 / "fp32" (default) or torch.bfloat16 / "bf16" (half the state memory;
+        every sum is still formed in fp32; README "State storage" has the measured effect)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         from .attention import resolve_backend
         resolve_backend(backend, model.device)  # an unknown or unusable backend fails here, not at the first feed
         self.model = model.eval()
         # this stream's own execution plan: the model is shared and never told how to run
-        self.plan: ExecutionPlan = model.make_plan(1, backend=backend, policy=policy, cuda_graphs=cuda_graph)
+        self.plan: ExecutionPlan = model.make_plan(1, backend=backend, policy=policy, cuda_graphs=cuda_graph,
+                                                   state_dtype=state_dtype)
         model.prepare_inference()
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or "mhla"
         self.prefill_chunk = prefill_chunk
-        self.cache = MHLACache(model.new_state(1, policy))
+        self.cache = MHLACache(model.new_state(1, policy, state_dtype=state_dtype))
         self._logits: torch.Tensor | None = None  # next-token logits [V], fp32
         self._history: deque[int] = deque(maxlen=history)  # recent ids, for the repetition penalty
         self._fingerprint: str | None = None
@@ -52,14 +56,17 @@ class StreamingMHLA:
         self._prefill_graph = None  # likewise for a full prefill chunk
 
     @classmethod
-    def from_pretrained(cls, name_or_path=DEFAULT_MODEL, device=None, dtype=None, *, weights=None, **kwargs):
+    def from_pretrained(cls, name_or_path=DEFAULT_MODEL, device=None, dtype=None, *, weights=None, state_dtype=None,
+                        **kwargs):
+        """``dtype``: the weights' dtype; ``state_dtype``: the ring's storage (see ``__init__``)."""
+        resolve_state_dtype(state_dtype)  # a bad value fails before the model is loaded
         path = resolve_model(name_or_path, weights)
         model = MHLAForCausalLM.from_pretrained(path, device=device, dtype=dtype)
         try:
             tokenizer = Tokenizer.from_directory(path)
         except TokenizerError:
             tokenizer = None  # ids still work; text raises a clear error
-        return cls(model, tokenizer, name=str(name_or_path), **kwargs)
+        return cls(model, tokenizer, name=str(name_or_path), state_dtype=state_dtype, **kwargs)
 
     # -- read-only facts -------------------------------------------------------------------------
     @property
@@ -75,6 +82,11 @@ class StreamingMHLA:
     @property
     def policy(self) -> str:
         return self.cache.states[0].policy
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """Storage dtype of the completed block summaries (the ring); the rest of the state is fp32."""
+        return self.cache.states[0].state_dtype
 
     @property
     def device(self) -> torch.device:
@@ -229,6 +241,10 @@ class StreamingMHLA:
         if len(snap.states) != len(self.cache.states) or any(st.policy != self.policy for st in snap.states):
             raise ValueError(f"this snapshot was taken from a stream with another policy or layer count "
                              f"(this stream: {self.policy!r}, {len(self.cache.states)} layers)")
+        theirs = {st.state_dtype for st in snap.states}
+        if theirs != {self.state_dtype}:
+            raise ValueError(f"this snapshot stores its block summaries in {', '.join(sorted(map(dtype_name, theirs)))}, "
+                             f"this stream in {dtype_name(self.state_dtype)} (state_dtype)")
         tensors = {f"layers.{i}.{n}": getattr(st, n) for i, st in enumerate(snap.states) for n in MHLAState.TENSORS}
         tensors["history"] = torch.tensor(list(snap.history), dtype=torch.long)
         if snap.logits is not None:
@@ -245,7 +261,8 @@ class StreamingMHLA:
         if self._logits is not None:
             tensors["logits"] = self._logits
         meta = {"model": self.fingerprint, "model_name": self.name, "position": str(self.position),
-                "policy": self.policy, "config": json.dumps(self.model.config.to_diff_dict(), default=str)}
+                "policy": self.policy, "state_dtype": dtype_name(self.state_dtype),
+                "config": json.dumps(self.model.config.to_diff_dict(), default=str)}
         write_state_file(path, tensors, meta)
 
     def load_state(self, path) -> None:

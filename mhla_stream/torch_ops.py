@@ -4,6 +4,10 @@ The chunk form handles any start position (a call may begin mid-block) and carri
 ``MHLAState`` in and out; it is differentiable when no state is updated in place, which is
 how training uses it. The decode form is the one-token update of the same state. Every
 function here takes the clamped fp32 mixing matrix (``mc`` = ``mixing.prepare_mixing``).
+
+A state whose ring is stored in bf16 (``MHLAState.state_dtype``): each completed summary is
+rounded once when it completes and every later use reads that rounded value (``rounded``);
+all sums stay fp32.
 """
 from __future__ import annotations
 
@@ -11,6 +15,11 @@ import torch
 
 from .mixing import coefficient, far_coefficient, has_far
 from .state import MHLAState
+
+
+def rounded(summaries: torch.Tensor, state_dtype: torch.dtype) -> torch.Tensor:
+    """Completed summaries as the ring stores them: rounded to ``state_dtype``, back in fp32."""
+    return summaries if state_dtype == torch.float32 else summaries.to(state_dtype).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -27,7 +36,7 @@ def mix_prefix(state: MHLAState, mc: torch.Tensor, block: torch.Tensor) -> torch
     """``P_block = sum_j M_ext[block, j] S_j`` from the ring and far sum: [B, H, K, V] fp32."""
     j = ring_blocks(block, state.window)
     coef = coefficient(mc, block[:, None], j, state.policy)  # [B, W], 0 for empty slots
-    prefix = torch.einsum("bw,bhwkv->bhkv", coef, state.ring)
+    prefix = torch.einsum("bw,bhwkv->bhkv", coef, state.ring.float())  # a bf16 ring is widened to fp32
     if has_far(state.policy):
         prefix = prefix + far_coefficient(mc, block, state.policy)[:, None, None, None] * state.far
     return prefix
@@ -45,8 +54,8 @@ def close_blocks(state: MHLAState, mc: torch.Tensor, done: torch.Tensor) -> None
     rows = torch.arange(len(idx), device=state.device)
     if has_far(state.policy):
         evicted = (block - state.window >= 0).to(torch.float32)[:, None, None, None]
-        sub.far += evicted * sub.ring[rows, :, slot]
-    sub.ring[rows, :, slot] = sub.partial
+        sub.far += evicted * sub.ring[rows, :, slot].float()
+    sub.ring[rows, :, slot] = sub.partial.to(sub.ring.dtype)  # rounds here (bf16 ring); mix_prefix reads it back
     sub.partial.zero_()
     sub.prefix.copy_(mix_prefix(sub, mc, block + 1))
     for n in ("ring", "far", "prefix", "partial"):
@@ -96,13 +105,16 @@ def chunk_forward(q, k, v, mc, scale: float, block_size: int, policy: str, start
     partial0 = state.partial if state is not None else None
     if partial0 is not None:
         summaries = torch.cat([summaries[:, :, :1] + partial0[:, :, None], summaries[:, :, 1:]], 2)
+    if state is not None and state.state_dtype != torch.float32 and nc:
+        # the blocks this call completes are stored rounded: every use below reads the rounded value
+        summaries = torch.cat([rounded(summaries[:, :, :nc], state.state_dtype), summaries[:, :, nc:]], 2)
 
     # Completed blocks visible to this call, in block order: the ring's, then the new ones.
     held = min(i0, W) if state is not None else 0
     first = i0 - held
     if held:
         slots = torch.remainder(torch.arange(first, i0, device=q.device), W)
-        visible = torch.cat([state.ring[:, :, slots], summaries], 2)
+        visible = torch.cat([state.ring[:, :, slots].float(), summaries], 2)
     else:
         visible = summaries
 
@@ -141,6 +153,6 @@ def chunk_forward(q, k, v, mc, scale: float, block_size: int, policy: str, start
             far = far + visible[:, :, : keep_from - first].sum(2)
         kept = torch.arange(keep_from, end, device=q.device)
         ring = ring.clone()
-        ring[:, :, torch.remainder(kept, W)] = visible[:, :, keep_from - first: end - first]
+        ring[:, :, torch.remainder(kept, W)] = visible[:, :, keep_from - first: end - first].to(ring.dtype)
     partial = summaries[:, :, nc] if nc < nb else torch.zeros_like(state.partial)
     return out.to(q.dtype), {"ring": ring, "far": far, "prefix": prefixes[nc], "partial": partial}
