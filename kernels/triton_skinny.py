@@ -25,11 +25,7 @@ _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
 # few configurations: each costs a compile at the first decode step of a new model shape
 _GEMV = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=3)
          for bn in (2, 4, 8, 16) for bk, w in ((512, 4), (1024, 8))]
-# batched rows: a decode step reads each weight once for the whole batch, so it stays bound by the
-# weight stream; tiles with more bytes in flight per program (wide BK, deeper pipelines) keep it fed
-_DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
-        for bn, bk, w, st in ((16, 128, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3), (16, 1024, 8, 2),
-                              (32, 128, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3))]
+_DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3) for bn in (16, 32, 64) for bk in (128, 256)]
 
 
 @triton.jit
