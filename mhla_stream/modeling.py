@@ -30,6 +30,14 @@ if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_skinny import skinny_linear
 
 
+def _version(w: torch.Tensor):
+    """The in-place version counter; weights made under ``torch.inference_mode()`` have none
+    (they cannot be changed in place outside it), so their data pointer stands in."""
+    if w.is_inference():
+        return ("inference", w.data_ptr())
+    return w._version
+
+
 class ConcatenatedWeight:
     """The weights of several projections of one input, concatenated, so that at inference on a
     GPU they run as one matrix product (fewer launches per decoded token). A real tensor, made
@@ -42,7 +50,7 @@ class ConcatenatedWeight:
         self._made_from, self.tensor = None, None
 
     def _source_key(self, ws):
-        return tuple((w, w._version, w.device, w.dtype) for w in ws)
+        return tuple((w, _version(w), w.device, w.dtype) for w in ws)
 
     def get(self) -> torch.Tensor:
         ws = [lin.weight for lin in self._linears]

@@ -67,3 +67,16 @@ def test_training_forward_has_gradients():
     out.loss.backward()
     grad = model.model.layers[0].attn.mixing_matrix.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_model_loaded_under_inference_mode_prepares_and_decodes():
+    """A model built inside ``torch.inference_mode()`` has inference tensors (no version
+    counters): preparing the fused weights and running it must still work."""
+    from mhla_stream import MHLAForCausalLM
+    from mhla_stream.configuration import preset_config
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        m = MHLAForCausalLM(preset_config("mhla-tiny")).eval().prepare_inference()
+        ids = torch.randint(3, m.config.vocab_size, (1, 9))
+        out = m(input_ids=ids).logits
+    assert torch.isfinite(out).all()
