@@ -38,8 +38,11 @@ def parse_bytes(text: str) -> int:
               help="requests waiting for a slot before new ones get 429")
 @click.option("--max-prompt-tokens", default=131072, show_default=True, type=click.IntRange(1))
 @click.option("--prefill-chunk", default=None, type=click.IntRange(1),
-              help="prompt tokens per engine turn, between decode steps [default: 1024 on CUDA "
+              help="prompt tokens per engine turn while no stream is decoding [default: 1024 on CUDA "
                    "(captured graphs), 512 on the CPU]")
+@click.option("--prefill-piece", default=None, type=click.IntRange(1),
+              help="prompt tokens per engine turn while other streams are decoding (their next token waits "
+                   "for it), and the largest captured prefill graph [default: 256 on CUDA; the chunk on the CPU]")
 @click.option("--api-key", default=None, envvar="MHLA_SERVE_API_KEY",
               help="require 'Authorization: Bearer KEY' on /v1 (or set MHLA_SERVE_API_KEY)")
 @click.option("--sessions-dir", type=click.Path(file_okay=False), default=None,
@@ -53,7 +56,8 @@ def parse_bytes(text: str) -> int:
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="replay captured decode steps and prefill pieces (CUDA)")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk, api_key,
+def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk,
+         prefill_piece, api_key,
          sessions_dir, session_memory, device, dtype, backend, policy, cuda_graph, log_level):
     """Serve an MHLA model over an OpenAI-compatible HTTP API."""
     budget = parse_bytes(session_memory)
@@ -87,11 +91,13 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     if tokenizer is None:  # random weights without a checkpoint: the shipped tokenizer, for benchmarks only
         tokenizer = _widened(Tokenizer.from_directory(resolve_model(DEFAULT_MODEL)), m.config.vocab_size)
     prefill_chunk = prefill_chunk or (1024 if device.startswith("cuda") else 512)
+    prefill_piece = min(prefill_piece or (256 if device.startswith("cuda") else prefill_chunk), prefill_chunk)
     temporary = sessions_dir is None
     sessions_dir = tempfile.mkdtemp(prefix="mhla-sessions-") if temporary else sessions_dir
     try:
         app = build_server(m, tokenizer, model_name=os.path.basename(os.path.normpath(model)), max_batch=max_batch,
                            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
+                           prefill_piece=prefill_piece,
                            api_key=api_key, sessions_dir=sessions_dir, session_memory=budget, policy=policy,
                            cuda_graph=cuda_graph, backend=backend,
                            on_shutdown=(lambda: shutil.rmtree(sessions_dir, ignore_errors=True)) if temporary else None)

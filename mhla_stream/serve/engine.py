@@ -78,12 +78,19 @@ class _Seq:
 class Engine:
     def __init__(self, model, tokenizer, store, *, max_batch: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", runner=None, prefill_piece: int | None = None):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        if prefill_piece is not None and not 1 <= prefill_piece:
+            raise ValueError(f"prefill_piece must be >= 1, got {prefill_piece}")
+        # prompts are fed in pieces of this many tokens; a turn feeds at most one piece's worth while
+        # other sequences are decoding (their next token waits for it), up to a chunk's worth otherwise
+        self.prefill_piece = min(prefill_piece or prefill_chunk, prefill_chunk)
         self.device = model.device
-        self.runner = StepRunner(model, max_batch, prefill_chunk, policy=policy, backend=backend,
-                                 cuda_graphs=cuda_graph)
+        # ``runner``: a stand-in for the model's steps (the host-cost harness, tests); None = the real one
+        self.runner = runner if runner is not None else StepRunner(
+            model, max_batch, prefill_chunk, policy=policy, backend=backend, cuda_graphs=cuda_graph,
+            prefill_piece=self.prefill_piece)
         self.free = list(range(max_batch))
         self.seqs: dict[int, _Seq] = {}
         self.staging: _Seq | None = None       # the sequence whose prompt is in the staging row
@@ -180,10 +187,14 @@ class Engine:
             self._end(seq)
 
     def _prefill(self):
-        """About one chunk of prompt tokens a turn: several short prompts, or one chunk of a long one.
-        A prompt's chunk boundaries never depend on what else runs (same numbers alone or batched)."""
-        budget = self.prefill_chunk
-        while budget > 0:
+        """Prompt tokens for this turn: at most ``prefill_piece`` of them while other sequences decode
+        (the running streams wait one bounded piece, never a whole long prompt), else up to
+        ``prefill_chunk``; several short prompts, or pieces of a long one. A prompt is always cut into
+        the same pieces, so its numbers never depend on what else runs (same alone or batched)."""
+        decoding = any(s.staged for s in self.seqs.values())
+        budget = self.prefill_piece if decoding else self.prefill_chunk
+        spent = 0
+        while True:
             seq = self.staging
             if seq is None:
                 seq = next((s for s in self.seqs.values() if not s.staged), None)  # admission order
@@ -196,8 +207,11 @@ class Engine:
                     continue
                 seq.stored, self.staging = None, seq
             if seq.feed:
-                budget -= min(len(seq.feed), self.prefill_chunk)
-                self._guarded(seq, self._prefill_chunk)
+                size = min(len(seq.feed), self.prefill_piece)
+                if spent and spent + size > budget:
+                    return
+                spent += size
+                self._guarded(seq, self._prefill_piece)
             if self.staging is seq and not seq.feed:
                 self._guarded(seq, self._stage_finish)
 
@@ -267,11 +281,11 @@ class Engine:
         job.emit("start", {"prompt_tokens": len(ids), "position": position})
         return seq
 
-    def _prefill_chunk(self, seq: _Seq):
-        chunk, seq.feed = seq.feed[:self.prefill_chunk], seq.feed[self.prefill_chunk:]
-        seq.logits = self.runner.stage_feed(chunk)
-        seq.history.extend(chunk)
-        seq.position += len(chunk)
+    def _prefill_piece(self, seq: _Seq):
+        piece, seq.feed = seq.feed[:self.prefill_piece], seq.feed[self.prefill_piece:]
+        seq.logits = self.runner.stage_feed(piece)
+        seq.history.extend(piece)
+        seq.position += len(piece)
 
     def _choose(self, seq: _Seq, token: int | None = None):
         """Picks the next token from the logits, as ``StreamingMHLA.generate_ids`` does (``token``: the
