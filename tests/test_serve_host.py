@@ -77,12 +77,15 @@ def test_tokenizers_without_a_vouched_table_take_the_decoder(ref):
     # a tokenizer that decodes differently from its declared file is refused by the spot check
     shifted = Tokenizer(tok._encode, lambda ids: tok._decode([(i + 1) % tok.vocab_size for i in ids]),
                         tok.vocab_size, tok.bos_id, tok.eos_id, tok.source + "")
-    from mhla_stream.serve import text
-    text._SURFACES.pop(tok.source, None)
-    try:
-        assert text._build_surfaces(shifted, tok.source) is None
-    finally:
-        text._SURFACES.pop(tok.source, None)
+    from mhla_stream.serve.text import plain_surfaces
+    assert plain_surfaces(shifted) is None
+    # a widened tokenizer (random-weight benchmarks): ids past the file read modulo its size
+    from mhla_stream.cli.serve import _widened
+    wide = _widened(tok, tok.vocab_size + 1000)
+    table = plain_surfaces(wide)
+    assert table is not None and len(table) == tok.vocab_size + 1000
+    ids = [tok.vocab_size + 500, 300, tok.vocab_size + 7, 9000, 400]
+    assert _assembled(wide, ids, [400])[0] == _decoded(wide, ids, [400])
 
 
 # -- the engine on a stand-in runner -------------------------------------------------------------------
@@ -225,3 +228,12 @@ def test_host_cost_harness_runs(tmp_path):
         assert row["requests"] == row["concurrency"] and row["output_tok_s"] > 0
         assert row["server_cpu_us_per_token"] >= 0 and row["client_cpu_us_per_token"] >= 0  # clock ticks: may be 0
     assert data["long_prompts"]["long_prompts"] == 1  # (the stand-in prefills at once: few ITL samples, if any)
+
+
+def test_prefill_piece_option_rejects_bad_values():
+    import subprocess
+    import sys
+    for bad in ("0", "-3", "x"):
+        r = subprocess.run([sys.executable, "-m", "mhla_stream.cli.serve", "--prefill-piece", bad],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "--prefill-piece" in r.stderr, r.stderr[-500:]

@@ -1,11 +1,12 @@
 """The engine: one thread owns the model and runs every request with continuous batching.
 
 Slots are rows of one preallocated state (``runner.py`` says how the rows are used). Each loop turn
-admits waiting requests into free slots (lowest first), prefills about one chunk of prompt in the
-staging row (a finished prompt's state is copied into its slot), picks the next token of every
-sequence that is generating, ends the sequences that are done, and feeds the picked tokens in one
-batched decode step (sequences at different positions). So a long prompt arriving costs the
-running streams one chunk per turn, never a freeze. A sequence reproduces
+admits waiting requests into free slots (lowest first), prefills prompt pieces in the staging row
+(one piece while other sequences decode, up to a chunk otherwise; a finished prompt's state is
+copied into its slot), picks the next token of every sequence that is generating, ends the
+sequences that are done, and feeds the picked tokens in one batched decode step (sequences at
+different positions). So a long prompt arriving costs the running streams one bounded piece per
+turn, never a freeze. A sequence reproduces
 ``StreamingMHLA.generate`` token for token: the same BOS rule, ``select_next``, history for the
 repetition penalty, stop strings and eos, and every generated token but eos is fed.
 """

@@ -108,7 +108,11 @@ def main(argv=None) -> None:
     app = build_fake_server(args.max_batch, args.max_queue)
     signal.signal(signal.SIGTERM, lambda *_: None)
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))  # as mhla-serve does
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    from mhla_stream.cli.serve import _fast_http
+    http, loop = _fast_http()  # as mhla-serve picks them
+    print(f"hostbench: {http} parser, {loop} event loop", file=sys.stderr)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=5, http=http,
+                loop=loop)
 
 
 if __name__ == "__main__":

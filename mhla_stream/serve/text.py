@@ -13,10 +13,12 @@ would; anything else goes through the decoder itself. The output is the same eit
 from __future__ import annotations
 
 import os
+import weakref
 
 from ..tokenizer import IncrementalDecoder
 
-_SURFACES: dict[str, list | None] = {}  # tokenizer file -> surface of each plain piece (None: not plain)
+# tokenizer -> surface of each plain piece (None: not plain), made once per tokenizer object
+_SURFACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def plain_surfaces(tokenizer) -> list | None:
@@ -25,9 +27,9 @@ def plain_surfaces(tokenizer) -> list | None:
     source = getattr(tokenizer, "source", "")
     if not isinstance(source, str) or not source.endswith(".model") or not os.path.isfile(source):
         return None
-    if source not in _SURFACES:
-        _SURFACES[source] = _build_surfaces(tokenizer, source)
-    return _SURFACES[source]
+    if tokenizer not in _SURFACES:
+        _SURFACES[tokenizer] = _build_surfaces(tokenizer, source)
+    return _SURFACES[tokenizer]
 
 
 def _build_surfaces(tokenizer, source: str) -> list | None:
@@ -41,13 +43,23 @@ def _build_surfaces(tokenizer, source: str) -> list | None:
                 else sp.IdToPiece(i).replace("\u2581", " ") for i in range(size)]
     # a piece that is (or ends in) the replacement character would be held back by the decoder
     surfaces = [None if s is None or s.endswith("\ufffd") else s for s in surfaces]
-    # the tokenizer must decode as this model does (a widened or wrapped one may not): spot-check
-    plain = [i for i, s in enumerate(surfaces) if s]
+    # the tokenizer must decode as this model file does (a wrapped one may not): spot-check
+    if not _decodes_as(tokenizer, surfaces, 0, size):
+        return None
+    # a tokenizer wider than its model file (random-weight benchmarks) may read id i as i mod size
+    wide = [surfaces[i % size] for i in range(size, tokenizer.vocab_size)]
+    return surfaces + wide if wide and _decodes_as(tokenizer, surfaces + wide, size, len(surfaces) + len(wide)) \
+        else surfaces
+
+
+def _decodes_as(tokenizer, surfaces: list, lo: int, hi: int) -> bool:
+    """Spot check: plain ids in [lo, hi) add their surface after another plain id."""
+    plain = [i for i in range(lo, hi) if surfaces[i]]
+    if not plain:
+        return False
     sample = plain[:: max(1, len(plain) // 64)]
-    for a, b in zip(sample, reversed(sample)):
-        if tokenizer.decode([a, b]) != tokenizer.decode([a]) + surfaces[b]:
-            return None
-    return surfaces
+    return all(tokenizer.decode([a, b]) == tokenizer.decode([a]) + surfaces[b]
+               for a, b in zip(sample, reversed(sample)))
 
 
 class TextAssembler:
