@@ -207,7 +207,7 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
         else:
             ids, add_bos = list(req.prompt), False
             vocab = min(tokenizer.vocab_size, engine.model.config.vocab_size)
-            if any(i >= vocab for i in ids):
+            if ids and max(ids) >= vocab:
                 raise APIError(400, f"prompt: token ids must be < {vocab}", param="prompt")
         _check_length(len(ids) + add_bos, config.max_prompt_tokens)
         job = Job(params, None, ids=ids, add_bos=add_bos, session=req.session, fork_from=req.fork_from,

@@ -58,7 +58,7 @@ class Job:
 class _Seq:
     job: Job
     slot: int
-    feed: list[int]
+    feed: list[int]                        # the prompt ids; feed[fed:] are still to be prefilled
     messages: list[dict]
     history: collections.deque
     position: int
@@ -74,6 +74,7 @@ class _Seq:
     fault: bool = False
     stored: dict | None = None             # a session's state tensors, until the staging row takes them
     staged: bool = False                   # the prompt is fed and the state sits in the slot
+    fed: int = 0                           # (an offset, not slicing: a 32k prompt is not copied per piece)
 
 
 class Engine:
@@ -207,13 +208,13 @@ class Engine:
                     self._end(seq, error=e)
                     continue
                 seq.stored, self.staging = None, seq
-            if seq.feed:
-                size = min(len(seq.feed), self.prefill_piece)
+            if seq.fed < len(seq.feed):
+                size = min(len(seq.feed) - seq.fed, self.prefill_piece)
                 if spent and spent + size > budget:
                     return
                 spent += size
                 self._guarded(seq, self._prefill_piece)
-            if self.staging is seq and not seq.feed:
+            if self.staging is seq and seq.fed == len(seq.feed):
                 self._guarded(seq, self._stage_finish)
 
     def _stage_finish(self, seq: _Seq):
@@ -283,7 +284,8 @@ class Engine:
         return seq
 
     def _prefill_piece(self, seq: _Seq):
-        piece, seq.feed = seq.feed[:self.prefill_piece], seq.feed[self.prefill_piece:]
+        piece = seq.feed[seq.fed:seq.fed + self.prefill_piece]
+        seq.fed += len(piece)
         seq.logits = self.runner.stage_feed(piece)
         seq.history.extend(piece)
         seq.position += len(piece)
