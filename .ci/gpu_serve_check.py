@@ -1,6 +1,7 @@
 """GPU check of mhla-serve's CUDA path (bucketed decode graphs, staged prefill graphs): greedy text
 from 12 concurrent requests against the same prompts run alone through StreamingMHLA, on the
-shipped model in fp32. Prints how many agree (fp32 rounding differs between batched and batch-1
+shipped model in fp32 (one prompt longer than a prefill piece, so it is fed in several pieces, some
+while the other streams decode). Prints how many agree (fp32 rounding differs between batched and batch-1
 kernels, so a late greedy flip is possible; the first tokens must agree)."""
 import concurrent.futures as cf
 import socket
@@ -14,19 +15,30 @@ from mhla_stream import StreamingMHLA
 
 PROMPTS = [f"Once upon a time, {w} went to the" for w in
            ("a fox", "Tom", "a little bird", "the king", "Lily", "a dog", "the old man", "a girl", "Ben", "a cat",
-            "the queen", "Sam")] + ["The old castle " * 90]  # one prompt longer than a prefill chunk
+            "the queen", "Sam")] + ["The old castle " * 90]  # ~270 tokens: more than one prefill piece (256 on CUDA)
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
+START_TIMEOUT_S = 300  # start-up captures every decode bucket and prefill piece as a CUDA graph (~19)
 srv = subprocess.Popen([sys.executable, "-m", "mhla_stream.cli.serve", "--port", str(port), "--device", "cuda",
-                        "--dtype", "float32", "--max-batch", "16"])
+                        "--dtype", "float32", "--max-batch", "16", "--log-level", "info"])
 try:
-    for _ in range(600):
+    t0 = time.monotonic()
+    while True:
+        if srv.poll() is not None:
+            sys.exit(f"mhla-serve exited with status {srv.returncode} during start-up")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                print(f"server up after {time.monotonic() - t0:.0f} s", flush=True)
                 break
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        waited = time.monotonic() - t0
+        if waited > START_TIMEOUT_S:
+            sys.exit(f"mhla-serve did not answer /health within {START_TIMEOUT_S} s")
+        if int(waited) % 15 == 0:
+            print(f"waiting for the server to start ({waited:.0f} s; capturing CUDA graphs) ...", flush=True)
+        time.sleep(1.0)
 
     def ask(p):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=300,

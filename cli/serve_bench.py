@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -28,23 +30,45 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-async def _stream_one(client, base, prompt_ids, max_tokens, record):
-    body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens": ?(\d+)')
+
+
+def _body(prompt_ids, max_tokens) -> bytes:
+    """A streamed greedy completion request, encoded once before the clock starts."""
+    return json.dumps({"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
+
+
+async def _stream_one(base, body: bytes, record):
+    """One streamed request over a raw connection with the least client work per event: no HTTP
+    library, no JSON decoding. A read that brings text chunks gets one time stamp (chunks that arrive
+    together reach the client together); the token count comes from the closing usage chunk."""
+    host, port = base.rsplit("/", 1)[-1].split(":")
     t0 = time.perf_counter()
-    stamps, tokens = [], 0
-    async with client.stream("POST", base + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"server answered {r.status_code}: {(await r.aread())[:200]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            elif event.get("choices") and event["choices"][0]["text"]:
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (host.encode(), len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.split(b" ", 2)[1] != b"200":
+            raise RuntimeError(f"server answered {head[:200]!r}: {(await reader.read(300))!r}")
+        stamps, rest, tail = [], b"", b""
+        while True:
+            data = await reader.read(1 << 16)
+            if not data:
+                break
+            events = (rest + data).split(b"\n\n")
+            rest = events.pop()  # an event cut by the read ends in the next one
+            # a text chunk is the only kind whose finish_reason is null and whose choices are not empty
+            if any(b'"finish_reason": null' in e or b'"finish_reason":null' in e for e in events):
                 stamps.append(time.perf_counter())
-    record.append({"start": t0, "stamps": stamps, "tokens": tokens})
+            tail = (tail + data)[-512:]
+    finally:
+        writer.close()
+    found = _COMPLETION_TOKENS.findall(tail)
+    if not found or b"[DONE]" not in tail:
+        raise RuntimeError(f"the stream ended without usage and [DONE]: {tail[-200:]!r}")
+    record.append({"start": t0, "stamps": stamps, "tokens": int(found[-1])})
 
 
 def _latencies(records, window=None):
@@ -58,16 +82,16 @@ def _latencies(records, window=None):
 
 
 async def _clients(base, vocab, clients, rounds, prompt_len, max_tokens, seed, start_at):
-    import httpx
     rng = random.Random(seed)
     records = []
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 8)) as client:
-        async def worker():
-            for _ in range(rounds):
-                await _stream_one(client, base, [rng.randrange(3, vocab) for _ in range(prompt_len)], max_tokens,
-                                  records)
-        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
-        await asyncio.gather(*(worker() for _ in range(clients)))
+    bodies = [[_body([rng.randrange(3, vocab) for _ in range(prompt_len)], max_tokens) for _ in range(rounds)]
+              for _ in range(clients)]
+
+    async def worker(mine):
+        for body in mine:
+            await _stream_one(base, body, records)
+    await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+    await asyncio.gather(*(worker(mine) for mine in bodies))
     return records
 
 
@@ -99,29 +123,32 @@ def _concurrency_phase(base, vocab, concurrency, rounds, prompt_len, max_tokens,
     records = [r for rs, _ in results for r in rs]
     wall = max(s for r in records for s in r["stamps"][-1:]) - start_at
     ttft, itl = _latencies(records)
-    return {"concurrency": concurrency, "requests": len(records), "output_tok_s": sum(r["tokens"] for r in records) / wall,
+    tokens = sum(r["tokens"] for r in records)
+    return {"concurrency": concurrency, "requests": len(records), "output_tok_s": tokens / wall,
             "ttft_p50_ms": _pct(ttft, 50) * 1e3, "ttft_p99_ms": _pct(ttft, 99) * 1e3,
             "itl_p50_ms": _pct(itl, 50) * 1e3, "itl_p99_ms": _pct(itl, 99) * 1e3,
-            "client_procs": procs, "client_cpu_share": sum(c for _, c in results) / wall / procs}
+            "client_procs": procs, "client_cpu_share": sum(c for _, c in results) / wall / procs,
+            "client_cpu_us_per_token": sum(c for _, c in results) / max(1, tokens) * 1e6, "tokens": tokens}
 
 
 async def _long_prompt_phase(base, vocab, streams, long_len, long_prompts, stream_tokens):
-    """``streams`` clients generate while long prompts arrive one after another; ITL inside that window."""
-    import httpx
+    """``streams`` clients generate while long prompts arrive one after another; ITL inside that window.
+    Every request body is encoded before the streams start: building a 32k-id JSON body in this process
+    mid-run would stall its event loop and show up as the streams' latency."""
     rng = random.Random(1)
     records, long_records = [], []
+    stream_bodies = [_body([rng.randrange(3, vocab) for _ in range(16)], stream_tokens) for _ in range(streams)]
+    long_bodies = [_body([rng.randrange(3, vocab) for _ in range(long_len)], 1) for _ in range(long_prompts)]
     cpu0 = time.process_time()
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=streams + 8)) as client:
-        runners = [asyncio.create_task(_stream_one(client, base, [rng.randrange(3, vocab) for _ in range(16)],
-                                                   stream_tokens, records)) for _ in range(streams)]
-        await asyncio.sleep(0.5)  # let the streams reach their decode phase
-        t0 = time.perf_counter()
-        for _ in range(long_prompts):
-            await _stream_one(client, base, [rng.randrange(3, vocab) for _ in range(long_len)], 1, long_records)
-        t1 = time.perf_counter()
-        # this client process's CPU use since cpu0, taken 0.5 s before t0
-        cpu_share = (time.process_time() - cpu0) / (t1 - t0 + 0.5)
-        await asyncio.gather(*runners)
+    runners = [asyncio.create_task(_stream_one(base, body, records)) for body in stream_bodies]
+    await asyncio.sleep(0.5)  # let the streams reach their decode phase
+    t0 = time.perf_counter()
+    for body in long_bodies:
+        await _stream_one(base, body, long_records)
+    t1 = time.perf_counter()
+    # this client process's CPU use since cpu0, taken 0.5 s before t0
+    cpu_share = (time.process_time() - cpu0) / (t1 - t0 + 0.5)
+    await asyncio.gather(*runners)
     _, itl = _latencies(records, (t0, t1))
     long_ttft = [r["stamps"][0] - r["start"] for r in long_records if r["stamps"]]
     return {"streams": streams, "long_prompt_len": long_len, "long_prompts": long_prompts,
@@ -169,10 +196,13 @@ def _in_process(model, weights, random_weights, device, dtype, batches, prompt_l
 @click.option("--session-memory", default="4GiB", show_default=True, help="the server's default host budget")
 @click.option("--client-procs", default=4, show_default=True, type=click.IntRange(1),
               help="load-generator processes the clients of a concurrency level are spread over")
+@click.option("--fake-model", is_flag=True,
+              help="the host-cost harness: the real server around a stand-in runner that costs ~0 a step "
+                   "(mhla_stream.serve.hostbench); measures what the host side alone can deliver")
 @click.option("--smoke", is_flag=True, help="tiny CPU run of every phase (the shipped model)")
 @click.option("--json", "json_path", default=None, type=click.Path())
 def main(model, weights, random_weights, device, dtype, backend, concurrency, rounds, prompt_len, max_tokens,
-         long_prompt_len, long_prompts, long_streams, session_memory, client_procs, smoke, json_path):
+         long_prompt_len, long_prompts, long_streams, session_memory, client_procs, fake_model, smoke, json_path):
     """Measure mhla-serve under concurrent streaming clients against in-process batched decode."""
     import socket
 
@@ -189,33 +219,45 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
         assert levels and all(x > 0 for x in levels)
     except (ValueError, AssertionError):
         raise click.BadParameter("expected comma-separated positive integers", param_hint="--concurrency")
-    device = pick_device(device)
+    device = "cpu" if fake_model else pick_device(device)
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     import torch
-    rows, state_bytes, param_bytes, vocab = _in_process(model, weights, random_weights, device, getattr(torch, dtype),
-                                                        levels, prompt_len, max_tokens, backend)
+    slots = max(levels + [long_streams + 1])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mhla_stream.cli.serve", "--model", model, "--port", str(port), "--device", device,
-           "--dtype", dtype, "--backend", backend, "--max-batch", str(max(levels + [long_streams + 1])),
-           "--max-prompt-tokens", str(long_prompt_len + 16), "--session-memory", session_memory,
-           "--max-queue", str(4 * max(levels + [long_streams]))]
-    cmd += ["--random-weights"] if random_weights else []
-    cmd += ["--weights", weights] if weights else []
+    if fake_model:
+        model, rows, state_bytes, param_bytes, vocab = "fake", [None] * len(levels), 0, 0, 1000
+        cmd = [sys.executable, "-m", "mhla_stream.serve.hostbench", "--port", str(port), "--max-batch", str(slots),
+               "--max-queue", str(4 * max(levels + [long_streams]))]
+    else:
+        rows, state_bytes, param_bytes, vocab = _in_process(model, weights, random_weights, device,
+                                                            getattr(torch, dtype), levels, prompt_len, max_tokens,
+                                                            backend)
+        cmd = [sys.executable, "-m", "mhla_stream.cli.serve", "--model", model, "--port", str(port), "--device",
+               device, "--dtype", dtype, "--backend", backend, "--max-batch", str(slots),
+               "--max-prompt-tokens", str(long_prompt_len + 16), "--session-memory", session_memory,
+               "--max-queue", str(4 * max(levels + [long_streams]))]
+        cmd += ["--random-weights"] if random_weights else []
+        cmd += ["--weights", weights] if weights else []
     server = subprocess.Popen(cmd)
     try:
         for _ in range(1200):  # bounded wait for start-up (model load, CUDA graph capture)
             if server.poll() is not None:
-                raise click.ClickException(f"mhla-serve exited with status {server.returncode}")
+                raise click.ClickException(f"the server exited with status {server.returncode}")
             try:
                 if httpx.get(base + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
         _concurrency_phase(base, vocab, 2, 1, prompt_len, 4)  # warm-up
-        serve_rows = [_concurrency_phase(base, vocab, c, rounds, prompt_len, max_tokens, client_procs) for c in levels]
+        serve_rows = []
+        for c in levels:
+            cpu0 = _process_cpu_s(server.pid)
+            serve_rows.append(_concurrency_phase(base, vocab, c, rounds, prompt_len, max_tokens, client_procs))
+            tokens = serve_rows[-1].pop("tokens")
+            serve_rows[-1]["server_cpu_us_per_token"] = (_process_cpu_s(server.pid) - cpu0) / tokens * 1e6
         long_row = asyncio.run(_long_prompt_phase(base, vocab, long_streams, long_prompt_len, long_prompts,
                                                   max_tokens * 16)) if long_prompts else None
     finally:
@@ -228,26 +270,41 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
         fit["sessions_on_device_upper_bound"] = free // max(state_bytes, 1)
     meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": dtype,
             "model": model, "random_weights": random_weights, "prompt_len": prompt_len, "max_tokens": max_tokens,
-            "date": time.strftime("%Y-%m-%d"), **fit}
+            "fake_model": fake_model, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), **fit}
     click.echo(f"# {meta['device']}, {dtype}, {model}, prompt {prompt_len}, {max_tokens} new tokens per request")
-    click.echo("concurrency | server tok/s | in-process tok/s | ratio | TTFT p50/p99 ms | ITL p50/p99 ms | client CPU")
+    click.echo("concurrency | server tok/s | in-process tok/s | ratio | TTFT p50/p99 ms | ITL p50/p99 ms | "
+               "server CPU us/token | client CPU us/token (procs)")
     for r, p in zip(serve_rows, rows):
-        r["in_process_tok_s"] = p["decode_tok_s"]
-        r["ratio"] = r["output_tok_s"] / p["decode_tok_s"]
-        click.echo(f"{r['concurrency']} | {r['output_tok_s']:.1f} | {p['decode_tok_s']:.1f} | {r['ratio']:.2f} | "
+        if p is not None:
+            r["in_process_tok_s"] = p["decode_tok_s"]
+            r["ratio"] = r["output_tok_s"] / p["decode_tok_s"]
+        in_process = f"{p['decode_tok_s']:.1f} | {r['ratio']:.2f}" if p is not None else "- | -"
+        click.echo(f"{r['concurrency']} | {r['output_tok_s']:.1f} | {in_process} | "
                    f"{r['ttft_p50_ms']:.1f}/{r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} | "
-                   f"{r['client_cpu_share']:.0%} of {r['client_procs']} procs")
+                   f"{r['server_cpu_us_per_token']:.1f} | {r['client_cpu_us_per_token']:.1f} ({r['client_procs']})")
     if long_row:
         click.echo(f"{long_streams} streams while {long_prompts} prompts of {long_prompt_len} tokens arrive: ITL p50 "
                    f"{long_row['itl_p50_ms']:.2f} ms, p99 {long_row['itl_p99_ms']:.2f} ms "
                    f"(p99/p50 {long_row['itl_p99_ms'] / long_row['itl_p50_ms']:.2f}; client CPU "
                    f"{long_row['client_cpu_share']:.0%})")
-    click.echo(f"state per session {state_bytes / 2**20:.2f} MiB; {fit['sessions_in_host_budget']} sessions in "
-               f"{session_memory} of host memory" + (f"; at most {fit['sessions_on_device_upper_bound']} on the device"
-                                                     if "sessions_on_device_upper_bound" in fit else ""))
+    if not fake_model:
+        click.echo(f"state per session {state_bytes / 2**20:.2f} MiB; {fit['sessions_in_host_budget']} sessions in "
+                   f"{session_memory} of host memory" +
+                   (f"; at most {fit['sessions_on_device_upper_bound']} on the device"
+                    if "sessions_on_device_upper_bound" in fit else ""))
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "serve": serve_rows, "in_process": rows, "long_prompts": long_row}, f, indent=1)
+
+
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far; Linux /proc, else nan."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def test_staging_chunk_bounds(model):
 
 # -- the engine in-process (no HTTP): staging row and low-row decode under a mixed load ---------------------
 
-def _engine(stream, max_batch, chunk):
+def _engine(stream, max_batch, chunk, piece=None):
     import tempfile
 
     from mhla_stream.serve.engine import Engine
@@ -145,7 +145,7 @@ def _engine(stream, max_batch, chunk):
     layout = StateLayout.of(m.new_state(1, device="meta"), m.config.vocab_size, model_fingerprint(m))
     store = SessionStore(tempfile.mkdtemp(), 1 << 30, layout,
                          {"model_name": "t", "policy": m.config.mixing_policy, "config": "{}"})
-    return Engine(m, stream.tokenizer, store, max_batch=max_batch, prefill_chunk=chunk)
+    return Engine(m, stream.tokenizer, store, max_batch=max_batch, prefill_chunk=chunk, prefill_piece=piece)
 
 
 def _job(ids, n, out, session=None):
@@ -175,11 +175,12 @@ def _text(events):
     return "".join(e for e in events if isinstance(e, str))
 
 
-def test_engine_long_prompt_mid_decode_and_sessions_equal_alone():
+@pytest.mark.parametrize("piece", [None, 8], ids=["piece=chunk", "piece=8"])
+def test_engine_long_prompt_mid_decode_and_sessions_equal_alone(piece):
     from mhla_stream import StreamingMHLA
     ref = StreamingMHLA.from_pretrained()
     tok = ref.tokenizer
-    engine = _engine(ref, 4, 32)  # a 32-token chunk: the long prompt takes several turns in the staging row
+    engine = _engine(ref, 4, 32, piece)  # a 32-token chunk: the long prompt takes several turns in the staging row
     short = [tok.encode(p, add_bos=True) for p in ("Once upon a time", "The dog ran", "Tom had a ball")]
     long_ids = tok.encode("Lily saw a big red ball in the park. " * 12, add_bos=True)
     assert len(long_ids) > 3 * 32
@@ -197,3 +198,21 @@ def test_engine_long_prompt_mid_decode_and_sessions_equal_alone():
     want.append(ref.generate(tok.encode(" Then"), max_new_tokens=5, temperature=0))  # the session goes on
     assert [_text(out[k]) for k in range(5)] == want
     assert engine.staging is None and not engine.seqs and sorted(engine.free) == [0, 1, 2, 3]
+
+
+@torch.inference_mode()
+def test_graph_path_with_prefill_pieces_smaller_than_the_chunk(model, monkeypatch):
+    """``prefill_piece`` caps the captured prefill graphs; any feed up to a chunk replays pieces of it."""
+    import mhla_stream.graphs
+    monkeypatch.setattr(mhla_stream.graphs, "GraphStep", _EagerGraph)
+    _EagerGraph.captured = []
+    r = StepRunner(model, 2, 16, cuda_graphs=False, prefill_piece=4)
+    r.graphs = True
+    r._capture()
+    assert r.piece_sizes == [4, 2, 1] and [c for c in _EagerGraph.captured if c[0] == 1 and c[1] > 1] == [(1, 4), (1, 2)]
+    assert r.info()["prefill_piece"] == "4" and "pieces of 4" in r.describe()
+    ids = list(range(5, 42))
+    logits = _stage(r, ids, 1)  # feeds of 16, 16, 5: replays of 4 x 4, 4 x 4, 4 + 1
+    _, want = _direct(model, ids, 512)
+    assert _close(logits, want) and int(r.rows(1, 2)[0].pos) == len(ids)
+    assert StepRunner(model, 1, 8, cuda_graphs=False, prefill_piece=100).prefill_piece == 8  # never above the chunk

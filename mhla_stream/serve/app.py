@@ -115,26 +115,28 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {config.model_name!r}",
                            param="model", code="model_not_found")
 
-    async def next_event(queue, request, job):
+    async def next_events(box: "Mailbox", request, job) -> list:
+        """Every event waiting for this request (at least one); polls for a gone client meanwhile."""
         while True:
-            try:
-                return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    raise asyncio.CancelledError
+            events = await box.wait(DISCONNECT_POLL_S)
+            if events:
+                return events
+            if await request.is_disconnected():
+                job.cancelled.set()
+                raise asyncio.CancelledError
 
     async def run_job(job: Job, request: Request, stream: bool, chunk_of, final_of, usage_chunk: bool):
-        queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job.emit = lambda kind, payload: loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
-        job.sink = (loop, queue)
+        box = Mailbox(loop)
+        job.emit = lambda kind, payload: loop.call_soon_threadsafe(box.put_nowait, (kind, payload))
+        job.sink = (loop, box)
         engine.submit(job)
         try:
-            kind, payload = await next_event(queue, request, job)
+            events = await next_events(box, request, job)
         except BaseException:
             job.cancelled.set()
             raise
+        (kind, payload), backlog = events[0], events[1:]  # the first event is "start" or "error"
         if kind == "error":
             raise payload
         metrics.tokens_in.inc(payload["prompt_tokens"])
@@ -143,33 +145,41 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
         if not stream:
             pieces = []
             try:
+                batch = backlog
                 while True:
-                    kind, payload = await next_event(queue, request, job)
-                    if kind == "text":
-                        pieces.append(payload)
-                    elif kind == "error":
-                        raise payload
-                    else:
-                        return {**head, **final_of("".join(pieces), payload), "usage": _usage(payload)}
+                    for kind, payload in batch:
+                        if kind == "text":
+                            pieces.append(payload)
+                        elif kind == "error":
+                            raise payload
+                        else:
+                            return {**head, **final_of("".join(pieces), payload), "usage": _usage(payload)}
+                    batch = await next_events(box, request, job)
             except BaseException:
                 job.cancelled.set()
                 raise
+
+        # a text chunk is this template with only the text filled in: one escape of the text, not a
+        # dict built and serialised per chunk (the bytes are the same as json.dumps of the whole chunk)
+        before, after = _template_of({**head, **chunk_of(_TEXT_MARK, None)})
+        text_prefix, text_suffix = "data: " + before, after + "\n\n"
 
         async def events():
             try:
                 first = chunk_of(None, None)
                 if first is not None:
                     yield _sse({**head, **first})
+                batch = backlog
                 while True:
                     # every event already queued, text pieces joined into one chunk: when the loop falls
                     # behind the engine it sends fewer, larger chunks instead of a growing backlog
-                    batch = [await next_event(queue, request, job)]
-                    while not queue.empty():
-                        batch.append(queue.get_nowait())
-                    text = "".join(p for k, p in batch if k == "text")
+                    if not batch:
+                        batch = await next_events(box, request, job)
+                    text = "".join([p for k, p in batch if k == "text"])
                     if text:
-                        yield _sse({**head, **chunk_of(text, None)})
+                        yield text_prefix + json.dumps(text, ensure_ascii=False) + text_suffix
                     kind, payload = next(((k, p) for k, p in batch if k != "text"), ("text", None))
+                    batch = []
                     if kind == "text":
                         continue
                     if kind == "error":
@@ -197,7 +207,7 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
         else:
             ids, add_bos = list(req.prompt), False
             vocab = min(tokenizer.vocab_size, engine.model.config.vocab_size)
-            if any(i >= vocab for i in ids):
+            if ids and max(ids) >= vocab:
                 raise APIError(400, f"prompt: token ids must be < {vocab}", param="prompt")
         _check_length(len(ids) + add_bos, config.max_prompt_tokens)
         job = Job(params, None, ids=ids, add_bos=add_bos, session=req.session, fork_from=req.fork_from,
@@ -323,5 +333,46 @@ def _usage(done: dict) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _sse(obj) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+_TEXT_MARK = "\x00text\x00"
+
+
+def _template_of(chunk: dict) -> tuple[str, str]:
+    """The serialised chunk split around the JSON string of ``_TEXT_MARK`` (which appears once)."""
+    before, after = json.dumps(chunk, ensure_ascii=False).split(json.dumps(_TEXT_MARK, ensure_ascii=False))
+    return before, after
+
+
+class Mailbox:
+    """The events of one request, filled on its event loop (by ``call_soon_threadsafe`` from the engine
+    thread) and emptied all at once by the request's coroutine. Cheaper than an ``asyncio.Queue``
+    awaited through ``wait_for`` (a task and a timer per event)."""
+
+    def __init__(self, loop):
+        self.loop, self.items, self.waiter = loop, [], None
+
+    def put_nowait(self, item) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> list:
+        """Every item so far, waiting up to ``timeout`` seconds for the first ([] if none came)."""
+        if not self.items:
+            self.waiter = self.loop.create_future()
+            timer = self.loop.call_later(timeout, _wake, self.waiter)
+            try:
+                await self.waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
+def _wake(waiter) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,11 +1,12 @@
 """The engine: one thread owns the model and runs every request with continuous batching.
 
 Slots are rows of one preallocated state (``runner.py`` says how the rows are used). Each loop turn
-admits waiting requests into free slots (lowest first), prefills about one chunk of prompt in the
-staging row (a finished prompt's state is copied into its slot), picks the next token of every
-sequence that is generating, ends the sequences that are done, and feeds the picked tokens in one
-batched decode step (sequences at different positions). So a long prompt arriving costs the
-running streams one chunk per turn, never a freeze. A sequence reproduces
+admits waiting requests into free slots (lowest first), prefills prompt pieces in the staging row
+(one piece while other sequences decode, up to a chunk otherwise; a finished prompt's state is
+copied into its slot), picks the next token of every sequence that is generating, ends the
+sequences that are done, and feeds the picked tokens in one batched decode step (sequences at
+different positions). So a long prompt arriving costs the running streams one bounded piece per
+turn, never a freeze. A sequence reproduces
 ``StreamingMHLA.generate`` token for token: the same BOS rule, ``select_next``, history for the
 repetition penalty, stop strings and eos, and every generated token but eos is fed.
 """
@@ -57,7 +58,7 @@ class Job:
 class _Seq:
     job: Job
     slot: int
-    feed: list[int]
+    feed: list[int]                        # the prompt ids; feed[fed:] are still to be prefilled
     messages: list[dict]
     history: collections.deque
     position: int
@@ -73,17 +74,25 @@ class _Seq:
     fault: bool = False
     stored: dict | None = None             # a session's state tensors, until the staging row takes them
     staged: bool = False                   # the prompt is fed and the state sits in the slot
+    fed: int = 0                           # (an offset, not slicing: a 32k prompt is not copied per piece)
 
 
 class Engine:
     def __init__(self, model, tokenizer, store, *, max_batch: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", runner=None, prefill_piece: int | None = None):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        if prefill_piece is not None and not 1 <= prefill_piece:
+            raise ValueError(f"prefill_piece must be >= 1, got {prefill_piece}")
+        # prompts are fed in pieces of this many tokens; a turn feeds at most one piece's worth while
+        # other sequences are decoding (their next token waits for it), up to a chunk's worth otherwise
+        self.prefill_piece = min(prefill_piece or prefill_chunk, prefill_chunk)
         self.device = model.device
-        self.runner = StepRunner(model, max_batch, prefill_chunk, policy=policy, backend=backend,
-                                 cuda_graphs=cuda_graph)
+        # ``runner``: a stand-in for the model's steps (the host-cost harness, tests); None = the real one
+        self.runner = runner if runner is not None else StepRunner(
+            model, max_batch, prefill_chunk, policy=policy, backend=backend, cuda_graphs=cuda_graph,
+            prefill_piece=self.prefill_piece)
         self.free = list(range(max_batch))
         self.seqs: dict[int, _Seq] = {}
         self.staging: _Seq | None = None       # the sequence whose prompt is in the staging row
@@ -180,10 +189,14 @@ class Engine:
             self._end(seq)
 
     def _prefill(self):
-        """About one chunk of prompt tokens a turn: several short prompts, or one chunk of a long one.
-        A prompt's chunk boundaries never depend on what else runs (same numbers alone or batched)."""
-        budget = self.prefill_chunk
-        while budget > 0:
+        """Prompt tokens for this turn: at most ``prefill_piece`` of them while other sequences decode
+        (the running streams wait one bounded piece, never a whole long prompt), else up to
+        ``prefill_chunk``; several short prompts, or pieces of a long one. A prompt is always cut into
+        the same pieces, so its numbers never depend on what else runs (same alone or batched)."""
+        decoding = any(s.staged for s in self.seqs.values())
+        budget = self.prefill_piece if decoding else self.prefill_chunk
+        spent = 0
+        while True:
             seq = self.staging
             if seq is None:
                 seq = next((s for s in self.seqs.values() if not s.staged), None)  # admission order
@@ -195,10 +208,13 @@ class Engine:
                     self._end(seq, error=e)
                     continue
                 seq.stored, self.staging = None, seq
-            if seq.feed:
-                budget -= min(len(seq.feed), self.prefill_chunk)
-                self._guarded(seq, self._prefill_chunk)
-            if self.staging is seq and not seq.feed:
+            if seq.fed < len(seq.feed):
+                size = min(len(seq.feed) - seq.fed, self.prefill_piece)
+                if spent and spent + size > budget:
+                    return
+                spent += size
+                self._guarded(seq, self._prefill_piece)
+            if self.staging is seq and seq.fed == len(seq.feed):
                 self._guarded(seq, self._stage_finish)
 
     def _stage_finish(self, seq: _Seq):
@@ -267,11 +283,12 @@ class Engine:
         job.emit("start", {"prompt_tokens": len(ids), "position": position})
         return seq
 
-    def _prefill_chunk(self, seq: _Seq):
-        chunk, seq.feed = seq.feed[:self.prefill_chunk], seq.feed[self.prefill_chunk:]
-        seq.logits = self.runner.stage_feed(chunk)
-        seq.history.extend(chunk)
-        seq.position += len(chunk)
+    def _prefill_piece(self, seq: _Seq):
+        piece = seq.feed[seq.fed:seq.fed + self.prefill_piece]
+        seq.fed += len(piece)
+        seq.logits = self.runner.stage_feed(piece)
+        seq.history.extend(piece)
+        seq.position += len(piece)
 
     def _choose(self, seq: _Seq, token: int | None = None):
         """Picks the next token from the logits, as ``StreamingMHLA.generate_ids`` does (``token``: the

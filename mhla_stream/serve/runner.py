@@ -10,9 +10,10 @@ A prompt is prefilled in the staging row (one prompt at a time), then its finish
 copied into its slot and it joins decoding. Rows inside the decode range that are not decoding
 (free slots, slots whose prompt is still staging) hold nothing anyone reads: whatever the step
 writes there is overwritten by the staging copy before the row is used, so nothing has to be saved
-and restored around a step. On CUDA a prefill chunk is split into power-of-two pieces (1024 =
-1024, 700 = 512 + 128 + 32 + 16 + 8 + 4), each the replay of one captured graph: no host-bound
-eager forward (tens of ms of Python launches for a 24-layer model) sits between decode steps.
+and restored around a step. On CUDA what is fed is split into power-of-two pieces (with a largest
+size ``prefill_piece`` of 1024: 700 = 512 + 128 + 32 + 16 + 8 + 4), each the replay of one captured
+graph: no host-bound eager forward (tens of ms of Python launches for a 24-layer model) sits
+between decode steps.
 The chunk form of the operator is exact across chunkings to fp32 rounding. On the CPU the chunk
 runs eagerly in one call, as ``StreamingMHLA.feed`` does.
 """
@@ -68,8 +69,10 @@ def prefill_sizes(chunk: int) -> list[int]:
 
 class StepRunner:
     def __init__(self, model, max_batch: int, prefill_chunk: int, *, policy: str | None = None,
-                 backend: str = "auto", cuda_graphs: bool = True):
+                 backend: str = "auto", cuda_graphs: bool = True, prefill_piece: int | None = None):
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        # the largest captured prefill graph: the engine feeds prompts in pieces of at most this size
+        self.prefill_piece = min(prefill_piece or prefill_chunk, prefill_chunk)
         self.device = model.device
         self.states = model.new_state(max_batch + 1, policy)  # the slots, then the staging row
         self._views: dict[tuple[int, int], list[MHLAState]] = {}
@@ -81,7 +84,7 @@ class StepRunner:
         self.graphs = self.decode_plan.cuda_graphs
         self.decode_graphs: dict[int, object] = {}
         self.prefill_graphs: dict[int, object] = {}
-        self.piece_sizes = prefill_sizes(prefill_chunk)
+        self.piece_sizes = prefill_sizes(self.prefill_piece)
         if self.graphs:
             self._capture()
 
@@ -108,12 +111,14 @@ class StepRunner:
     def describe(self) -> str:
         graphs = (f"decode graphs for {self.buckets} rows, prefill graphs for pieces {self.piece_sizes}"
                   if self.graphs else "no CUDA graphs (eager steps)")
-        return (f"{self.max_batch} slots + 1 staging row, prefill chunk {self.prefill_chunk}, {graphs}; "
+        return (f"{self.max_batch} slots + 1 staging row, prefill chunk {self.prefill_chunk} (pieces of "
+                f"{self.prefill_piece} while streams decode), {graphs}; "
                 f"decode plan: {self.decode_plan.describe()}; prefill plan: {self.prefill_plan.describe()}")
 
     def info(self) -> dict[str, str]:
         """The same as ``describe`` as Prometheus info labels."""
         return {"slots": str(self.max_batch), "prefill_chunk": str(self.prefill_chunk),
+                "prefill_piece": str(self.prefill_piece),
                 "cuda_graphs": str(self.graphs), "decode_buckets": ",".join(map(str, self.buckets)),
                 "prefill_pieces": ",".join(map(str, self.piece_sizes)) if self.graphs else "",
                 "decode_plan": self.decode_plan.describe(), "prefill_plan": self.prefill_plan.describe()}

@@ -12,7 +12,8 @@ from .sessions import SessionStore
 def build_server(model, tokenizer, *, model_name: str, max_batch: int = 32, max_queue: int = 256,
                  max_prompt_tokens: int = 131072, prefill_chunk: int = 512, api_key: str | None = None,
                  sessions_dir: str, session_memory: int = 4 << 30, policy: str | None = None,
-                 cuda_graph: bool = True, backend: str = "auto", on_shutdown=None):
+                 cuda_graph: bool = True, backend: str = "auto", on_shutdown=None, runner=None,
+                 prefill_piece: int | None = None):
     from ..state_io import StateLayout, model_fingerprint
     model.eval()
     policy = policy or model.config.mixing_policy
@@ -22,7 +23,8 @@ def build_server(model, tokenizer, *, model_name: str, max_batch: int = 32, max_
     store = SessionStore(sessions_dir, session_memory, layout, meta)
     metrics = Metrics()
     engine = Engine(model, tokenizer, store, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                    policy=policy, metrics=metrics, cuda_graph=cuda_graph, backend=backend)
+                    policy=policy, metrics=metrics, cuda_graph=cuda_graph, backend=backend, runner=runner,
+                    prefill_piece=prefill_piece)
     config = ServerConfig(model_name, api_key, max_prompt_tokens)
     app = create_app(engine, tokenizer, store, metrics, config, on_shutdown)
     app.state.engine, app.state.store = engine, store
