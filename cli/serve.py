@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .common import command
+from .common import command, state_dtype_option
 
 DEFAULT_SESSION_MEMORY = "4GiB"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -53,12 +53,13 @@ def parse_bytes(text: str) -> int:
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--backend", default="auto", type=click.Choice(["auto", "torch", "triton", "numba"]))
 @click.option("--policy", default=None, type=click.Choice(["window", "window+far"]))
+@state_dtype_option
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="replay captured decode steps and prefill pieces (CUDA)")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk,
          prefill_piece, api_key,
-         sessions_dir, session_memory, device, dtype, backend, policy, cuda_graph, log_level):
+         sessions_dir, session_memory, device, dtype, backend, policy, state_dtype, cuda_graph, log_level):
     """Serve an MHLA model over an OpenAI-compatible HTTP API."""
     budget = parse_bytes(session_memory)
     import os
@@ -99,7 +100,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
                            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
                            prefill_piece=prefill_piece,
                            api_key=api_key, sessions_dir=sessions_dir, session_memory=budget, policy=policy,
-                           cuda_graph=cuda_graph, backend=backend,
+                           cuda_graph=cuda_graph, backend=backend, state_dtype=state_dtype,
                            on_shutdown=(lambda: shutil.rmtree(sessions_dir, ignore_errors=True)) if temporary else None)
     except OSError as e:
         fail(f"sessions dir {sessions_dir}: {e}")
@@ -110,7 +111,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     # interval (5 ms by default) while the other runs Python, which would show directly in the ITL
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     click.echo(f"mhla-serve: {model} on {device} ({dtype}), http://{host}:{port}/v1, {max_batch} slots, "
-               f"sessions in {sessions_dir}", err=True)
+               f"sessions in {sessions_dir}, state {state_dtype} ring", err=True)
     click.echo(f"mhla-serve engine: {app.state.engine.runner.describe()}", err=True)
     http, loop = _fast_http()
     click.echo(f"mhla-serve http: {http} parser, {loop} event loop", err=True)

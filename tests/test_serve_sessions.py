@@ -102,3 +102,30 @@ def test_serve_bench_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert [row["concurrency"] for row in data["serve"]] == [1, 2] and all(row["output_tok_s"] > 0 for row in data["serve"])
     assert data["long_prompts"]["itl_samples"] > 0 and data["meta"]["state_bytes_per_session"] > 0
+
+
+def test_bf16_state_sessions_equal_a_bf16_stream_and_refuse_an_fp32_server(tmp_path):
+    """``--state-dtype bf16``: a session continues exactly like a ``StreamingMHLA`` with a bf16
+    ring; its file records the ring dtype, and an fp32 server refuses it clearly and leaves it as it is."""
+    from mhla_stream import StreamingMHLA
+    from mhla_stream.serve.sessions import file_name
+    d = tmp_path / "sessions"
+    s = Server("--state-dtype", "bf16", "--session-memory", "1", "--sessions-dir", d, log=tmp_path / "a.log")
+    try:
+        got = [complete(s, "Once upon a time", session="half"), complete(s, " Then the dog", session="half")]
+    finally:
+        assert s.terminate() == 0, (tmp_path / "a.log").read_text()[-3000:]
+    ref = StreamingMHLA.from_pretrained(state_dtype="bf16")
+    assert got == [ref.generate("Once upon a time", max_new_tokens=8, temperature=0),
+                   ref.generate(" Then the dog", max_new_tokens=8, temperature=0)]
+    path = d / file_name("half")
+    before = path.read_bytes()
+    s = Server("--sessions-dir", d, log=tmp_path / "b.log")  # fp32 ring, the default
+    try:
+        r = httpx.post(s.base + "/v1/completions", timeout=120,
+                       json={"prompt": " x", "max_tokens": 2, "temperature": 0, "session": "half"})
+        assert r.status_code >= 400 and "bfloat16" in r.json()["error"]["message"], r.text
+        assert httpx.get(s.base + "/health").status_code == 200  # the server goes on
+    finally:
+        assert s.terminate() == 0, (tmp_path / "b.log").read_text()[-3000:]
+    assert path.read_bytes() == before

@@ -80,7 +80,7 @@ class _Seq:
 class Engine:
     def __init__(self, model, tokenizer, store, *, max_batch: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True,
-                 backend: str = "auto", runner=None, prefill_piece: int | None = None):
+                 backend: str = "auto", runner=None, prefill_piece: int | None = None, state_dtype=None):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         if prefill_piece is not None and not 1 <= prefill_piece:
@@ -92,7 +92,7 @@ class Engine:
         # ``runner``: a stand-in for the model's steps (the host-cost harness, tests); None = the real one
         self.runner = runner if runner is not None else StepRunner(
             model, max_batch, prefill_chunk, policy=policy, backend=backend, cuda_graphs=cuda_graph,
-            prefill_piece=self.prefill_piece)
+            prefill_piece=self.prefill_piece, state_dtype=state_dtype)
         self.free = list(range(max_batch))
         self.seqs: dict[int, _Seq] = {}
         self.staging: _Seq | None = None       # the sequence whose prompt is in the staging row

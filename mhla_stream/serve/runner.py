@@ -69,12 +69,14 @@ def prefill_sizes(chunk: int) -> list[int]:
 
 class StepRunner:
     def __init__(self, model, max_batch: int, prefill_chunk: int, *, policy: str | None = None,
-                 backend: str = "auto", cuda_graphs: bool = True, prefill_piece: int | None = None):
+                 backend: str = "auto", cuda_graphs: bool = True, prefill_piece: int | None = None,
+                 state_dtype=None):
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         # the largest captured prefill graph: the engine feeds prompts in pieces of at most this size
         self.prefill_piece = min(prefill_piece or prefill_chunk, prefill_chunk)
         self.device = model.device
-        self.states = model.new_state(max_batch + 1, policy)  # the slots, then the staging row
+        # the slots, then the staging row
+        self.states = model.new_state(max_batch + 1, policy, state_dtype=state_dtype)
         self._views: dict[tuple[int, int], list[MHLAState]] = {}
         self.staging = self.rows(max_batch, max_batch + 1)
         self.backend, self.policy = backend, policy

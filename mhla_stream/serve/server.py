@@ -13,18 +13,23 @@ def build_server(model, tokenizer, *, model_name: str, max_batch: int = 32, max_
                  max_prompt_tokens: int = 131072, prefill_chunk: int = 512, api_key: str | None = None,
                  sessions_dir: str, session_memory: int = 4 << 30, policy: str | None = None,
                  cuda_graph: bool = True, backend: str = "auto", on_shutdown=None, runner=None,
-                 prefill_piece: int | None = None):
+                 prefill_piece: int | None = None, state_dtype=None):
+    """``state_dtype``: storage of every slot's and session's completed block summaries (None =
+    fp32; "bf16" halves the state, so about twice the sessions fit: README, State storage)."""
+    from ..state import dtype_name, resolve_state_dtype
     from ..state_io import StateLayout, model_fingerprint
     model.eval()
     policy = policy or model.config.mixing_policy
-    meta = {"model_name": model_name, "policy": policy,
+    state_dtype = resolve_state_dtype(state_dtype)
+    meta = {"model_name": model_name, "policy": policy, "state_dtype": dtype_name(state_dtype),
             "config": json.dumps(model.config.to_diff_dict(), default=str)}
-    layout = StateLayout.of(model.new_state(1, policy, device="meta"), model.config.vocab_size, model_fingerprint(model))
+    layout = StateLayout.of(model.new_state(1, policy, device="meta", state_dtype=state_dtype), model.config.vocab_size,
+                            model_fingerprint(model))
     store = SessionStore(sessions_dir, session_memory, layout, meta)
     metrics = Metrics()
     engine = Engine(model, tokenizer, store, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                     policy=policy, metrics=metrics, cuda_graph=cuda_graph, backend=backend, runner=runner,
-                    prefill_piece=prefill_piece)
+                    prefill_piece=prefill_piece, state_dtype=state_dtype)
     config = ServerConfig(model_name, api_key, max_prompt_tokens)
     app = create_app(engine, tokenizer, store, metrics, config, on_shutdown)
     app.state.engine, app.state.store = engine, store
