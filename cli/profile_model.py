@@ -50,7 +50,7 @@ def _products(m):
     from triton.testing import do_bench_cudagraph
     layer = m.model.layers[0]
     attn, mlp = layer.attn, layer.mlp
-    H, K, V = attn.num_heads, attn.head_k_dim, attn.head_v_dim
+    H, V = attn.num_heads, attn.head_v_dim
     D, dev, dt = m.config.hidden_size, m.device, m.dtype
     x, o, g = (torch.randn(1, n, device=dev, dtype=dt) for n in (D, H * V, H * V))
     wqkvg, wgu = attn.qkvg_weight.get(), mlp.gate_up_weight.get()
