@@ -82,6 +82,11 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
     device = pick_device(device)
     check_weights_flag(model, weights)
     check_backend(backend, device)
+    if fused_decode == "on":
+        from mhla_stream.attention import resolve_backend
+        if not (backend in ("auto", "triton") and resolve_backend(backend, device) == "triton"):
+            fail(f"--fused-decode on: the fused decode step is made of Triton kernels; --backend {backend} on "
+                 f"{device} does not run Triton (use a CUDA device, or --backend triton with TRITON_INTERPRET=1)")
     for flag, path in (("--json", json_path), ("--plot", plot_path)):  # found out now, not after the whole run
         if path:
             folder = os.path.dirname(os.path.abspath(path))
