@@ -191,7 +191,8 @@ def _no_model_load(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the options were checked")
-    monkeypatch.setattr(common, "load_model", refuse)
+    monkeypatch.setattr(common, "load_model", refuse)  # serve imports it when it runs
+    monkeypatch.setattr(bench, "load_model", refuse)  # bench at import
 
 
 @pytest.mark.parametrize("args,match", [
