@@ -57,7 +57,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 @click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--batch", default="1", show_default=True, help="comma-separated batch sizes")
 @click.option("--prefill-chunk", default=16384, show_default=True, type=click.IntRange(1),
-              help="prompt tokens per prefill step, over the whole batch")
+              help="prompt tokens per prefill step, over the whole batch (at least 64 per sequence)")
 @click.option("--fused-decode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="the five-launch Triton decode step (auto: batch 1 on CUDA)")
 @click.option("--compare", type=click.Choice(["transformer"]), default=None)

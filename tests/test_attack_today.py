@@ -305,6 +305,34 @@ def test_triton_gradients_with_zero_lengths_and_no_tokens():
             mhla_attention(q.requires_grad_(), k, v, m, block_size=SHAPE["C"], backend="triton", lengths=bad)
 
 
+def test_triton_backward_refuses_second_order_gradients():
+    """The backward's kernels record no graph: a gradient penalty through them used to be silently 0."""
+    q, k, v, m = _qkv(1, 20, seed=5)
+    qg = q.clone().requires_grad_()
+    o = mhla_attention(qg, k, v, m, block_size=SHAPE["C"], backend="triton")
+    g, = torch.autograd.grad((o ** 2).sum(), qg, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        ((g ** 2).sum() + qg.sum()).backward()
+
+
+@pytest.mark.parametrize("value,on", [("0", False), ("false", False), (" OFF ", False), ("No", False),
+                                      ("1", True), ("", True), ("yes", True)])
+def test_triton_train_switch_values(monkeypatch, value, on):
+    from mhla_stream import switches as sw
+    from mhla_stream.plan import make_plan
+    monkeypatch.setenv("MHLA_STREAM_TRITON_TRAIN", value)
+    sw.switches.cache_clear()
+    make_plan.cache_clear()
+    try:
+        assert sw.switches().triton_train is on
+        plan = make_plan("cpu", torch.float32, 1, backend="triton")
+        assert plan.train_backend == ("triton" if on else "torch")
+    finally:
+        monkeypatch.undo()
+        sw.switches.cache_clear()
+        make_plan.cache_clear()
+
+
 # -- the server's text: the table fast path against the tokenizer's decode ------------------------------------
 @pytest.fixture(scope="module")
 def shipped():
