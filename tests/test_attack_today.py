@@ -367,6 +367,8 @@ def test_text_is_the_tokenizers_decode_for_every_special_and_byte_piece(shipped)
     odd = [i for i, s in enumerate(surfaces) if s is None]
     plain = [i for i, s in enumerate(surfaces) if s is not None]
     assert len(odd) == 259 and {tok.bos_id, tok.eos_id, 0} <= set(odd)  # 256 bytes, <unk>, <s>, </s>
+    for first in (tok.encode("Once")[-1], surfaces.index(" ")):  # every plain piece's table entry, after another
+        assert [i for i in plain if tok.decode([first, i]) != tok.decode([first]) + surfaces[i]] == []
     story = tok.encode("Once upon a time, Lily said")
     smile = tok.encode("a🙂b")  # byte fallback: 🙂 is four byte pieces
     assert len(smile) >= 5
