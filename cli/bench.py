@@ -57,7 +57,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 @click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--batch", default="1", show_default=True, help="comma-separated batch sizes")
 @click.option("--prefill-chunk", default=16384, show_default=True, type=click.IntRange(1),
-              help="prompt tokens per prefill step, over the whole batch")
+              help="prompt tokens per prefill step, over the whole batch (at least 64 per sequence)")
 @click.option("--fused-decode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="the five-launch Triton decode step (auto: batch 1 on CUDA)")
 @click.option("--compare", type=click.Choice(["transformer"]), default=None)
@@ -82,6 +82,11 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
     device = pick_device(device)
     check_weights_flag(model, weights)
     check_backend(backend, device)
+    if fused_decode == "on":
+        from mhla_stream.attention import resolve_backend
+        if not (backend in ("auto", "triton") and resolve_backend(backend, device) == "triton"):
+            fail(f"--fused-decode on: the fused decode step is made of Triton kernels; --backend {backend} on "
+                 f"{device} does not run Triton (use a CUDA device, or --backend triton with TRITON_INTERPRET=1)")
     for flag, path in (("--json", json_path), ("--plot", plot_path)):  # found out now, not after the whole run
         if path:
             folder = os.path.dirname(os.path.abspath(path))

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from mhla_stream import MHLACache
 from mhla_stream.graphs import GraphDecoder
 
-from .common import load_model
+from .common import fail, load_model
 
 
 def _kernel_table(prof, steps: int):
@@ -90,6 +90,8 @@ def _products(m):
 @click.option("--json", "json_path", default=None, type=click.Path())
 def main(model, chunk, context, steps, batch, decode_only, fused_decode, json_path):
     dev = "cuda"
+    if not torch.cuda.is_available():  # it profiles CUDA kernels and graphs: nothing to measure on a CPU
+        fail("profile_model needs a CUDA GPU (it profiles the CUDA kernels of a prefill chunk and decode steps)")
     m = load_model(model, None, True, dev, torch.bfloat16)
     plan = m.make_plan(batch, fused_decode={"auto": None, "on": True, "off": False}[fused_decode])
     click.echo(f"plan: {plan.describe()}")

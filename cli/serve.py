@@ -79,6 +79,13 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     model = model or DEFAULT_MODEL
     device = pick_device(device)
     check_backend(backend, device)
+    given_chunk = prefill_chunk
+    prefill_chunk = prefill_chunk or (1024 if device.startswith("cuda") else 512)
+    if prefill_piece is not None and prefill_piece > prefill_chunk:  # said, not silently cut to the chunk
+        raise click.BadParameter(f"{prefill_piece} is larger than the prefill chunk ({prefill_chunk}"
+                                 f"{'' if given_chunk else ', the default on ' + device}); a piece is at most a chunk",
+                                 param_hint="--prefill-piece")
+    prefill_piece = min(prefill_piece or (256 if device.startswith("cuda") else prefill_chunk), prefill_chunk)
     dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     try:
         path = resolve_model(model, weights) if not (random_weights and model in ("mhla-340m",)) else None
@@ -91,8 +98,6 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
         fail(f"cannot start {model}: {e}")
     if tokenizer is None:  # random weights without a checkpoint: the shipped tokenizer, for benchmarks only
         tokenizer = _widened(Tokenizer.from_directory(resolve_model(DEFAULT_MODEL)), m.config.vocab_size)
-    prefill_chunk = prefill_chunk or (1024 if device.startswith("cuda") else 512)
-    prefill_piece = min(prefill_piece or (256 if device.startswith("cuda") else prefill_chunk), prefill_chunk)
     temporary = sessions_dir is None
     sessions_dir = tempfile.mkdtemp(prefix="mhla-sessions-") if temporary else sessions_dir
     try:

@@ -203,6 +203,7 @@ class MHLAChunkFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: a second-order use raises
     def backward(ctx, do):
         q, k, v, raw, lengths = ctx.saved_tensors
         dq, dk, dv, dm = chunk_backward(q, k, v, do, raw, ctx.scale, ctx.block_size, ctx.policy, lengths,

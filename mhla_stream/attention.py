@@ -107,11 +107,28 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
         o = numba_decode(q, k, v, mixing, scale=scale, block_size=block_size, state=state)
     else:
         o = torch_mhla(q, k, v, mixing, scale, block_size, policy, state, lengths)
+    if chosen == "triton" and state is not None and _needs_grad(q, k, v, mixing):
+        o = _NoGradientThroughState.apply(o, q, k, v, mixing)
     return (o, state) if return_state else o
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
+class _NoGradientThroughState(torch.autograd.Function):
+    """The output of a Triton call with a state, made while gradients are on. Those kernels are
+    forward-only: without this, ``o`` would carry no graph and a loss through it would silently
+    leave q, k, v and M without their gradient. The forward is untouched; a backward raises."""
+
+    @staticmethod
+    def forward(ctx, o, *inputs):
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backend 'triton' has no gradients for calls with a state (those kernels are "
+                           "forward-only); call without a state to train, or run stateful calls under torch.no_grad()")
 
 
 def mixing_for(backend: str, mixing, device):

@@ -111,8 +111,8 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
     if fused_decode is None:
         # batch 1 only: at batch 8 and 32 cuBLAS's products beat the tl.dot form (H100, 2026-11-22)
         fused_decode = cuda and triton_path and env.fused_decode and batch == 1
-    else:  # forced (tests run it on the CPU under TRITON_INTERPRET)
-        fused_decode = bool(fused_decode) and backend in ("auto", "triton")
+    else:  # forced (tests run it on the CPU under TRITON_INTERPRET); only where the operator is Triton
+        fused_decode = bool(fused_decode) and triton_path
     return ExecutionPlan(
         device=str(device), dtype=str(dtype).replace("torch.", ""), batch=batch,
         prefill_backend="torch" if chosen == "numba" else chosen,  # numba has a decode form only

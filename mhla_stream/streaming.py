@@ -167,6 +167,9 @@ class StreamingMHLA:
             if len(pending) > hold:
                 yield pending[: len(pending) - hold]
                 pending = pending[len(pending) - hold:]
+        pending += decoder.flush()  # bytes of an unfinished character: U+FFFD, as decode shows them
+        cut = min((pending.find(s) for s in params.stop if s in pending), default=-1)
+        pending = pending[:cut] if cut >= 0 else pending
         if pending:
             yield pending
 
@@ -236,6 +239,7 @@ class StreamingMHLA:
         """All or nothing: the snapshot is checked like a state file before anything is copied."""
         if not isinstance(snap, Snapshot):
             raise TypeError(f"restore takes a Snapshot from snapshot(), got {type(snap).__name__}")
+        _check_snapshot_fields(snap, self.model.config.vocab_size)
         if snap.model != self.fingerprint:
             raise ValueError("this snapshot was taken from another model")
         if len(snap.states) != len(self.cache.states) or any(st.policy != self.policy for st in snap.states):
@@ -268,6 +272,20 @@ class StreamingMHLA:
     def load_state(self, path) -> None:
         """All or nothing: ``read_state_file`` validates everything, then the live state is overwritten."""
         self._install(read_state_file(path, self._layout()))
+
+
+def _check_snapshot_fields(snap: Snapshot, vocab_size: int) -> None:
+    """A Snapshot's fields are plain attributes anyone can set: their types are checked before any
+    value is read (a float in the history would otherwise be cast to an id, a list of logits crash)."""
+    if not isinstance(snap.states, (list, tuple)) or not all(isinstance(st, MHLAState) for st in snap.states):
+        raise TypeError("this snapshot's states must be a list of MHLAState, as snapshot() makes them")
+    if snap.logits is not None and not isinstance(snap.logits, torch.Tensor):
+        raise TypeError(f"this snapshot's logits must be a tensor or None, got {type(snap.logits).__name__}")
+    if not isinstance(snap.history, (list, tuple)) or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in snap.history):
+        raise TypeError("this snapshot's history must be a list of int token ids")
+    if any(not 0 <= i < vocab_size for i in snap.history):
+        raise ValueError(f"this snapshot cannot be restored: history holds token ids outside [0, {vocab_size})")
 
 
 __all__ = ["StreamingMHLA", "Snapshot", "StateFileError"]

@@ -7,6 +7,8 @@
     MHLA_STREAM_TRITON_TRAIN=0    training keeps the differentiable torch chunk form on CUDA
                                   (default: the Triton forward + backward)
 
+Each MHLA_STREAM_* switch is off for 0, false, no or off (any case), on otherwise.
+
 Kept apart from ``plan.py`` so that the kernels can read the same switches without importing
 library policy.
 """
@@ -26,11 +28,17 @@ class Switches:
     triton_train: bool = True
 
 
+OFF = ("0", "false", "no", "off")  # what turns a switch off ("false" read as on would be a silent surprise)
+
+
+def _on(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in OFF
+
+
 @functools.lru_cache(maxsize=None)
 def switches() -> Switches:
-    env = os.environ.get
-    return Switches(interpret=env("TRITON_INTERPRET", "0") == "1",
-                    fused_decode=env("MHLA_STREAM_FUSED_DECODE", "1") != "0",
-                    pdl=env("MHLA_STREAM_PDL", "1") != "0",
-                    compile=env("MHLA_STREAM_COMPILE", "1") != "0",
-                    triton_train=env("MHLA_STREAM_TRITON_TRAIN", "1") != "0")
+    return Switches(interpret=os.environ.get("TRITON_INTERPRET", "0") == "1",
+                    fused_decode=_on("MHLA_STREAM_FUSED_DECODE"),
+                    pdl=_on("MHLA_STREAM_PDL"),
+                    compile=_on("MHLA_STREAM_COMPILE"),
+                    triton_train=_on("MHLA_STREAM_TRITON_TRAIN"))

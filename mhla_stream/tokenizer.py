@@ -94,3 +94,15 @@ class IncrementalDecoder:
         del self.ids[: max(0, len(self.ids) - self.context)]
         self.emitted = len(self.ids)
         return now[len(before):]
+
+    def flush(self) -> str:
+        """At the end of the text: what ``push`` held back (bytes of a character that never completed),
+        as the tokenizer's decode of the whole sequence shows it (U+FFFD), so the pieces add up to it."""
+        if self.emitted == len(self.ids):
+            return ""
+        start = max(0, self.emitted - self.context)
+        before = self.tok.decode(self.ids[start:self.emitted])
+        now = self.tok.decode(self.ids[start:])
+        del self.ids[: max(0, len(self.ids) - self.context)]
+        self.emitted = len(self.ids)
+        return now[len(before):] if now.startswith(before) else ""

@@ -393,15 +393,19 @@ class Engine:
         return SessionData(tensors, logits, list(seq.history), seq.position, messages)
 
     def _fail_job(self, job: Job, error: Exception, released: bool = False):
-        if not isinstance(error, APIError):
+        if isinstance(error, (SessionMissing, StateFileError)):  # the client's session, not a server fault
+            log.warning("request refused: %s", str(error.args[0])[:300])
+        elif not isinstance(error, APIError):
             log.error("request failed in the engine", exc_info=error)
         if job.session is not None and not released:
             self.store.release(job.session, None)
         if isinstance(error, APIError):
             job.emit("error", error)
         elif isinstance(error, (SessionMissing, StateFileError)):
-            job.emit("error", APIError(404 if isinstance(error, SessionMissing) else 500, str(error.args[0]),
-                                       type="invalid_request_error", param="session"))
+            # a stored session this server cannot continue (another state_dtype, a damaged or crafted file): 409
+            missing = isinstance(error, SessionMissing)
+            job.emit("error", APIError(404 if missing else 409, str(error.args[0]), type="invalid_request_error",
+                                       param="session", code="session_not_found" if missing else "session_refused"))
         else:
             job.emit("error", APIError(500, f"the request failed inside the engine: {type(error).__name__}: {error}",
                                        type="server_error", code="engine_error"))

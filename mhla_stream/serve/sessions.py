@@ -88,7 +88,11 @@ class SessionStore:
                 continue  # a damaged file is left alone; reading it later would say why
             sid = meta.get("session_id")
             if meta.get("model") == self.fingerprint and sid and file_name(sid) == name:
-                self._entries[sid] = _Entry(None, on_disk=True, position=int(meta.get("position", 0)))
+                # indexed even when its position is not a number: reading it on use refuses it with the
+                # reason (and keeps the file), where a crash here would stop the server from starting
+                position = meta.get("position", "")
+                position = int(position) if position.isascii() and position.isdigit() else 0
+                self._entries[sid] = _Entry(None, on_disk=True, position=position)
 
     # -- requests ------------------------------------------------------------------------------------
     def acquire(self, session_id: str, fork_from: str | None = None) -> None:
@@ -130,7 +134,11 @@ class SessionStore:
                 raise SessionMissing(f"no session {session_id!r}")
             if entry.data is not None or not entry.on_disk:
                 return entry.data
-        valid = read_state_file(os.path.join(self.directory, file_name(session_id)), self.layout)
+        path = os.path.join(self.directory, file_name(session_id))
+        try:
+            valid = read_state_file(path, self.layout)
+        except StateFileError as e:  # said to the client: name the session, not the server's folder
+            raise StateFileError(f"session {session_id!r}: {str(e).removeprefix(path + ': ')}") from None
         try:
             messages = json.loads(valid.meta.get("messages", "[]"))
         except ValueError:

@@ -120,6 +120,14 @@ class TextAssembler:
         return "", False
 
     def flush(self) -> str:
-        """The held-back tail once generation ends without a stop string."""
-        piece, self.pending = ("" if self.stopped else self.pending), ""
-        return self._emit(piece)
+        """The held-back tail once generation ends without a stop string (with the decoder's own tail:
+        an unfinished character, as the tokenizer's decode shows it), cut at a stop string in it."""
+        if self.stopped:
+            self.pending = ""
+            return ""
+        pending, self.pending = self.pending + self.decoder.flush(), ""
+        self.plain_run = 0  # the decoder's window was advanced outside the fast path's count
+        cut = min((pending.find(s) for s in self.stops if s in pending), default=-1)
+        if cut >= 0:
+            pending, self.stopped = pending[:cut], True
+        return self._emit(pending)

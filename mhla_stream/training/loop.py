@@ -28,6 +28,12 @@ def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, bloc
         raise DataError(f"--block-size x --num-blocks = {block_size * num_blocks} tokens of context, more than {1 << 20}")
     if arch == "transformer" and hidden % 64:
         raise DataError(f"--hidden {hidden}: the transformer baseline needs a multiple of 64 (heads of 64)")
+    if arch == "mhla" and attn_backend != "auto":  # e.g. triton on a machine without CUDA: one line, not a traceback
+        from ..attention import resolve_backend
+        try:
+            resolve_backend(attn_backend, dev)
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"--attn-backend {attn_backend}: {e}") from None
     vocab = read_vocab_size(data)
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     try:
