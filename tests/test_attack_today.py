@@ -340,15 +340,8 @@ def shipped():
 
 
 def _assembled(tok, ids, prefix, stops=()):
-    from mhla_stream.serve.text import TextAssembler
-    a = TextAssembler(tok, list(stops), prefix)
-    out = []
-    for i in ids:
-        piece, stopped = a.push(i)
-        out.append(piece)
-        if stopped:
-            break
-    return "".join(out) + a.flush()
+    from test_serve_host import _assembled as assembled_with_pieces  # the one helper for the server's text
+    return assembled_with_pieces(tok, ids, prefix, stops)[0]
 
 
 def _want(tok, ids, prefix, stops=()):
