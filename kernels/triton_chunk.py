@@ -205,9 +205,8 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
     if NB > 1:
         # far blocks exist only once some target is L blocks past the start: skip the scan otherwise
         # (with a state, no check; without one every sequence starts at 0: no device sync either)
-        far_reachable = far and (has_state or NB > L)
-        cum = torch.cumsum(S, 2) if far_reachable else S
-        far = far and (far_reachable or has_state)
+        far = far and (has_state or NB > L)
+        cum = torch.cumsum(S, 2) if far else S
         BI, BJ, BCOL = 64, 32, 128
         _mix_kernel[(triton.cdiv(NB, BI), B * H, triton.cdiv(K * V, BCOL))](
             S, cum, P, ring, far_sum, mc, seq, L, C, W, NB, size, H=H, KV=K * V, HAS_STATE=has_state, FAR=far,
