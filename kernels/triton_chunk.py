@@ -113,8 +113,10 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, 
         if FAR:  # blocks older than the window: their running sum, weighted M[L-1, 0] / count
             fc = far_coef(m_ptr, L, ti)                                                          # [BI]
             upto = ti - L - i0                                                                   # last in-call far block
+            # only targets this call completes: a tile reaches past them (tgt up to first + BI - 1)
+            # and their upto could point past the NB blocks of cum
             far = tl.load(cum_ptr + (bh * NB + tl.maximum(upto, 0)[:, None]) * KV + cols[None, :],
-                          mask=(upto[:, None] >= 0) & mc[None, :], other=0.0)
+                          mask=((upto >= 0) & (tgt <= nc))[:, None] & mc[None, :], other=0.0)
             if HAS_STATE:
                 far += tl.load(far_ptr + bh * KV + cols, mask=mc, other=0.0)[None, :]
             acc += fc[:, None] * far
