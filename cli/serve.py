@@ -55,11 +55,14 @@ def parse_bytes(text: str) -> int:
 @click.option("--policy", default=None, type=click.Choice(["window", "window+far"]))
 @state_dtype_option
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="replay captured decode steps and prefill pieces (CUDA)")
+@click.option("--run-ahead/--no-run-ahead", default=True, show_default=True,
+              help="launch the next decode step before the host reads the last one's tokens, while every "
+                   "running stream is plain greedy (no sampling, penalty or session)")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk,
          prefill_piece, api_key,
-         sessions_dir, session_memory, device, dtype, backend, policy, state_dtype, cuda_graph, log_level):
+         sessions_dir, session_memory, device, dtype, backend, policy, state_dtype, cuda_graph, run_ahead, log_level):
     """Serve an MHLA model over an OpenAI-compatible HTTP API."""
     budget = parse_bytes(session_memory)
     import os
@@ -105,7 +108,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
                            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
                            prefill_piece=prefill_piece,
                            api_key=api_key, sessions_dir=sessions_dir, session_memory=budget, policy=policy,
-                           cuda_graph=cuda_graph, backend=backend, state_dtype=state_dtype,
+                           cuda_graph=cuda_graph, backend=backend, state_dtype=state_dtype, run_ahead=run_ahead,
                            on_shutdown=(lambda: shutil.rmtree(sessions_dir, ignore_errors=True)) if temporary else None)
     except OSError as e:
         fail(f"sessions dir {sessions_dir}: {e}")

@@ -200,9 +200,11 @@ def _in_process(model, weights, random_weights, device, dtype, batches, prompt_l
               help="the host-cost harness: the real server around a stand-in runner that costs ~0 a step "
                    "(mhla_stream.serve.hostbench); measures what the host side alone can deliver")
 @click.option("--smoke", is_flag=True, help="tiny CPU run of every phase (the shipped model)")
+@click.option("--server-args", default="", help="more mhla-serve options, space-separated (e.g. --no-run-ahead)")
 @click.option("--json", "json_path", default=None, type=click.Path())
 def main(model, weights, random_weights, device, dtype, backend, concurrency, rounds, prompt_len, max_tokens,
-         long_prompt_len, long_prompts, long_streams, session_memory, client_procs, fake_model, smoke, json_path):
+         long_prompt_len, long_prompts, long_streams, session_memory, client_procs, fake_model, smoke, server_args,
+         json_path):
     """Measure mhla-serve under concurrent streaming clients against in-process batched decode."""
     import socket
 
@@ -241,6 +243,7 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
                "--max-queue", str(4 * max(levels + [long_streams]))]
         cmd += ["--random-weights"] if random_weights else []
         cmd += ["--weights", weights] if weights else []
+        cmd += server_args.split()
     server = subprocess.Popen(cmd)
     try:
         for _ in range(1200):  # bounded wait for start-up (model load, CUDA graph capture)

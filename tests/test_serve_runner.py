@@ -98,17 +98,20 @@ def test_staging_prefill_and_low_row_decode_equal_each_sequence_alone(model, mon
         refs[slot] = (states, ids)
     # slot 1 and 4 are junk rows: whatever happens to them must not touch the others
     tokens = {0: 11, 2: 22, 3: 33}
-    logits, lo = r.decode(tokens)
+    step = r.decode(tokens)
+    logits, lo = step.logits, step.lo
     assert lo == 0 and logits.shape[0] == 4  # rows [0, 4): slot 3 is the highest active one
     for slot, token in tokens.items():
         states, ids = refs[slot]
         _, want = _direct(model, ids + [token], 512)
         assert _close(logits[slot - lo], want)
     # one sequence alone on slot 0: the smallest bucket
-    logits, lo = r.decode({0: 5})
+    step = r.decode({0: 5})
+    logits, lo = step.logits, step.lo
     assert logits.shape[0] == 1 and lo == 0
     # eagerly only the occupied range runs; the graph path rounds up to a bucket (here all 5 rows)
-    logits, lo = r.decode({3: 1, 4: 2})
+    step = r.decode({3: 1, 4: 2})
+    logits, lo = step.logits, step.lo
     assert (lo, logits.shape[0]) == ((0, 5) if graphs else (3, 2))
 
 
@@ -216,3 +219,68 @@ def test_graph_path_with_prefill_pieces_smaller_than_the_chunk(model, monkeypatc
     _, want = _direct(model, ids, 512)
     assert _close(logits, want) and int(r.rows(1, 2)[0].pos) == len(ids)
     assert StepRunner(model, 1, 8, cuda_graphs=False, prefill_piece=100).prefill_piece == 8  # never above the chunk
+
+
+def test_engine_runs_ahead_on_greedy_rows_and_settles_for_sampled_ones():
+    """Plain greedy rows run one step ahead (the next step is fed the device's picks before the host
+    reads them); a sampled row in the batch makes each step settle first. Either way every request's
+    text equals the same request alone: eos and the length limit found one step late, a row ending
+    while ahead, and a sampled row with its seed."""
+    from mhla_stream import StreamingMHLA
+    from mhla_stream.sampling import SamplingParams
+    from mhla_stream.serve.engine import Job
+    ref = StreamingMHLA.from_pretrained()
+    tok = ref.tokenizer
+    engine = _engine(ref, 4, 32)
+    calls, decode = [], engine.runner.decode
+
+    def spy(tokens, auto=()):
+        sampled = [q.slot for q in engine.seqs.values() if not q.job.params.greedy]
+        assert not set(sampled) & set(auto)
+        sampling = bool(set(sampled) & set(tokens))
+        calls.append((sorted(tokens), sorted(auto), sampling))
+        return decode(tokens, auto)
+    engine.runner.decode = spy
+    out = {}
+
+    def job(prompt, n, **sampling):
+        key = len(out)
+        out[key] = []
+        emit = lambda kind, payload: out[key].append(payload if kind == "text" else (kind, payload))  # noqa: E731
+        return Job(SamplingParams(max_new_tokens=n, **sampling), emit, ids=tok.encode(prompt, add_bos=True),
+                   add_bos=False)
+    specs = [("Once upon a time there was a cat.", 150, {"temperature": 0}),   # ends on eos, ahead
+             ("They were happy.", 20, {"temperature": 0}),                     # the length limit, ahead
+             ("The end.", 10, {"temperature": 0}),                             # eos as its first pick
+             ("Tom had a ball", 8, {"temperature": 0.8, "seed": 3})]           # sampled: steps settle
+    turns = [[job(*specs[0][:2], **specs[0][2]), job(*specs[1][:2], **specs[1][2])], [],
+             [job(*specs[2][:2], **specs[2][2])]] + [[]] * 30 + [[job(*specs[3][:2], **specs[3][2])]]
+    _drive(engine, turns)
+    want = []
+    for prompt, n, sampling in specs:
+        ref.reset()
+        want.append(ref.generate(tok.encode(prompt, add_bos=True), max_new_tokens=n, **sampling))
+    assert [_text(out[k]) for k in range(4)] == want
+    assert want[0] and len(tok.encode(want[0])) < 140  # it did end on eos
+    assert any(auto for _, auto, _ in calls)           # greedy rows ran ahead
+    # the sampled row is always fed by the host; once it is in the step in flight, each step settles
+    # first (only the step it joins may still feed device picks to the rows ahead)
+    assert sum(sampling for _, _, sampling in calls) >= 7
+    assert sum(bool(auto) for _, auto, sampling in calls if sampling) <= 1
+    assert engine.flight is None or not [s for s in engine.flight.rows if engine.seqs.get(s.slot) is s]
+    assert not engine.seqs and sorted(engine.free) == [0, 1, 2, 3]
+
+
+def test_engine_run_ahead_off_gives_the_same_text():
+    from mhla_stream import StreamingMHLA
+    ref = StreamingMHLA.from_pretrained()
+    tok = ref.tokenizer
+    texts = []
+    for run_ahead in (True, False):
+        engine = _engine(ref, 2, 32)
+        engine.run_ahead = run_ahead
+        out = {}
+        _drive(engine, [[_job(tok.encode("Once upon a time", add_bos=True), 16, out),
+                         _job(tok.encode("The dog ran", add_bos=True), 9, out)]])
+        texts.append([_text(out[k]) for k in range(2)])
+    assert texts[0] == texts[1]

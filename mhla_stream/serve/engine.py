@@ -75,12 +75,21 @@ class _Seq:
     stored: dict | None = None             # a session's state tensors, until the staging row takes them
     staged: bool = False                   # the prompt is fed and the state sits in the slot
     fed: int = 0                           # (an offset, not slicing: a 32k prompt is not copied per piece)
+    ahead: bool = False                    # in the step in flight; its next token is that step's pick
+
+
+@dataclass
+class _Flight:
+    """The decode step launched last turn and the sequences it fed (read next turn)."""
+    step: object                           # runner.DecodeStep
+    rows: list
 
 
 class Engine:
     def __init__(self, model, tokenizer, store, *, max_batch: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True,
-                 backend: str = "auto", runner=None, prefill_piece: int | None = None, state_dtype=None):
+                 backend: str = "auto", runner=None, prefill_piece: int | None = None, state_dtype=None,
+                 run_ahead: bool = True):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         if prefill_piece is not None and not 1 <= prefill_piece:
@@ -96,6 +105,8 @@ class Engine:
         self.free = list(range(max_batch))
         self.seqs: dict[int, _Seq] = {}
         self.staging: _Seq | None = None       # the sequence whose prompt is in the staging row
+        self.flight: _Flight | None = None
+        self.run_ahead = run_ahead
         self.waiting: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -155,6 +166,7 @@ class Engine:
             try:
                 self._turn()
             except Exception as e:  # a fault the per-request guards did not catch: fail the batch, go on
+                self.flight = None
                 for seq in list(self.seqs.values()):
                     self._end(seq, error=e)
 
@@ -163,7 +175,18 @@ class Engine:
         self._reap_cancelled()
         self._admit()
         self._prefill()
-        ready = [s for s in self.seqs.values() if s.staged and s.pending is None and s.finish is None]
+        # Running ahead: when every sequence of the step in flight is a plain greedy one (the pick is
+        # the device's argmax, a token fed past the end changes nothing anyone keeps), the next step
+        # is launched at once, fed those picks on the device, and the host reads the picks of the
+        # step in flight while the next one runs. Otherwise the step in flight is settled first: its
+        # rows get their logits and are chosen on the host, as a sequence run alone is.
+        flight, self.flight = self.flight, None
+        ahead = [s for s in flight.rows if self.seqs.get(s.slot) is s and s.finish is None] if flight else []
+        if ahead and not all(map(self._runs_ahead, ahead)):
+            for seq in ahead:
+                seq.logits, seq.ahead = flight.step.logits[seq.slot - flight.step.lo], False
+            ahead = []
+        ready = [s for s in self.seqs.values() if s.staged and not s.ahead and s.pending is None and s.finish is None]
         # greedy rows without a penalty: one argmax and one device sync for all of them
         plain = [s for s in ready if s.job.params.greedy and s.job.params.repetition_penalty == 1.0]
         picks = dict(zip(map(id, plain), torch.stack([s.logits for s in plain]).argmax(-1).tolist())) if plain else {}
@@ -175,18 +198,27 @@ class Engine:
         # pieces then overlap it instead of adding to it)
         self._publish([s for s in picked if s.pending is None])
         # done before the step: a finished row must not be stepped (its state may be a session's)
-        for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None]:
+        for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None and not s.ahead]:
             self._end(seq)
-        decoding = [s for s in self.seqs.values() if s.pending is not None]
-        if decoding:
+        fed = [s for s in self.seqs.values() if s.pending is not None]
+        if fed or ahead:
             try:
-                self._decode(decoding)
+                self._decode(fed, ahead)
             except Exception as e:
-                for seq in decoding:
+                for seq in fed + ahead:
                     self._end(seq, error=e)
-        self._publish([s for s in picked if self.seqs.get(s.slot) is s])
+        if ahead:  # the picks of the step before, while the step just launched runs
+            tokens = flight.step.tokens()
+            for seq in ahead:
+                self._guarded(seq, lambda q: self._accept_fed(q, tokens[q.slot - flight.step.lo]))
+        self._publish([s for s in picked + ahead if self.seqs.get(s.slot) is s])
         for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None]:
             self._end(seq)
+
+    def _runs_ahead(self, seq: _Seq) -> bool:
+        p = seq.job.params
+        return (self.run_ahead and p.greedy and p.repetition_penalty == 1.0 and seq.job.session is None
+                and not seq.fault)
 
     def _prefill(self):
         """Prompt tokens for this turn: at most ``prefill_piece`` of them while other sequences decode
@@ -349,15 +381,36 @@ class Engine:
         if stopped:
             seq.finish = "stop"
 
-    def _decode(self, decoding: list[_Seq]):
-        logits, lo = self.runner.decode({s.slot: s.pending for s in decoding})
-        for s in decoding:
-            s.logits = logits[s.slot - lo]
+    def _decode(self, fed: list[_Seq], ahead: list[_Seq]):
+        """One batched step: ``fed`` rows take the token the host chose, ``ahead`` rows the device's
+        pick of the step before (read by the host after this launch, in ``_accept_fed``)."""
+        step = self.runner.decode({s.slot: s.pending for s in fed}, auto=[s.slot for s in ahead])
+        for s in fed:
             s.history.append(s.pending)
             s.position += 1
             s.pending = None
+        rows = fed + ahead
+        for s in rows:
+            s.ahead = s.finish is None
+            if not self._runs_ahead(s):  # its logits now (a view): a session's snapshot keeps them
+                s.logits = step.logits[s.slot - step.lo]
+        self.flight = _Flight(step, [s for s in rows if s.ahead])
         if self.metrics is not None:
-            self.metrics.tokens_out.inc(len(decoding))
+            self.metrics.tokens_out.inc(len(rows))
+
+    def _accept_fed(self, seq: _Seq, token: int):
+        """A run-ahead row's pick, already fed by the step just launched: the choice ``_choose`` would
+        make (a greedy pick, eos, the length limit), with the feeding already done."""
+        p = seq.job.params
+        if p.stop_at_eos and token == self.model.config.eos_token_id:
+            seq.finish, seq.ahead = "stop", False
+            return
+        seq.fresh = token
+        seq.generated += 1
+        seq.history.append(token)
+        seq.position += 1
+        if seq.generated >= p.max_new_tokens:
+            seq.finish, seq.ahead = "length", False
 
     # -- leaving -------------------------------------------------------------------------------------
     def _end(self, seq: _Seq, error: Exception | None = None, cancelled: bool = False):

@@ -39,6 +39,7 @@ class FakeRunner:
         self.table = torch.full((len(ids), max(ids) + 1), -1.0)
         self.table[torch.arange(len(ids)), torch.tensor(ids)] = 1.0
         self.position = [0] * (max_batch + 1)  # per slot, then the staging row
+        self.picks = torch.zeros(max_batch, dtype=torch.long)
         self.record = record
         self.calls: list[tuple[str, int]] = []
 
@@ -51,15 +52,17 @@ class FakeRunner:
     def rows(self, start: int, stop: int):
         raise RuntimeError("the host-cost harness keeps no state: sessions are not served by it")
 
-    def decode(self, tokens: dict[int, int]) -> tuple[torch.Tensor, int]:
-        lo, hi = min(tokens), max(tokens) + 1
+    def decode(self, tokens: dict[int, int], auto=()):
+        from .runner import DecodeStep
+        slots = [*tokens, *auto]
+        lo, hi = min(slots), max(slots) + 1
         if self.record:
-            self.calls.append(("decode", len(tokens)))
+            self.calls.append(("decode", len(slots)))
         rows = []
         for slot in range(lo, hi):
             self.position[slot] = (self.position[slot] + 1) % len(self.table)
             rows.append(self.position[slot])
-        return self.table.index_select(0, torch.tensor(rows)), lo
+        return DecodeStep(self.table.index_select(0, torch.tensor(rows)), lo, self.picks[lo:hi])
 
     def stage_begin(self, tensors) -> None:
         if tensors is not None:

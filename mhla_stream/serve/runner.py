@@ -67,6 +67,30 @@ def prefill_sizes(chunk: int) -> list[int]:
     return [chunk] + sizes[::-1]
 
 
+class DecodeStep:
+    """What one decode step leaves: ``logits`` [rows, V] fp32 (the caller's), ``lo`` (the slot of row
+    0), and the greedy pick of every row, written into ``picks`` (the runner's per-slot device buffer)
+    and copied to the host without blocking: ``tokens()`` waits for that copy only, so the host can
+    read one step's picks while the next step runs."""
+
+    def __init__(self, logits: torch.Tensor, lo: int, picks: torch.Tensor):
+        self.logits, self.lo = logits, lo
+        torch.argmax(logits, -1, out=picks)   # ties: the first index, as the host's argmax
+        if picks.is_cuda:
+            self._host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
+            self._host.copy_(picks, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = picks.clone(), None
+
+    def tokens(self) -> list[int]:
+        """The greedy pick of every row of the step (waits for the step, not for later work)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
 class StepRunner:
     def __init__(self, model, max_batch: int, prefill_chunk: int, *, policy: str | None = None,
                  backend: str = "auto", cuda_graphs: bool = True, prefill_piece: int | None = None,
@@ -86,6 +110,8 @@ class StepRunner:
         self.graphs = self.decode_plan.cuda_graphs
         self.decode_graphs: dict[int, object] = {}
         self.prefill_graphs: dict[int, object] = {}
+        # the greedy pick of each slot's last decode step, on the device (fed to ``auto`` rows)
+        self.picks = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.piece_sizes = prefill_sizes(self.prefill_piece)
         if self.graphs:
             self._capture()
@@ -126,26 +152,34 @@ class StepRunner:
                 "decode_plan": self.decode_plan.describe(), "prefill_plan": self.prefill_plan.describe()}
 
     # -- decode ----------------------------------------------------------------------------------------
-    def decode(self, tokens: dict[int, int]) -> tuple[torch.Tensor, int]:
-        """One token for each slot in ``tokens`` (slot -> id); other rows of the range run on junk.
-        Returns (fp32 logits [rows, V] owned by the caller, the slot of row 0)."""
-        top = max(tokens) + 1
+    def decode(self, tokens: dict[int, int], auto=()) -> "DecodeStep":
+        """One token for each slot in ``tokens`` (slot -> id) and for each slot in ``auto``, whose id is
+        the greedy pick of the previous step that covered it, taken on the device (the host need not
+        have read it yet: the engine runs one step ahead). Other rows of the range run on junk.
+        Returns the step's fp32 logits and the greedy pick of every row (``DecodeStep``)."""
+        top = max([*tokens, *auto]) + 1
         if self.graphs:
             lo, hi = 0, bucket_for(top, self.buckets)
         else:
-            lo, hi = min(tokens), top
+            lo, hi = min([*tokens, *auto]), top
         row_ids = [0] * (hi - lo)
         for slot, token in tokens.items():
             row_ids[slot - lo] = token
+        for slot in auto:
+            row_ids[slot - lo] = -1
         ids = torch.tensor(row_ids, dtype=torch.long).view(-1, 1).to(self.device, non_blocking=True)
+        if auto:
+            ids = torch.where(ids < 0, self.picks[lo:hi, None], ids)
         if self.graphs:
             # the graph's output buffer is reused by the next replay: take a copy
-            return self.decode_graphs[hi].step(ids)[:, -1].to(torch.float32, copy=True), lo
-        plan = self.model.make_plan(hi - lo, backend=self.decode_plan.decode_backend, policy=self.policy,
-                                    cuda_graphs=False)
-        out = self.model(input_ids=ids, past_key_values=MHLACache(self.rows(lo, hi)), use_cache=True,
-                         logits_to_keep=1, plan=plan)
-        return out.logits[:, -1].float(), lo
+            logits = self.decode_graphs[hi].step(ids)[:, -1].to(torch.float32, copy=True)
+        else:
+            plan = self.model.make_plan(hi - lo, backend=self.decode_plan.decode_backend, policy=self.policy,
+                                        cuda_graphs=False)
+            out = self.model(input_ids=ids, past_key_values=MHLACache(self.rows(lo, hi)), use_cache=True,
+                             logits_to_keep=1, plan=plan)
+            logits = out.logits[:, -1].float()
+        return DecodeStep(logits, lo, self.picks[lo:hi])
 
     # -- staging ---------------------------------------------------------------------------------------
     def stage_begin(self, tensors: dict | None) -> None:
