@@ -58,14 +58,22 @@ def parse_bytes(text: str) -> int:
 @click.option("--run-ahead/--no-run-ahead", default=True, show_default=True,
               help="launch the next decode step before the host reads the last one's tokens, while every "
                    "running stream is plain greedy (no sampling, penalty or session)")
+@click.option("--gil-switch-us", default=500, show_default=True, type=click.IntRange(10, 100_000),
+              help="Python's thread switch interval: how long the engine thread may wait for the GIL "
+                   "while the HTTP thread runs, once its decode step is done (Python's default: 5000)")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk,
          prefill_piece, api_key,
-         sessions_dir, session_memory, device, dtype, backend, policy, state_dtype, cuda_graph, run_ahead, log_level):
+         sessions_dir, session_memory, device, dtype, backend, policy, state_dtype, cuda_graph, run_ahead, gil_switch_us,
+         log_level):
     """Serve an MHLA model over an OpenAI-compatible HTTP API."""
     budget = parse_bytes(session_memory)
     import os
+    # the engine thread and the event loop share the GIL: the engine thread waits for its step without
+    # it, and then waits to get it back up to the switch interval (5 ms by default: longer than a
+    # decode step) while the HTTP thread runs Python, which would show directly in the ITL
+    sys.setswitchinterval(gil_switch_us / 1e6)
     import shutil
     import signal
     import tempfile
@@ -115,9 +123,6 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (the lifespan flushes sessions), then re-raises the
     # signal to whatever handler was there before it: a no-op here, so the process exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    # the engine thread and the event loop share the GIL: a thread wanting it back waits up to the switch
-    # interval (5 ms by default) while the other runs Python, which would show directly in the ITL
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     click.echo(f"mhla-serve: {model} on {device} ({dtype}), http://{host}:{port}/v1, {max_batch} slots, "
                f"sessions in {sessions_dir}, state {state_dtype} ring", err=True)
     click.echo(f"mhla-serve engine: {app.state.engine.runner.describe()}", err=True)
