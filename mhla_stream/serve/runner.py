@@ -167,7 +167,10 @@ class StepRunner:
             row_ids[slot - lo] = token
         for slot in auto:
             row_ids[slot - lo] = -1
-        ids = torch.tensor(row_ids, dtype=torch.long).view(-1, 1).to(self.device, non_blocking=True)
+        # from pinned memory: a copy from pageable memory first waits for the stream (the step in
+        # flight), which would undo running ahead
+        pinned = self.device.type == "cuda"
+        ids = torch.tensor(row_ids, dtype=torch.long, pin_memory=pinned).view(-1, 1).to(self.device, non_blocking=True)
         if auto:
             ids = torch.where(ids < 0, self.picks[lo:hi, None], ids)
         if self.graphs:
