@@ -236,8 +236,8 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
         cum = torch.cumsum(S, 2) if far else S
         BI, BJ, BCOL = 64, 32, 128
         _mix_kernel[(triton.cdiv(NB, BI), B * H, triton.cdiv(K * V, BCOL))](
-            S, cum, P, next_prefix, ring, far_sum, mc, seq, L, C, W, NB, size, H=H, KV=K * V, HAS_STATE=has_state, FAR=far,
-            BI=BI, BJ=BJ, BW=pow2(W, 16), BCOL=BCOL, PREC=prec)
+            S, cum, P, next_prefix, ring, far_sum, mc, seq, L, C, W, NB, size, H=H, KV=K * V, HAS_STATE=has_state,
+            FAR=far, BI=BI, BJ=BJ, BW=pow2(W, 16), BCOL=BCOL, PREC=prec)
         del cum
     _output_kernel[(NB, B * H, triton.cdiv(V, BV))](
         q, k, v, o, P, p_old, r_old, mc, seq, L, C, NB, size, scale, q.stride(0), q.stride(1), q.stride(2),
@@ -293,5 +293,5 @@ def advance_state(state, S, P, next_prefix, seq, far):
     B, H, W, K, V = state.ring.shape
     BCOL = 512
     _advance_kernel[(B * H, triton.cdiv(K * V, BCOL))](
-        S, P, next_prefix, state.ring, state.far, state.partial, state.prefix, state.pos, seq, state.block_size, W, S.shape[2],
-        H=H, KV=K * V, FAR=far, BCOL=BCOL)
+        S, P, next_prefix, state.ring, state.far, state.partial, state.prefix, state.pos, seq, state.block_size, W,
+        S.shape[2], H=H, KV=K * V, FAR=far, BCOL=BCOL)

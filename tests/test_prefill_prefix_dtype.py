@@ -24,18 +24,21 @@ T = 5 * C + 9                       # crosses the trained edge (L blocks) within
 N0 = (C // 2 + 3, C + 5)            # first call: each sequence stops mid-block, at its own position
 
 
-def run(q, k, v, m, policy, backend="triton"):
-    """A stateless call with lengths, then a stateful call from mid-block with other lengths;
-    returns the outputs (valid rows only) and the state."""
+def run(q, k, v, m, policy, backend="triton", state_dtype=None):
+    """A call without a state; a call from position 0 that returns a state, with lengths; then a
+    call from mid-block with other lengths. Returns the outputs (valid rows only) and the state."""
+    o0 = mhla_attention(q, k, v, m, block_size=C, backend=backend, policy=policy,
+                        lengths=torch.tensor((T, T - C - 5), device=DEV))
     o1, st = mhla_attention(q[:, :max(N0)], k[:, :max(N0)], v[:, :max(N0)], m, block_size=C, return_state=True,
-                            backend=backend, policy=policy, lengths=torch.tensor(N0, device=DEV))
+                            backend=backend, policy=policy, lengths=torch.tensor(N0, device=DEV),
+                            state_dtype=state_dtype)
     a0, a1 = N0
     n = T - max(N0)
     take = lambda x: torch.stack([x[0, a0:a0 + n], x[1, a1:a1 + n]])  # noqa: E731
     lens = (n, n - C - 2)
     o2 = mhla_attention(take(q), take(k), take(v), m, block_size=C, state=st, backend=backend,
                         lengths=torch.tensor(lens, device=DEV))
-    outs = [o1[0, :a0], o1[1, :a1], o2[0, :lens[0]], o2[1, :lens[1]]]
+    outs = [o0[0], o0[1, :T - C - 5], o1[0, :a0], o1[1, :a1], o2[0, :lens[0]], o2[1, :lens[1]]]
     return outs, st
 
 
@@ -65,14 +68,16 @@ def test_prefix_dtype_rule():
     assert prefix_dtype(torch.float32) == torch.float32
 
 
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+# the state's ring in fp32 or bf16 (summaries rounded as they complete): P is formed from either
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.bfloat16, None), (torch.float16, None),
+                                               (torch.bfloat16, "bf16")], ids=["bf16", "fp16", "bf16-ring"])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_16bit_prefix_gives_the_fp32_prefix_outputs_and_state(dtype, policy, seen_p, request):
+def test_16bit_prefix_gives_the_fp32_prefix_outputs_and_state(dtype, state_dtype, policy, seen_p, request):
     q, k, v, m = rand_qkv(2, T, H, K, V, L, dtype=dtype, seed=7, device=DEV)
-    outs, st = run(q, k, v, m, policy)
+    outs, st = run(q, k, v, m, policy, state_dtype=state_dtype)
     assert seen_p == [dtype, dtype]                     # P really stored in the input dtype
     request.getfixturevalue("fp32_prefix")
-    ref_outs, ref_st = run(q, k, v, m, policy)
+    ref_outs, ref_st = run(q, k, v, m, policy, state_dtype=state_dtype)
     assert seen_p[2:] == [torch.float32, torch.float32]
     for o, r in zip(outs, ref_outs):
         assert o.dtype == dtype and torch.equal(o, r)
