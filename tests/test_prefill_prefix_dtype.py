@@ -4,9 +4,13 @@ The output pass rounds P to the input dtype before its product anyway, so storin
 give the outputs of the fp32-P path exactly; the reference here is that path (``prefix_dtype``
 patched to fp32). Under TRITON_INTERPRET both paths round through ``round_to`` (on the bits for
 bf16: the interpreter's fp32 -> bf16 cast truncates) and widen back for the fp32 dots (F32_DOT),
-so they agree bit for bit as they do on the GPU. The state's prefix must stay exact fp32: with a
-state, the mix kernel keeps block nc's fp32 prefix apart, and it equals what the fp32-P path
-copies out of P, bit for bit.
+so they agree bit for bit. The state's prefix must stay exact fp32: with a state, the mix kernel
+keeps block nc's fp32 prefix apart, and it equals what the fp32-P path copies out of P.
+
+On a GPU the two runs tune their launch configurations separately (P's dtype is part of the
+tuning key), and another configuration may move an fp32 sum of the mix kernel by its last bit:
+there the outputs may differ by one ulp of their dtype and the prefix by fp32 rounding. The
+summaries (and so the ring, far sum and partial) do not depend on P: equal everywhere.
 """
 import pytest
 import torch
@@ -80,10 +84,16 @@ def test_16bit_prefix_gives_the_fp32_prefix_outputs_and_state(dtype, state_dtype
     ref_outs, ref_st = run(q, k, v, m, policy, state_dtype=state_dtype)
     assert seen_p[2:] == [torch.float32, torch.float32]
     for o, r in zip(outs, ref_outs):
-        assert o.dtype == dtype and torch.equal(o, r)
-    for name in ("ring", "far", "prefix", "partial", "pos"):
+        assert o.dtype == dtype
+        if GPU:  # one ulp (see the module docstring)
+            o, r = o.float(), r.float()
+            assert bool(((o - r).abs() <= torch.finfo(dtype).eps * r.abs() + torch.finfo(dtype).tiny).all())
+        else:
+            assert torch.equal(o, r)
+    for name in ("ring", "far", "partial", "pos"):
         assert torch.equal(getattr(st, name), getattr(ref_st, name)), name
     assert st.prefix.dtype == torch.float32
+    assert rel_err(st.prefix, ref_st.prefix) < 1e-6 if GPU else torch.equal(st.prefix, ref_st.prefix)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
