@@ -12,6 +12,13 @@ call completes as it writes them (the open block, the next partial R, stays fp32
 the far sums and the ring all read the rounded value, as every other form does; the ring is
 widened to fp32 on load.
 
+P in the input dtype (16-bit inputs, ``prefix_dtype``): the output pass feeds P to its
+tensor-core product in the input dtype anyway, so pass 2 stores P already rounded (to nearest
+even, as the cast in pass 3 would): the same outputs, half of P's write and read traffic. The
+state's prefix must stay exact fp32, so with a state pass 2 also writes the fp32 P of block
+``nc`` (the open block after the call) into a small [B, H, K, V] buffer that the advance copies;
+fp32 inputs keep fp32 P and the advance reads P itself. The training backward recomputes P.
+
 Accumulation is fp32; fp32 inputs use IEEE dots, 16-bit inputs use tensor cores (tf32 for the
 fp32 operands). ``F32_DOT`` upcasts dot operands: set under TRITON_INTERPRET, whose bf16 dot is
 wrong in triton 3.9.
@@ -20,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, ext_coef, far_coef, graph_bench, pow2, ring_block, round_bf16, window_coef
+from .triton_common import (INTERPRET, ext_coef, far_coef, graph_bench, pow2, ring_block, round_bf16, round_to,
+                            window_coef)
 
 # Launch configurations, tuned per (K, V) on the GPU; one fixed choice under the interpreter.
 # Only pure-output kernels are tuned (tuning re-runs them).
@@ -80,7 +88,7 @@ def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t
 
 @_tuned_mix
 @triton.jit
-def _mix_kernel(s_ptr, cum_ptr, p_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, W, NB, SIZE,
+def _mix_kernel(s_ptr, cum_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, W, NB, SIZE,
                 H: tl.constexpr, KV: tl.constexpr, HAS_STATE: tl.constexpr, FAR: tl.constexpr,
                 BI: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr, BCOL: tl.constexpr, PREC: tl.constexpr):
     pi, bh, pc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -120,8 +128,12 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, 
             if HAS_STATE:
                 far += tl.load(far_ptr + bh * KV + cols, mask=mc, other=0.0)[None, :]
             acc += fc[:, None] * far
-        tl.store(p_ptr + (bh * NB + tgt[:, None]) * KV + cols[None, :], acc,
+        tl.store(p_ptr + (bh * NB + tgt[:, None]) * KV + cols[None, :], round_to(acc, p_ptr.dtype.element_ty),
                  mask=(tgt[:, None] <= nc) & (tgt[:, None] < NB) & mc[None, :])
+        if HAS_STATE:
+            if p_ptr.dtype.element_ty != tl.float32:  # P rounded: the state's prefix (block nc) kept in fp32
+                row = tgt[:, None] * 0 + cols[None, :]                                           # [BI, BCOL]
+                tl.store(pn_ptr + bh * KV + row, acc, mask=(tgt[:, None] == nc) & mc[None, :])
 
 
 @_tuned
@@ -147,21 +159,24 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_
         scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)                                 # [BT, BT] fp32
         scores = tl.where(c[:, None] >= c[None, :], scores, 0.0)
         intra = tl.dot(scores.to(vt.dtype), vt, input_precision=PREC)                          # [BT, BV]
+        # pt [BK, BV] in P's dtype in every branch (one type for the compiler): the carried fp32
+        # prefix (m = 0) is rounded to it as pass 2 rounded the stored P
         if m == 0:
             if HAS_STATE:
-                pt = tl.load(p0_ptr + bh * K * V + tile, mask=mtile, other=0.0)
+                pt = round_to(tl.load(p0_ptr + bh * K * V + tile, mask=mtile, other=0.0), p_ptr.dtype.element_ty)
                 intra += tl.dot(qt.to(tl.float32), tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0),
                                 input_precision=PREC)
             else:
-                pt = tl.zeros((BK, BV), dtype=tl.float32)
+                pt = tl.zeros((BK, BV), dtype=p_ptr.dtype.element_ty)
         else:
-            pt = tl.load(p_ptr + (bh * NB + m) * K * V + tile, mask=mtile, other=0.0)         # [BK, BV]
+            pt = tl.load(p_ptr + (bh * NB + m) * K * V + tile, mask=mtile, other=0.0)
         i = i0 + m
         diag = window_coef(m_ptr, L, i, i)
         if PREC == "ieee":
             inter = tl.dot(qt.to(tl.float32), pt, input_precision=PREC)
-        else:  # 16-bit inputs: the fp32 prefix enters the tensor-core product in the input dtype
-            inter = tl.dot(qt, pt.to(qt.dtype))
+        else:  # 16-bit inputs: the prefix enters the tensor-core product in the input dtype (a no-op when P
+            # is stored in it; under F32_DOT qt is fp32 and the rounded prefix is widened back, exactly)
+            inter = tl.dot(qt, round_to(pt, q_ptr.dtype.element_ty).to(qt.dtype))
         o = (inter + diag * intra) * scale
         tl.store(o_ptr + b * so_b + t[:, None] * so_t + h * so_h + ov[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
@@ -170,6 +185,12 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_
 # --------------------------------------------------------------------------------------------
 # Launchers: the prefill, and the state advance after it
 # --------------------------------------------------------------------------------------------
+def prefix_dtype(dtype):
+    """How pass 2 stores P for inputs of ``dtype``: 16-bit inputs in their own dtype (pass 3 rounds
+    P to it before its product anyway), fp32 inputs in fp32."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=None):
     """The three passes above, then the state advance (``mhla_attention`` validated the inputs).
     ``raw_mixing``: the [L, L] parameter as it is (the kernels clamp on load); ``far``: the
@@ -187,14 +208,18 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
     NB = triton.cdiv(T + (C if state is not None else 0), C)
     size = triton.next_power_of_2(NB)  # tuning bucket
     S = torch.empty(B, H, NB, K, V, device=dev, dtype=torch.float32)
-    P = torch.empty_like(S) if NB > 1 else S
+    p_dtype = prefix_dtype(q.dtype)
+    # one block: no P is read (pass 3 at m = 0 only); S viewed in P's dtype gives the kernels' pointer type
+    P = torch.empty(B, H, NB, K, V, device=dev, dtype=p_dtype) if NB > 1 else S.view(p_dtype)
+    has_state = state is not None
+    # the state's next prefix in fp32, when P is rounded (16-bit inputs with a state)
+    next_prefix = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if has_state and p_dtype != S.dtype else S
     o = torch.empty(B, T, H, V, device=dev, dtype=q.dtype)
     if lengths is not None:
         o.zero_()                                                                  # padded rows stay 0
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     f32_dot = INTERPRET
     BT, BK, BV = pow2(C), pow2(K), min(pow2(V), 64)
-    has_state = state is not None
     ring = state.ring if has_state else S
     far_sum = state.far if (has_state and far) else S
     r_old = state.partial if has_state else S
@@ -211,20 +236,20 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
         cum = torch.cumsum(S, 2) if far else S
         BI, BJ, BCOL = 64, 32, 128
         _mix_kernel[(triton.cdiv(NB, BI), B * H, triton.cdiv(K * V, BCOL))](
-            S, cum, P, ring, far_sum, mc, seq, L, C, W, NB, size, H=H, KV=K * V, HAS_STATE=has_state, FAR=far,
-            BI=BI, BJ=BJ, BW=pow2(W, 16), BCOL=BCOL, PREC=prec)
+            S, cum, P, next_prefix, ring, far_sum, mc, seq, L, C, W, NB, size, H=H, KV=K * V, HAS_STATE=has_state,
+            FAR=far, BI=BI, BJ=BJ, BW=pow2(W, 16), BCOL=BCOL, PREC=prec)
         del cum
     _output_kernel[(NB, B * H, triton.cdiv(V, BV))](
         q, k, v, o, P, p_old, r_old, mc, seq, L, C, NB, size, scale, q.stride(0), q.stride(1), q.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
     if has_state:
-        advance_state(state, S, P, seq, far)
+        advance_state(state, S, P, next_prefix, seq, far)
     return o
 
 
 @triton.jit
-def _advance_kernel(s_ptr, p_ptr, ring_ptr, far_ptr, r_ptr, p0_ptr, pos_ptr, seq_ptr, C, W, NB,
+def _advance_kernel(s_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, r_ptr, p0_ptr, pos_ptr, seq_ptr, C, W, NB,
                     H: tl.constexpr, KV: tl.constexpr, FAR: tl.constexpr, BCOL: tl.constexpr):
     """After a prefill: push the blocks this call completed into the ring (under window+far, the
     blocks leaving the window go into the far sum first), keep the new prefix and partial, move
@@ -252,16 +277,21 @@ def _advance_kernel(s_ptr, p_ptr, ring_ptr, far_ptr, r_ptr, p0_ptr, pos_ptr, seq
                 if jw >= i0:
                     summary = tl.load(sums + (jw - i0) * KV, mask=mc)  # rounded already (ROUND): exact in the ring
                     tl.store(ring_ptr + (bh * W + w) * KV + cols, summary.to(ring_ptr.dtype.element_ty), mask=mc)
-            tl.store(p0_ptr + bh * KV + cols, tl.load(p_ptr + (bh * NB + nc) * KV + cols, mask=mc), mask=mc)
+            if p_ptr.dtype.element_ty == tl.float32:
+                prefix = tl.load(p_ptr + (bh * NB + nc) * KV + cols, mask=mc)
+            else:  # P was stored rounded: the mix kernel kept block nc's fp32 prefix apart
+                prefix = tl.load(pn_ptr + bh * KV + cols, mask=mc)
+            tl.store(p0_ptr + bh * KV + cols, prefix, mask=mc)
         partial = tl.load(sums + nc * KV, mask=mc, other=0.0)    # block nc: open, or not touched
         tl.store(r_ptr + bh * KV + cols, tl.where(nc < nb, partial, 0.0), mask=mc)
         if (h == 0) & (pc == 0):
             tl.store(pos_ptr + b, tl.load(pos_ptr + b) + n)
 
 
-def advance_state(state, S, P, seq, far):
+def advance_state(state, S, P, next_prefix, seq, far):
+    """``P`` in fp32: the new prefix is read from it; rounded: from ``next_prefix`` [B, H, K, V] fp32."""
     B, H, W, K, V = state.ring.shape
     BCOL = 512
     _advance_kernel[(B * H, triton.cdiv(K * V, BCOL))](
-        S, P, state.ring, state.far, state.partial, state.prefix, state.pos, seq, state.block_size, W, S.shape[2],
-        H=H, KV=K * V, FAR=far, BCOL=BCOL)
+        S, P, next_prefix, state.ring, state.far, state.partial, state.prefix, state.pos, seq, state.block_size, W,
+        S.shape[2], H=H, KV=K * V, FAR=far, BCOL=BCOL)

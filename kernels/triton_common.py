@@ -79,6 +79,17 @@ def round_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """``x`` in ``dtype``, rounded to nearest even as the GPU's cast does. fp32 -> bf16 goes
+    through ``round_bf16`` because the interpreter's cast truncates; fp16 (numpy rounds) and a
+    value already in ``dtype`` take the plain cast."""
+    if dtype == tl.bfloat16:
+        if x.dtype == tl.float32:
+            x = round_bf16(x)
+    return x.to(dtype)
+
+
 def graph_bench(fn, quantiles=None):
     """The autotuners' timer: CUDA-graph replays, so that a slow host's launch overhead (100+ us
     a launch seen on the GPU machine) does not drown the difference between configurations."""
