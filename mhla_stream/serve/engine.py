@@ -112,6 +112,8 @@ class Engine:
         self._stopping = False
         self._accepting = True
         self._faults = os.environ.get("MHLA_SERVE_FAULT_INJECTION") == "1"
+        # MHLA_SERVE_PROFILE=1: the engine thread's wall time per turn phase, logged every 200 turns
+        self._profile = collections.Counter() if os.environ.get("MHLA_SERVE_PROFILE") == "1" else None
         log.info("engine: %s", self.runner.describe())
         if metrics is not None:
             metrics.engine.info(self.runner.info())
@@ -172,9 +174,12 @@ class Engine:
 
     @torch.inference_mode()
     def _turn(self):
+        mark = self._marker()
         self._reap_cancelled()
         self._admit()
+        mark("admit")
         self._prefill()
+        mark("prefill")
         # Running ahead: when every sequence of the step in flight is a plain greedy one (the pick is
         # the device's argmax, a token fed past the end changes nothing anyone keeps), the next step
         # is launched at once, fed those picks on the device, and the host reads the picks of the
@@ -193,6 +198,7 @@ class Engine:
         for seq in ready:
             self._guarded(seq, lambda q: self._choose(q, picks.get(id(q))))
         picked = [s for s in ready if s.fresh is not None]
+        mark("choose")
         # rows that leave before the step publish their token now; the others while the step runs on
         # the device (a CUDA step is launched asynchronously: text decoding, metrics and emitting the
         # pieces then overlap it instead of adding to it)
@@ -201,19 +207,49 @@ class Engine:
         for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None and not s.ahead]:
             self._end(seq)
         fed = [s for s in self.seqs.values() if s.pending is not None]
+        mark("publish+end")
         if fed or ahead:
             try:
                 self._decode(fed, ahead)
             except Exception as e:
                 for seq in fed + ahead:
                     self._end(seq, error=e)
+        mark("launch")
         if ahead:  # the picks of the step before, while the step just launched runs
             tokens = flight.step.tokens()
+            mark("wait picks")
             for seq in ahead:
                 self._guarded(seq, lambda q: self._accept_fed(q, tokens[q.slot - flight.step.lo]))
+        mark("accept")
         self._publish([s for s in picked + ahead if self.seqs.get(s.slot) is s])
         for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None]:
             self._end(seq)
+        mark("publish+end")
+
+    def _marker(self):
+        """``mark(phase)`` adds the time since the last mark to ``phase`` (a no-op unless profiling)."""
+        if self._profile is None:
+            return lambda phase: None
+        last = [time.perf_counter()]
+        prof = self._profile
+
+        def mark(phase):
+            now = time.perf_counter()
+            prof[phase] += now - last[0]
+            last[0] = now
+            if phase == "publish+end" and len(self.seqs) == 0:
+                return
+            if phase == "accept":
+                prof["turns"] += 1
+                prof["rows"] += len(self.seqs)
+                if prof["turns"] % 200 == 0:
+                    n = prof["turns"]
+                    log.warning("engine profile over %d turns (%.1f rows): %s", n, prof["rows"] / n,
+                                ", ".join(f"{k} {1e6 * v / n:.0f} us" for k, v in prof.items()
+                                          if k not in ("turns", "rows")))
+                    prof.clear()
+        return mark
+
 
     def _runs_ahead(self, seq: _Seq) -> bool:
         p = seq.job.params
