@@ -31,7 +31,11 @@ def calls(q, k, v, m, cuts, backend, C, policy):
 def test_triton_prefill_stateless(T, dtype, policy):
     H, K, V, L = SHAPE
     q, k, v, m = rand_qkv(2, T, H, K, V, L, dtype=dtype, seed=T, device=DEV)
-    ref = mhla_reference(q, k, v, m, block_size=C_SMALL, policy=policy)
+    # the float64 oracle at T = 5000 on the CPU: on an H100 shared with other test processes its
+    # [2, 4, 5000, 5000] float64 products came back with zero rows (twice), while the kernel agreed
+    # with it run alone (.ci/results/2026-11-23-h100/session4)
+    big = T > 4096
+    ref = mhla_reference(*(x.cpu() if big else x for x in (q, k, v, m)), block_size=C_SMALL, policy=policy).to(DEV)
     out = mhla_attention(q, k, v, m, block_size=C_SMALL, backend="triton", policy=policy)
     assert out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]

@@ -105,4 +105,5 @@ def test_state_prefix_after_a_bf16_call_is_the_torch_forms(policy):
     for name in ("prefix", "partial", "ring", "far"):
         a, b = getattr(st, name), getattr(st_t, name)
         assert a.dtype == b.dtype == torch.float32
-        assert a.numel() == 0 or rel_err(a, b) < TOL[torch.float32], name
+        # on a GPU the torch form's bf16 products run on tensor cores in another order: bf16 tolerance
+        assert a.numel() == 0 or rel_err(a, b) < TOL[torch.bfloat16 if GPU else torch.float32], name
