@@ -198,7 +198,9 @@ class StepRunner:
         """Feeds up to one chunk of ids into the staging row; returns the last token's fp32 logits [V]."""
         if not 0 < len(ids) <= self.prefill_chunk:
             raise ValueError(f"a staging chunk holds 1 to {self.prefill_chunk} ids, got {len(ids)}")
-        x = torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)
+        # pinned, as in ``decode``: a piece queues behind the step in flight without waiting for it
+        x = torch.tensor([ids], dtype=torch.long, pin_memory=self.device.type == "cuda").to(self.device,
+                                                                                          non_blocking=True)
         if not self.graphs:
             out = self.model(input_ids=x, past_key_values=MHLACache(self.staging), use_cache=True,
                              logits_to_keep=1, plan=self.prefill_plan)
