@@ -189,7 +189,7 @@ class Engine:
         ahead = [s for s in flight.rows if self.seqs.get(s.slot) is s and s.finish is None] if flight else []
         if ahead and not all(map(self._runs_ahead, ahead)):
             for seq in ahead:
-                seq.logits, seq.ahead = flight.step.logits[seq.slot - flight.step.lo], False
+                seq.logits, seq.ahead = flight.step.row_logits(seq.slot), False
             ahead = []
         ready = [s for s in self.seqs.values() if s.staged and not s.ahead and s.pending is None and s.finish is None]
         # greedy rows without a penalty: one argmax and one device sync for all of them
@@ -429,7 +429,7 @@ class Engine:
         for s in rows:
             s.ahead = s.finish is None
             if not self._runs_ahead(s):  # its logits now (a view): a session's snapshot keeps them
-                s.logits = step.logits[s.slot - step.lo]
+                s.logits = step.row_logits(s.slot)
         self.flight = _Flight(step, [s for s in rows if s.ahead])
         if self.metrics is not None:
             self.metrics.tokens_out.inc(len(rows))
