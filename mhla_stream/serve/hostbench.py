@@ -66,6 +66,11 @@ class FakeRunner:
         torch.argmax(logits, -1, out=self.picks[lo:hi])
         return DecodeStep(logits, lo, self.picks[lo:hi])
 
+    def pick_first(self, slot: int, logits: torch.Tensor):
+        from .runner import DecodeStep
+        torch.argmax(logits[None], -1, out=self.picks[slot:slot + 1])
+        return DecodeStep(logits[None], slot, self.picks[slot:slot + 1])
+
     def stage_begin(self, tensors) -> None:
         if tensors is not None:
             raise RuntimeError("the host-cost harness keeps no state: sessions are not served by it")

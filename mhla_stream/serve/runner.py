@@ -213,6 +213,13 @@ class StepRunner:
             start += size
         return logits[0, -1].to(torch.float32, copy=True)
 
+    def pick_first(self, slot: int, logits: torch.Tensor) -> DecodeStep:
+        """The greedy pick of a staged prompt's last logits [V], written into ``slot``'s feed on the
+        device (its first decode step feeds it) and copied to the host without blocking."""
+        picks = self.feed[slot:slot + 1, 0]
+        torch.argmax(logits[None], -1, out=picks)
+        return DecodeStep(logits[None], slot, picks)
+
     def stage_finish(self, slot: int) -> None:
         """Copies the staged state (positions included) into ``slot``."""
         torch._foreach_copy_(self._tensors(self.rows(slot, slot + 1)), self._tensors(self.staging))
