@@ -19,13 +19,19 @@ from .cache import MHLACache
 
 
 class GraphStep:
-    def __init__(self, model, cache: MHLACache, chunk: int = 1, warmup: int = 2, plan=None):
+    def __init__(self, model, cache: MHLACache, chunk: int = 1, warmup: int = 2, plan=None, ids=None,
+                 feedback: bool = False):
+        """``ids``: a [B, chunk] long buffer to read the input from (default: the graph's own);
+        ``feedback``: the replay ends by writing each row's greedy pick (argmax of its last logits)
+        into ``ids[:, -1]``, so the next replay feeds it without the host (mhla-serve's running ahead)."""
         if model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model on a CUDA device")
-        self.model, self.cache, self.chunk = model, cache, chunk
+        self.model, self.cache, self.chunk, self.feedback = model, cache, chunk, feedback
         B = cache.states[0].batch_size
         self.plan = plan if plan is not None else model.make_plan(B)  # captured with this plan
-        self.ids = torch.zeros(B, chunk, dtype=torch.long, device=model.device)
+        self.ids = ids if ids is not None else torch.zeros(B, chunk, dtype=torch.long, device=model.device)
+        if tuple(self.ids.shape) != (B, chunk) or self.ids.dtype != torch.long:
+            raise ValueError(f"ids must be a [{B}, {chunk}] long buffer, got {tuple(self.ids.shape)} {self.ids.dtype}")
         saved = _save(cache.states)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -40,12 +46,19 @@ class GraphStep:
             live.copy_(s)
 
     def _forward(self):
-        return self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                          plan=self.plan).logits
+        logits = self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                            plan=self.plan).logits
+        if self.feedback:  # after the forward has read the ids (one stream: the graph keeps the order)
+            torch.argmax(logits[:, -1], -1, out=self.ids[:, -1])
+        return logits
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, chunk] -> logits of the last token [B, 1, V] (a view of a static buffer: copy it to keep it)."""
         self.ids.copy_(ids)
+        return self.replay()
+
+    def replay(self) -> torch.Tensor:
+        """Runs the captured step on whatever ``ids`` holds now; returns the static logits buffer."""
         self.graph.replay()  # moves the states' positions on the device
         return self.logits
 

@@ -65,15 +65,24 @@ class _EagerGraph:
     """Stands in for GraphStep on the CPU: the same fixed (rows, chunk) forward on the same views."""
     captured: list = []
 
-    def __init__(self, model, cache, chunk=1, warmup=2, plan=None):
-        self.model, self.cache, self.chunk, self.plan = model, cache, chunk, plan
+    def __init__(self, model, cache, chunk=1, warmup=2, plan=None, ids=None, feedback=False):
+        self.model, self.cache, self.chunk, self.plan, self.feedback = model, cache, chunk, plan, feedback
         self.rows = cache.states[0].batch_size
+        self.ids = ids if ids is not None else torch.zeros(self.rows, chunk, dtype=torch.long)
+        assert tuple(self.ids.shape) == (self.rows, chunk)
         _EagerGraph.captured.append((self.rows, chunk))
 
     def step(self, ids):
         assert tuple(ids.shape) == (self.rows, self.chunk), "a replay must match its capture's shape"
-        return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                          plan=self.plan).logits
+        self.ids.copy_(ids)
+        return self.replay()
+
+    def replay(self):
+        logits = self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                            plan=self.plan).logits
+        if self.feedback:
+            torch.argmax(logits[:, -1], -1, out=self.ids[:, -1])
+        return logits
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
@@ -221,7 +230,8 @@ def test_graph_path_with_prefill_pieces_smaller_than_the_chunk(model, monkeypatc
     assert StepRunner(model, 1, 8, cuda_graphs=False, prefill_piece=100).prefill_piece == 8  # never above the chunk
 
 
-def test_engine_runs_ahead_on_greedy_rows_and_settles_for_sampled_ones():
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+def test_engine_runs_ahead_on_greedy_rows_and_settles_for_sampled_ones(graphs, monkeypatch):
     """Plain greedy rows run one step ahead (the next step is fed the device's picks before the host
     reads them); a sampled row in the batch makes each step settle first. Either way every request's
     text equals the same request alone: eos and the length limit found one step late, a row ending
@@ -232,6 +242,11 @@ def test_engine_runs_ahead_on_greedy_rows_and_settles_for_sampled_ones():
     ref = StreamingMHLA.from_pretrained()
     tok = ref.tokenizer
     engine = _engine(ref, 4, 32)
+    if graphs:  # the CUDA code path (buckets over the shared feed buffer, picks written by the replay), run eagerly
+        import mhla_stream.graphs
+        monkeypatch.setattr(mhla_stream.graphs, "GraphStep", _EagerGraph)
+        engine.runner.graphs = True
+        engine.runner._capture()
     calls, decode = [], engine.runner.decode
 
     def spy(tokens, auto=()):

@@ -76,6 +76,7 @@ class _Seq:
     staged: bool = False                   # the prompt is fed and the state sits in the slot
     fed: int = 0                           # (an offset, not slicing: a 32k prompt is not copied per piece)
     ahead: bool = False                    # in the step in flight; its next token is that step's pick
+    first: object = None                   # its first token, picked on the device (runner.DecodeStep)
 
 
 @dataclass
@@ -189,9 +190,19 @@ class Engine:
         ahead = [s for s in flight.rows if self.seqs.get(s.slot) is s and s.finish is None] if flight else []
         if ahead and not all(map(self._runs_ahead, ahead)):
             for seq in ahead:
-                seq.logits, seq.ahead = flight.step.logits[seq.slot - flight.step.lo], False
+                seq.ahead = False
+                if seq.first is not None:  # its first token, then it is chosen from the step's logits
+                    self._guarded(seq, self._accept_first)
+                    self._publish([seq])
+                seq.logits = flight.step.row_logits(seq.slot)
             ahead = []
         ready = [s for s in self.seqs.values() if s.staged and not s.ahead and s.pending is None and s.finish is None]
+        # a plain greedy request's first token is picked on the device too: no sync for an admission
+        first = [s for s in ready if s.generated == 0 and s.job.params.max_new_tokens > 0 and self._runs_ahead(s)]
+        for seq in first:
+            seq.first = self.runner.pick_first(seq.slot, seq.logits)
+        if first:
+            ready = [s for s in ready if s.first is None]
         # greedy rows without a penalty: one argmax and one device sync for all of them
         plain = [s for s in ready if s.job.params.greedy and s.job.params.repetition_penalty == 1.0]
         picks = dict(zip(map(id, plain), torch.stack([s.logits for s in plain]).argmax(-1).tolist())) if plain else {}
@@ -208,18 +219,22 @@ class Engine:
             self._end(seq)
         fed = [s for s in self.seqs.values() if s.pending is not None]
         mark("publish+end")
-        if fed or ahead:
+        if fed or ahead or first:
             try:
-                self._decode(fed, ahead)
+                self._decode(fed, ahead + first)
             except Exception as e:
-                for seq in fed + ahead:
+                for seq in fed + ahead + first:
                     self._end(seq, error=e)
         mark("launch")
         if ahead:  # the picks of the step before, while the step just launched runs
             tokens = flight.step.tokens()
             mark("wait picks")
             for seq in ahead:
-                self._guarded(seq, lambda q: self._accept_fed(q, tokens[q.slot - flight.step.lo]))
+                if seq.first is not None:  # its first token (fed by the step before), then the step's pick
+                    self._guarded(seq, self._accept_first)
+                    self._publish([seq])
+                if self.seqs.get(seq.slot) is seq and seq.finish is None:
+                    self._guarded(seq, lambda q: self._accept_fed(q, tokens[q.slot - flight.step.lo]))
         mark("accept")
         self._publish([s for s in picked + ahead if self.seqs.get(s.slot) is s])
         for seq in [s for s in self.seqs.values() if s.finish is not None and s.pending is None]:
@@ -429,10 +444,18 @@ class Engine:
         for s in rows:
             s.ahead = s.finish is None
             if not self._runs_ahead(s):  # its logits now (a view): a session's snapshot keeps them
-                s.logits = step.logits[s.slot - step.lo]
+                s.logits = step.row_logits(s.slot)
         self.flight = _Flight(step, [s for s in rows if s.ahead])
         if self.metrics is not None:
             self.metrics.tokens_out.inc(len(rows))
+
+    def _accept_first(self, seq: _Seq):
+        """A first token picked on the device (``pick_first``) and already fed: accepted as
+        ``_choose`` would accept it."""
+        token, seq.first = seq.first.tokens()[0], None
+        if seq.assembler is None:
+            seq.assembler = TextAssembler(self.tokenizer, seq.job.params.stop, list(seq.history)[-8:])
+        self._accept_fed(seq, token)
 
     def _accept_fed(self, seq: _Seq, token: int):
         """A run-ahead row's pick, already fed by the step just launched: the choice ``_choose`` would

@@ -62,7 +62,14 @@ class FakeRunner:
         for slot in range(lo, hi):
             self.position[slot] = (self.position[slot] + 1) % len(self.table)
             rows.append(self.position[slot])
-        return DecodeStep(self.table.index_select(0, torch.tensor(rows)), lo, self.picks[lo:hi])
+        logits = self.table.index_select(0, torch.tensor(rows))
+        torch.argmax(logits, -1, out=self.picks[lo:hi])
+        return DecodeStep(logits, lo, self.picks[lo:hi])
+
+    def pick_first(self, slot: int, logits: torch.Tensor):
+        from .runner import DecodeStep
+        torch.argmax(logits[None], -1, out=self.picks[slot:slot + 1])
+        return DecodeStep(logits[None], slot, self.picks[slot:slot + 1])
 
     def stage_begin(self, tensors) -> None:
         if tensors is not None:

@@ -68,14 +68,14 @@ def prefill_sizes(chunk: int) -> list[int]:
 
 
 class DecodeStep:
-    """What one decode step leaves: ``logits`` [rows, V] fp32 (the caller's), ``lo`` (the slot of row
-    0), and the greedy pick of every row, written into ``picks`` (the runner's per-slot device buffer)
-    and copied to the host without blocking: ``tokens()`` waits for that copy only, so the host can
-    read one step's picks while the next step runs."""
+    """What one decode step leaves: ``lo`` (the slot of row 0), the step's logits (``logits`` [rows, V]
+    fp32, or ``row_logits(slot)``: copies, valid until the next decode step is launched), and the
+    greedy pick of every row in ``picks`` (the runner's per-slot device buffer of ids to feed next),
+    copied to the host without blocking: ``tokens()`` waits for that copy only, so the host can read
+    one step's picks while the next step runs."""
 
     def __init__(self, logits: torch.Tensor, lo: int, picks: torch.Tensor):
-        self.logits, self.lo = logits, lo
-        torch.argmax(logits, -1, out=picks)   # ties: the first index, as the host's argmax
+        self._logits, self.lo = logits, lo
         if picks.is_cuda:
             self._host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
             self._host.copy_(picks, non_blocking=True)
@@ -83,6 +83,14 @@ class DecodeStep:
             self._ready.record()
         else:
             self._host, self._ready = picks.clone(), None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self._logits.to(torch.float32, copy=True)
+
+    def row_logits(self, slot: int) -> torch.Tensor:
+        """fp32 logits [V] of ``slot``'s row (a copy)."""
+        return self._logits[slot - self.lo].to(torch.float32, copy=True)
 
     def tokens(self) -> list[int]:
         """The greedy pick of every row of the step (waits for the step, not for later work)."""
@@ -110,8 +118,8 @@ class StepRunner:
         self.graphs = self.decode_plan.cuda_graphs
         self.decode_graphs: dict[int, object] = {}
         self.prefill_graphs: dict[int, object] = {}
-        # the greedy pick of each slot's last decode step, on the device (fed to ``auto`` rows)
-        self.picks = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        # each slot's next decode input: the host's token, or the greedy pick its last step wrote there
+        self.feed = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self.piece_sizes = prefill_sizes(self.prefill_piece)
         if self.graphs:
             self._capture()
@@ -121,7 +129,8 @@ class StepRunner:
         from ..graphs import GraphStep
         for n in self.buckets:
             plan = self.model.make_plan(n, backend=self.backend, policy=self.policy, cuda_graphs=True)
-            self.decode_graphs[n] = GraphStep(self.model, MHLACache(self.rows(0, n)), 1, plan=plan)
+            self.decode_graphs[n] = GraphStep(self.model, MHLACache(self.rows(0, n)), 1, plan=plan,
+                                              ids=self.feed[:n], feedback=True)
         for size in self.piece_sizes:
             self.prefill_graphs[size] = GraphStep(self.model, MHLACache(self.staging), size, plan=self.prefill_plan)
         if self.device.type == "cuda":
@@ -152,37 +161,30 @@ class StepRunner:
                 "decode_plan": self.decode_plan.describe(), "prefill_plan": self.prefill_plan.describe()}
 
     # -- decode ----------------------------------------------------------------------------------------
-    def decode(self, tokens: dict[int, int], auto=()) -> "DecodeStep":
-        """One token for each slot in ``tokens`` (slot -> id) and for each slot in ``auto``, whose id is
-        the greedy pick of the previous step that covered it, taken on the device (the host need not
-        have read it yet: the engine runs one step ahead). Other rows of the range run on junk.
-        Returns the step's fp32 logits and the greedy pick of every row (``DecodeStep``)."""
+    def decode(self, tokens: dict[int, int], auto=()) -> DecodeStep:
+        """One token for each slot in ``tokens`` (slot -> id) and for each slot in ``auto``, which is
+        fed the greedy pick of the previous step that covered it, straight from ``feed`` on the
+        device (the host need not have read it yet: the engine runs one step ahead). Other rows of
+        the range run on junk. Every step ends by writing each row's greedy pick into ``feed``."""
         top = max([*tokens, *auto]) + 1
         if self.graphs:
             lo, hi = 0, bucket_for(top, self.buckets)
         else:
             lo, hi = min([*tokens, *auto]), top
-        row_ids = [0] * (hi - lo)
-        for slot, token in tokens.items():
-            row_ids[slot - lo] = token
-        for slot in auto:
-            row_ids[slot - lo] = -1
-        # from pinned memory: a copy from pageable memory first waits for the stream (the step in
-        # flight), which would undo running ahead
-        pinned = self.device.type == "cuda"
-        ids = torch.tensor(row_ids, dtype=torch.long, pin_memory=pinned).view(-1, 1).to(self.device, non_blocking=True)
-        if auto:
-            ids = torch.where(ids < 0, self.picks[lo:hi, None], ids)
-        if self.graphs:
-            # the graph's output buffer is reused by the next replay: take a copy
-            logits = self.decode_graphs[hi].step(ids)[:, -1].to(torch.float32, copy=True)
-        else:
-            plan = self.model.make_plan(hi - lo, backend=self.decode_plan.decode_backend, policy=self.policy,
-                                        cuda_graphs=False)
-            out = self.model(input_ids=ids, past_key_values=MHLACache(self.rows(lo, hi)), use_cache=True,
-                             logits_to_keep=1, plan=plan)
-            logits = out.logits[:, -1].float()
-        return DecodeStep(logits, lo, self.picks[lo:hi])
+        if tokens:  # the host's tokens over the picks: one copy of (slots, ids) from pinned memory (a
+            # copy from pageable memory would first wait for the step in flight, undoing running ahead)
+            pairs = torch.tensor([list(tokens), list(tokens.values())], dtype=torch.long,
+                                 pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+            self.feed[:, 0].index_copy_(0, pairs[0], pairs[1])
+        picks = self.feed[lo:hi, 0]
+        if self.graphs:  # the replay writes the picks into feed itself
+            return DecodeStep(self.decode_graphs[hi].replay()[:, -1], lo, picks)
+        plan = self.model.make_plan(hi - lo, backend=self.decode_plan.decode_backend, policy=self.policy,
+                                    cuda_graphs=False)
+        logits = self.model(input_ids=self.feed[lo:hi], past_key_values=MHLACache(self.rows(lo, hi)), use_cache=True,
+                            logits_to_keep=1, plan=plan).logits[:, -1]
+        torch.argmax(logits, -1, out=picks)   # ties: the first index, as the host's argmax
+        return DecodeStep(logits, lo, picks)
 
     # -- staging ---------------------------------------------------------------------------------------
     def stage_begin(self, tensors: dict | None) -> None:
@@ -210,6 +212,13 @@ class StepRunner:
             logits = self.prefill_graphs[size].step(x[:, start:start + size])
             start += size
         return logits[0, -1].to(torch.float32, copy=True)
+
+    def pick_first(self, slot: int, logits: torch.Tensor) -> DecodeStep:
+        """The greedy pick of a staged prompt's last logits [V], written into ``slot``'s feed on the
+        device (its first decode step feeds it) and copied to the host without blocking."""
+        picks = self.feed[slot:slot + 1, 0]
+        torch.argmax(logits[None], -1, out=picks)
+        return DecodeStep(logits[None], slot, picks)
 
     def stage_finish(self, slot: int) -> None:
         """Copies the staged state (positions included) into ``slot``."""
