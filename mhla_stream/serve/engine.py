@@ -77,6 +77,7 @@ class _Seq:
     fed: int = 0                           # (an offset, not slicing: a 32k prompt is not copied per piece)
     ahead: bool = False                    # in the step in flight; its next token is that step's pick
     first: object = None                   # its first token, picked on the device (runner.DecodeStep)
+    plain: bool = False                    # may run ahead (``Engine._runs_ahead``), fixed for its life
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Engine:
         self.seqs: dict[int, _Seq] = {}
         self.staging: _Seq | None = None       # the sequence whose prompt is in the staging row
         self.flight: _Flight | None = None
+        self.eos_id = model.config.eos_token_id  # read per token: a transformers config attribute costs µs
         self.run_ahead = run_ahead
         self.waiting: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
@@ -267,9 +269,11 @@ class Engine:
 
 
     def _runs_ahead(self, seq: _Seq) -> bool:
-        p = seq.job.params
-        return (self.run_ahead and p.greedy and p.repetition_penalty == 1.0 and seq.job.session is None
-                and not seq.fault)
+        return seq.plain
+
+    def _may_run_ahead(self, job: Job, fault: bool) -> bool:
+        p = job.params
+        return self.run_ahead and p.greedy and p.repetition_penalty == 1.0 and job.session is None and not fault
 
     def _prefill(self):
         """Prompt tokens for this turn: at most ``prefill_piece`` of them while other sequences decode
@@ -362,7 +366,8 @@ class Engine:
             seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(6), "little")
             generator = torch.Generator(device=self.device).manual_seed(seed)
         seq = _Seq(job, slot, list(ids), messages, history, position, logits, generator=generator,
-                   prompt_tokens=len(ids), fault=fault, stored=data.tensors if data is not None else None)
+                   prompt_tokens=len(ids), fault=fault, stored=data.tensors if data is not None else None,
+                   plain=self._may_run_ahead(job, fault))
         job.emit("start", {"prompt_tokens": len(ids), "position": position})
         return seq
 
@@ -388,7 +393,7 @@ class Engine:
             history = torch.empty(1, 0, dtype=torch.long, device=self.device) if p.repetition_penalty == 1.0 else \
                 torch.tensor([list(seq.history)], dtype=torch.long, device=self.device)
             token = int(select_next(seq.logits[None], history, p, seq.generator))
-        if p.stop_at_eos and token == self.model.config.eos_token_id:
+        if p.stop_at_eos and token == self.eos_id:
             seq.finish = "stop"
             return
         seq.pending = seq.fresh = token
@@ -461,7 +466,7 @@ class Engine:
         """A run-ahead row's pick, already fed by the step just launched: the choice ``_choose`` would
         make (a greedy pick, eos, the length limit), with the feeding already done."""
         p = seq.job.params
-        if p.stop_at_eos and token == self.model.config.eos_token_id:
+        if p.stop_at_eos and token == self.eos_id:
             seq.finish, seq.ahead = "stop", False
             return
         seq.fresh = token
