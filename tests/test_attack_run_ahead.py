@@ -1,0 +1,332 @@
+"""Hostile cases for the serve engine's run-ahead path (greedy rows fed the device's picks of the step in
+flight before the host reads them): slots freed and reused while a row is ahead, greedy / session /
+sampled rows going in and out of the batch, limits found a step late, faults inside the step, the
+pick reader and one row's accept, engine stop with a flight pending, and the metrics. Every request's
+text must equal the same request run alone; a session's saved state must equal one StreamingMHLA run.
+
+Each engine runs on the test's thread (``_drive``) unless the case is about the engine thread itself.
+A spy around ``runner.decode`` checks on every step that each ``auto`` row (fed the device's pick) is
+the very sequence the step before fed at that slot, and a plain greedy one without a session."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from mhla_stream.sampling import SamplingParams
+from mhla_stream.serve.engine import Job
+from tests.test_serve_runner import _drive, _engine, _text
+
+
+@pytest.fixture(scope="module")
+def ref():
+    from mhla_stream import StreamingMHLA
+    return StreamingMHLA.from_pretrained()
+
+
+def _spy(engine):
+    """Wraps ``runner.decode`` with the run-ahead invariants; returns the list of (tokens, auto) calls."""
+    decode, calls, prev = engine.runner.decode, [], {}
+
+    def checked(tokens, auto=()):
+        for slot in auto:
+            seq = engine.seqs.get(slot)
+            assert seq is not None and prev.get(slot) is seq, f"slot {slot}: fed a pick the step before made for another row"
+            p = seq.job.params
+            assert seq.job.session is None and p.greedy and p.repetition_penalty == 1.0, "a non-plain row ran ahead"
+        assert not set(tokens) & set(auto)
+        step = decode(tokens, auto)
+        prev.clear()
+        prev.update({s: engine.seqs.get(s) for s in [*tokens, *auto]})
+        calls.append((dict(tokens), list(auto)))
+        return step
+    engine.runner.decode = checked
+    return calls
+
+
+class Out:
+    """The events each job got, by job number."""
+
+    def __init__(self, tok):
+        self.tok, self.events = tok, {}
+
+    def job(self, prompt, n, session=None, bos=True, **sampling) -> Job:
+        key = len(self.events)
+        self.events[key] = []
+        sampling.setdefault("temperature", 0)
+
+        def emit(kind, payload):
+            self.events[key].append(payload if kind == "text" else (kind, payload))
+        ids = self.tok.encode(prompt, add_bos=bos) if isinstance(prompt, str) else prompt
+        return Job(SamplingParams(max_new_tokens=n, **sampling), emit, ids=ids, add_bos=False, session=session)
+
+    def text(self, k):
+        return _text(self.events[k])
+
+    def done(self, k):
+        return self.events[k][-1][1]
+
+    def error(self, k):
+        last = self.events[k][-1]
+        assert isinstance(last, tuple) and last[0] == "error", last
+        return last[1]
+
+
+def _alone(ref, prompt, n, **sampling):
+    if n == 0:  # the API allows max_tokens 0 (nothing generated); StreamingMHLA refuses it
+        return ""
+    ref.reset()
+    sampling.setdefault("temperature", 0)
+    ids = ref.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else prompt
+    return ref.generate(ids, max_new_tokens=n, **sampling)
+
+
+def _idle(engine, slots):
+    assert not engine.seqs and not engine.waiting and engine.staging is None and sorted(engine.free) == list(range(slots))
+
+
+def test_cancel_while_ahead_then_slot_reused_at_once(ref):
+    """A row cancelled while it is in the step in flight: its slot goes to a new request in the same
+    turn (a one-token prompt: staged and fed in that turn too). The new row is never fed the old
+    row's pick, gets none of its text, and the cancelled job hears nothing more."""
+    engine = _engine(ref, 2, 32)
+    calls = _spy(engine)
+    out = Out(ref.tokenizer)
+    a, b = out.job("Once upon a time", 40), out.job("The dog ran", 12)
+    for job in (a, b):
+        engine.submit(job)
+    for _ in range(6):
+        engine._turn()
+    assert any(auto for _, auto in calls)
+    assert engine.flight is not None and engine.seqs[0].ahead and engine.seqs[0].job is a
+    a.cancelled.set()
+    seen = len(out.events[0])
+    c, d = out.job([ref.tokenizer.bos_id], 10), out.job("Tom had a ball", 10)  # c: staged at once
+    engine.submit(c)
+    engine.submit(d)
+    _drive(engine, [])
+    assert len(out.events[0]) == seen  # nothing after the cancel
+    assert out.text(1) == _alone(ref, "The dog ran", 12)
+    assert out.text(2) == _alone(ref, [ref.tokenizer.bos_id], 10)
+    assert out.text(3) == _alone(ref, "Tom had a ball", 10)
+    _idle(engine, 2)
+
+
+def test_greedy_sampled_and_session_rows_alternating(ref):
+    """Long greedy rows run while session requests (ending by length, by a stop string, by eos) and a
+    sampled row come and go. Texts equal each alone; each session's saved state equals one
+    StreamingMHLA fed the same requests; the session rows are never fed a device pick (spy)."""
+    tok = ref.tokenizer
+    first = _alone(ref, "Lily saw a cat", 30)
+    stop = first.split()[6]  # a word the session's first reply reaches while other rows run ahead
+    engine = _engine(ref, 4, 32)
+    calls = _spy(engine)
+    out = Out(tok)
+    turns = [[out.job("Once upon a time", 60), out.job("The dog ran", 45)], [], [],
+             [out.job("Lily saw a cat", 30, session="s", stop=[stop])], [], [],
+             [out.job("They were happy.", 20, temperature=0.8, seed=5)], [], [], [], [],
+             [out.job("Ben", 7, session="t")]]
+    _drive(engine, turns)
+    _drive(engine, [[out.job(" Then", 9, session="s", bos=False), out.job(" and", 1, session="t", bos=False),
+                     out.job("A bird sang", 25)]])
+    assert any(auto for _, auto in calls)
+    assert out.text(0) == _alone(ref, "Once upon a time", 60)
+    assert out.text(1) == _alone(ref, "The dog ran", 45)
+    assert out.text(3) == _alone(ref, "They were happy.", 20, temperature=0.8, seed=5)
+    assert out.text(7) == _alone(ref, "A bird sang", 25)
+    assert out.done(2)["finish_reason"] == "stop" and stop not in out.text(2)
+    for sid, requests, keys in (("s", [("Lily saw a cat", 30, [stop]), (" Then", 9, [])], (2, 5)),
+                                ("t", [("Ben", 7, []), (" and", 1, [])], (4, 6))):
+        ref.reset()
+        want = [ref.generate(tok.encode(p, add_bos=i == 0), max_new_tokens=n, temperature=0, stop=s)
+                for i, (p, n, s) in enumerate(requests)]
+        assert [out.text(k) for k in keys] == want, sid
+        saved = engine.store._read(sid)
+        assert saved.position == ref.position and saved.history == list(ref._history)
+        for i, st in enumerate(ref.cache.states):
+            for name in st.TENSORS:
+                got, want_t = saved.tensors[f"layers.{i}.{name}"], getattr(st, name).cpu()
+                # fp32 rounding of a batched step vs a one-row one (~1e-7 relative; the same with running
+                # ahead off): the tokens fed are exactly the same (history, position)
+                assert torch.allclose(got, want_t, rtol=1e-5, atol=1e-4), (sid, i, name)
+        assert torch.allclose(saved.logits, ref._logits.cpu(), atol=1e-5)
+    _idle(engine, 4)
+
+
+def test_short_limits_eos_first_and_rows_ending_together(ref):
+    """max_tokens 0, 1 and 2 (the limit found a step late), eos as the first pick, and four rows of
+    the same prompt that all end in the same turn, mixed with a longer row."""
+    out = Out(ref.tokenizer)
+    engine = _engine(ref, 8, 32)
+    _spy(engine)
+    same = "Once upon a time"
+    turns = [[out.job(same, 0), out.job(same, 1), out.job(same, 2), out.job("The end.", 10),
+              out.job("Tom had a ball", 30)],
+             [out.job(same, 6), out.job(same, 6), out.job(same, 6)]]
+    _drive(engine, turns)
+    _drive(engine, [[out.job(same, 6)]])  # ends in the same turn as nothing else
+    want_n = {0: 0, 1: 1, 2: 2, 4: 30, 5: 6, 6: 6, 7: 6, 8: 6}
+    for k, n in want_n.items():
+        prompt = "Tom had a ball" if k == 4 else same
+        assert out.text(k) == _alone(ref, prompt, n), k
+        assert out.done(k)["completion_tokens"] == n and out.done(k)["finish_reason"] == "length"
+    assert out.text(3) == _alone(ref, "The end.", 10) == ""
+    assert out.done(3)["completion_tokens"] == 0 and out.done(3)["finish_reason"] == "stop"
+    _idle(engine, 8)
+
+
+def test_stop_string_hit_while_ahead(ref):
+    full = _alone(ref, "Once upon a time", 40)
+    stop = full.split()[8]
+    out = Out(ref.tokenizer)
+    engine = _engine(ref, 2, 32)
+    calls = _spy(engine)
+    _drive(engine, [[out.job("Once upon a time", 40, stop=[stop]), out.job("The dog ran", 40)]])
+    assert out.text(0) == _alone(ref, "Once upon a time", 40, stop=[stop]) == full[:full.index(stop)]
+    assert out.done(0)["finish_reason"] == "stop" and out.text(1) == _alone(ref, "The dog ran", 40)
+    assert sum(bool(auto) for _, auto in calls) > 10
+
+
+def test_decode_failure_while_ahead_fails_those_requests_only(ref):
+    """``runner.decode`` raises on a step with rows ahead: those requests and the rows fed that step
+    fail with a 500, a row still prefilling goes on, and later requests equal alone."""
+    out = Out(ref.tokenizer)
+    engine = _engine(ref, 4, 8, piece=8)
+    decode, failed = engine.runner.decode, []
+
+    def faulty(tokens, auto=()):
+        if auto and len(failed) == 0 and len(engine.seqs) == 3:
+            failed.append(sorted([*tokens, *auto]))
+            raise RuntimeError("device lost")
+        return decode(tokens, auto)
+    engine.runner.decode = faulty
+    long_prompt = "Lily saw a big red ball in the park. " * 6  # still staging when the step fails
+    _drive(engine, [[out.job("Once upon a time", 30), out.job("The dog ran", 30)], [], [], [],
+                    [out.job(long_prompt, 8)]])
+    assert failed == [[0, 1]]
+    for k in (0, 1):
+        err = out.error(k)
+        assert err.status == 500 and "device lost" in str(err.body())
+    assert out.text(2) == _alone(ref, long_prompt, 8)
+    _spy(engine)
+    _drive(engine, [[out.job("Tom had a ball", 12), out.job("Once upon a time", 12)]])
+    assert out.text(3) == _alone(ref, "Tom had a ball", 12) and out.text(4) == _alone(ref, "Once upon a time", 12)
+    _idle(engine, 4)
+
+
+def test_pick_reader_failure_on_the_engine_thread_goes_on(ref):
+    """The host's read of the picks (``DecodeStep.tokens``) raises: the engine thread fails the batch
+    and serves the next requests (equal alone)."""
+    out = Out(ref.tokenizer)
+    engine = _engine(ref, 2, 32)
+    decode, broken = engine.runner.decode, []
+
+    def breaking(tokens, auto=()):
+        step = decode(tokens, auto)
+        if auto and not broken:
+            broken.append(True)
+
+            def tokens_fail():
+                raise RuntimeError("sync failed")
+            step.tokens = tokens_fail
+        return step
+    engine.runner.decode = breaking
+    done = threading.Semaphore(0)
+    jobs = [out.job("Once upon a time", 30), out.job("The dog ran", 30)]
+    for job in jobs:
+        emit = job.emit
+        job.emit = lambda kind, payload, emit=emit: (emit(kind, payload), kind in ("done", "error") and done.release())
+    engine.start()
+    try:
+        for job in jobs:
+            engine.submit(job)
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+        assert broken and all(out.error(k).status == 500 for k in (0, 1))  # ahead while it broke: both failed
+        later = [out.job("Tom had a ball", 10), out.job("The end is near", 10)]
+        for job in later:
+            emit = job.emit
+            job.emit = lambda kind, payload, emit=emit: (emit(kind, payload), kind in ("done", "error") and done.release())
+            engine.submit(job)
+        for _ in later:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop(grace_s=0)
+    assert out.text(2) == _alone(ref, "Tom had a ball", 10) and out.text(3) == _alone(ref, "The end is near", 10)
+    assert not engine.thread.is_alive()
+
+
+def test_accept_failure_fails_only_that_request(ref, monkeypatch):
+    out = Out(ref.tokenizer)
+    engine = _engine(ref, 4, 32)
+    _spy(engine)
+    accept, victim = engine._accept_fed, []
+
+    def accept_or_fail(seq, token):
+        if seq.job is victim[0] and seq.generated == 4:
+            raise ValueError("bad pick")
+        return accept(seq, token)
+    monkeypatch.setattr(engine, "_accept_fed", accept_or_fail)
+    jobs = [out.job("Once upon a time", 20), out.job("The dog ran", 20), out.job("Tom had a ball", 20)]
+    victim.append(jobs[1])
+    _drive(engine, [jobs, [], [], [], [], [], [out.job("A bird sang", 15)]])
+    err = out.error(1)
+    assert err.status == 500 and "bad pick" in str(err.body())
+    assert _alone(ref, "The dog ran", 4).startswith("".join(e for e in out.events[1] if isinstance(e, str)))
+    assert out.text(0) == _alone(ref, "Once upon a time", 20) and out.text(2) == _alone(ref, "Tom had a ball", 20)
+    assert out.text(3) == _alone(ref, "A bird sang", 15)
+    _idle(engine, 4)
+
+
+def test_stop_with_a_flight_pending(ref):
+    """``Engine.stop`` (the SIGTERM path) while greedy rows are ahead and a session row runs: the
+    thread ends, every slot is freed, the session is released unchanged (its request was cancelled)."""
+    out = Out(ref.tokenizer)
+    engine = _engine(ref, 4, 32)
+    started = threading.Event()
+    jobs = [out.job("Once upon a time", 100000), out.job("The dog ran", 100000, stop_at_eos=False),
+            out.job("Tom had a ball", 100000, session="s", stop_at_eos=False)]
+    emit = jobs[1].emit
+    jobs[1].emit = lambda kind, payload: (emit(kind, payload), kind == "text" and started.set())
+    engine.start()
+    for job in jobs:
+        engine.submit(job)
+    assert started.wait(120)
+    engine.stop(grace_s=0)
+    assert not engine.thread.is_alive()
+    _idle(engine, 4)
+    assert "s" not in engine.store._entries  # its first request was cancelled: nothing kept, not busy
+    with pytest.raises(Exception, match="shutting down") as e:
+        engine.submit(out.job("late", 3))
+    assert e.value.status == 503
+
+
+@pytest.mark.parametrize("run_ahead", [True, False], ids=["ahead", "settled"])
+def test_metrics_count_what_the_clients_got(ref, run_ahead):
+    """tokens out = the completion tokens reported (eos, a token fed past a stop string or the length
+    limit, and a cancelled row's unsent pick are not counted); one time to first token per request
+    that got a token; one inter-token latency per further token. The same with or without running ahead."""
+    from mhla_stream.serve.metrics import Metrics
+    out = Out(ref.tokenizer)
+    engine = _engine(ref, 4, 32)
+    engine.run_ahead = run_ahead
+    engine.metrics = metrics = Metrics()
+    full = _alone(ref, "Once upon a time", 40)
+    jobs = [out.job("Once upon a time", 40, stop=[full.split()[5]]), out.job("The dog ran", 2),
+            out.job("The end.", 10), out.job("Once upon a time there was a cat.", 150),
+            out.job("Tom had a ball", 1), out.job("They were happy.", 9, session="m")]
+    _drive(engine, [jobs])
+    done = [out.done(k) for k in range(len(jobs))]
+    assert done[2]["completion_tokens"] == 0 and done[3]["finish_reason"] == "stop"  # eos first; eos later
+
+    def value(m):
+        return m.collect()[0].samples
+
+    total = sum(d["completion_tokens"] for d in done)
+    assert value(metrics.tokens_out)[0].value == total
+    ttft = {s.name: s.value for s in value(metrics.ttft)}
+    itl = {s.name: s.value for s in value(metrics.itl)}
+    got_a_token = sum(d["completion_tokens"] > 0 for d in done)
+    assert ttft["mhla_time_to_first_token_seconds_count"] == got_a_token
+    assert itl["mhla_inter_token_latency_seconds_count"] == total - got_a_token
