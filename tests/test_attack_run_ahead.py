@@ -82,6 +82,18 @@ def _alone(ref, prompt, n, **sampling):
     return ref.generate(ids, max_new_tokens=n, **sampling)
 
 
+def _same_state(saved, ref):
+    """A session's saved state against a StreamingMHLA that ran the same requests: the same tokens fed
+    (history, position, exactly); the tensors up to fp32 rounding of a batched step against a one-row
+    one (~1e-7 relative, the same with running ahead off)."""
+    assert saved.position == ref.position and saved.history == list(ref._history)
+    for i, st in enumerate(ref.cache.states):
+        for name in st.TENSORS:
+            got, want = saved.tensors[f"layers.{i}.{name}"], getattr(st, name).cpu()
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (i, name)
+    assert torch.allclose(saved.logits, ref._logits.cpu(), rtol=1e-5, atol=1e-4)
+
+
 def _idle(engine, slots):
     assert not engine.seqs and not engine.waiting and engine.staging is None and sorted(engine.free) == list(range(slots))
 
@@ -102,14 +114,16 @@ def test_cancel_while_ahead_then_slot_reused_at_once(ref):
     assert engine.flight is not None and engine.seqs[0].ahead and engine.seqs[0].job is a
     a.cancelled.set()
     seen = len(out.events[0])
-    c, d = out.job([ref.tokenizer.bos_id], 10), out.job("Tom had a ball", 10)  # c: staged at once
+    # c: a session request staged at once into the freed slot
+    c, d = out.job([ref.tokenizer.bos_id], 10, session="c"), out.job("Tom had a ball", 10)
     engine.submit(c)
     engine.submit(d)
     _drive(engine, [])
     assert len(out.events[0]) == seen  # nothing after the cancel
     assert out.text(1) == _alone(ref, "The dog ran", 12)
-    assert out.text(2) == _alone(ref, [ref.tokenizer.bos_id], 10)
     assert out.text(3) == _alone(ref, "Tom had a ball", 10)
+    assert out.text(2) == _alone(ref, [ref.tokenizer.bos_id], 10)
+    _same_state(engine.store._read("c"), ref)
     _idle(engine, 2)
 
 
@@ -142,15 +156,7 @@ def test_greedy_sampled_and_session_rows_alternating(ref):
         want = [ref.generate(tok.encode(p, add_bos=i == 0), max_new_tokens=n, temperature=0, stop=s)
                 for i, (p, n, s) in enumerate(requests)]
         assert [out.text(k) for k in keys] == want, sid
-        saved = engine.store._read(sid)
-        assert saved.position == ref.position and saved.history == list(ref._history)
-        for i, st in enumerate(ref.cache.states):
-            for name in st.TENSORS:
-                got, want_t = saved.tensors[f"layers.{i}.{name}"], getattr(st, name).cpu()
-                # fp32 rounding of a batched step vs a one-row one (~1e-7 relative; the same with running
-                # ahead off): the tokens fed are exactly the same (history, position)
-                assert torch.allclose(got, want_t, rtol=1e-5, atol=1e-4), (sid, i, name)
-        assert torch.allclose(saved.logits, ref._logits.cpu(), atol=1e-5)
+        _same_state(engine.store._read(sid), ref)
     _idle(engine, 4)
 
 
@@ -166,6 +172,10 @@ def test_short_limits_eos_first_and_rows_ending_together(ref):
              [out.job(same, 6), out.job(same, 6), out.job(same, 6)]]
     _drive(engine, turns)
     _drive(engine, [[out.job(same, 6)]])  # ends in the same turn as nothing else
+    # eos fed and gone on from while ahead; a greedy row with a penalty (never ahead) beside it
+    _drive(engine, [[out.job("The end.", 6, stop_at_eos=False), out.job(same, 12, repetition_penalty=1.3)]])
+    assert out.text(9) == _alone(ref, "The end.", 6, stop_at_eos=False) != ""
+    assert out.text(10) == _alone(ref, same, 12, repetition_penalty=1.3) != _alone(ref, same, 12)
     want_n = {0: 0, 1: 1, 2: 2, 4: 30, 5: 6, 6: 6, 7: 6, 8: 6}
     for k, n in want_n.items():
         prompt = "Tom had a ball" if k == 4 else same
@@ -189,29 +199,36 @@ def test_stop_string_hit_while_ahead(ref):
 
 
 def test_decode_failure_while_ahead_fails_those_requests_only(ref):
-    """``runner.decode`` raises on a step with rows ahead: those requests and the rows fed that step
-    fail with a 500, a row still prefilling goes on, and later requests equal alone."""
+    """``runner.decode`` raises on the step where a session row joins two rows ahead: those three
+    requests fail with a 500, the session keeps its stored state, a prompt still prefilling goes
+    on, and later requests (the session's next one included) equal alone."""
     out = Out(ref.tokenizer)
     engine = _engine(ref, 4, 8, piece=8)
     decode, failed = engine.runner.decode, []
 
     def faulty(tokens, auto=()):
-        if auto and len(failed) == 0 and len(engine.seqs) == 3:
+        if auto and 2 in tokens and not failed:
             failed.append(sorted([*tokens, *auto]))
             raise RuntimeError("device lost")
         return decode(tokens, auto)
     engine.runner.decode = faulty
+    _drive(engine, [[out.job("Lily", 3, session="s")]])  # the session's first request, before the fault
     long_prompt = "Lily saw a big red ball in the park. " * 6  # still staging when the step fails
-    _drive(engine, [[out.job("Once upon a time", 30), out.job("The dog ran", 30)], [], [], [],
-                    [out.job(long_prompt, 8)]])
-    assert failed == [[0, 1]]
-    for k in (0, 1):
+    _drive(engine, [[out.job("Once upon a time", 30), out.job("The dog ran", 30)], [], [],
+                    [out.job(" saw", 30, session="s", bos=False), out.job(long_prompt, 8)]])
+    assert failed == [[0, 1, 2]]
+    for k in (1, 2, 3):
         err = out.error(k)
         assert err.status == 500 and "device lost" in str(err.body())
-    assert out.text(2) == _alone(ref, long_prompt, 8)
+    assert out.text(4) == _alone(ref, long_prompt, 8)
     _spy(engine)
-    _drive(engine, [[out.job("Tom had a ball", 12), out.job("Once upon a time", 12)]])
-    assert out.text(3) == _alone(ref, "Tom had a ball", 12) and out.text(4) == _alone(ref, "Once upon a time", 12)
+    _drive(engine, [[out.job("Tom had a ball", 12), out.job(" saw", 12, session="s", bos=False)]])
+    assert out.text(5) == _alone(ref, "Tom had a ball", 12)
+    ref.reset()  # the failed request left the session as its first request did
+    want = [ref.generate(ref.tokenizer.encode("Lily", add_bos=True), max_new_tokens=3, temperature=0),
+            ref.generate(ref.tokenizer.encode(" saw"), max_new_tokens=12, temperature=0)]
+    assert [out.text(0), out.text(6)] == want
+    _same_state(engine.store._read("s"), ref)
     _idle(engine, 4)
 
 
@@ -330,3 +347,26 @@ def test_metrics_count_what_the_clients_got(ref, run_ahead):
     got_a_token = sum(d["completion_tokens"] > 0 for d in done)
     assert ttft["mhla_time_to_first_token_seconds_count"] == got_a_token
     assert itl["mhla_inter_token_latency_seconds_count"] == total - got_a_token
+
+
+def test_run_ahead_on_the_graph_path(ref, monkeypatch):
+    """The CUDA-graph decode (buckets over rows [0, n), junk rows included), with the replays run
+    eagerly: rows fed the device picks of a bucketed step equal each request alone, a freed middle
+    slot and a bucket change included."""
+    import mhla_stream.graphs
+    from mhla_stream.serve.runner import StepRunner
+    from tests.test_serve_runner import _EagerGraph
+    monkeypatch.setattr(mhla_stream.graphs, "GraphStep", _EagerGraph)
+    engine = _engine(ref, 5, 16)
+    runner = engine.runner = StepRunner(ref.model, 5, 16, cuda_graphs=False)
+    runner.graphs = True
+    runner._capture()
+    calls = _spy(engine)
+    out = Out(ref.tokenizer)
+    _drive(engine, [[out.job("Once upon a time", 14), out.job("The dog ran", 3), out.job("Tom had a ball", 20)],
+                    [], [], [], [], [out.job("A bird sang", 12), out.job("They were happy.", 8)]])
+    assert sum(bool(auto) for _, auto in calls) > 10
+    for k, (prompt, n) in enumerate([("Once upon a time", 14), ("The dog ran", 3), ("Tom had a ball", 20),
+                                     ("A bird sang", 12), ("They were happy.", 8)]):
+        assert out.text(k) == _alone(ref, prompt, n), k
+    _idle(engine, 5)
