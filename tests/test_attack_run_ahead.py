@@ -370,3 +370,77 @@ def test_run_ahead_on_the_graph_path(ref, monkeypatch):
                                      ("A bird sang", 12), ("They were happy.", 8)]):
         assert out.text(k) == _alone(ref, prompt, n), k
     _idle(engine, 5)
+
+
+def test_random_load_on_the_stand_in_runner_keeps_every_invariant(ref):
+    """A seeded random mix on the host-cost harness's stand-in runner (no model: ~0 per step):
+    greedy and sampled rows, max_tokens 0 to 30, stop strings, cancels at any turn, and faults in
+    ``runner.decode`` and in one row's accept. Every step passes the run-ahead spy; every request
+    that was not cancelled ends with exactly one done or error, nothing follows a cancel or an end,
+    done counts agree with the limits; the engine ends idle."""
+    import collections
+    import random
+    import tempfile
+
+    from mhla_stream.serve.engine import Engine
+    from mhla_stream.serve.hostbench import STORY, FakeRunner
+    from mhla_stream.serve.sessions import SessionStore
+    from mhla_stream.state_io import StateLayout, model_fingerprint
+    m, tok = ref.model, ref.tokenizer
+    layout = StateLayout.of(m.new_state(1, device="meta"), m.config.vocab_size, model_fingerprint(m))
+    store = SessionStore(tempfile.mkdtemp(), 1 << 20, layout, {"model_name": "t", "policy": "x", "config": "{}"})
+    runner = FakeRunner(tok, m.config.vocab_size, 6, 16, piece=4)
+    engine = Engine(m, tok, store, max_batch=6, prefill_chunk=16, prefill_piece=4, runner=runner)
+    calls = _spy(engine)
+    rnd = random.Random(12)
+    decode, accept = engine.runner.decode, engine._accept_fed
+
+    def flaky_decode(tokens, auto=()):
+        if rnd.random() < 0.03:
+            raise RuntimeError("injected decode fault")
+        return decode(tokens, auto)
+
+    def flaky_accept(seq, token):
+        if rnd.random() < 0.01:
+            raise RuntimeError("injected accept fault")
+        return accept(seq, token)
+    engine.runner.decode, engine._accept_fed = flaky_decode, flaky_accept
+    words = STORY.split()
+    out, jobs, cancelled_at = Out(tok), [], {}
+    for turn in range(800):
+        for _ in range(rnd.choice([0, 0, 0, 1, 2])):
+            if len(jobs) < 300 and len(engine.waiting) < 20:
+                n = rnd.choice([0, 1, 2, 3, rnd.randint(4, 30)])
+                sampling = {"temperature": 0.7, "seed": rnd.randint(0, 99)} if rnd.random() < 0.25 else {}
+                if rnd.random() < 0.3:
+                    sampling["stop"] = [rnd.choice(words)]
+                job = out.job(" ".join(rnd.sample(words, rnd.randint(1, 12))), n, **sampling)
+                jobs.append((job, n))
+                engine.submit(job)
+        for k, (job, _) in enumerate(jobs):
+            ended = any(isinstance(e, tuple) and e[0] in ("done", "error") for e in out.events[k])
+            if k not in cancelled_at and not ended and rnd.random() < 0.02:
+                job.cancelled.set()
+                cancelled_at[k] = len(out.events[k])
+        if engine.seqs or engine.waiting:
+            engine._turn()
+    _drive(engine, [])
+    assert len(jobs) > 200 and sum(bool(auto) for _, auto in calls) > 50
+    ends = {"done": 0, "error": 0}
+    for k, (job, n) in enumerate(jobs):
+        events = out.events[k]
+        marks = [e[0] for e in events if isinstance(e, tuple)]
+        if k in cancelled_at:
+            assert len(events) == cancelled_at[k], "an event after the cancel"
+            assert marks.count("done") + marks.count("error") <= 1
+            continue
+        assert marks[-1] in ("done", "error") and marks.count("done") + marks.count("error") == 1, marks
+        assert marks[0] in ("start", "error")
+        ends[marks[-1]] += 1
+        if marks[-1] == "done":
+            d = out.done(k)
+            assert d["completion_tokens"] <= n and d["finish_reason"] in ("length", "stop")
+            assert d["finish_reason"] == "stop" or d["completion_tokens"] == n
+    errors = collections.Counter(str(out.error(k).body())[:120] for k in range(len(jobs)) if k not in cancelled_at and out.events[k][-1][0] == "error")
+    assert ends["done"] > 50 and ends["error"] > 0, (ends, errors)
+    _idle(engine, 6)
