@@ -32,7 +32,7 @@ def _spy(engine):
     def checked(tokens, auto=()):
         for slot in auto:
             seq = engine.seqs.get(slot)
-            assert seq is not None and prev.get(slot) is seq, f"slot {slot}: fed a pick the step before made for another row"
+            assert seq is not None and prev.get(slot) is seq, f"slot {slot}: fed a pick made for another row"
             p = seq.job.params
             assert seq.job.session is None and p.greedy and p.repetition_penalty == 1.0, "a non-plain row ran ahead"
         assert not set(tokens) & set(auto)
@@ -82,20 +82,43 @@ def _alone(ref, prompt, n, **sampling):
     return ref.generate(ids, max_new_tokens=n, **sampling)
 
 
-def _same_state(saved, ref):
+def _same_state(saved, ref, exact=False):
     """A session's saved state against a StreamingMHLA that ran the same requests: the same tokens fed
-    (history, position, exactly); the tensors up to fp32 rounding of a batched step against a one-row
-    one (~1e-7 relative, the same with running ahead off)."""
+    (history, position, exactly); the tensors bit for bit when the session ran alone (``exact``), else
+    up to fp32 rounding of a batched step against a one-row one (~1e-7 relative, the same with
+    running ahead off)."""
     assert saved.position == ref.position and saved.history == list(ref._history)
+    tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-5, "atol": 1e-4}
     for i, st in enumerate(ref.cache.states):
         for name in st.TENSORS:
             got, want = saved.tensors[f"layers.{i}.{name}"], getattr(st, name).cpu()
-            assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (i, name)
-    assert torch.allclose(saved.logits, ref._logits.cpu(), rtol=1e-5, atol=1e-4)
+            assert torch.allclose(got, want, **tol), (i, name)
+    assert torch.allclose(saved.logits, ref._logits.cpu(), **tol)
+
+
+def test_session_alone_never_runs_ahead_and_saves_the_exact_state(ref):
+    """A session on its own (run ahead on): requests ending by a stop string and by the length limit;
+    no step is fed a device pick and the saved state is one StreamingMHLA's, bit for bit."""
+    tok = ref.tokenizer
+    first = _alone(ref, "Lily saw a cat", 20)
+    stop = first.split()[4]
+    engine = _engine(ref, 2, 32)
+    calls = _spy(engine)
+    out = Out(tok)
+    _drive(engine, [[out.job("Lily saw a cat", 20, session="s", stop=[stop])]])
+    _drive(engine, [[out.job(" Then", 6, session="s", bos=False)]])
+    assert calls and not any(auto for _, auto in calls)
+    ref.reset()
+    want = [ref.generate(tok.encode("Lily saw a cat", add_bos=True), max_new_tokens=20, temperature=0, stop=[stop]),
+            ref.generate(tok.encode(" Then"), max_new_tokens=6, temperature=0)]
+    assert [out.text(0), out.text(1)] == want and out.done(0)["finish_reason"] == "stop"
+    assert out.done(1)["finish_reason"] == "length"
+    _same_state(engine.store._read("s"), ref, exact=True)
 
 
 def _idle(engine, slots):
-    assert not engine.seqs and not engine.waiting and engine.staging is None and sorted(engine.free) == list(range(slots))
+    assert not engine.seqs and not engine.waiting and engine.staging is None
+    assert sorted(engine.free) == list(range(slots))
 
 
 def test_cancel_while_ahead_then_slot_reused_at_once(ref):
@@ -250,10 +273,12 @@ def test_pick_reader_failure_on_the_engine_thread_goes_on(ref):
         return step
     engine.runner.decode = breaking
     done = threading.Semaphore(0)
-    jobs = [out.job("Once upon a time", 30), out.job("The dog ran", 30)]
-    for job in jobs:
+
+    def signalled(job):  # releases ``done`` when the job ends
         emit = job.emit
-        job.emit = lambda kind, payload, emit=emit: (emit(kind, payload), kind in ("done", "error") and done.release())
+        job.emit = lambda kind, payload: (emit(kind, payload), kind in ("done", "error") and done.release())
+        return job
+    jobs = [signalled(out.job("Once upon a time", 30)), signalled(out.job("The dog ran", 30))]
     engine.start()
     try:
         for job in jobs:
@@ -261,10 +286,8 @@ def test_pick_reader_failure_on_the_engine_thread_goes_on(ref):
         for _ in jobs:
             assert done.acquire(timeout=120)
         assert broken and all(out.error(k).status == 500 for k in (0, 1))  # ahead while it broke: both failed
-        later = [out.job("Tom had a ball", 10), out.job("The end is near", 10)]
+        later = [signalled(out.job("Tom had a ball", 10)), signalled(out.job("The end is near", 10))]
         for job in later:
-            emit = job.emit
-            job.emit = lambda kind, payload, emit=emit: (emit(kind, payload), kind in ("done", "error") and done.release())
             engine.submit(job)
         for _ in later:
             assert done.acquire(timeout=120)
@@ -441,6 +464,7 @@ def test_random_load_on_the_stand_in_runner_keeps_every_invariant(ref):
             d = out.done(k)
             assert d["completion_tokens"] <= n and d["finish_reason"] in ("length", "stop")
             assert d["finish_reason"] == "stop" or d["completion_tokens"] == n
-    errors = collections.Counter(str(out.error(k).body())[:120] for k in range(len(jobs)) if k not in cancelled_at and out.events[k][-1][0] == "error")
+    errors = collections.Counter(str(out.error(k).body())[:120] for k in range(len(jobs))
+                                 if k not in cancelled_at and out.events[k][-1][0] == "error")
     assert ends["done"] > 50 and ends["error"] > 0, (ends, errors)
     _idle(engine, 6)
