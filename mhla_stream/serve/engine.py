@@ -409,11 +409,19 @@ class Engine:
         for jobs with a ``sink`` reach their event loop in one wake-up per turn, not one per token."""
         now = time.perf_counter()
         batches: dict[object, list] = {}
+        sent = 0
         for seq in seqs:
             token, seq.fresh = seq.fresh, None
             if token is None:
                 continue
+            sent += 1
             self._guarded(seq, lambda q: self._publish_one(q, token, now, batches))
+        # tokens out are counted here, as generated, not per row fed in ``_decode``: a row's last token at
+        # the length limit is not fed, while a run-ahead row is fed its eos (and a token past its stop
+        # string or limit) before the host sees it, so counting fed rows disagreed with the completion
+        # tokens reported, and differently with and without running ahead
+        if self.metrics is not None and sent:
+            self.metrics.tokens_out.inc(sent)
         for loop, items in batches.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -451,8 +459,6 @@ class Engine:
             if not self._runs_ahead(s):  # its logits now (a view): a session's snapshot keeps them
                 s.logits = step.row_logits(s.slot)
         self.flight = _Flight(step, [s for s in rows if s.ahead])
-        if self.metrics is not None:
-            self.metrics.tokens_out.inc(len(rows))
 
     def _accept_first(self, seq: _Seq):
         """A first token picked on the device (``pick_first``) and already fed: accepted as

@@ -12,7 +12,7 @@ class Metrics:
         self.requests = Counter("mhla_requests", "HTTP API requests by endpoint and status", ["endpoint", "status"],
                                 registry=r)
         self.tokens_in = Counter("mhla_prompt_tokens", "prompt tokens fed", registry=r)
-        self.tokens_out = Counter("mhla_generated_tokens", "tokens generated and fed", registry=r)
+        self.tokens_out = Counter("mhla_generated_tokens", "tokens generated (the completion tokens sent)", registry=r)
         self.running = Gauge("mhla_running_sequences", "sequences holding an engine slot", registry=r)
         self.queued = Gauge("mhla_queued_requests", "requests waiting for a slot", registry=r)
         self.ttft = Histogram("mhla_time_to_first_token_seconds", "from request accepted to first token",
