@@ -32,7 +32,9 @@ def _spy(engine):
     def checked(tokens, auto=()):
         for slot in auto:
             seq = engine.seqs.get(slot)
-            assert seq is not None and prev.get(slot) is seq, f"slot {slot}: fed a pick made for another row"
+            # its own pick: from the step before, or its first token picked on the device from its prompt
+            first = seq is not None and seq.first is not None and seq.generated == 0
+            assert seq is not None and (prev.get(slot) is seq or first), f"slot {slot}: fed a pick made for another row"
             p = seq.job.params
             assert seq.job.session is None and p.greedy and p.repetition_penalty == 1.0, "a non-plain row ran ahead"
         assert not set(tokens) & set(auto)
