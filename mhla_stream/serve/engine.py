@@ -173,7 +173,10 @@ class Engine:
             except Exception as e:  # a fault the per-request guards did not catch: fail the batch, go on
                 self.flight = None
                 for seq in list(self.seqs.values()):
-                    self._end(seq, error=e)
+                    try:
+                        self._end(seq, error=e)
+                    except Exception:  # e.g. telling a client whose event loop is closed: the loop must live
+                        log.exception("could not end a request after an engine fault")
 
     @torch.inference_mode()
     def _turn(self):
