@@ -16,7 +16,7 @@ import torch
 
 from mhla_stream.sampling import SamplingParams
 from mhla_stream.serve.engine import Job
-from tests.test_serve_runner import _drive, _engine, _text
+from test_serve_runner import _drive, _engine, _text
 
 
 @pytest.fixture(scope="module")
