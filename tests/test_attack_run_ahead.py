@@ -380,7 +380,7 @@ def test_run_ahead_on_the_graph_path(ref, monkeypatch):
     slot and a bucket change included."""
     import mhla_stream.graphs
     from mhla_stream.serve.runner import StepRunner
-    from tests.test_serve_runner import _EagerGraph
+    from test_serve_runner import _EagerGraph
     monkeypatch.setattr(mhla_stream.graphs, "GraphStep", _EagerGraph)
     engine = _engine(ref, 5, 16)
     runner = engine.runner = StepRunner(ref.model, 5, 16, cuda_graphs=False)
