@@ -17,15 +17,15 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling import SamplingParams, select_next
+from ..sampling import select_next
 from ..state import MHLAState
 from .runner import StepRunner
 from .schemas import APIError
 from .sessions import SessionBusy, SessionData, SessionMissing, StateFileError
+from .jobs import Flight, Job, Seq
 from .text import TextAssembler
 
 HISTORY = 4096  # as StreamingMHLA's default: recent ids for the repetition penalty
@@ -36,55 +36,6 @@ FAULT_MARK = "<<inject-fault>>"  # with MHLA_SERVE_FAULT_INJECTION=1, a request 
 def _put_all(items):
     for queue, event in items:
         queue.put_nowait(event)
-
-
-@dataclass
-class Job:
-    """One request. ``emit(kind, payload)`` is called from the engine thread: start, text, done, error."""
-    params: SamplingParams
-    emit: object
-    ids: list[int] | None = None           # a tokenized prompt (BOS added by the engine at position 0)
-    add_bos: bool = True
-    render: object = None                  # chat: (stored_messages) -> (text, messages fed), run at admission
-    session: str | None = None
-    fork_from: str | None = None
-    max_prompt_tokens: int = 1 << 30
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    sink: tuple | None = None              # (event loop, asyncio.Queue): text pieces of a turn go in one call
-    submitted: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class _Seq:
-    job: Job
-    slot: int
-    feed: list[int]                        # the prompt ids; feed[fed:] are still to be prefilled
-    messages: list[dict]
-    history: collections.deque
-    position: int
-    logits: torch.Tensor | None = None
-    pending: int | None = None             # generated token still to be fed
-    fresh: int | None = None               # generated token whose text is not yet published
-    generated: int = 0
-    finish: str | None = None
-    assembler: TextAssembler | None = None
-    generator: torch.Generator | None = None
-    last_token_at: float = 0.0
-    prompt_tokens: int = 0
-    fault: bool = False
-    stored: dict | None = None             # a session's state tensors, until the staging row takes them
-    staged: bool = False                   # the prompt is fed and the state sits in the slot
-    fed: int = 0                           # (an offset, not slicing: a 32k prompt is not copied per piece)
-    ahead: bool = False                    # in the step in flight; its next token is that step's pick
-    first: object = None                   # its first token, picked on the device (runner.DecodeStep)
-    plain: bool = False                    # may run ahead (``Engine._runs_ahead``), fixed for its life
-
-
-@dataclass
-class _Flight:
-    """The decode step launched last turn and the sequences it fed (read next turn)."""
-    step: object                           # runner.DecodeStep
-    rows: list
 
 
 class Engine:
@@ -105,9 +56,9 @@ class Engine:
             model, max_batch, prefill_chunk, policy=policy, backend=backend, cuda_graphs=cuda_graph,
             prefill_piece=self.prefill_piece, state_dtype=state_dtype)
         self.free = list(range(max_batch))
-        self.seqs: dict[int, _Seq] = {}
-        self.staging: _Seq | None = None       # the sequence whose prompt is in the staging row
-        self.flight: _Flight | None = None
+        self.seqs: dict[int, Seq] = {}
+        self.staging: Seq | None = None       # the sequence whose prompt is in the staging row
+        self.flight: Flight | None = None
         self.eos_id = model.config.eos_token_id  # read per token: a transformers config attribute costs µs
         self.run_ahead = run_ahead
         self.waiting: collections.deque[Job] = collections.deque()
@@ -271,7 +222,7 @@ class Engine:
         return mark
 
 
-    def _runs_ahead(self, seq: _Seq) -> bool:
+    def _runs_ahead(self, seq: Seq) -> bool:
         return seq.plain
 
     def _may_run_ahead(self, job: Job, fault: bool) -> bool:
@@ -307,7 +258,7 @@ class Engine:
             if self.staging is seq and seq.fed == len(seq.feed):
                 self._guarded(seq, self._stage_finish)
 
-    def _stage_finish(self, seq: _Seq):
+    def _stage_finish(self, seq: Seq):
         self.runner.stage_finish(seq.slot)
         seq.staged, self.staging = True, None
 
@@ -342,7 +293,7 @@ class Engine:
     def _slot(self, slot: int) -> list[MHLAState]:
         return self.runner.rows(slot, slot + 1)
 
-    def _start(self, job: Job, slot: int) -> _Seq:
+    def _start(self, job: Job, slot: int) -> Seq:
         data = self.store.load(job.session) if job.session is not None else None
         position = data.position if data else 0
         messages = list(data.messages) if data else []
@@ -368,20 +319,20 @@ class Engine:
         if not p.greedy:
             seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(6), "little")
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        seq = _Seq(job, slot, list(ids), messages, history, position, logits, generator=generator,
+        seq = Seq(job, slot, list(ids), messages, history, position, logits, generator=generator,
                    prompt_tokens=len(ids), fault=fault, stored=data.tensors if data is not None else None,
                    plain=self._may_run_ahead(job, fault))
         job.emit("start", {"prompt_tokens": len(ids), "position": position})
         return seq
 
-    def _prefill_piece(self, seq: _Seq):
+    def _prefill_piece(self, seq: Seq):
         piece = seq.feed[seq.fed:seq.fed + self.prefill_piece]
         seq.fed += len(piece)
         seq.logits = self.runner.stage_feed(piece)
         seq.history.extend(piece)
         seq.position += len(piece)
 
-    def _choose(self, seq: _Seq, token: int | None = None):
+    def _choose(self, seq: Seq, token: int | None = None):
         """Picks the next token from the logits, as ``StreamingMHLA.generate_ids`` does (``token``: the
         greedy pick already made for a batch of rows, the same argmax)."""
         p = seq.job.params
@@ -406,7 +357,7 @@ class Engine:
             if seq.job.session is None:
                 seq.pending = None  # nobody keeps this state: skip feeding the last token
 
-    def _publish(self, seqs: list[_Seq]):
+    def _publish(self, seqs: list[Seq]):
         """The tokens just picked: metrics, text pieces (a stop string ends the sequence; a token fed
         past it changes nothing kept: a session's stream is fed every token but eos anyway). Pieces
         for jobs with a ``sink`` reach their event loop in one wake-up per turn, not one per token."""
@@ -431,7 +382,7 @@ class Engine:
             except RuntimeError:  # the loop is closed: the server is going away
                 log.warning("dropped text for %d requests: their event loop is closed", len(items))
 
-    def _publish_one(self, seq: _Seq, token: int, now: float, batches: dict):
+    def _publish_one(self, seq: Seq, token: int, now: float, batches: dict):
         if self.metrics is not None:
             if seq.generated == 1:
                 self.metrics.ttft.observe(now - seq.job.submitted)
@@ -448,7 +399,7 @@ class Engine:
         if stopped:
             seq.finish = "stop"
 
-    def _decode(self, fed: list[_Seq], ahead: list[_Seq]):
+    def _decode(self, fed: list[Seq], ahead: list[Seq]):
         """One batched step: ``fed`` rows take the token the host chose, ``ahead`` rows the device's
         pick of the step before (read by the host after this launch, in ``_accept_fed``)."""
         step = self.runner.decode({s.slot: s.pending for s in fed}, auto=[s.slot for s in ahead])
@@ -461,9 +412,9 @@ class Engine:
             s.ahead = s.finish is None
             if not self._runs_ahead(s):  # its logits now (a view): a session's snapshot keeps them
                 s.logits = step.row_logits(s.slot)
-        self.flight = _Flight(step, [s for s in rows if s.ahead])
+        self.flight = Flight(step, [s for s in rows if s.ahead])
 
-    def _accept_first(self, seq: _Seq):
+    def _accept_first(self, seq: Seq):
         """A first token picked on the device (``pick_first``) and already fed: accepted as
         ``_choose`` would accept it."""
         token, seq.first = seq.first.tokens()[0], None
@@ -471,7 +422,7 @@ class Engine:
             seq.assembler = TextAssembler(self.tokenizer, seq.job.params.stop, list(seq.history)[-8:])
         self._accept_fed(seq, token)
 
-    def _accept_fed(self, seq: _Seq, token: int):
+    def _accept_fed(self, seq: Seq, token: int):
         """A run-ahead row's pick, already fed by the step just launched: the choice ``_choose`` would
         make (a greedy pick, eos, the length limit), with the feeding already done."""
         p = seq.job.params
@@ -486,7 +437,7 @@ class Engine:
             seq.finish, seq.ahead = "length", False
 
     # -- leaving -------------------------------------------------------------------------------------
-    def _end(self, seq: _Seq, error: Exception | None = None, cancelled: bool = False):
+    def _end(self, seq: Seq, error: Exception | None = None, cancelled: bool = False):
         if self.seqs.get(seq.slot) is not seq:
             return
         del self.seqs[seq.slot]
@@ -512,7 +463,7 @@ class Engine:
             job.emit("done", {"finish_reason": seq.finish or "stop", "prompt_tokens": seq.prompt_tokens,
                               "completion_tokens": seq.generated, "position": seq.position})
 
-    def _snapshot(self, seq: _Seq, messages) -> SessionData:
+    def _snapshot(self, seq: Seq, messages) -> SessionData:
         tensors = {f"layers.{i}.{n}": getattr(v, n).to("cpu", copy=True)
                    for i, v in enumerate(self._slot(seq.slot)) for n in MHLAState.TENSORS}
         logits = None if seq.logits is None else seq.logits.to("cpu", copy=True)
