@@ -144,7 +144,7 @@ class Engine:
         # rows get their logits and are chosen on the host, as a sequence run alone is.
         flight, self.flight = self.flight, None
         ahead = [s for s in flight.rows if self.seqs.get(s.slot) is s and s.finish is None] if flight else []
-        if ahead and not all(map(self._runs_ahead, ahead)):
+        if ahead and not all(s.plain for s in ahead):
             for seq in ahead:
                 seq.ahead = False
                 if seq.first is not None:  # its first token, then it is chosen from the step's logits
@@ -154,7 +154,7 @@ class Engine:
             ahead = []
         ready = [s for s in self.seqs.values() if s.staged and not s.ahead and s.pending is None and s.finish is None]
         # a plain greedy request's first token is picked on the device too: no sync for an admission
-        first = [s for s in ready if s.generated == 0 and s.job.params.max_new_tokens > 0 and self._runs_ahead(s)]
+        first = [s for s in ready if s.generated == 0 and s.job.params.max_new_tokens > 0 and s.plain]
         for seq in first:
             seq.first = self.runner.pick_first(seq.slot, seq.logits)
         if first:
@@ -208,8 +208,6 @@ class Engine:
             now = time.perf_counter()
             prof[phase] += now - last[0]
             last[0] = now
-            if phase == "publish+end" and len(self.seqs) == 0:
-                return
             if phase == "accept":
                 prof["turns"] += 1
                 prof["rows"] += len(self.seqs)
@@ -220,10 +218,6 @@ class Engine:
                                           if k not in ("turns", "rows")))
                     prof.clear()
         return mark
-
-
-    def _runs_ahead(self, seq: Seq) -> bool:
-        return seq.plain
 
     def _may_run_ahead(self, job: Job, fault: bool) -> bool:
         p = job.params
@@ -410,7 +404,7 @@ class Engine:
         rows = fed + ahead
         for s in rows:
             s.ahead = s.finish is None
-            if not self._runs_ahead(s):  # its logits now (a view): a session's snapshot keeps them
+            if not s.plain:  # its logits now (a view): a session's snapshot keeps them
                 s.logits = step.row_logits(s.slot)
         self.flight = Flight(step, [s for s in rows if s.ahead])
 

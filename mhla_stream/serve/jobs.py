@@ -52,7 +52,7 @@ class Seq:
     fed: int = 0                           # (an offset, not slicing: a 32k prompt is not copied per piece)
     ahead: bool = False                    # in the step in flight; its next token is that step's pick
     first: object = None                   # its first token, picked on the device (runner.DecodeStep)
-    plain: bool = False                    # may run ahead (``Engine._runs_ahead``), fixed for its life
+    plain: bool = False                    # may run ahead (``Engine._may_run_ahead``), fixed for its life
 
 
 @dataclass
