@@ -221,3 +221,17 @@ def test_chat_line_editing_history_and_multiline_in_tmux(tiny_dir, tmp_path):
         assert "/system" in (tmp_path / "history").read_text()  # the history outlives the session
     finally:
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+
+
+@pytest.mark.parametrize("args,word", [(["--gil-switch-us", "5"], "gil-switch-us"),
+                                       (["--gil-switch-us", "x"], "gil-switch-us"),
+                                       (["--gil-switch-us", "100001"], "gil-switch-us"),
+                                       (["--run-ahead=no"], "run-ahead")])
+def test_serve_tuning_flags_refuse_bad_values_before_loading(args, word):
+    """mhla-serve's --gil-switch-us and --run-ahead: a bad value is a one-line usage error (exit 2),
+    said before any model loads, and the interpreter's switch interval is left as it was."""
+    from mhla_stream.cli import serve
+    before = sys.getswitchinterval()
+    r = CliRunner().invoke(serve.main, args)
+    assert r.exit_code == 2 and word in r.output and "Traceback" not in r.output, r.output
+    assert sys.getswitchinterval() == before
