@@ -67,6 +67,49 @@ def prefill_sizes(chunk: int) -> list[int]:
     return [chunk] + sizes[::-1]
 
 
+class HostBuffers:
+    """Pinned host buffers for the per-step copies, reused instead of allocated per step (a pinned
+    allocation and an event per step were ~100 us of the engine thread's turn on the GPU host).
+
+    ``take(n)`` gives a device-to-host buffer; the ``DecodeStep`` holding it gives it back once its
+    tokens are read (one never read is simply dropped). ``stage(values)`` fills the next of a ring of
+    host-to-device buffers; a buffer is refilled only after the copy that last read it has run (its
+    event), so a copy still queued behind the step in flight never sees the next step's values."""
+
+    def __init__(self, size: int, ring: int = 8):
+        self.size, self._free = size, []
+        self._ring = [torch.empty(size, dtype=torch.long, pin_memory=True) for _ in range(ring)]
+        self._done = [torch.cuda.Event() for _ in range(ring)]
+        self._used = [False] * ring
+        self._next = 0
+
+    def take(self) -> tuple[torch.Tensor, torch.cuda.Event]:
+        if self._free:
+            return self._free.pop()
+        return torch.empty(self.size, dtype=torch.long, pin_memory=True), torch.cuda.Event()
+
+    def give(self, pair) -> None:
+        self._free.append(pair)
+
+    def stage(self, values: list[int], device) -> torch.Tensor:
+        """``values`` on ``device`` (an asynchronous copy from the next ring buffer)."""
+        i = self._next
+        self._next = (i + 1) % len(self._ring)
+        if self._used[i]:
+            self._done[i].synchronize()  # long done in practice: the ring is several steps deep
+        buf = self._ring[i]
+        n = len(values)
+        if n > self.size:  # larger than the ring's buffers: a one-off pinned tensor
+            out = torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+            self._done[i].record()
+        else:
+            buf[:n] = torch.tensor(values, dtype=torch.long)
+            out = buf[:n].to(device, non_blocking=True)
+            self._done[i].record()
+        self._used[i] = True
+        return out
+
+
 class DecodeStep:
     """What one decode step leaves: ``lo`` (the slot of row 0), the step's logits (``logits`` [rows, V]
     fp32, or ``row_logits(slot)``: copies, valid until the next decode step is launched), and the
@@ -74,12 +117,17 @@ class DecodeStep:
     copied to the host without blocking: ``tokens()`` waits for that copy only, so the host can read
     one step's picks while the next step runs."""
 
-    def __init__(self, logits: torch.Tensor, lo: int, picks: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, lo: int, picks: torch.Tensor, buffers: HostBuffers | None = None):
         self._logits, self.lo = logits, lo
+        self._buffers, self._pair, self._tokens = buffers, None, None
         if picks.is_cuda:
-            self._host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
+            if buffers is not None and picks.numel() <= buffers.size:
+                self._pair = buffers.take()
+                host, self._ready = self._pair
+                self._host = host[:picks.numel()]
+            else:
+                self._host, self._ready = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True), torch.cuda.Event()
             self._host.copy_(picks, non_blocking=True)
-            self._ready = torch.cuda.Event()
             self._ready.record()
         else:
             self._host, self._ready = picks.clone(), None
@@ -94,9 +142,14 @@ class DecodeStep:
 
     def tokens(self) -> list[int]:
         """The greedy pick of every row of the step (waits for the step, not for later work)."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host.tolist()
+        if self._tokens is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._tokens = self._host.tolist()
+            if self._pair is not None:  # read: the buffer may carry another step's picks now
+                self._buffers.give(self._pair)
+                self._pair = None
+        return self._tokens
 
 
 class StepRunner:
@@ -121,6 +174,9 @@ class StepRunner:
         # each slot's next decode input: the host's token, or the greedy pick its last step wrote there
         self.feed = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self.piece_sizes = prefill_sizes(self.prefill_piece)
+        cuda = self.device.type == "cuda"
+        self.host = HostBuffers(max(2 * max_batch, self.prefill_chunk)) if cuda else None
+        self._zero_graph, self._finish_graphs = None, {}
         if self.graphs:
             self._capture()
 
@@ -133,6 +189,13 @@ class StepRunner:
                                               ids=self.feed[:n], feedback=True)
         for size in self.piece_sizes:
             self.prefill_graphs[size] = GraphStep(self.model, MHLACache(self.staging), size, plan=self.prefill_plan)
+        # emptying the staging row and copying it into a slot touch every layer's five tensors: ~120
+        # small launches each (~0.7 ms of host time on the GPU host, GIL held), or one graph replay
+        self._zero_graph = _captured(lambda: torch._foreach_zero_(self._tensors(self.staging)), self.device)
+        for slot in range(self.max_batch):
+            self._finish_graphs[slot] = _captured(
+                lambda slot=slot: torch._foreach_copy_(self._tensors(self.rows(slot, slot + 1)),
+                                                       self._tensors(self.staging)), self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the captures' warm-up saved and restored the rows they cover
@@ -173,24 +236,30 @@ class StepRunner:
             lo, hi = min([*tokens, *auto]), top
         if tokens:  # the host's tokens over the picks: one copy of (slots, ids) from pinned memory (a
             # copy from pageable memory would first wait for the step in flight, undoing running ahead)
-            pairs = torch.tensor([list(tokens), list(tokens.values())], dtype=torch.long,
-                                 pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
-            self.feed[:, 0].index_copy_(0, pairs[0], pairs[1])
+            values = [*tokens, *tokens.values()]
+            if self.host is not None:
+                pairs = self.host.stage(values, self.device)
+            else:
+                pairs = torch.tensor(values, dtype=torch.long)
+            n = len(tokens)
+            self.feed[:, 0].index_copy_(0, pairs[:n], pairs[n:])
         picks = self.feed[lo:hi, 0]
         if self.graphs:  # the replay writes the picks into feed itself
-            return DecodeStep(self.decode_graphs[hi].replay()[:, -1], lo, picks)
+            return DecodeStep(self.decode_graphs[hi].replay()[:, -1], lo, picks, self.host)
         plan = self.model.make_plan(hi - lo, backend=self.decode_plan.decode_backend, policy=self.policy,
                                     cuda_graphs=False)
         logits = self.model(input_ids=self.feed[lo:hi], past_key_values=MHLACache(self.rows(lo, hi)), use_cache=True,
                             logits_to_keep=1, plan=plan).logits[:, -1]
         torch.argmax(logits, -1, out=picks)   # ties: the first index, as the host's argmax
-        return DecodeStep(logits, lo, picks)
+        return DecodeStep(logits, lo, picks, self.host)
 
     # -- staging ---------------------------------------------------------------------------------------
     def stage_begin(self, tensors: dict | None) -> None:
         """Empties the staging row, or loads a stored session state (``layers.{i}.{name}`` tensors) into it."""
         live = self._tensors(self.staging)
-        if tensors is None:
+        if tensors is None and self._zero_graph is not None:
+            self._zero_graph.replay()
+        elif tensors is None:
             torch._foreach_zero_(live)  # a few launches for every layer's tensors, not one per tensor
         else:
             names = [f"layers.{i}.{n}" for i in range(len(self.staging)) for n in MHLAState.TENSORS]
@@ -201,8 +270,10 @@ class StepRunner:
         if not 0 < len(ids) <= self.prefill_chunk:
             raise ValueError(f"a staging chunk holds 1 to {self.prefill_chunk} ids, got {len(ids)}")
         # pinned, as in ``decode``: a piece queues behind the step in flight without waiting for it
-        x = torch.tensor([ids], dtype=torch.long, pin_memory=self.device.type == "cuda").to(self.device,
-                                                                                          non_blocking=True)
+        if self.host is not None:
+            x = self.host.stage(ids, self.device)[None]
+        else:
+            x = torch.tensor([ids], dtype=torch.long)
         if not self.graphs:
             out = self.model(input_ids=x, past_key_values=MHLACache(self.staging), use_cache=True,
                              logits_to_keep=1, plan=self.prefill_plan)
@@ -218,12 +289,33 @@ class StepRunner:
         device (its first decode step feeds it) and copied to the host without blocking."""
         picks = self.feed[slot:slot + 1, 0]
         torch.argmax(logits[None], -1, out=picks)
-        return DecodeStep(logits[None], slot, picks)
+        return DecodeStep(logits[None], slot, picks, self.host)
 
     def stage_finish(self, slot: int) -> None:
         """Copies the staged state (positions included) into ``slot``."""
+        graph = self._finish_graphs.get(slot)
+        if graph is not None:
+            graph.replay()
+            return
         torch._foreach_copy_(self._tensors(self.rows(slot, slot + 1)), self._tensors(self.staging))
 
     @staticmethod
     def _tensors(states: list[MHLAState]) -> list[torch.Tensor]:
         return [getattr(s, n) for s in states for n in MHLAState.TENSORS]
+
+
+class _Replay:
+    """Off CUDA (the tests' stand-in for the graph path): ``replay`` runs ``fn`` itself."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def _captured(fn, device):
+    """``fn`` (in-place work on preallocated tensors) captured as a CUDA graph."""
+    if device.type != "cuda":
+        return _Replay(fn)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
