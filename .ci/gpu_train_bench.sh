@@ -8,8 +8,9 @@
 # Writes $OUT/train_bench.json (every run's summary.json, or why it has none), $OUT/train_profile.txt
 # and $OUT/train_profile.json, and each run's log. Each run is under `timeout` (a crash or a hang
 # loses that run only) and the whole script keeps to $TOTAL_S seconds.
-# Knobs: BENCH_STEPS (30), RUNS (a subset of: mhla mhla_compile mhla_act_ckpt gla transformer),
-# EXTRA_ARGS (added to every mhla-train run), PROFILE=0 skips the profile, TOTAL_S (510).
+# Knobs: BENCH_STEPS (30), RUNS (names in the order to run: mhla gla transformer mhla_act_ckpt profile
+# mhla_compile by default; the baselines first, compilation, the slowest to start, last), EXTRA_ARGS
+# (added to every mhla-train run), TOTAL_S (510: later runs get what is left).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 OUT=${OUT:-/tmp/gpu_train_bench}
@@ -20,7 +21,7 @@ START=$SECONDS
 SMOKE=0; [ "${1:-}" = "--smoke" ] && SMOKE=1
 if [ $SMOKE = 1 ]; then
   PRESET=mhla-tiny; BATCH=4; VOCAB=256; BENCH_STEPS=${BENCH_STEPS:-2}; LOG_EVERY=1; DEV="--device cpu"
-  RUNS=${RUNS:-mhla transformer}; LIMIT=120; TOTAL_S=${TOTAL_S:-300}
+  RUNS=${RUNS:-mhla transformer profile}; LIMIT=120; TOTAL_S=${TOTAL_S:-300}
   PROFILE_ARGS="--preset mhla-tiny --vocab $VOCAB --batch 2 --warmup 1 --steps 1 --top 10 --device cpu"
 else
   for d in .fla; do  # fla is not a dependency: installed beside the project, like gpu_serve.sh's wheels
@@ -31,7 +32,7 @@ else
   done
   $PY -m pip install -q --no-deps --no-build-isolation -e . > "$WORK/install.log" 2>&1 || cat "$WORK/install.log"
   PRESET=mhla-340m; BATCH=8; VOCAB=32000; BENCH_STEPS=${BENCH_STEPS:-30}; LOG_EVERY=5; DEV=""
-  RUNS=${RUNS:-mhla gla transformer mhla_compile mhla_act_ckpt}; LIMIT=180; TOTAL_S=${TOTAL_S:-510}
+  RUNS=${RUNS:-mhla gla transformer mhla_act_ckpt profile mhla_compile}; LIMIT=180; TOTAL_S=${TOTAL_S:-510}
   PROFILE_ARGS="--preset mhla-340m --vocab $VOCAB --batch $BATCH"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
@@ -48,9 +49,9 @@ left() {  # seconds for the next command: its own limit, or what is left of TOTA
 # shellcheck disable=SC2086  # EXTRA_ARGS and DEV are word lists on purpose
 bench() {  # bench NAME ARCH [flags...]
   local name=$1 arch=$2; shift 2
-  local limit; limit=$(left $LIMIT)
+  local limit; limit=$(left "${LIMIT_OF:-$LIMIT}")
   echo "== $name: --arch $arch $* (limit ${limit} s)"
-  timeout "$limit" $PY -m mhla_stream.cli.train --data "$SYN" --out "$WORK/$name" --arch "$arch" --preset $PRESET \
+  timeout -k 10 "$limit" $PY -m mhla_stream.cli.train --data "$SYN" --out "$WORK/$name" --arch "$arch" --preset $PRESET \
     --batch $BATCH --steps "$BENCH_STEPS" --log-every $LOG_EVERY --eval-every 1000000 --eval-windows 1 --no-resume \
     --no-save $DEV "$@" ${EXTRA_ARGS:-} > "$WORK/$name.log" 2>&1
   local rc=$?
@@ -60,10 +61,19 @@ bench() {  # bench NAME ARCH [flags...]
   fi
 }
 
+profile() {  # one MHLA training step under torch.profiler: $OUT/train_profile.txt and .json
+  local limit; limit=$(left 150)
+  echo "== profile of one MHLA training step (limit ${limit} s)"
+  # shellcheck disable=SC2086
+  timeout -k 10 "$limit" $PY -m mhla_stream.cli.profile_train $PROFILE_ARGS --json "$OUT/train_profile.json" \
+    > "$OUT/train_profile.txt" 2>&1 || echo "profile failed (rc $?)"
+  grep -v "^USDT\|Warning\|warn(" "$OUT/train_profile.txt" | head -14
+}
+
 for run in $RUNS; do
   case $run in
     mhla) bench mhla mhla ;;
-    mhla_compile) bench mhla_compile mhla --compile ;;
+    mhla_compile) LIMIT_OF=$((LIMIT + 60)) bench mhla_compile mhla --compile ;;
     mhla_act_ckpt) bench mhla_act_ckpt mhla --activation-checkpointing ;;
     transformer) bench transformer transformer ;;
     gla)
@@ -73,25 +83,17 @@ for run in $RUNS; do
         echo "== gla skipped: fla does not import (${why:-not installed}; carry .fla with its wheels)"
         echo "skipped: fla does not import: ${why:-not installed}" > "$WORK/gla.failed"
       fi ;;
-    *) echo "unknown run name $run (known: mhla mhla_compile mhla_act_ckpt gla transformer)" ;;
+    profile) profile ;;
+    *) echo "unknown run name $run (known: mhla mhla_compile mhla_act_ckpt gla transformer profile)" ;;
   esac
 done
-
-if [ "${PROFILE:-1}" = 1 ]; then
-  limit=$(left 150)
-  echo "== profile of one MHLA training step (limit ${limit} s)"
-  # shellcheck disable=SC2086
-  timeout "$limit" $PY -m mhla_stream.cli.profile_train $PROFILE_ARGS --json "$OUT/train_profile.json" \
-    > "$OUT/train_profile.txt" 2>&1 || echo "profile failed (rc $?)"
-  grep -v "^USDT\|Warning\|warn(" "$OUT/train_profile.txt" | head -14
-fi
 
 $PY - "$WORK" "$OUT" "$RUNS" "$BENCH_STEPS" <<'PY'
 import json, pathlib, sys, time
 work, out, names, steps = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3].split(), int(sys.argv[4])
 FLAGS = {"mhla_compile": "--compile", "mhla_act_ckpt": "--activation-checkpointing"}
 runs = {}
-for name in names:
+for name in [n for n in names if n != "profile"]:
     summary, failed = work / name / "summary.json", work / f"{name}.failed"
     if summary.exists():
         runs[name] = json.loads(summary.read_text())

@@ -227,7 +227,7 @@ def test_profile_train_refuses_bad_input(tmp_path, extra, msg, monkeypatch, no_t
 @pytest.mark.slow
 def test_gpu_train_bench_smoke_runs_and_skips_gla_without_fla(tmp_path, broken_fla):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "RUNS": "mhla transformer gla", "PROFILE": "0",
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "RUNS": "mhla transformer gla",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{broken_fla}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(["bash", ".ci/gpu_train_bench.sh", "--smoke"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -66,7 +66,10 @@ def build_gla(vocab: int, shape: dict):
                     fuse_linear_cross_entropy=False, use_cache=False, bos_token_id=1, eos_token_id=2)
     # fla 0.5 lists the tied key; transformers 5 wants the {target: source} mapping (4.x takes either)
     tied = type("GLAForCausalLM", (GLAForCausalLM,), {"_tied_weights_keys": {"lm_head.weight": "model.embeddings.weight"}})
-    model = tied(cfg)
+    try:
+        model = tied(cfg)
+    except (AttributeError, TypeError):  # a transformers version that only takes fla's own list
+        model = GLAForCausalLM(cfg)
     if model.lm_head.weight is not model.model.embeddings.weight:  # whatever the transformers version did
         model.lm_head.weight = model.model.embeddings.weight
     return model
