@@ -1,8 +1,9 @@
 """The models ``mhla-train`` builds, and the module whose forward is the training loss.
 
 The loss module reads the causal LM from outside: the plain path calls the model's own forward,
-the fused path runs the decoder stack (``model.model``) and hands its hidden states to the fused
-head + cross-entropy, so the full logits never exist. Activation checkpointing wraps each block's
+the fused path runs the decoder stack (MHLA's ``model.model``, transformers' ``get_decoder()`` for
+Llama and fla's GLA) and hands its last hidden state to the fused head + cross-entropy, so the full
+logits never exist. Activation checkpointing wraps each block's
 forward from here too; ``modeling.py`` is not changed for training.
 """
 from __future__ import annotations
