@@ -5,6 +5,7 @@ ranks, tokens/s and MFU in a JSON-lines log.
 
     mhla-train --data runs/data --out runs/mhla --minutes 7
     mhla-train --data runs/data --out runs/tfm --arch transformer --steps 3000
+    mhla-train --data runs/data --out runs/gla --arch gla --preset mhla-340m --batch 8   # needs fla
     torchrun --nproc_per_node 2 -m mhla_stream.cli.train --data runs/data --out runs/340m --preset mhla-340m --batch 8
 """
 from __future__ import annotations
@@ -39,7 +40,9 @@ class FiniteRange(click.FloatRange):
 @command
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="from prepare_data")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--arch", default="mhla", type=click.Choice(ARCHS))
+@click.option("--arch", default="mhla", type=click.Choice(ARCHS),
+              help="mhla; linear (every block weighted 1); transformer (transformers' Llama, SDPA); gla (fla's "
+                   "GLAForCausalLM at MHLA's shape; needs fla installed)")
 @click.option("--preset", default=None, type=click.Choice(TRAIN_PRESETS),
               help="a named architecture (mhla-340m: SPEC section 3); overrides --hidden/--layers/--heads/"
                    "--block-size/--num-blocks; the vocabulary is the data's tokenizer's")

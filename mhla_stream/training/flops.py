@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+GLA_CHUNK = 64  # fla's chunk length in GLA's chunk mode
+
 # Dense bf16 tensor-core peak (no sparsity), FLOP/s, from the vendors' data sheets.
 # Matched in order against torch.cuda.get_device_name(); the first hit wins.
 PEAK_BF16 = (
@@ -37,7 +39,11 @@ def attention_flops_per_token(config, arch: str) -> float:
     if arch == "transformer":  # causal softmax attention: q.k and p.v over on average context/2 keys
         context = config.max_position_embeddings
         return layers * 2 * 2 * config.hidden_size * context / 2
-    H, K, V, C = config.num_heads, config.head_k_dim, config.head_v_dim, config.block_size
+    if arch == "gla":  # fla's chunk form: the same products, over its own 64-token chunks
+        H, C = config.num_heads, GLA_CHUNK
+        K, V = int(config.hidden_size * config.expand_k) // H, int(config.hidden_size * config.expand_v) // H
+    else:
+        H, K, V, C = config.num_heads, config.head_k_dim, config.head_v_dim, config.block_size
     # chunk form: intra-block scores and their product with v over a C-token block (computed in full),
     # the query against the mixed prefix, and the key-value summary; the mixing itself is O(L/C) smaller
     return layers * H * (2 * C * (K + V) + 2 * K * V + 2 * K * V)

@@ -15,7 +15,8 @@ from . import checkpoint as ckpt_io
 from .data import Batches, DataError, evaluate, load_tokens, read_vocab_size
 from .distributed import DistContext
 from .flops import mfu, peak_bf16_flops, train_flops_per_token
-from .model import LossModule, build_model, context_of, enable_activation_checkpointing
+from .model import (ArchError, LossModule, build_model, check_shape, context_of, enable_activation_checkpointing,
+                    load_fla, resolve_shape)
 
 
 def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, block_size, num_blocks, policy, batch,
@@ -26,8 +27,12 @@ def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, bloc
     data, out, dev = Path(data), Path(out), ctx.device
     if preset is None and block_size * num_blocks > 1 << 20:
         raise DataError(f"--block-size x --num-blocks = {block_size * num_blocks} tokens of context, more than {1 << 20}")
-    if arch == "transformer" and hidden % 64:
-        raise DataError(f"--hidden {hidden}: the transformer baseline needs a multiple of 64 (heads of 64)")
+    try:  # the shape each arch is built with, and fla for GLA: refused here, before any folder exists
+        check_shape(arch, resolve_shape(preset, hidden, layers, heads, block_size, num_blocks))
+        if arch == "gla":
+            load_fla()
+    except ArchError as e:
+        raise DataError(str(e)) from None
     if arch == "mhla" and attn_backend != "auto":  # e.g. triton on a machine without CUDA: one line, not a traceback
         from ..attention import resolve_backend
         try:
