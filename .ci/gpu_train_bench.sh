@@ -8,7 +8,7 @@
 # Writes $OUT/train_bench.json (every run's summary.json, or why it has none), $OUT/train_profile.txt
 # and $OUT/train_profile.json, and each run's log. Each run is under `timeout` (a crash or a hang
 # loses that run only) and the whole script keeps to $TOTAL_S seconds.
-# Knobs: BENCH_STEPS (30), RUNS (names in the order to run: mhla gla transformer mhla_act_ckpt profile
+# Knobs: GLA_LIMIT (seconds for the gla run: fla autotunes many kernels on its first step), BENCH_STEPS (30), RUNS (names in the order to run: mhla gla transformer mhla_act_ckpt profile
 # mhla_compile by default; the baselines first, compilation, the slowest to start, last), EXTRA_ARGS
 # (added to every mhla-train run), TOTAL_S (510: later runs get what is left).
 set -uo pipefail
@@ -77,7 +77,7 @@ for run in $RUNS; do
     mhla_act_ckpt) bench mhla_act_ckpt mhla --activation-checkpointing ;;
     transformer) bench transformer transformer ;;
     gla)
-      if why=$($PY -c "from fla.models import GLAForCausalLM" 2>&1); then bench gla gla
+      if why=$($PY -c "from fla.models import GLAForCausalLM" 2>&1); then LIMIT_OF=${GLA_LIMIT:-$LIMIT} bench gla gla
       else
         why=$(echo "$why" | grep -E "Error|error" | tail -1 | cut -c1-120)
         echo "== gla skipped: fla does not import (${why:-not installed}; carry .fla with its wheels)"
