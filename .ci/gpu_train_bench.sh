@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Training throughput of the 340M shape on one GPU with the baselines in the SAME run (issue 16):
-# mhla (default flags), mhla --compile, mhla --activation-checkpointing, fla's GLA, transformers' Llama;
+# mhla (default flags: compiled on CUDA), mhla --no-compile, mhla --activation-checkpointing, fla's GLA,
+# transformers' Llama compiled and not;
 # all at batch 8 x 2,048, the preset's shape, vocabulary 32,000, synthetic tokens, no checkpoints.
 # Then one profile of an MHLA training step (profile_train). One GPU command, < 9 minutes:
 #     bash .ci/gpu_train_bench.sh            (carry .fla for GLA: fla + einops wheels)
@@ -8,8 +9,8 @@
 # Writes $OUT/train_bench.json (every run's summary.json, or why it has none), $OUT/train_profile.txt
 # and $OUT/train_profile.json, and each run's log. Each run is under `timeout` (a crash or a hang
 # loses that run only) and the whole script keeps to $TOTAL_S seconds.
-# Knobs: GLA_LIMIT (seconds for the gla run: fla autotunes many kernels on its first step), BENCH_STEPS (30), RUNS (names in the order to run: mhla gla transformer mhla_act_ckpt profile
-# mhla_compile by default; the baselines first, compilation, the slowest to start, last), EXTRA_ARGS
+# Knobs: GLA_LIMIT (seconds for the gla run: fla autotunes many kernels on its first step), BENCH_STEPS (30), RUNS (names in the order to run: mhla mhla_eager transformer transformer_eager
+# mhla_act_ckpt profile gla by default; gla last: fla's first step autotunes for minutes), EXTRA_ARGS
 # (added to every mhla-train run), TOTAL_S (510: later runs get what is left).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -32,7 +33,7 @@ else
   done
   $PY -m pip install -q --no-deps --no-build-isolation -e . > "$WORK/install.log" 2>&1 || cat "$WORK/install.log"
   PRESET=mhla-340m; BATCH=8; VOCAB=32000; BENCH_STEPS=${BENCH_STEPS:-30}; LOG_EVERY=5; DEV=""
-  RUNS=${RUNS:-mhla gla transformer mhla_act_ckpt profile mhla_compile}; LIMIT=180; TOTAL_S=${TOTAL_S:-510}
+  RUNS=${RUNS:-mhla mhla_eager transformer transformer_eager mhla_act_ckpt profile gla}; LIMIT=180; TOTAL_S=${TOTAL_S:-510}
   PROFILE_ARGS="--preset mhla-340m --vocab $VOCAB --batch $BATCH"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
@@ -72,31 +73,37 @@ profile() {  # one MHLA training step under torch.profiler: $OUT/train_profile.t
 
 for run in $RUNS; do
   case $run in
-    mhla) bench mhla mhla ;;
-    mhla_compile) LIMIT_OF=$((LIMIT + 60)) bench mhla_compile mhla --compile ;;
-    mhla_act_ckpt) bench mhla_act_ckpt mhla --activation-checkpointing ;;
-    transformer) bench transformer transformer ;;
+    mhla) LIMIT_OF=$((LIMIT + 60)) bench mhla mhla ;;  # the default: compiled on CUDA
+    mhla_eager) bench mhla_eager mhla --no-compile ;;
+    mhla_act_ckpt) LIMIT_OF=$((LIMIT + 60)) bench mhla_act_ckpt mhla --activation-checkpointing ;;
+    transformer) LIMIT_OF=$((LIMIT + 60)) bench transformer transformer ;;
+    transformer_eager) bench transformer_eager transformer --no-compile ;;
     gla)
-      if why=$($PY -c "from fla.models import GLAForCausalLM" 2>&1); then LIMIT_OF=${GLA_LIMIT:-$LIMIT} bench gla gla
+      if why=$($PY -c "from fla.models import GLAForCausalLM" 2>&1); then LIMIT_OF=${GLA_LIMIT:-$LIMIT} bench gla gla --no-compile
       else
         why=$(echo "$why" | grep -E "Error|error" | tail -1 | cut -c1-120)
         echo "== gla skipped: fla does not import (${why:-not installed}; carry .fla with its wheels)"
         echo "skipped: fla does not import: ${why:-not installed}" > "$WORK/gla.failed"
       fi ;;
     profile) profile ;;
-    *) echo "unknown run name $run (known: mhla mhla_compile mhla_act_ckpt gla transformer profile)" ;;
+    *) echo "unknown run name $run (known: mhla mhla_eager mhla_act_ckpt gla transformer transformer_eager profile)" ;;
   esac
 done
 
 $PY - "$WORK" "$OUT" "$RUNS" "$BENCH_STEPS" <<'PY'
 import json, pathlib, sys, time
 work, out, names, steps = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3].split(), int(sys.argv[4])
-FLAGS = {"mhla_compile": "--compile", "mhla_act_ckpt": "--activation-checkpointing"}
+FLAGS = {"mhla": "(compiled)", "mhla_eager": "--no-compile", "mhla_act_ckpt": "--activation-checkpointing",
+         "transformer": "(compiled)", "transformer_eager": "--no-compile", "gla": "--no-compile"}
 runs = {}
 for name in [n for n in names if n != "profile"]:
     summary, failed = work / name / "summary.json", work / f"{name}.failed"
     if summary.exists():
         runs[name] = json.loads(summary.read_text())
+        log = work / name / "log.jsonl"  # every logged interval, to see warm-up and spread
+        if log.exists():
+            runs[name]["intervals_tok_s"] = [json.loads(line).get("tokens_per_s") for line in log.read_text().splitlines()
+                                             if line.strip()]
     elif failed.exists():
         runs[name] = {"error": failed.read_text().strip()}
 gla = (runs.get("gla") or {}).get("tokens_per_s")

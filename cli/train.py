@@ -74,7 +74,9 @@ class FiniteRange(click.FloatRange):
 @click.option("--attn-backend", default="auto", type=click.Choice(["auto", "triton", "torch"]),
               help="MHLA operator while training: auto = Triton forward + backward on CUDA, the torch chunk form "
                    "elsewhere; torch forces the torch form")
-@click.option("--compile/--no-compile", default=False, help="torch.compile the training step")
+@click.option("--compile/--no-compile", default=None,
+              help="torch.compile the training step (default: on for CUDA, where it measured 1.3-1.6x faster with "
+                   "42%% less memory at the 340M shape; off on the CPU)")
 @click.option("--resume/--no-resume", default=True)
 @click.option("--save/--no-save", default=True, help="write checkpoints and the best model (off for benchmarks)")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
