@@ -50,6 +50,7 @@ class Link:
         self._rids, self._call_ids = itertools.count(1), itertools.count(1)
         self.gone = False
         self.on_gone = None               # called on the loop when the engine process is gone
+        self.on_lost = None               # called on the reader thread then
         self.thread = threading.Thread(target=self._read, name="mhla-http-link", daemon=True)
 
     def start(self) -> None:
@@ -150,8 +151,8 @@ class Link:
                 self.loop.call_soon_threadsafe(self._fail_all)
             except RuntimeError:
                 pass
-        # the graceful way out has a bound: no HTTP process outlives its engine for long
-        threading.Timer(ORPHAN_EXIT_S, os._exit, (1,)).start()
+        if self.on_lost is not None:
+            self.on_lost()
 
 
 class RemoteCancel:
@@ -269,6 +270,8 @@ def run_http_process(conn, settings: dict) -> None:
                                            http=settings["http"], loop=settings["loop"]))
     server_box.append(server)
     link.on_gone = lambda: setattr(server, "should_exit", True)
+    # the graceful way out has a bound: no HTTP process outlives its engine for long
+    link.on_lost = lambda: threading.Timer(ORPHAN_EXIT_S, os._exit, (1,)).start()
     link.start()
     # uvicorn re-raises the signal that stopped it once it is done: a no-op handler, so the exit is clean
     signal.signal(signal.SIGTERM, lambda *_: None)
