@@ -293,3 +293,13 @@ def test_http_side_ignores_malformed_events():
         late = await box2.wait(5)
         assert late[0][0] == "error" and late[0][1].status == 503
     asyncio.run(run())
+
+
+def test_the_http_side_imports_no_model_code():
+    import subprocess
+    import sys
+    code = ("import sys, mhla_stream.serve.http_child as h, mhla_stream.serve.app; "
+            "bad = [m for m in ('mhla_stream.modeling', 'mhla_stream.serve.runner', 'mhla_stream.serve.engine') "
+            "if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..sampling import SamplingParams
-from .engine import Job
+from .jobs import Job  # not .engine: the HTTP process (--http-process) needs no runner
 from .schemas import PLAIN_CHAT_STOP, APIError, ChatRequest, CompletionRequest, check_session_id, error_body, \
     render_plain_chat
 from .sessions import SessionBusy, SessionMissing
