@@ -303,3 +303,16 @@ def test_the_http_side_imports_no_model_code():
             "if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_port_in_use_fails_with_a_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = subprocess.run([sys.executable, "-m", "mhla_stream.cli.serve", "--http-process", "--port",
+                            str(taken.getsockname()[1])], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "address already in use" in r.stderr
+    assert "the HTTP process stopped before it was listening" in r.stderr

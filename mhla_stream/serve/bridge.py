@@ -193,7 +193,12 @@ def serve_split(engine, store, metrics, config, *, tokenizer_spec: tuple, host: 
                 _finish(engine, store, on_shutdown)
                 channel.send(("reply", bridge.stop_call, True, None))
                 child.join(CHILD_EXIT_WAIT_S)
-                return 0
+                if bridge.listening.is_set():
+                    return 0
+                # its start failed after the app's start-up (the port in use): uvicorn said why
+                print(f"mhla-serve: the HTTP process stopped before it was listening (status {child.exitcode})",
+                      file=sys.stderr, flush=True)
+                return child.exitcode or 1
             if bridge.gone.is_set() or not child.is_alive():
                 child.join(5)
                 when = "while serving" if announced else "before it was listening"
