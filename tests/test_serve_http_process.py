@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import time
+import types
 
 import httpx
 import pytest
@@ -213,6 +214,7 @@ def test_killed_engine_process_ends_the_http_process(tmp_path):
 class _FakeEngine:
     def __init__(self):
         self.jobs, self.free, self.tokenizer = [], [0, 1], None
+        self.model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=100))
 
     def submit(self, job):
         self.jobs.append(job)
@@ -240,11 +242,14 @@ def test_engine_side_ignores_malformed_messages(caplog):
     bridge = EngineBridge(Channel(ours), engine, _FakeStore(), None)
     bridge.start()
     for junk in (42, (), ("nope",), ("submit",), ("submit", "x", {}), ("cancel", [1]), ("call", 1, "rm -rf", ()),
-                 ("call", 1, "describe", "not a tuple"), ("listening", 1), ("submit", 7, {"params": "greedy"})):
+                 ("call", 1, "describe", "not a tuple"), ("listening", 1), ("submit", 7, {"params": "greedy"}),
+                 ("submit", 9, {"params": SamplingParams(), "ids": [1, 100]}),
+                 ("submit", 10, {"params": SamplingParams(), "ids": [1, "2"]})):
         theirs.send(junk)
     theirs.send_bytes(b"\x80\x04not a pickle")
-    reply = theirs.recv()  # submit 7's bad fields: the request gets an error, the bridge lives
-    assert reply[0] == "events" and reply[1][0][0] == 7 and reply[1][0][1][1].status == 500
+    for rid in (7, 9, 10):  # bad fields: the request gets an error, the bridge lives
+        reply = theirs.recv()
+        assert reply[0] == "events" and reply[1][0][0] == rid and reply[1][0][1][1].status == 500
     theirs.send(("call", 2, "describe", ("a",)))
     assert theirs.recv() == ("reply", 2, True, [{"id": "a"}])
     theirs.send(("call", 3, "delete", ("a",)))
@@ -255,7 +260,7 @@ def test_engine_side_ignores_malformed_messages(caplog):
     theirs.send(("call", 4, "counts", ()))
     assert theirs.recv() == ("reply", 4, True, (1, 0, 2))
     assert engine.jobs[0].ids == [1, 2] and engine.jobs[0].cancelled.is_set()
-    assert sum("malformed" in r.message or "unreadable" in r.message for r in caplog.records) >= 10
+    assert sum("malformed" in r.message or "unreadable" in r.message for r in caplog.records) >= 12
     theirs.close()
     bridge.thread.join(10)
     assert bridge.gone.is_set()

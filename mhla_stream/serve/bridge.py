@@ -35,7 +35,7 @@ class _TurnSink:
         self.channel.send(("events", items))
 
 
-def _fields_problem(fields) -> str | None:
+def _fields_problem(fields, vocab_size: int) -> str | None:
     """Why a submit's fields cannot make a ``Job`` (None when they can)."""
     if not isinstance(fields, dict) or not set(fields) <= set(JOB_FIELDS) or "params" not in fields:
         return "fields are not a dict of job fields"
@@ -44,8 +44,8 @@ def _fields_problem(fields) -> str | None:
     ids, render = fields.get("ids"), fields.get("render")
     if (ids is None) == (render is None):
         return "exactly one of ids and render is needed"
-    if ids is not None and not (isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids)):
-        return "ids is not a list of token ids"
+    if ids is not None and not _ids_in_range(ids, vocab_size):  # (an id out of range would be a CUDA assert)
+        return "ids is not a list of token ids in the vocabulary"
     if render is not None and not (isinstance(render, ChatRender) and isinstance(render.messages, list)):
         return "render is not a ChatRender"
     for name in ("session", "fork_from"):
@@ -113,7 +113,7 @@ class EngineBridge:
     def _submit(self, rid, fields) -> None:
         if not _is_rid(rid) or rid in self.jobs:
             return bad_message(("submit", rid), "the request id is not a new int")
-        problem = _fields_problem(fields)
+        problem = _fields_problem(fields, self.engine.model.config.vocab_size)
         if problem is not None:
             bad_message(("submit", rid, fields), problem)
             return self._send_events(rid, "error", APIError(500, f"mhla-serve internal: bad request message ({problem})",
@@ -154,6 +154,15 @@ class EngineBridge:
             job = self.jobs.pop(rid, None)
             if job is not None:
                 job.cancelled.set()
+
+
+def _ids_in_range(ids, vocab_size: int) -> bool:
+    if not isinstance(ids, list):
+        return False
+    try:  # min and max run in C: a 32k-id prompt costs well under a millisecond here
+        return not ids or (0 <= min(ids) and max(ids) < vocab_size)
+    except TypeError:
+        return False
 
 
 def _is_rid(rid) -> bool:
