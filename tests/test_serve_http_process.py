@@ -232,6 +232,11 @@ class _FakeStore:
         raise SessionMissing(f"no session {sid!r}")
 
 
+def _recv(conn):
+    assert conn.poll(60), "no answer from the bridge"  # a bound, so a lost answer fails instead of hanging
+    return conn.recv()
+
+
 def test_engine_side_ignores_malformed_messages(caplog):
     from mhla_stream.sampling import SamplingParams
     from mhla_stream.serve.bridge import EngineBridge
@@ -248,17 +253,17 @@ def test_engine_side_ignores_malformed_messages(caplog):
         theirs.send(junk)
     theirs.send_bytes(b"\x80\x04not a pickle")
     for rid in (7, 9, 10):  # bad fields: the request gets an error, the bridge lives
-        reply = theirs.recv()
+        reply = _recv(theirs)
         assert reply[0] == "events" and reply[1][0][0] == rid and reply[1][0][1][1].status == 500
     theirs.send(("call", 2, "describe", ("a",)))
-    assert theirs.recv() == ("reply", 2, True, [{"id": "a"}])
+    assert _recv(theirs) == ("reply", 2, True, [{"id": "a"}])
     theirs.send(("call", 3, "delete", ("a",)))
-    kind, call_id, ok, err = theirs.recv()
+    kind, call_id, ok, err = _recv(theirs)
     assert (call_id, ok) == (3, False) and isinstance(err, SessionMissing)
     theirs.send(("submit", 8, {"params": SamplingParams(temperature=0), "ids": [1, 2], "add_bos": True}))
     theirs.send(("cancel", 8))
     theirs.send(("call", 4, "counts", ()))
-    assert theirs.recv() == ("reply", 4, True, (1, 0, 2))
+    assert _recv(theirs) == ("reply", 4, True, (1, 0, 2))
     assert engine.jobs[0].ids == [1, 2] and engine.jobs[0].cancelled.is_set()
     assert sum("malformed" in r.message or "unreadable" in r.message for r in caplog.records) >= 12
     theirs.close()
