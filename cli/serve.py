@@ -61,12 +61,15 @@ def parse_bytes(text: str) -> int:
 @click.option("--gil-switch-us", default=500, show_default=True, type=click.IntRange(10, 100_000),
               help="Python's thread switch interval: how long the engine thread may wait for the GIL "
                    "while the HTTP thread runs, once its decode step is done (Python's default: 5000)")
+@click.option("--http-process/--no-http-process", default=None,
+              help="run the HTTP side (FastAPI, uvicorn, the SSE writes) in its own process, so it does not "
+                   "share the engine's GIL [default: on with CUDA, off on the CPU]")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk,
          prefill_piece, api_key,
          sessions_dir, session_memory, device, dtype, backend, policy, state_dtype, cuda_graph, run_ahead, gil_switch_us,
-         log_level):
+         http_process, log_level):
     """Serve an MHLA model over an OpenAI-compatible HTTP API."""
     budget = parse_bytes(session_memory)
     import os
@@ -101,6 +104,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     try:
         path = resolve_model(model, weights) if not (random_weights and model in ("mhla-340m",)) else None
         tokenizer = Tokenizer.from_directory(path) if path is not None else None
+        tokenizer_spec = (path, None)  # how the HTTP process loads the same tokenizer (--http-process)
     except (TokenizerError, FileNotFoundError) as e:
         fail(f"cannot serve {model}: {e}")
     try:
@@ -109,6 +113,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
         fail(f"cannot start {model}: {e}")
     if tokenizer is None:  # random weights without a checkpoint: the shipped tokenizer, for benchmarks only
         tokenizer = _widened(Tokenizer.from_directory(resolve_model(DEFAULT_MODEL)), m.config.vocab_size)
+        tokenizer_spec = (resolve_model(DEFAULT_MODEL), m.config.vocab_size)
     temporary = sessions_dir is None
     sessions_dir = tempfile.mkdtemp(prefix="mhla-sessions-") if temporary else sessions_dir
     try:
@@ -123,12 +128,28 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (the lifespan flushes sessions), then re-raises the
     # signal to whatever handler was there before it: a no-op here, so the process exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    click.echo(f"mhla-serve: {model} on {device} ({dtype}), http://{host}:{port}/v1, {max_batch} slots, "
-               f"sessions in {sessions_dir}, state {state_dtype} ring", err=True)
-    click.echo(f"mhla-serve engine: {app.state.engine.runner.describe()}", err=True)
     http, loop = _fast_http()
-    click.echo(f"mhla-serve http: {http} parser, {loop} event loop", err=True)
+    if http_process is None:
+        http_process = device.startswith("cuda")
+
+    def announce():
+        click.echo(f"mhla-serve: {model} on {device} ({dtype}), http://{host}:{port}/v1, {max_batch} slots, "
+                   f"sessions in {sessions_dir}, state {state_dtype} ring", err=True)
+        click.echo(f"mhla-serve engine: {app.state.engine.runner.describe()}", err=True)
+        click.echo(f"mhla-serve http: {http} parser, {loop} event loop"
+                   f"{', in its own process' if http_process else ''}", err=True)
+    if http_process:
+        sys.exit(serve_http_process(app, tokenizer_spec, host, port, log_level, http, loop, announce))
+    announce()
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, http=http, loop=loop)
+
+
+def serve_http_process(app, tokenizer_spec, host, port, log_level, http, loop, announce) -> int:
+    """``--http-process``: the engine here, the app (built by ``build_server``) in a child process."""
+    from mhla_stream.serve.bridge import serve_split
+    s = app.state
+    return serve_split(s.engine, s.store, s.metrics, s.config, tokenizer_spec=tokenizer_spec, host=host, port=port,
+                       log_level=log_level, http=http, loop=loop, announce=announce, on_shutdown=s.on_shutdown)
 
 
 def _fast_http() -> tuple[str, str]:

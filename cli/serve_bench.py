@@ -232,7 +232,7 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
     if fake_model:
         model, rows, state_bytes, param_bytes, vocab = "fake", [None] * len(levels), 0, 0, 1000
         cmd = [sys.executable, "-m", "mhla_stream.serve.hostbench", "--port", str(port), "--max-batch", str(slots),
-               "--max-queue", str(4 * max(levels + [long_streams]))]
+               "--max-queue", str(4 * max(levels + [long_streams]))] + server_args.split()
     else:
         rows, state_bytes, param_bytes, vocab = _in_process(model, weights, random_weights, device,
                                                             getattr(torch, dtype), levels, prompt_len, max_tokens,
@@ -257,10 +257,10 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
         _concurrency_phase(base, vocab, 2, 1, prompt_len, 4)  # warm-up
         serve_rows = []
         for c in levels:
-            cpu0 = _process_cpu_s(server.pid)
+            cpu0 = _server_cpu_s(server.pid)
             serve_rows.append(_concurrency_phase(base, vocab, c, rounds, prompt_len, max_tokens, client_procs))
             tokens = serve_rows[-1].pop("tokens")
-            serve_rows[-1]["server_cpu_us_per_token"] = (_process_cpu_s(server.pid) - cpu0) / tokens * 1e6
+            serve_rows[-1]["server_cpu_us_per_token"] = (_server_cpu_s(server.pid) - cpu0) / tokens * 1e6
         long_row = asyncio.run(_long_prompt_phase(base, vocab, long_streams, long_prompt_len, long_prompts,
                                                   max_tokens * 16)) if long_prompts else None
     finally:
@@ -298,6 +298,16 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "serve": serve_rows, "in_process": rows, "long_prompts": long_row}, f, indent=1)
+
+
+def _server_cpu_s(pid: int) -> float:
+    """CPU seconds of the server and its child processes (the HTTP process of --http-process)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        children = []
+    return _process_cpu_s(pid) + sum(_process_cpu_s(c) for c in children)
 
 
 def _process_cpu_s(pid: int) -> float:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..sampling import SamplingParams
-from .engine import Job
+from .jobs import Job  # not .engine: the HTTP process (--http-process) needs no runner
 from .schemas import PLAIN_CHAT_STOP, APIError, ChatRequest, CompletionRequest, check_session_id, error_body, \
     render_plain_chat
 from .sessions import SessionBusy, SessionMissing
@@ -237,11 +237,7 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
         if tokenizer.chat is None:
             params.stop = params.stop + [PLAIN_CHAT_STOP]
 
-        def render(stored: list[dict]):
-            """Only the messages after those already in the session are fed (all of them without one)."""
-            new = messages[len(stored):] if messages[:len(stored)] == stored else messages
-            return chat_text(tokenizer, new, continuing=bool(stored)), stored + new
-
+        render = ChatRender(messages, tokenizer.chat is not None, tokenizer)
         if req.session is None:  # no session: the prompt's length is known now
             text, _ = render([])
             _check_length(len(await run_in_threadpool(tokenizer.encode, text)) + 1, config.max_prompt_tokens)
@@ -270,11 +266,11 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
     # -- sessions ------------------------------------------------------------------------------------
     @app.get("/v1/sessions")
     async def list_sessions():
-        return {"object": "list", "data": store.describe()}
+        return {"object": "list", "data": await run_in_threadpool(store.describe)}
 
     @app.get("/v1/sessions/{session_id:path}")
     async def get_session(session_id: str):
-        found = store.describe(_path_session_id(session_id))
+        found = await run_in_threadpool(store.describe, _path_session_id(session_id))
         if not found:
             raise APIError(404, f"no session {session_id!r}", param="session", code="session_not_found")
         return found[0]
@@ -293,20 +289,41 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
     # -- operations ----------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        running, queued = engine.counts()
+        running, queued = await run_in_threadpool(engine.counts)  # an RPC with --http-process
         return {"status": "ok", "model": config.model_name, "running": running, "queued": queued,
                 "free_slots": len(engine.free)}
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(engine, store), media_type="text/plain; version=0.0.4")
+        return Response(await run_in_threadpool(metrics.render, engine, store), media_type="text/plain; version=0.0.4")
 
     return app
 
 
-def chat_text(tokenizer, messages: list[dict], continuing: bool) -> str:
+class ChatRender:
+    """A chat request's prompt, rendered by the engine at admission against the session's stored
+    messages: only the messages after those already in the session are fed (all of them without one).
+    Picklable (it crosses to the engine process with --http-process): the messages and whether the
+    tokenizer has a chat template travel; the tokenizer is the engine's own, set on arrival."""
+
+    def __init__(self, messages: list[dict], has_template: bool, tokenizer=None):
+        self.messages, self.has_template, self.tokenizer = messages, has_template, tokenizer
+
+    def __getstate__(self):
+        return {"messages": self.messages, "has_template": self.has_template}
+
+    def __setstate__(self, state):
+        self.messages, self.has_template, self.tokenizer = state["messages"], state["has_template"], None
+
+    def __call__(self, stored: list[dict]):
+        messages = self.messages
+        new = messages[len(stored):] if messages[:len(stored)] == stored else messages
+        return chat_text(self.tokenizer, new, continuing=bool(stored), template=self.has_template), stored + new
+
+
+def chat_text(tokenizer, messages: list[dict], continuing: bool, template: bool | None = None) -> str:
     """The tokenizer's chat template for user turns when it has one; else the plain template (schemas)."""
-    if tokenizer.chat is None:
+    if not (tokenizer.chat is not None if template is None else template):
         return render_plain_chat(messages, continuing)
     return "".join(tokenizer.chat(m["content"]) if m["role"] == "user" else m["content"] + "\n" for m in messages)
 

@@ -2,7 +2,7 @@
 stand-in runner whose steps cost ~0 (no model runs). What it serves is meaningless text; what it
 measures is how many streamed tokens a second the host side of ``mhla-serve`` can deliver, i.e. the
 ceiling the server puts on a fast device. For benchmarks and tests only: no console script, no
-``mhla-serve`` flag.
+``mhla-serve`` flag (it takes ``--http-process``, as mhla-serve does).
 
     python -m mhla_stream.serve.hostbench --port 8123 --max-batch 64    # then drive it, e.g.
     python -m mhla_stream.cli.serve_bench --fake-model --concurrency 1,8,32,64
@@ -112,6 +112,8 @@ def main(argv=None) -> None:
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-queue", type=int, default=1024)
+    ap.add_argument("--http-process", action=argparse.BooleanOptionalAction, default=False,
+                    help="the HTTP side in its own process, as mhla-serve --http-process")
     args = ap.parse_args(argv)
     # the engine's few tensor ops on tiny CPU tensors: intra-op threads would only spin and skew the CPU figures
     torch.set_num_threads(1)
@@ -120,7 +122,16 @@ def main(argv=None) -> None:
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))  # as mhla-serve does
     from mhla_stream.cli.serve import _fast_http
     http, loop = _fast_http()  # as mhla-serve picks them
-    print(f"hostbench: {http} parser, {loop} event loop", file=sys.stderr)
+    print(f"hostbench: {http} parser, {loop} event loop{', HTTP in its own process' if args.http_process else ''}",
+          file=sys.stderr)
+    if args.http_process:
+        from mhla_stream.hub import DEFAULT_MODEL, resolve_model
+
+        from .bridge import serve_split
+        s = app.state
+        sys.exit(serve_split(s.engine, s.store, s.metrics, s.config, tokenizer_spec=(resolve_model(DEFAULT_MODEL), None),
+                             host="127.0.0.1", port=args.port, log_level="warning", http=http, loop=loop,
+                             announce=lambda: None))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=5, http=http,
                 loop=loop)
 

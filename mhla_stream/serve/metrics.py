@@ -6,12 +6,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+def http_counters(registry) -> tuple[Counter, Counter]:
+    """The families the HTTP side counts (requests by endpoint and status, prompt tokens): in the
+    HTTP process's own registry with --http-process, in the one registry otherwise."""
+    requests = Counter("mhla_requests", "HTTP API requests by endpoint and status", ["endpoint", "status"],
+                       registry=registry)
+    return requests, Counter("mhla_prompt_tokens", "prompt tokens fed", registry=registry)
+
+
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("mhla_requests", "HTTP API requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
-        self.tokens_in = Counter("mhla_prompt_tokens", "prompt tokens fed", registry=r)
+        self.requests, self.tokens_in = http_counters(r)
         self.tokens_out = Counter("mhla_generated_tokens", "tokens generated (the completion tokens sent)", registry=r)
         self.running = Gauge("mhla_running_sequences", "sequences holding an engine slot", registry=r)
         self.queued = Gauge("mhla_queued_requests", "requests waiting for a slot", registry=r)

@@ -27,6 +27,13 @@ class APIError(Exception):
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
 
+    def __reduce__(self):  # keyword arguments: pickled explicitly (it crosses to the HTTP process)
+        return _api_error, (self.status, self.message, self.type, self.param, self.code, self.headers)
+
+
+def _api_error(status, message, type, param, code, headers) -> APIError:
+    return APIError(status, message, type=type, param=param, code=code, headers=headers)
+
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:

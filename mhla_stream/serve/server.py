@@ -33,5 +33,7 @@ def build_server(model, tokenizer, *, model_name: str, max_batch: int = 32, max_
                     prefill_piece=prefill_piece, state_dtype=state_dtype, run_ahead=run_ahead)
     config = ServerConfig(model_name, api_key, max_prompt_tokens)
     app = create_app(engine, tokenizer, store, metrics, config, on_shutdown)
-    app.state.engine, app.state.store = engine, store
+    # the parts ``bridge.serve_split`` runs without this app (--http-process: the app runs in a child)
+    app.state.engine, app.state.store, app.state.metrics, app.state.config = engine, store, metrics, config
+    app.state.on_shutdown = on_shutdown
     return app
