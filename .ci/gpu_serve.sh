@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (carry .whl): mhla-serve's CUDA path against StreamingMHLA (greedy text of 13
 # concurrent requests, fp32), then the load generator at 1/8/32/64 streams with the long-prompt phase,
-# and a same-run --no-run-ahead row at 32 streams. MHLA_SERVE_PROFILE=1 logs the engine's phases.
+# and a same-run row at 32 streams with $SECOND_ARGS (default --no-http-process: the HTTP side in the
+# engine's process).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -11,4 +12,4 @@ ${SERVE_CHECK:-true} && timeout 240 python3 .ci/gpu_serve_check.py 2>&1 | grep -
 timeout 330 python3 -m mhla_stream.cli.serve_bench --random-weights --json $OUT/serve_bench.json 2>&1 \
   | grep --line-buffered -E "^[0-9]|^conc|^#|streams|state per|engine profile" | tail -12
 timeout 200 python3 -m mhla_stream.cli.serve_bench --random-weights --concurrency 32 --long-prompts 0 \
-  --server-args=--no-run-ahead --json $OUT/serve_bench_no_run_ahead.json 2>&1 | grep --line-buffered -E "^[0-9]|^conc" | tail -2
+  --server-args="${SECOND_ARGS:---no-http-process}" --json $OUT/serve_bench_second.json 2>&1 | grep --line-buffered -E "^[0-9]|^conc" | tail -2
