@@ -43,6 +43,10 @@ def parse_bytes(text: str) -> int:
 @click.option("--prefill-piece", default=None, type=click.IntRange(1),
               help="prompt tokens per engine turn while other streams are decoding (their next token waits "
                    "for it), and the largest captured prefill graph [default: 256 on CUDA; the chunk on the CPU]")
+@click.option("--admit-tokens", default=None, type=click.IntRange(1),
+              help="while streams decode, whole short prompts (one piece each) a turn may admit together, in "
+                   "tokens: a burst of arrivals waits a few turns, not one turn each [default: 1024 on CUDA; "
+                   "the piece on the CPU]")
 @click.option("--api-key", default=None, envvar="MHLA_SERVE_API_KEY",
               help="require 'Authorization: Bearer KEY' on /v1 (or set MHLA_SERVE_API_KEY)")
 @click.option("--sessions-dir", type=click.Path(file_okay=False), default=None,
@@ -67,7 +71,7 @@ def parse_bytes(text: str) -> int:
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk,
-         prefill_piece, api_key,
+         prefill_piece, admit_tokens, api_key,
          sessions_dir, session_memory, device, dtype, backend, policy, state_dtype, cuda_graph, run_ahead, gil_switch_us,
          http_process, log_level):
     """Serve an MHLA model over an OpenAI-compatible HTTP API."""
@@ -100,6 +104,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
                                  f"{'' if given_chunk else ', the default on ' + device}); a piece is at most a chunk",
                                  param_hint="--prefill-piece")
     prefill_piece = min(prefill_piece or (256 if device.startswith("cuda") else prefill_chunk), prefill_chunk)
+    admit_tokens = admit_tokens or (1024 if device.startswith("cuda") else prefill_piece)
     dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     try:
         path = resolve_model(model, weights) if not (random_weights and model in ("mhla-340m",)) else None
@@ -119,7 +124,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     try:
         app = build_server(m, tokenizer, model_name=os.path.basename(os.path.normpath(model)), max_batch=max_batch,
                            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
-                           prefill_piece=prefill_piece,
+                           prefill_piece=prefill_piece, admit_tokens=admit_tokens,
                            api_key=api_key, sessions_dir=sessions_dir, session_memory=budget, policy=policy,
                            cuda_graph=cuda_graph, backend=backend, state_dtype=state_dtype, run_ahead=run_ahead,
                            on_shutdown=(lambda: shutil.rmtree(sessions_dir, ignore_errors=True)) if temporary else None)

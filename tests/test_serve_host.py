@@ -91,7 +91,7 @@ def test_tokenizers_without_a_vouched_table_take_the_decoder(ref):
 
 
 # -- the engine on a stand-in runner -------------------------------------------------------------------
-def _fake_engine(ref, max_batch, chunk, piece):
+def _fake_engine(ref, max_batch, chunk, piece, admit_tokens=None):
     import tempfile
 
     from mhla_stream.serve.engine import Engine
@@ -103,7 +103,7 @@ def _fake_engine(ref, max_batch, chunk, piece):
     store = SessionStore(tempfile.mkdtemp(), 1 << 20, layout, {"model_name": "t", "policy": "window", "config": "{}"})
     runner = FakeRunner(ref.tokenizer, m.config.vocab_size, max_batch, chunk, piece, record=True)
     return Engine(m, ref.tokenizer, store, max_batch=max_batch, prefill_chunk=chunk, prefill_piece=piece,
-                  runner=runner), runner
+                  runner=runner, admit_tokens=admit_tokens), runner
 
 
 def _job(ids, n, out):
@@ -149,6 +149,29 @@ def test_long_prompt_waits_in_bounded_pieces_while_streams_decode(ref):
     assert pieces(runner2.calls) == with_streams == [piece] * 62 + [8]
     # with nothing else running, a chunk's worth a turn (64 = 4 pieces; 1000 = 15 x 64 + 40)
     assert [sum(pieces(calls)) for calls in turns2 if pieces(calls)] == [chunk] * 15 + [40]
+
+
+def test_a_burst_of_short_prompts_is_admitted_several_a_turn_and_long_pieces_stay_bounded(ref):
+    chunk, piece, admit = 64, 16, 40
+    engine, runner = _fake_engine(ref, 12, chunk, piece, admit)
+    out = {}
+    long_ids = list(range(300, 300 + 100))
+    burst = [_job([10 + i] * 10, 4, out) for i in range(8)]  # 8 prompts of 10 tokens: 4 a turn (40 tokens)
+    turns = _turns(engine, runner, [[_job([5, 6, 7], 60, out)], [], burst + [_job(long_ids, 3, out)]])
+    fed = [[n for kind, n in calls if kind == "feed"] for calls in turns]
+    decoded = ["decode" in (kind for kind, _ in calls) for calls in turns]
+    assert fed[2] == [10] * 4 and fed[3] == [10] * 4 and all(decoded[2:4])
+    # then the long prompt: one piece a turn while the others decode, never joined by a short prompt
+    assert all(f == [piece] for f in fed[4:4 + 100 // piece]) and fed[4 + 100 // piece] == [100 % piece]
+    assert all(kind == "done" for kind in (out[k][-1] for k in out))
+    # each burst prompt's text equals that prompt run alone (admission order changes nothing it computes)
+    for i in range(8):
+        alone_out = {}
+        alone, _ = _fake_engine(ref, 12, chunk, piece)
+        _turns(alone, _, [[_job([10 + i] * 10, 4, alone_out)]])
+        assert alone_out[0] == out[i]  # the burst was made first: keys 0-7
+    with pytest.raises(ValueError, match="admit_tokens"):
+        _fake_engine(ref, 2, 64, 16, 0)
 
 
 def test_engine_prefill_piece_setting(ref):

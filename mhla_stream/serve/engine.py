@@ -42,7 +42,7 @@ class Engine:
     def __init__(self, model, tokenizer, store, *, max_batch: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True,
                  backend: str = "auto", runner=None, prefill_piece: int | None = None, state_dtype=None,
-                 run_ahead: bool = True):
+                 run_ahead: bool = True, admit_tokens: int | None = None):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         if prefill_piece is not None and not 1 <= prefill_piece:
@@ -50,6 +50,11 @@ class Engine:
         # prompts are fed in pieces of this many tokens; a turn feeds at most one piece's worth while
         # other sequences are decoding (their next token waits for it), up to a chunk's worth otherwise
         self.prefill_piece = min(prefill_piece or prefill_chunk, prefill_chunk)
+        if admit_tokens is not None and not 1 <= admit_tokens:
+            raise ValueError(f"admit_tokens must be >= 1, got {admit_tokens}")
+        # whole short prompts (one piece each) a turn may admit while streams decode: clients that arrive
+        # together (a burst) are admitted a few per turn, not one per turn behind a growing queue
+        self.admit_tokens = max(admit_tokens or self.prefill_piece, self.prefill_piece)
         self.device = model.device
         # ``runner``: a stand-in for the model's steps (the host-cost harness, tests); None = the real one
         self.runner = runner if runner is not None else StepRunner(
@@ -226,7 +231,8 @@ class Engine:
     def _prefill(self):
         """Prompt tokens for this turn: at most ``prefill_piece`` of them while other sequences decode
         (the running streams wait one bounded piece, never a whole long prompt), else up to
-        ``prefill_chunk``; several short prompts, or pieces of a long one. A prompt is always cut into
+        ``prefill_chunk``; several short prompts, or pieces of a long one. Short prompts (one piece
+        each) may fill up to ``admit_tokens`` while others decode. A prompt is always cut into
         the same pieces, so its numbers never depend on what else runs (same alone or batched)."""
         decoding = any(s.staged for s in self.seqs.values())
         budget = self.prefill_piece if decoding else self.prefill_chunk
@@ -245,7 +251,11 @@ class Engine:
                 seq.stored, self.staging = None, seq
             if seq.fed < len(seq.feed):
                 size = min(len(seq.feed) - seq.fed, self.prefill_piece)
-                if spent and spent + size > budget:
+                # a whole prompt of one piece may join others up to ``admit_tokens``; a piece of a
+                # longer prompt keeps to the piece budget (long prompts are what ITL is guarded from)
+                whole = seq.fed == 0 and len(seq.feed) <= self.prefill_piece
+                limit = max(budget, self.admit_tokens) if whole else budget
+                if spent and spent + size > limit:
                     return
                 spent += size
                 self._guarded(seq, self._prefill_piece)

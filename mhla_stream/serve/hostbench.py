@@ -88,7 +88,7 @@ class FakeRunner:
 
 
 def build_fake_server(max_batch: int = 64, max_queue: int = 1024, prefill_chunk: int = 512,
-                      prefill_piece: int | None = None):
+                      prefill_piece: int | None = None, admit_tokens: int | None = None):
     """The real app (routes, engine, metrics, session store) around a ``FakeRunner`` and the shipped
     model's tokenizer and config (the model is loaded on the CPU but never run)."""
     import tempfile
@@ -99,7 +99,7 @@ def build_fake_server(max_batch: int = 64, max_queue: int = 1024, prefill_chunk:
     ref = StreamingMHLA.from_pretrained(device="cpu", dtype="float32")
     runner = FakeRunner(ref.tokenizer, ref.model.config.vocab_size, max_batch, prefill_chunk, prefill_piece)
     return build_server(ref.model, ref.tokenizer, model_name="fake", max_batch=max_batch, max_queue=max_queue,
-                        prefill_chunk=prefill_chunk, prefill_piece=prefill_piece,
+                        prefill_chunk=prefill_chunk, prefill_piece=prefill_piece, admit_tokens=admit_tokens,
                         sessions_dir=tempfile.mkdtemp(prefix="mhla-hostbench-"), runner=runner)
 
 
@@ -112,12 +112,15 @@ def main(argv=None) -> None:
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-queue", type=int, default=1024)
+    ap.add_argument("--prefill-piece", type=int, default=None, help="as mhla-serve's (default: the chunk, 512)")
+    ap.add_argument("--admit-tokens", type=int, default=None, help="as mhla-serve's (default: the piece)")
     ap.add_argument("--http-process", action=argparse.BooleanOptionalAction, default=False,
                     help="the HTTP side in its own process, as mhla-serve --http-process")
     args = ap.parse_args(argv)
     # the engine's few tensor ops on tiny CPU tensors: intra-op threads would only spin and skew the CPU figures
     torch.set_num_threads(1)
-    app = build_fake_server(args.max_batch, args.max_queue)
+    app = build_fake_server(args.max_batch, args.max_queue, prefill_piece=args.prefill_piece,
+                            admit_tokens=args.admit_tokens)
     signal.signal(signal.SIGTERM, lambda *_: None)
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))  # as mhla-serve does
     from mhla_stream.cli.serve import _fast_http
