@@ -26,7 +26,8 @@ def train(ctx: DistContext, data, out, arch, preset, hidden, layers, heads, bloc
     args = {k: v for k, v in locals().items() if k not in ("ctx", "tqdm")}
     data, out, dev = Path(data), Path(out), ctx.device
     if compile is None:  # measured (README, Train): the fused elementwise work is most of the gain
-        compile = args["compile"] = dev.type == "cuda"
+        # (fla's GLA brings its own Triton kernels and was never measured compiled: left eager)
+        compile = args["compile"] = dev.type == "cuda" and arch != "gla"
     if preset is None and block_size * num_blocks > 1 << 20:
         raise DataError(f"--block-size x --num-blocks = {block_size * num_blocks} tokens of context, more than {1 << 20}")
     try:  # the shape each arch is built with, and fla for GLA: refused here, before any folder exists
