@@ -7,6 +7,7 @@ extensions, like ``ignore_eos`` (the ``openai`` client sends them with ``extra_b
 """
 from __future__ import annotations
 
+import re
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -40,6 +41,20 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(text: str, param: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"): valid JSON, not valid Unicode. It cannot be encoded
+    to UTF-8, so the tokenizer (a 500 from deep inside) and a state file's metadata (a session that
+    never saves, a shutdown flush that stops halfway) would fail on it: refused at the door."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise ValueError(f"{param} is not valid Unicode: a lone surrogate {found.group()!a} at character "
+                         f"{found.start()} (send UTF-8 text)")
+    return text
+
+
 def check_session_id(value: str | None, param: str) -> str | None:
     """A session id is an opaque string, never a path: printable, bounded, nothing else is required."""
     if value is None:
@@ -50,7 +65,7 @@ def check_session_id(value: str | None, param: str) -> str | None:
         raise ValueError(f"{param} is longer than {MAX_SESSION_ID} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError(f"{param} must not contain control characters (NUL, newline, ...)")
-    return value
+    return check_unicode(value, param)
 
 
 class _Request(BaseModel):
@@ -114,7 +129,9 @@ class CompletionRequest(_Request):
         if isinstance(v, list) and v and isinstance(v[0], str):
             if len(v) != 1:
                 raise ValueError("only one prompt per request is supported (a list of one string is fine)")
-            return v[0]
+            return check_unicode(v[0], "prompt")
+        if isinstance(v, str):
+            return check_unicode(v, "prompt")
         if isinstance(v, list) and v and min(v) < 0:
             raise ValueError("token ids must be >= 0")
         return v
@@ -127,13 +144,13 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, str):
-            return self.content
+            return check_unicode(self.content, "content")
         parts = []
         for part in self.content:  # OpenAI content parts: only text parts make sense here
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ValueError("message content parts must be {'type': 'text', 'text': ...}")
             parts.append(part["text"])
-        return "".join(parts)
+        return check_unicode("".join(parts), "content")
 
 
 class ChatRequest(_Request):
