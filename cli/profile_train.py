@@ -24,19 +24,14 @@ from .common import command, fail
 def kernel_table(prof, steps: int, on_cuda: bool) -> list[dict]:
     """Rows {name, us_per_step, count_per_step}, largest first: CUDA kernels on a GPU; on a CPU the
     ops' self CPU time (self, not total, so that nested ops are not counted twice)."""
-    import torch
+    if on_cuda:  # the same kernel table as profile_model's (one definition of "kernel time per step")
+        from .profile_model import _kernel_table
+        return [{"name": r["kernel"], "count_per_step": r["count_per_step"], "us_per_step": r["us_per_step"]}
+                for r in _kernel_table(prof, steps)]
     rows: dict[str, list] = {}
-    if on_cuda:
-        for e in prof.events():
-            if e.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            r = rows.setdefault(e.name, [0, 0.0])
-            r[0] += 1
-            r[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-    else:
-        for e in prof.key_averages():
-            if e.self_cpu_time_total > 0 and not e.key.startswith("ProfilerStep"):
-                rows[e.key] = [e.count, e.self_cpu_time_total]
+    for e in prof.key_averages():
+        if e.self_cpu_time_total > 0 and not e.key.startswith("ProfilerStep"):
+            rows[e.key] = [e.count, e.self_cpu_time_total]
     table = [{"name": k[:100], "count_per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in rows.items()]
     return sorted(table, key=lambda r: -r["us_per_step"])
 
