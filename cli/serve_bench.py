@@ -199,11 +199,13 @@ def _in_process(model, weights, random_weights, device, dtype, batches, prompt_l
 @click.option("--fake-model", is_flag=True,
               help="the host-cost harness: the real server around a stand-in runner that costs ~0 a step "
                    "(mhla_stream.serve.hostbench); measures what the host side alone can deliver")
+@click.option("--device-model", default=None, help="with --fake-model: a modelled device (hostbench's DEVICE_MODELS, "
+              "e.g. h100-340m) whose queued work takes the GPU's measured time; the in-process column is the model's")
 @click.option("--smoke", is_flag=True, help="tiny CPU run of every phase (the shipped model)")
 @click.option("--server-args", default="", help="more mhla-serve options, space-separated (e.g. --no-run-ahead)")
 @click.option("--json", "json_path", default=None, type=click.Path())
 def main(model, weights, random_weights, device, dtype, backend, concurrency, rounds, prompt_len, max_tokens,
-         long_prompt_len, long_prompts, long_streams, session_memory, client_procs, fake_model, smoke, server_args,
+         long_prompt_len, long_prompts, long_streams, session_memory, client_procs, fake_model, device_model, smoke, server_args,
          json_path):
     """Measure mhla-serve under concurrent streaming clients against in-process batched decode."""
     import socket
@@ -231,8 +233,14 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
     base = f"http://127.0.0.1:{port}"
     if fake_model:
         model, rows, state_bytes, param_bytes, vocab = "fake", [None] * len(levels), 0, 0, 1000
+        modelled = []
+        if device_model:  # as mhla-serve on CUDA: chunk 1024, pieces of 256 (server_args may override them)
+            from mhla_stream.serve.hostbench import ModelledDevice
+            dev = ModelledDevice(device_model)
+            rows = [{"batch": b, "decode_tok_s": dev.tok_s(b), "decode_ms_per_step": dev.decode_ms(b)} for b in levels]
+            modelled = ["--device-model", device_model, "--prefill-chunk", "1024", "--prefill-piece", "256"]
         cmd = [sys.executable, "-m", "mhla_stream.serve.hostbench", "--port", str(port), "--max-batch", str(slots),
-               "--max-queue", str(4 * max(levels + [long_streams]))] + server_args.split()
+               "--max-queue", str(4 * max(levels + [long_streams]))] + modelled + server_args.split()
     else:
         rows, state_bytes, param_bytes, vocab = _in_process(model, weights, random_weights, device,
                                                             getattr(torch, dtype), levels, prompt_len, max_tokens,
