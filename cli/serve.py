@@ -47,6 +47,10 @@ def parse_bytes(text: str) -> int:
               help="while streams decode, whole short prompts (one piece each) a turn may admit together, in "
                    "tokens: a burst of arrivals waits fewer turns, at the cost of longer pauses for the running "
                    "streams (README: 1024 gave +6%% tokens/s and 2x the ITL p99 at 32 streams) [default: the piece]")
+@click.option("--admit-batch", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="whole short prompts (one piece each) prefilled side by side in one forward, then placed in "
+                   "their slots: a burst of arrivals costs one forward, not one each (uses this many more state "
+                   "rows of device memory; 1: one prompt a forward)")
 @click.option("--api-key", default=None, envvar="MHLA_SERVE_API_KEY",
               help="require 'Authorization: Bearer KEY' on /v1 (or set MHLA_SERVE_API_KEY)")
 @click.option("--sessions-dir", type=click.Path(file_okay=False), default=None,
@@ -71,7 +75,7 @@ def parse_bytes(text: str) -> int:
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk,
-         prefill_piece, admit_tokens, api_key,
+         prefill_piece, admit_tokens, admit_batch, api_key,
          sessions_dir, session_memory, device, dtype, backend, policy, state_dtype, cuda_graph, run_ahead, gil_switch_us,
          http_process, log_level):
     """Serve an MHLA model over an OpenAI-compatible HTTP API."""
@@ -124,7 +128,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     try:
         app = build_server(m, tokenizer, model_name=os.path.basename(os.path.normpath(model)), max_batch=max_batch,
                            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
-                           prefill_piece=prefill_piece, admit_tokens=admit_tokens,
+                           prefill_piece=prefill_piece, admit_tokens=admit_tokens, admit_batch=admit_batch,
                            api_key=api_key, sessions_dir=sessions_dir, session_memory=budget, policy=policy,
                            cuda_graph=cuda_graph, backend=backend, state_dtype=state_dtype, run_ahead=run_ahead,
                            on_shutdown=(lambda: shutil.rmtree(sessions_dir, ignore_errors=True)) if temporary else None)

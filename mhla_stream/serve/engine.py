@@ -42,7 +42,7 @@ class Engine:
     def __init__(self, model, tokenizer, store, *, max_batch: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True,
                  backend: str = "auto", runner=None, prefill_piece: int | None = None, state_dtype=None,
-                 run_ahead: bool = True, admit_tokens: int | None = None):
+                 run_ahead: bool = True, admit_tokens: int | None = None, admit_batch: int = 1):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         if prefill_piece is not None and not 1 <= prefill_piece:
@@ -55,11 +55,15 @@ class Engine:
         # whole short prompts (one piece each) a turn may admit while streams decode: clients that arrive
         # together (a burst) are admitted a few per turn, not one per turn behind a growing queue
         self.admit_tokens = max(admit_tokens or self.prefill_piece, self.prefill_piece)
+        if not 1 <= admit_batch:
+            raise ValueError(f"admit_batch must be >= 1, got {admit_batch}")
+        # > 1: those whole short prompts are prefilled side by side in one forward (admission.py)
+        self.admit_batch = admit_batch
         self.device = model.device
         # ``runner``: a stand-in for the model's steps (the host-cost harness, tests); None = the real one
         self.runner = runner if runner is not None else StepRunner(
             model, max_batch, prefill_chunk, policy=policy, backend=backend, cuda_graphs=cuda_graph,
-            prefill_piece=self.prefill_piece, state_dtype=state_dtype)
+            prefill_piece=self.prefill_piece, state_dtype=state_dtype, admit_batch=admit_batch)
         self.free = list(range(max_batch))
         self.seqs: dict[int, Seq] = {}
         self.staging: Seq | None = None       # the sequence whose prompt is in the staging row
@@ -237,10 +241,15 @@ class Engine:
         decoding = any(s.staged for s in self.seqs.values())
         budget = self.prefill_piece if decoding else self.prefill_chunk
         spent = 0
+        while self.admit_batch > 1:  # batches of whole short prompts while the budget lasts
+            fed = self._admit_together(max(budget, self.admit_tokens) - spent)
+            if not fed:
+                break
+            spent += fed
         while True:
             seq = self.staging
-            if seq is None:
-                seq = next((s for s in self.seqs.values() if not s.staged), None)  # admission order
+            if seq is None:  # admission order; with batched admission, the prompts that cannot be batched
+                seq = next((s for s in self.seqs.values() if not s.staged and not self._batchable(s)), None)
                 if seq is None:
                     return
                 try:
@@ -261,6 +270,41 @@ class Engine:
                 self._guarded(seq, self._prefill_piece)
             if self.staging is seq and seq.fed == len(seq.feed):
                 self._guarded(seq, self._stage_finish)
+
+    def _admit_together(self, limit: int) -> int:
+        """Whole short prompts (one piece each), in admission order, up to ``admit_batch`` of them and
+        ``limit`` tokens: prefilled in one batched forward and placed in their slots. Returns the
+        tokens fed. If the batched forward fails, its prompts go the one-at-a-time way instead (a
+        failure that belongs to one of them then fails that request only)."""
+        group, spent = [], 0
+        for seq in self.seqs.values():  # insertion order = admission order
+            if not self._batchable(seq) or seq.staged:
+                continue
+            if len(group) == self.admit_batch or spent + len(seq.feed) > limit:
+                break
+            group.append(seq)
+            spent += len(seq.feed)
+        if not group:
+            return 0
+        try:
+            logits = self.runner.admit([(s.slot, s.stored, s.feed) for s in group])
+        except Exception:
+            log.warning("a batched admission of %d prompts failed; admitting them one at a time", len(group),
+                        exc_info=True)
+            for seq in group:
+                seq.solo = True
+            return 0
+        for i, seq in enumerate(group):
+            seq.stored, seq.fed, seq.logits = None, len(seq.feed), logits[i]
+            seq.history.extend(seq.feed)
+            seq.position += len(seq.feed)
+            seq.staged = True
+        return spent
+
+    def _batchable(self, seq: Seq) -> bool:
+        """Whether batched admission takes ``seq``: a whole prompt of at most one piece, not yet begun."""
+        return (self.admit_batch > 1 and not seq.solo and seq.fed == 0 and seq is not self.staging
+                and 1 <= len(seq.feed) <= self.prefill_piece)
 
     def _stage_finish(self, seq: Seq):
         self.runner.stage_finish(seq.slot)

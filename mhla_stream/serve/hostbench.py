@@ -102,8 +102,8 @@ class FakeRunner:
     graphs = False
 
     def __init__(self, tokenizer, vocab_size: int, max_batch: int, prefill_chunk: int, piece: int | None = None,
-                 record: bool = False, device: str | None = None):
-        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+                 record: bool = False, device: str | None = None, admit_batch: int = 1):
+        self.max_batch, self.prefill_chunk, self.admit_batch = max_batch, prefill_chunk, admit_batch
         self.device = ModelledDevice(device) if device else None
         self.prefill_piece = piece or prefill_chunk
         ids = [i for i in tokenizer.encode(STORY) if i < min(vocab_size, NARROW)]
@@ -166,6 +166,25 @@ class FakeRunner:
             self.device.run(self.device.piece_ms(1, len(ids)))
         return self.table[0]
 
+    def admit(self, items) -> torch.Tensor:
+        """Batched admission (runner.admit): every prompt's slot starts its cycle; on a modelled device
+        one padded forward over the row bucket, then a copy per prompt."""
+        if self.record:
+            self.calls.append(("admit", sum(len(ids) for _, _, ids in items)))
+        for slot, stored, _ in items:
+            if stored is not None:
+                raise RuntimeError("the host-cost harness keeps no state: sessions are not served by it")
+            self.position[slot] = 0
+        if self.device is not None:
+            from .admission import pad_sizes
+            from .runner import decode_buckets
+            rows = next(b for b in decode_buckets(self.admit_batch) if b >= len(items))
+            longest = max(len(ids) for _, _, ids in items)
+            padded = next(n for n in pad_sizes(self.prefill_piece) if n >= longest)
+            cost = self.device.cost
+            self.device.run(rows * cost["zero_row"] + self.device.piece_ms(rows, padded) + len(items) * cost["copy_row"])
+        return self.table[0].expand(len(items), -1)
+
     def stage_finish(self, slot: int) -> None:
         self.position[slot] = 0
         if self.device is not None:
@@ -173,7 +192,8 @@ class FakeRunner:
 
 
 def build_fake_server(max_batch: int = 64, max_queue: int = 1024, prefill_chunk: int = 512,
-                      prefill_piece: int | None = None, admit_tokens: int | None = None, device: str | None = None):
+                      prefill_piece: int | None = None, admit_tokens: int | None = None, device: str | None = None,
+                      admit_batch: int = 1):
     """The real app (routes, engine, metrics, session store) around a ``FakeRunner`` and the shipped
     model's tokenizer and config (the model is loaded on the CPU but never run)."""
     import tempfile
@@ -183,10 +203,10 @@ def build_fake_server(max_batch: int = 64, max_queue: int = 1024, prefill_chunk:
     from .server import build_server
     ref = StreamingMHLA.from_pretrained(device="cpu", dtype="float32")
     runner = FakeRunner(ref.tokenizer, ref.model.config.vocab_size, max_batch, prefill_chunk, prefill_piece,
-                        device=device)
+                        device=device, admit_batch=admit_batch)
     return build_server(ref.model, ref.tokenizer, model_name="fake", max_batch=max_batch, max_queue=max_queue,
                         prefill_chunk=prefill_chunk, prefill_piece=prefill_piece, admit_tokens=admit_tokens,
-                        sessions_dir=tempfile.mkdtemp(prefix="mhla-hostbench-"), runner=runner)
+                        admit_batch=admit_batch, sessions_dir=tempfile.mkdtemp(prefix="mhla-hostbench-"), runner=runner)
 
 
 def main(argv=None) -> None:
@@ -201,6 +221,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill-piece", type=int, default=None, help="as mhla-serve's (default: the chunk, 512)")
     ap.add_argument("--admit-tokens", type=int, default=None, help="as mhla-serve's (default: the piece)")
     ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--admit-batch", type=int, default=1, help="as mhla-serve's")
     ap.add_argument("--device-model", default=None, choices=sorted(DEVICE_MODELS),
                     help="a modelled device (queued work that takes the GPU's measured time) instead of a free one")
     ap.add_argument("--http-process", action=argparse.BooleanOptionalAction, default=False,
@@ -209,7 +230,8 @@ def main(argv=None) -> None:
     # the engine's few tensor ops on tiny CPU tensors: intra-op threads would only spin and skew the CPU figures
     torch.set_num_threads(1)
     app = build_fake_server(args.max_batch, args.max_queue, prefill_chunk=args.prefill_chunk,
-                            prefill_piece=args.prefill_piece, admit_tokens=args.admit_tokens, device=args.device_model)
+                            prefill_piece=args.prefill_piece, admit_tokens=args.admit_tokens, device=args.device_model,
+                            admit_batch=args.admit_batch)
     signal.signal(signal.SIGTERM, lambda *_: None)
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))  # as mhla-serve does
     from mhla_stream.cli.serve import _fast_http

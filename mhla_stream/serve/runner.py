@@ -155,13 +155,17 @@ class DecodeStep:
 class StepRunner:
     def __init__(self, model, max_batch: int, prefill_chunk: int, *, policy: str | None = None,
                  backend: str = "auto", cuda_graphs: bool = True, prefill_piece: int | None = None,
-                 state_dtype=None):
+                 state_dtype=None, admit_batch: int = 1):
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         # the largest captured prefill graph: the engine feeds prompts in pieces of at most this size
         self.prefill_piece = min(prefill_piece or prefill_chunk, prefill_chunk)
         self.device = model.device
-        # the slots, then the staging row
-        self.states = model.new_state(max_batch + 1, policy, state_dtype=state_dtype)
+        if not 1 <= admit_batch:
+            raise ValueError(f"admit_batch must be >= 1, got {admit_batch}")
+        # the slots, the staging row, then the rows of batched admission (admission.py) if any
+        self.admit_batch = admit_batch
+        self.states = model.new_state(max_batch + 1 + (admit_batch if admit_batch > 1 else 0), policy,
+                                      state_dtype=state_dtype)
         self._views: dict[tuple[int, int], list[MHLAState]] = {}
         self.staging = self.rows(max_batch, max_batch + 1)
         self.backend, self.policy = backend, policy
@@ -175,10 +179,16 @@ class StepRunner:
         self.feed = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self.piece_sizes = prefill_sizes(self.prefill_piece)
         cuda = self.device.type == "cuda"
-        self.host = HostBuffers(max(2 * max_batch, self.prefill_chunk)) if cuda else None
+        self.host = HostBuffers(max(2 * max_batch, self.prefill_chunk, admit_batch * (self.prefill_piece + 1))) \
+            if cuda else None
         self._zero_graph, self._finish_graphs = None, {}
         if self.graphs:
             self._capture()
+        self.stager = None
+        if admit_batch > 1:
+            from .admission import BatchStager
+            self.stager = BatchStager(model, self.rows, max_batch + 1, admit_batch, self.prefill_piece, backend=backend,
+                                      policy=policy, cuda_graphs=self.graphs)
 
     def _capture(self):
         # at start-up, not on first use: a capture in the middle of serving would stall every stream
@@ -211,14 +221,15 @@ class StepRunner:
     def describe(self) -> str:
         graphs = (f"decode graphs for {self.buckets} rows, prefill graphs for pieces {self.piece_sizes}"
                   if self.graphs else "no CUDA graphs (eager steps)")
+        stager = f"; {self.stager.describe()}" if self.stager is not None else ""
         return (f"{self.max_batch} slots + 1 staging row, prefill chunk {self.prefill_chunk} (pieces of "
-                f"{self.prefill_piece} while streams decode), {graphs}; "
+                f"{self.prefill_piece} while streams decode), {graphs}{stager}; "
                 f"decode plan: {self.decode_plan.describe()}; prefill plan: {self.prefill_plan.describe()}")
 
     def info(self) -> dict[str, str]:
         """The same as ``describe`` as Prometheus info labels."""
         return {"slots": str(self.max_batch), "prefill_chunk": str(self.prefill_chunk),
-                "prefill_piece": str(self.prefill_piece),
+                "prefill_piece": str(self.prefill_piece), "admit_batch": str(self.admit_batch),
                 "cuda_graphs": str(self.graphs), "decode_buckets": ",".join(map(str, self.buckets)),
                 "prefill_pieces": ",".join(map(str, self.piece_sizes)) if self.graphs else "",
                 "decode_plan": self.decode_plan.describe(), "prefill_plan": self.prefill_plan.describe()}
@@ -283,6 +294,15 @@ class StepRunner:
             logits = self.prefill_graphs[size].step(x[:, start:start + size])
             start += size
         return logits[0, -1].to(torch.float32, copy=True)
+
+    def admit(self, items: list[tuple[int, dict | None, list[int]]]) -> torch.Tensor:
+        """Whole short prompts (slot, stored session tensors or None, ids of at most a piece), up to
+        ``admit_batch`` of them, prefilled in one forward and placed in their slots (admission.py);
+        returns fp32 logits [len(items), V] of each prompt's last token."""
+        if self.stager is None:
+            raise RuntimeError("batched admission is off (admit_batch = 1)")
+        stage = (lambda values: self.host.stage(values, self.device)) if self.host is not None else None
+        return self.stager.admit(items, stage)
 
     def pick_first(self, slot: int, logits: torch.Tensor) -> DecodeStep:
         """The greedy pick of a staged prompt's last logits [V], written into ``slot``'s feed on the

@@ -1,0 +1,148 @@
+"""Batched admission: several whole short prompts prefilled in one forward, then placed in their slots.
+
+A prompt of at most one piece costs one forward whatever else runs, and on a GPU a forward of a
+few hundred tokens is bound by its ~15 kernels a layer, not by its tokens: admitting 8 such prompts
+one per forward costs about 8 times what one forward of all 8 costs. So ``BatchStager`` owns
+``rows`` more state rows (after the slots and the staging row of ``runner.py``), prefills up to
+``rows`` prompts side by side (right-padded to a common length; each row's ``lengths`` entry keeps
+the padding out of its state and positions), takes each prompt's logits at its own last token,
+and copies each finished row into its slot.
+
+On CUDA each (row bucket, padded length) is one captured graph over the same rows, lengths a
+device buffer: no host-bound eager forward between decode steps. The lengths are powers of two
+from 16 up to the piece (a prompt of 100 tokens pads to 128), so there are a few dozen graphs,
+sharing one memory pool. Off CUDA the forward runs eagerly, padded only to the longest prompt.
+
+The numbers: each row's attention is its own (the per-row lengths), but the projections of a
+batched forward are products over more rows, so a prompt admitted beside others matches the same
+prompt admitted alone to rounding, as a batched decode step matches a batch-1 one.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..state import MHLAState
+from .runner import decode_buckets
+
+SMALLEST_PAD = 16
+
+
+def pad_sizes(piece: int) -> list[int]:
+    """Padded lengths captured on CUDA: 16, 32, ... below ``piece``, then ``piece`` itself."""
+    sizes, n = [], SMALLEST_PAD
+    while n < piece:
+        sizes.append(n)
+        n *= 2
+    return sizes + [piece]
+
+
+def _grouped(op, *lists):
+    """``op`` (a ``torch._foreach_*`` in-place op) over parallel tensor lists, one call per dtype: a
+    foreach call over mixed dtypes takes the slow path (one launch per tensor)."""
+    groups: dict[torch.dtype, list] = {}
+    for items in zip(*lists):
+        groups.setdefault(items[0].dtype, []).append(items)
+    for items in groups.values():
+        op(*(list(col) for col in zip(*items)))
+
+
+class BatchStager:
+    """``rows`` staging rows for whole short prompts. ``all_rows(start, stop)`` gives views of the
+    runner's state rows (``StepRunner.rows``); the stager's rows are ``[base, base + rows)``."""
+
+    def __init__(self, model, all_rows, base: int, rows: int, piece: int, *, backend: str, policy: str | None,
+                 cuda_graphs: bool, pool=None):
+        self.model, self.rows, self.piece = model, rows, piece
+        self.device = model.device
+        self.buckets = decode_buckets(rows)
+        self._views = {kb: all_rows(base, base + kb) for kb in self.buckets}
+        self._slot_rows = lambda slot: all_rows(slot, slot + 1)
+        self.plans = {kb: model.make_plan(kb, backend=backend, policy=policy, cuda_graphs=cuda_graphs)
+                      for kb in self.buckets}
+        # static inputs of every forward (the graphs read views of these)
+        self.ids = torch.zeros(rows, piece, dtype=torch.long, device=self.device)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.sizes = pad_sizes(piece)
+        self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+        if cuda_graphs and self.device.type == "cuda":
+            self._capture(pool)
+
+    def describe(self) -> str:
+        graphs = f", graphs for {len(self.graphs)} (rows, length) pairs" if self.graphs else ""
+        return f"batched admission: up to {self.rows} prompts of at most {self.piece} tokens a forward{graphs}"
+
+    # -- the forward ------------------------------------------------------------------------------------
+    def _forward(self, kb: int, s: int) -> torch.Tensor:
+        """Rows [0, kb) fed ``ids[:kb, :s]`` with ``lengths[:kb]``: fp32-able logits [kb, V] at each
+        row's last real token (row of length 0: its first position, never read)."""
+        lengths = self.lengths[:kb]
+        hidden = self.model.model(input_ids=self.ids[:kb, :s], states=self._views[kb], lengths=lengths,
+                                  plan=self.plans[kb])                                          # [kb, s, D]
+        last = (lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, hidden.shape[-1])
+        return self.model.lm_head(hidden.gather(1, last))[:, 0]                                 # [kb, V]
+
+    def _capture(self, pool):
+        # at start-up, as the runner's other graphs: never in the middle of serving
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        for kb in self.buckets:
+            for s in self.sizes:
+                self.lengths[:kb].fill_(s)
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream), torch.inference_mode():
+                    for _ in range(2):  # warm-up: autotuning and lazy set-up happen outside the capture
+                        self._forward(kb, s)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                # one pool for all: each replay's logits are copied out before the next replay
+                with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+                    logits = self._forward(kb, s)
+                self.graphs[(kb, s)] = (graph, logits)
+        self.lengths.zero_()
+
+    # -- admission --------------------------------------------------------------------------------------
+    def admit(self, items: list[tuple[int, dict | None, list[int]]], host_stage=None) -> torch.Tensor:
+        """``items``: (slot, stored session tensors or None, prompt ids of 1..piece tokens), at most
+        ``rows`` of them. Prefills them side by side, copies each into its slot (positions included),
+        returns fp32 logits [len(items), V] of each prompt's last token. ``host_stage(values)``: the
+        runner's pinned host-to-device copy (None: a plain copy)."""
+        k = len(items)
+        if not 0 < k <= self.rows:
+            raise ValueError(f"a batched admission holds 1 to {self.rows} prompts, got {k}")
+        longest = max(len(ids) for _, _, ids in items)
+        if min(len(ids) for _, _, ids in items) < 1 or longest > self.piece:
+            raise ValueError(f"a batched admission takes prompts of 1 to {self.piece} ids")
+        kb = next(b for b in self.buckets if b >= k)
+        s = next(n for n in self.sizes if n >= longest) if self.graphs else longest
+        views = self._views[kb]
+        tensors = [getattr(st, n) for st in views for n in MHLAState.TENSORS]
+        _grouped(torch._foreach_zero_, tensors)
+        for i, (_, stored, _) in enumerate(items):
+            if stored is not None:
+                names = [f"layers.{j}.{n}" for j in range(len(views)) for n in MHLAState.TENSORS]
+                live = [getattr(st, n)[i] for st in views for n in MHLAState.TENSORS]
+                _grouped(torch._foreach_copy_, live, [stored[key].to(self.device)[0] for key in names])
+        # one host-to-device copy of every row's ids (padded with 0) and length
+        flat = []
+        for _, _, ids in items:
+            flat += list(ids) + [0] * (s - len(ids))
+        flat += [0] * ((kb - k) * s)
+        values = flat + [len(ids) for _, _, ids in items] + [0] * (kb - k)
+        staged = host_stage(values) if host_stage is not None else torch.tensor(values, dtype=torch.long)
+        self.ids[:kb, :s].copy_(staged[:kb * s].view(kb, s))
+        self.lengths[:kb].copy_(staged[kb * s:])
+        if (kb, s) in self.graphs:
+            graph, out = self.graphs[(kb, s)]
+            graph.replay()
+        else:
+            out = self._forward(kb, s)
+        logits = out[:k].to(torch.float32, copy=True)
+        # every admitted row into its slot: one foreach copy for all of them
+        dst, src = [], []
+        for i, (slot, _, _) in enumerate(items):
+            for st_slot, st_row in zip(self._slot_rows(slot), views):
+                for n in MHLAState.TENSORS:
+                    dst.append(getattr(st_slot, n)[0])
+                    src.append(getattr(st_row, n)[i])
+        _grouped(torch._foreach_copy_, dst, src)
+        return logits
