@@ -21,7 +21,7 @@ with socket.socket() as s:
     port = s.getsockname()[1]
 START_TIMEOUT_S = 300  # start-up captures every decode bucket and prefill piece as a CUDA graph (~19)
 srv = subprocess.Popen([sys.executable, "-m", "mhla_stream.cli.serve", "--port", str(port), "--device", "cuda",
-                        "--dtype", "float32", "--max-batch", "16", "--log-level", "info"])
+                        "--dtype", "float32", "--max-batch", "16", "--log-level", "info"] + sys.argv[1:])
 try:
     t0 = time.monotonic()
     while True:

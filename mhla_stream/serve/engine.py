@@ -64,6 +64,7 @@ class Engine:
         self.runner = runner if runner is not None else StepRunner(
             model, max_batch, prefill_chunk, policy=policy, backend=backend, cuda_graphs=cuda_graph,
             prefill_piece=self.prefill_piece, state_dtype=state_dtype, admit_batch=admit_batch)
+        self.admit_batch = getattr(self.runner, "admit_batch", admit_batch)  # 1 if the runner could not batch
         self.free = list(range(max_batch))
         self.seqs: dict[int, Seq] = {}
         self.staging: Seq | None = None       # the sequence whose prompt is in the staging row
@@ -237,7 +238,10 @@ class Engine:
         (the running streams wait one bounded piece, never a whole long prompt), else up to
         ``prefill_chunk``; several short prompts, or pieces of a long one. Short prompts (one piece
         each) may fill up to ``admit_tokens`` while others decode. A prompt is always cut into
-        the same pieces, so its numbers never depend on what else runs (same alone or batched)."""
+        the same pieces, so its numbers never depend on what else runs (same alone or batched).
+        With ``admit_batch`` > 1 those whole short prompts are prefilled side by side, up to
+        ``admit_batch`` a forward (``_admit_together``); they then match the one-at-a-time numbers
+        to rounding, as a batched decode step matches a batch-1 one."""
         decoding = any(s.staged for s in self.seqs.values())
         budget = self.prefill_piece if decoding else self.prefill_chunk
         spent = 0

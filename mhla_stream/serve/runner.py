@@ -187,8 +187,15 @@ class StepRunner:
         self.stager = None
         if admit_batch > 1:
             from .admission import BatchStager
-            self.stager = BatchStager(model, self.rows, max_batch + 1, admit_batch, self.prefill_piece, backend=backend,
-                                      policy=policy, cuda_graphs=self.graphs)
+            try:
+                self.stager = BatchStager(model, self.rows, max_batch + 1, admit_batch, self.prefill_piece,
+                                          backend=backend, policy=policy, cuda_graphs=self.graphs)
+            except Exception:  # e.g. a capture this device refuses: serve, one prompt a forward, and say so
+                if not self.graphs:
+                    raise
+                log.exception("batched admission could not be set up; admitting one prompt a forward")
+                self.admit_batch = 1
+                torch.cuda.synchronize()
 
     def _capture(self):
         # at start-up, not on first use: a capture in the middle of serving would stall every stream
