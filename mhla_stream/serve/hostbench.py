@@ -52,9 +52,26 @@ class ModelledDevice:
             raise ValueError(f"unknown device model {name!r}; known: {', '.join(DEVICE_MODELS)}")
         self.name, self.cost = name, DEVICE_MODELS[name]
         self.free_at = 0.0
+        import collections
+        import os
+        self.busy = collections.Counter()
+        # MHLA_DEVICE_REPORT_S=2: every 2 s, the share of each kind of work and of idle time (stderr)
+        self.report_s = float(os.environ.get("MHLA_DEVICE_REPORT_S", "0"))
+        self._reported = time.perf_counter()
 
-    def run(self, ms: float) -> float:
-        self.free_at = max(time.perf_counter(), self.free_at) + ms / 1e3
+    def run(self, ms: float, kind: str = "other") -> float:
+        now = time.perf_counter()
+        if now > self.free_at:
+            self.busy["idle"] += now - self.free_at
+        self.free_at = max(now, self.free_at) + ms / 1e3
+        self.busy[kind] += ms / 1e3
+        if self.report_s and now - self._reported > self.report_s:  # where the modelled device's time went
+            total = sum(self.busy.values())
+            if total:
+                print("modelled device: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(self.busy.items())),
+                      file=sys.stderr, flush=True)
+            self.busy.clear()
+            self._reported = now
         return self.free_at
 
     @staticmethod
@@ -141,8 +158,8 @@ class FakeRunner:
         if self.device is None:
             return step
         from .runner import bucket_for, decode_buckets  # the real runner steps a whole captured bucket
-        return _timed(step, self.device.run(self.device.decode_ms(bucket_for(hi, decode_buckets(self.max_batch)))),
-                      self.device)
+        return _timed(step, self.device.run(self.device.decode_ms(bucket_for(hi, decode_buckets(self.max_batch))),
+                                            "decode"), self.device)
 
     def pick_first(self, slot: int, logits: torch.Tensor):
         from .runner import DecodeStep
@@ -155,7 +172,7 @@ class FakeRunner:
             raise RuntimeError("the host-cost harness keeps no state: sessions are not served by it")
         self.position[self.max_batch] = 0
         if self.device is not None:
-            self.device.run(self.device.cost["zero_row"])
+            self.device.run(self.device.cost["zero_row"], "zero")
 
     def stage_feed(self, ids: list[int]) -> torch.Tensor:
         if not 0 < len(ids) <= self.prefill_piece:
@@ -163,7 +180,7 @@ class FakeRunner:
         if self.record:
             self.calls.append(("feed", len(ids)))
         if self.device is not None:
-            self.device.run(self.device.piece_ms(1, len(ids)))
+            self.device.run(self.device.piece_ms(1, len(ids)), "prefill")
         return self.table[0]
 
     def admit(self, items) -> torch.Tensor:
@@ -182,13 +199,15 @@ class FakeRunner:
             longest = max(len(ids) for _, _, ids in items)
             padded = next(n for n in pad_sizes(self.prefill_piece) if n >= longest)
             cost = self.device.cost
-            self.device.run(rows * cost["zero_row"] + self.device.piece_ms(rows, padded) + len(items) * cost["copy_row"])
+            self.device.run(rows * cost["zero_row"], "zero")
+            self.device.run(self.device.piece_ms(rows, padded), "prefill")
+            self.device.run(len(items) * cost["copy_row"], "copy")
         return self.table[0].expand(len(items), -1)
 
     def stage_finish(self, slot: int) -> None:
         self.position[slot] = 0
         if self.device is not None:
-            self.device.run(self.device.cost["copy_row"])
+            self.device.run(self.device.cost["copy_row"], "copy")
 
 
 def build_fake_server(max_batch: int = 64, max_queue: int = 1024, prefill_chunk: int = 512,

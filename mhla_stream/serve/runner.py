@@ -162,8 +162,9 @@ class StepRunner:
         self.device = model.device
         if not 1 <= admit_batch:
             raise ValueError(f"admit_batch must be >= 1, got {admit_batch}")
-        # the slots, the staging row, then the rows of batched admission (admission.py) if any
-        self.admit_batch = admit_batch
+        # the slots, the staging row, then the rows of batched admission (admission.py) if any; never more
+        # rows than slots (a batch only ever fills free slots)
+        admit_batch = self.admit_batch = min(admit_batch, max_batch)
         self.states = model.new_state(max_batch + 1 + (admit_batch if admit_batch > 1 else 0), policy,
                                       state_dtype=state_dtype)
         self._views: dict[tuple[int, int], list[MHLAState]] = {}
