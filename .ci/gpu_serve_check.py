@@ -16,6 +16,7 @@ from mhla_stream import StreamingMHLA
 PROMPTS = [f"Once upon a time, {w} went to the" for w in
            ("a fox", "Tom", "a little bird", "the king", "Lily", "a dog", "the old man", "a girl", "Ben", "a cat",
             "the queen", "Sam")] + ["The old castle " * 90]  # ~270 tokens: more than one prefill piece (256 on CUDA)
+SESSION_TURNS = [[f"The {w} sat by the river.", " Then it began to rain, and"] for w in ("fox", "old man", "girl", "cat")]
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -46,6 +47,16 @@ try:
         return r.json()["choices"][0]["text"]
     with cf.ThreadPoolExecutor(len(PROMPTS)) as ex:
         served = list(ex.map(ask, PROMPTS))
+
+    def ask_session(i):  # two requests on one session, beside the other sessions' requests
+        texts = []
+        for p in SESSION_TURNS[i]:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=300,
+                           json={"prompt": p, "max_tokens": 16, "temperature": 0, "session": f"check-{i}"})
+            texts.append(r.json()["choices"][0]["text"])
+        return texts
+    with cf.ThreadPoolExecutor(len(SESSION_TURNS)) as ex:
+        served_sessions = list(ex.map(ask_session, range(len(SESSION_TURNS))))
 finally:
     srv.terminate()
     srv.wait(timeout=60)
@@ -53,6 +64,15 @@ alone = []
 for p in PROMPTS:
     s = StreamingMHLA.from_pretrained(device="cuda", dtype="float32")
     alone.append(s.generate(p, max_new_tokens=24, do_sample=False))
+alone_sessions = []
+for turns in SESSION_TURNS:  # one stream fed turn after turn, as the session's requests were
+    s = StreamingMHLA.from_pretrained(device="cuda", dtype="float32")
+    alone_sessions.append([s.generate(p, max_new_tokens=16, do_sample=False) for p in turns])
+same_s = sum(a == b for a, b in zip(served_sessions, alone_sessions))
+print(f"sessions on CUDA fp32 (2 requests each, concurrent): {same_s}/{len(SESSION_TURNS)} identical to one stream")
+for a, b in zip(served_sessions, alone_sessions):
+    if a != b:
+        print("  served:", a, "\n  alone: ", b)
 same = sum(a == b for a, b in zip(served, alone))
 prefix = sum(a[:12] == b[:12] for a, b in zip(served, alone))
 print(f"serve-vs-alone on CUDA fp32: {same}/{len(PROMPTS)} identical, {prefix}/{len(PROMPTS)} agree on the first 12 chars")
