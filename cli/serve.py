@@ -51,6 +51,9 @@ def parse_bytes(text: str) -> int:
               help="whole short prompts (one piece each) prefilled side by side in one forward, then placed in "
                    "their slots: a burst of arrivals costs one forward, not one each (uses this many more state "
                    "rows of device memory; 1: one prompt a forward)")
+@click.option("--async-session-copy/--no-async-session-copy", default=False, show_default=True,
+              help="CUDA: a finished session request's state goes to host memory through a device park row and a "
+                   "side stream, without stopping the other streams (off: a plain copy that waits for the device)")
 @click.option("--api-key", default=None, envvar="MHLA_SERVE_API_KEY",
               help="require 'Authorization: Bearer KEY' on /v1 (or set MHLA_SERVE_API_KEY)")
 @click.option("--sessions-dir", type=click.Path(file_okay=False), default=None,
@@ -75,7 +78,7 @@ def parse_bytes(text: str) -> int:
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk,
-         prefill_piece, admit_tokens, admit_batch, api_key,
+         prefill_piece, admit_tokens, admit_batch, async_session_copy, api_key,
          sessions_dir, session_memory, device, dtype, backend, policy, state_dtype, cuda_graph, run_ahead, gil_switch_us,
          http_process, log_level):
     """Serve an MHLA model over an OpenAI-compatible HTTP API."""
@@ -129,6 +132,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
         app = build_server(m, tokenizer, model_name=os.path.basename(os.path.normpath(model)), max_batch=max_batch,
                            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
                            prefill_piece=prefill_piece, admit_tokens=admit_tokens, admit_batch=admit_batch,
+                           async_session_copy=async_session_copy,
                            api_key=api_key, sessions_dir=sessions_dir, session_memory=budget, policy=policy,
                            cuda_graph=cuda_graph, backend=backend, state_dtype=state_dtype, run_ahead=run_ahead,
                            on_shutdown=(lambda: shutil.rmtree(sessions_dir, ignore_errors=True)) if temporary else None)

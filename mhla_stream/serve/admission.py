@@ -121,7 +121,7 @@ class BatchStager:
             if stored is not None:
                 names = [f"layers.{j}.{n}" for j in range(len(views)) for n in MHLAState.TENSORS]
                 live = [getattr(st, n)[i] for st in views for n in MHLAState.TENSORS]
-                _grouped(torch._foreach_copy_, live, [stored[key].to(self.device)[0] for key in names])
+                _grouped(torch._foreach_copy_, live, [stored[key].to(self.device, non_blocking=True)[0] for key in names])
         # one host-to-device copy of every row's ids (padded with 0) and length
         flat = []
         for _, _, ids in items:

@@ -42,7 +42,8 @@ class Engine:
     def __init__(self, model, tokenizer, store, *, max_batch: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True,
                  backend: str = "auto", runner=None, prefill_piece: int | None = None, state_dtype=None,
-                 run_ahead: bool = True, admit_tokens: int | None = None, admit_batch: int = 1):
+                 run_ahead: bool = True, admit_tokens: int | None = None, admit_batch: int = 1,
+                 async_session_copy: bool = False):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         if prefill_piece is not None and not 1 <= prefill_piece:
@@ -63,7 +64,8 @@ class Engine:
         # ``runner``: a stand-in for the model's steps (the host-cost harness, tests); None = the real one
         self.runner = runner if runner is not None else StepRunner(
             model, max_batch, prefill_chunk, policy=policy, backend=backend, cuda_graphs=cuda_graph,
-            prefill_piece=self.prefill_piece, state_dtype=state_dtype, admit_batch=admit_batch)
+            prefill_piece=self.prefill_piece, state_dtype=state_dtype, admit_batch=admit_batch,
+            async_snapshots=async_session_copy)
         self.admit_batch = getattr(self.runner, "admit_batch", admit_batch)  # 1 if the runner could not batch
         self.free = list(range(max_batch))
         self.seqs: dict[int, Seq] = {}
@@ -360,7 +362,7 @@ class Engine:
             raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of "
                            f"{job.max_prompt_tokens} (--max-prompt-tokens)", param="prompt", code="prompt_too_long")
         history = collections.deque(data.history if data else [], maxlen=HISTORY)
-        logits = data.logits.to(self.device) if data is not None and data.logits is not None else None
+        logits = data.logits.to(self.device, non_blocking=True) if data is not None and data.logits is not None else None
         if not ids and logits is None:
             bos = self.model.config.bos_token_id
             if bos is None:
@@ -516,10 +518,8 @@ class Engine:
                               "completion_tokens": seq.generated, "position": seq.position})
 
     def _snapshot(self, seq: Seq, messages) -> SessionData:
-        tensors = {f"layers.{i}.{n}": getattr(v, n).to("cpu", copy=True)
-                   for i, v in enumerate(self._slot(seq.slot)) for n in MHLAState.TENSORS}
-        logits = None if seq.logits is None else seq.logits.to("cpu", copy=True)
-        return SessionData(tensors, logits, list(seq.history), seq.position, messages)
+        tensors, logits, ready = self.runner.snapshot(seq.slot, seq.logits)
+        return SessionData(tensors, logits, list(seq.history), seq.position, messages, ready=ready)
 
     def _fail_job(self, job: Job, error: Exception, released: bool = False):
         if isinstance(error, (SessionMissing, StateFileError)):  # the client's session, not a server fault

@@ -142,6 +142,9 @@ class FakeRunner:
     def rows(self, start: int, stop: int):
         raise RuntimeError("the host-cost harness keeps no state: sessions are not served by it")
 
+    def snapshot(self, slot: int, logits):
+        raise RuntimeError("the host-cost harness keeps no state: sessions are not served by it")
+
     def decode(self, tokens: dict[int, int], auto=()):
         from .runner import DecodeStep
         slots = [*tokens, *auto]

@@ -27,6 +27,7 @@ from ..cache import MHLACache
 from ..state import MHLAState
 
 log = logging.getLogger("mhla_stream.serve")
+PARK_ROWS = 2  # device rows a finished session's state passes through on its way to host memory
 
 
 def decode_buckets(max_batch: int) -> list[int]:
@@ -155,7 +156,7 @@ class DecodeStep:
 class StepRunner:
     def __init__(self, model, max_batch: int, prefill_chunk: int, *, policy: str | None = None,
                  backend: str = "auto", cuda_graphs: bool = True, prefill_piece: int | None = None,
-                 state_dtype=None, admit_batch: int = 1):
+                 state_dtype=None, admit_batch: int = 1, async_snapshots: bool = False):
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         # the largest captured prefill graph: the engine feeds prompts in pieces of at most this size
         self.prefill_piece = min(prefill_piece or prefill_chunk, prefill_chunk)
@@ -165,8 +166,15 @@ class StepRunner:
         # the slots, the staging row, then the rows of batched admission (admission.py) if any; never more
         # rows than slots (a batch only ever fills free slots)
         admit_batch = self.admit_batch = min(admit_batch, max_batch)
-        self.states = model.new_state(max_batch + 1 + (admit_batch if admit_batch > 1 else 0), policy,
-                                      state_dtype=state_dtype)
+        # then (CUDA, ``async_snapshots``) the park rows a finished session is copied out through (snapshots.py)
+        park = PARK_ROWS if async_snapshots and model.device.type == "cuda" else 0
+        batch_rows = admit_batch if admit_batch > 1 else 0
+        self.states = model.new_state(max_batch + 1 + batch_rows + park, policy, state_dtype=state_dtype)
+        self.snapshots = None
+        if park:
+            from .snapshots import AsyncSnapshots
+            base = max_batch + 1 + batch_rows
+            self.snapshots = AsyncSnapshots(lambda i: self.rows(base + i, base + i + 1), park)
         self._views: dict[tuple[int, int], list[MHLAState]] = {}
         self.staging = self.rows(max_batch, max_batch + 1)
         self.backend, self.policy = backend, policy
@@ -282,7 +290,8 @@ class StepRunner:
             torch._foreach_zero_(live)  # a few launches for every layer's tensors, not one per tensor
         else:
             names = [f"layers.{i}.{n}" for i in range(len(self.staging)) for n in MHLAState.TENSORS]
-            torch._foreach_copy_(live, [tensors[k].to(self.device) for k in names])
+            # from pinned memory (an asynchronous session copy) this does not wait for the device
+            torch._foreach_copy_(live, [tensors[k].to(self.device, non_blocking=True) for k in names])
 
     def stage_feed(self, ids: list[int]) -> torch.Tensor:
         """Feeds up to one chunk of ids into the staging row; returns the last token's fp32 logits [V]."""
@@ -311,6 +320,14 @@ class StepRunner:
             raise RuntimeError("batched admission is off (admit_batch = 1)")
         stage = (lambda values: self.host.stage(values, self.device)) if self.host is not None else None
         return self.stager.admit(items, stage)
+
+    def snapshot(self, slot: int, logits: torch.Tensor | None):
+        """``slot``'s state and ``logits`` on the host: (``layers.{i}.{name}`` tensors, logits, ready), where
+        ``ready`` is None or a CUDA event after which the tensors hold the copy (snapshots.py)."""
+        from .snapshots import sync_snapshot
+        if self.snapshots is not None:
+            return self.snapshots.take(self.rows(slot, slot + 1), logits)
+        return sync_snapshot(self.rows(slot, slot + 1), logits)
 
     def pick_first(self, slot: int, logits: torch.Tensor) -> DecodeStep:
         """The greedy pick of a staged prompt's last logits [V], written into ``slot``'s feed on the

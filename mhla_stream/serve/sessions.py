@@ -43,6 +43,14 @@ class SessionData:
     history: list[int]
     position: int
     messages: list[dict] = field(default_factory=list)  # chat turns already in the stream
+    ready: object = None  # a CUDA event after which the tensors hold their values (snapshots.py), or None
+
+    def wait(self) -> "SessionData":
+        """Blocks until an asynchronous copy into these tensors has finished; every host reader calls it."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self
 
     @property
     def nbytes(self) -> int:
@@ -119,13 +127,14 @@ class SessionStore:
         if source is not None:
             data = self._read(source)
             if data is not None:
+                data.wait()
                 data = SessionData({k: v.clone() for k, v in data.tensors.items()},
                                    None if data.logits is None else data.logits.clone(),
                                    list(data.history), data.position, [dict(m) for m in data.messages])
             return data
         if data is None and entry.on_disk:
             data = self._read(session_id)
-        return data
+        return data.wait() if data is not None else None
 
     def _read(self, session_id: str) -> SessionData | None:
         with self._lock:
@@ -186,6 +195,7 @@ class SessionStore:
                 entry.on_disk, entry.data = True, None
 
     def _write(self, session_id: str, data: SessionData) -> None:
+        data.wait()
         tensors = dict(data.tensors)
         tensors["history"] = torch.tensor(data.history, dtype=torch.long)
         if data.logits is not None:
