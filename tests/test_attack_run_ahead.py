@@ -26,19 +26,26 @@ def ref():
 
 
 def _spy(engine):
-    """Wraps ``runner.decode`` with the run-ahead invariants; returns the list of (tokens, auto) calls."""
+    """Wraps ``runner.decode`` with the run-ahead invariants (plain rows only ahead, a device sampler for
+    exactly the plain sampled rows); returns the list of (tokens, auto) calls."""
     decode, calls, prev = engine.runner.decode, [], {}
 
-    def checked(tokens, auto=()):
+    def checked(tokens, auto=(), samplers=None):
+        samplers = samplers or {}
         for slot in auto:
             seq = engine.seqs.get(slot)
             # its own pick: from the step before, or its first token picked on the device from its prompt
             first = seq is not None and seq.first is not None and seq.generated == 0
             assert seq is not None and (prev.get(slot) is seq or first), f"slot {slot}: fed a pick made for another row"
             p = seq.job.params
-            assert seq.job.session is None and p.greedy and p.repetition_penalty == 1.0, "a non-plain row ran ahead"
+            assert seq.job.session is None and p.repetition_penalty == 1.0, "a non-plain row ran ahead"
+        for slot in [*tokens, *auto]:  # a plain sampled row draws on the device, a greedy one takes the argmax
+            seq = engine.seqs.get(slot)
+            p = seq.job.params
+            assert (slot in samplers) == (seq.plain and not p.greedy), f"slot {slot}: sampler {slot in samplers}"
+        assert set(samplers) <= {*tokens, *auto}
         assert not set(tokens) & set(auto)
-        step = decode(tokens, auto)
+        step = decode(tokens, auto, samplers)
         prev.clear()
         prev.update({s: engine.seqs.get(s) for s in [*tokens, *auto]})
         calls.append((dict(tokens), list(auto)))
@@ -231,11 +238,11 @@ def test_decode_failure_while_ahead_fails_those_requests_only(ref):
     engine = _engine(ref, 4, 8, piece=8)
     decode, failed = engine.runner.decode, []
 
-    def faulty(tokens, auto=()):
+    def faulty(tokens, auto=(), samplers=None):
         if auto and 2 in tokens and not failed:
             failed.append(sorted([*tokens, *auto]))
             raise RuntimeError("device lost")
-        return decode(tokens, auto)
+        return decode(tokens, auto, samplers)
     engine.runner.decode = faulty
     _drive(engine, [[out.job("Lily", 3, session="s")]])  # the session's first request, before the fault
     long_prompt = "Lily saw a big red ball in the park. " * 6  # still staging when the step fails
@@ -264,8 +271,8 @@ def test_pick_reader_failure_on_the_engine_thread_goes_on(ref):
     engine = _engine(ref, 2, 32)
     decode, broken = engine.runner.decode, []
 
-    def breaking(tokens, auto=()):
-        step = decode(tokens, auto)
+    def breaking(tokens, auto=(), samplers=None):
+        step = decode(tokens, auto, samplers)
         if auto and not broken:
             broken.append(True)
 
@@ -420,10 +427,10 @@ def test_random_load_on_the_stand_in_runner_keeps_every_invariant(ref):
     rnd = random.Random(12)
     decode, accept = engine.runner.decode, engine._accept_fed
 
-    def flaky_decode(tokens, auto=()):
+    def flaky_decode(tokens, auto=(), samplers=None):
         if rnd.random() < 0.03:
             raise RuntimeError("injected decode fault")
-        return decode(tokens, auto)
+        return decode(tokens, auto, samplers)
 
     def flaky_accept(seq, token):
         if rnd.random() < 0.01:

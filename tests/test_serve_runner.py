@@ -231,17 +231,17 @@ def test_graph_path_with_prefill_pieces_smaller_than_the_chunk(model, monkeypatc
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
-def test_engine_runs_ahead_on_greedy_rows_and_settles_for_sampled_ones(graphs, monkeypatch):
-    """Plain greedy rows run one step ahead (the next step is fed the device's picks before the host
-    reads them); a sampled row in the batch makes each step settle first. Either way every request's
-    text equals the same request alone: eos and the length limit found one step late, a row ending
-    while ahead, and a sampled row with its seed."""
+def test_engine_runs_ahead_on_plain_rows_and_settles_for_penalty_ones(graphs, monkeypatch):
+    """Plain rows (no penalty, no session) run one step ahead: the next step is fed the device's picks
+    before the host reads them, the argmax for greedy rows and a draw from the row's own generator for
+    sampled ones. A row with a repetition penalty in the batch makes each step settle first. Either way
+    every request's text equals the same request alone: eos and the length limit found one step late,
+    a row ending while ahead, sampled rows with their seeds."""
     from mhla_stream import StreamingMHLA
-    from mhla_stream.sampling import SamplingParams
     from mhla_stream.serve.engine import Job
     ref = StreamingMHLA.from_pretrained()
     tok = ref.tokenizer
-    engine = _engine(ref, 4, 32)
+    engine = _engine(ref, 5, 32)
     if graphs:  # the CUDA code path (buckets over the shared feed buffer, picks written by the replay), run eagerly
         import mhla_stream.graphs
         monkeypatch.setattr(mhla_stream.graphs, "GraphStep", _EagerGraph)
@@ -249,12 +249,14 @@ def test_engine_runs_ahead_on_greedy_rows_and_settles_for_sampled_ones(graphs, m
         engine.runner._capture()
     calls, decode = [], engine.runner.decode
 
-    def spy(tokens, auto=()):
-        sampled = [q.slot for q in engine.seqs.values() if not q.job.params.greedy]
-        assert not set(sampled) & set(auto)
-        sampling = bool(set(sampled) & set(tokens))
-        calls.append((sorted(tokens), sorted(auto), sampling))
-        return decode(tokens, auto)
+    def spy(tokens, auto=(), samplers=None):
+        samplers = samplers or {}
+        seed = {q.slot: q.job.params.seed for q in engine.seqs.values()}
+        penalty = [q.slot for q in engine.seqs.values() if q.job.params.repetition_penalty != 1.0]
+        assert not set(penalty) & (set(auto) | set(samplers))
+        calls.append((sorted(tokens), sorted(auto), sorted(seed[s] for s in samplers),
+                      bool(set(penalty) & set(tokens)), sorted(seed[s] for s in auto if seed[s] is not None)))
+        return decode(tokens, auto, samplers)
     engine.runner.decode = spy
     out = {}
 
@@ -262,28 +264,33 @@ def test_engine_runs_ahead_on_greedy_rows_and_settles_for_sampled_ones(graphs, m
         key = len(out)
         out[key] = []
         emit = lambda kind, payload: out[key].append(payload if kind == "text" else (kind, payload))  # noqa: E731
-        return Job(SamplingParams(max_new_tokens=n, **sampling), emit, ids=tok.encode(prompt, add_bos=True),
+        # the model's generation defaults (top_k, top_p), as ``ref.generate`` below resolves them
+        return Job(ref.sampling_params(max_new_tokens=n, **sampling), emit, ids=tok.encode(prompt, add_bos=True),
                    add_bos=False)
     specs = [("Once upon a time there was a cat.", 150, {"temperature": 0}),   # ends on eos, ahead
              ("They were happy.", 20, {"temperature": 0}),                     # the length limit, ahead
              ("The end.", 10, {"temperature": 0}),                             # eos as its first pick
-             ("Tom had a ball", 8, {"temperature": 0.8, "seed": 3})]           # sampled: steps settle
+             ("Tom had a ball", 14, {"temperature": 0.8, "seed": 3}),          # sampled: ahead, drawn on device
+             ("Ben ran", 8, {"temperature": 0.8, "seed": 4, "repetition_penalty": 1.3})]  # penalty: settles
     turns = [[job(*specs[0][:2], **specs[0][2]), job(*specs[1][:2], **specs[1][2])], [],
-             [job(*specs[2][:2], **specs[2][2])]] + [[]] * 30 + [[job(*specs[3][:2], **specs[3][2])]]
+             [job(*specs[2][:2], **specs[2][2]), job(*specs[3][:2], **specs[3][2])]] + [[]] * 30 + \
+        [[job(*specs[4][:2], **specs[4][2])]]
     _drive(engine, turns)
     want = []
     for prompt, n, sampling in specs:
         ref.reset()
         want.append(ref.generate(tok.encode(prompt, add_bos=True), max_new_tokens=n, **sampling))
-    assert [_text(out[k]) for k in range(4)] == want
+    assert [_text(out[k]) for k in range(5)] == want
     assert want[0] and len(tok.encode(want[0])) < 140  # it did end on eos
-    assert any(auto for _, auto, _ in calls)           # greedy rows ran ahead
-    # the sampled row is always fed by the host; once it is in the step in flight, each step settles
-    # first (only the step it joins may still feed device picks to the rows ahead)
-    assert sum(sampling for _, _, sampling in calls) >= 7
-    assert sum(bool(auto) for _, auto, sampling in calls if sampling) <= 1
+    assert any(auto for _, auto, _, _, _ in calls)                   # greedy rows ran ahead
+    assert any(3 in ahead for *_, ahead in calls)                    # the sampled row ran ahead
+    assert any(3 in drawn for _, _, drawn, _, _ in calls)            # ... drawing on the device
+    # once the penalty row is in the step in flight, each step settles first (only the step it joins
+    # may still feed device picks to the rows ahead)
+    assert sum(pen for *_, pen, _ in calls) >= 7
+    assert sum(bool(auto) for _, auto, _, pen, _ in calls if pen) <= 1
     assert engine.flight is None or not [s for s in engine.flight.rows if engine.seqs.get(s.slot) is s]
-    assert not engine.seqs and sorted(engine.free) == [0, 1, 2, 3]
+    assert not engine.seqs and sorted(engine.free) == [0, 1, 2, 3, 4]
 
 
 def test_engine_run_ahead_off_gives_the_same_text():

@@ -73,6 +73,7 @@ class Engine:
         self.flight: Flight | None = None
         self.eos_id = model.config.eos_token_id  # read per token: a transformers config attribute costs µs
         self.run_ahead = run_ahead
+        self._no_history = torch.empty(1, 0, dtype=torch.long, device=self.device)
         self.waiting: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -149,11 +150,13 @@ class Engine:
         mark("admit")
         self._prefill()
         mark("prefill")
-        # Running ahead: when every sequence of the step in flight is a plain greedy one (the pick is
-        # the device's argmax, a token fed past the end changes nothing anyone keeps), the next step
-        # is launched at once, fed those picks on the device, and the host reads the picks of the
-        # step in flight while the next one runs. Otherwise the step in flight is settled first: its
-        # rows get their logits and are chosen on the host, as a sequence run alone is.
+        # Running ahead: when every sequence of the step in flight is a plain one (no penalty, no session:
+        # its pick is made on the device, the argmax or a draw from its own generator, and a token fed past
+        # the end changes nothing anyone keeps), the next step is launched at once, fed those picks on
+        # the device, and the host reads the picks of the step in flight while the next one runs.
+        # Otherwise the step in flight is settled first: its rows get their logits and are chosen on the
+        # host, as a sequence run alone is (a sampled plain row keeps the draw the device already made:
+        # its generator must advance once a token, as alone).
         flight, self.flight = self.flight, None
         ahead = [s for s in flight.rows if self.seqs.get(s.slot) is s and s.finish is None] if flight else []
         if ahead and not all(s.plain for s in ahead):
@@ -163,12 +166,14 @@ class Engine:
                     self._guarded(seq, self._accept_first)
                     self._publish([seq])
                 seq.logits = flight.step.row_logits(seq.slot)
+                if seq.plain and not seq.job.params.greedy:
+                    seq.drawn = flight.step.tokens()[seq.slot - flight.step.lo]
             ahead = []
         ready = [s for s in self.seqs.values() if s.staged and not s.ahead and s.pending is None and s.finish is None]
         # a plain greedy request's first token is picked on the device too: no sync for an admission
         first = [s for s in ready if s.generated == 0 and s.job.params.max_new_tokens > 0 and s.plain]
         for seq in first:
-            seq.first = self.runner.pick_first(seq.slot, seq.logits)
+            seq.first = self.runner.pick_first(seq.slot, seq.logits, self._sampler(seq))
         if first:
             ready = [s for s in ready if s.first is None]
         # greedy rows without a penalty: one argmax and one device sync for all of them
@@ -233,7 +238,16 @@ class Engine:
 
     def _may_run_ahead(self, job: Job, fault: bool) -> bool:
         p = job.params
-        return self.run_ahead and p.greedy and p.repetition_penalty == 1.0 and job.session is None and not fault
+        return self.run_ahead and p.repetition_penalty == 1.0 and job.session is None and not fault
+
+    def _sampler(self, seq: Seq):
+        """A plain sampled row's pick on the device: ``select_next`` on its fp32 logits [1, V] with its own
+        generator, as ``_choose`` would on the host (None: greedy rows take the step's argmax)."""
+        p = seq.job.params
+        if not seq.plain or p.greedy:
+            return None
+        none = self._no_history
+        return lambda logits: select_next(logits, none, p, seq.generator)
 
     def _prefill(self):
         """Prompt tokens for this turn: at most ``prefill_piece`` of them while other sequences decode
@@ -397,6 +411,8 @@ class Engine:
             return
         if seq.fault and seq.generated >= 1:
             raise RuntimeError("injected fault (MHLA_SERVE_FAULT_INJECTION)")
+        if token is None and seq.drawn is not None:  # drawn on the device already (a settled plain row)
+            token, seq.drawn = seq.drawn, None
         if token is None:
             history = torch.empty(1, 0, dtype=torch.long, device=self.device) if p.repetition_penalty == 1.0 else \
                 torch.tensor([list(seq.history)], dtype=torch.long, device=self.device)
@@ -456,7 +472,8 @@ class Engine:
     def _decode(self, fed: list[Seq], ahead: list[Seq]):
         """One batched step: ``fed`` rows take the token the host chose, ``ahead`` rows the device's
         pick of the step before (read by the host after this launch, in ``_accept_fed``)."""
-        step = self.runner.decode({s.slot: s.pending for s in fed}, auto=[s.slot for s in ahead])
+        samplers = {s.slot: f for s in fed + ahead if (f := self._sampler(s)) is not None}
+        step = self.runner.decode({s.slot: s.pending for s in fed}, auto=[s.slot for s in ahead], samplers=samplers)
         for s in fed:
             s.history.append(s.pending)
             s.position += 1

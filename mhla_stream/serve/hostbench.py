@@ -145,7 +145,7 @@ class FakeRunner:
     def snapshot(self, slot: int, logits):
         raise RuntimeError("the host-cost harness keeps no state: sessions are not served by it")
 
-    def decode(self, tokens: dict[int, int], auto=()):
+    def decode(self, tokens: dict[int, int], auto=(), samplers=None):
         from .runner import DecodeStep
         slots = [*tokens, *auto]
         lo, hi = min(slots), max(slots) + 1
@@ -157,6 +157,8 @@ class FakeRunner:
             rows.append(self.position[slot])
         logits = self.table.index_select(0, torch.tensor(rows))
         torch.argmax(logits, -1, out=self.picks[lo:hi])
+        for slot, draw in (samplers or {}).items():
+            self.picks[slot:slot + 1].copy_(draw(logits[slot - lo:slot - lo + 1]))
         step = DecodeStep(logits, lo, self.picks[lo:hi])
         if self.device is None:
             return step
@@ -164,9 +166,12 @@ class FakeRunner:
         return _timed(step, self.device.run(self.device.decode_ms(bucket_for(hi, decode_buckets(self.max_batch))),
                                             "decode"), self.device)
 
-    def pick_first(self, slot: int, logits: torch.Tensor):
+    def pick_first(self, slot: int, logits: torch.Tensor, sampler=None):
         from .runner import DecodeStep
-        torch.argmax(logits[None], -1, out=self.picks[slot:slot + 1])
+        if sampler is None:
+            torch.argmax(logits[None], -1, out=self.picks[slot:slot + 1])
+        else:
+            self.picks[slot:slot + 1].copy_(sampler(logits[None]))
         step = DecodeStep(logits[None], slot, self.picks[slot:slot + 1])
         return step if self.device is None else _timed(step, self.device.run(0.0), self.device)
 

@@ -53,6 +53,7 @@ class Seq:
     ahead: bool = False                    # in the step in flight; its next token is that step's pick
     first: object = None                   # its first token, picked on the device (runner.DecodeStep)
     plain: bool = False                    # may run ahead (``Engine._may_run_ahead``), fixed for its life
+    drawn: int | None = None               # its next token, drawn on the device before its step was settled
     solo: bool = False                     # staged alone even with batched admission (its batch failed)
 
 

@@ -251,11 +251,13 @@ class StepRunner:
                 "decode_plan": self.decode_plan.describe(), "prefill_plan": self.prefill_plan.describe()}
 
     # -- decode ----------------------------------------------------------------------------------------
-    def decode(self, tokens: dict[int, int], auto=()) -> DecodeStep:
+    def decode(self, tokens: dict[int, int], auto=(), samplers=None) -> DecodeStep:
         """One token for each slot in ``tokens`` (slot -> id) and for each slot in ``auto``, which is
         fed the greedy pick of the previous step that covered it, straight from ``feed`` on the
         device (the host need not have read it yet: the engine runs one step ahead). Other rows of
-        the range run on junk. Every step ends by writing each row's greedy pick into ``feed``."""
+        the range run on junk. Every step ends by writing each row's greedy pick into ``feed``;
+        ``samplers`` (slot -> f(fp32 logits [1, V]) -> id [1]) replace that pick for their rows, on the
+        device, before the picks are copied to the host."""
         top = max([*tokens, *auto]) + 1
         if self.graphs:
             lo, hi = 0, bucket_for(top, self.buckets)
@@ -272,13 +274,20 @@ class StepRunner:
             self.feed[:, 0].index_copy_(0, pairs[:n], pairs[n:])
         picks = self.feed[lo:hi, 0]
         if self.graphs:  # the replay writes the picks into feed itself
-            return DecodeStep(self.decode_graphs[hi].replay()[:, -1], lo, picks, self.host)
+            logits = self.decode_graphs[hi].replay()[:, -1]
+            self._sample(logits, lo, samplers)
+            return DecodeStep(logits, lo, picks, self.host)
         plan = self.model.make_plan(hi - lo, backend=self.decode_plan.decode_backend, policy=self.policy,
                                     cuda_graphs=False)
         logits = self.model(input_ids=self.feed[lo:hi], past_key_values=MHLACache(self.rows(lo, hi)), use_cache=True,
                             logits_to_keep=1, plan=plan).logits[:, -1]
         torch.argmax(logits, -1, out=picks)   # ties: the first index, as the host's argmax
+        self._sample(logits, lo, samplers)
         return DecodeStep(logits, lo, picks, self.host)
+
+    def _sample(self, logits: torch.Tensor, lo: int, samplers) -> None:
+        for slot, draw in (samplers or {}).items():
+            self.feed[slot:slot + 1, 0].copy_(draw(logits[slot - lo:slot - lo + 1].float()))
 
     # -- staging ---------------------------------------------------------------------------------------
     def stage_begin(self, tensors: dict | None) -> None:
@@ -329,11 +338,15 @@ class StepRunner:
             return self.snapshots.take(self.rows(slot, slot + 1), logits)
         return sync_snapshot(self.rows(slot, slot + 1), logits)
 
-    def pick_first(self, slot: int, logits: torch.Tensor) -> DecodeStep:
-        """The greedy pick of a staged prompt's last logits [V], written into ``slot``'s feed on the
-        device (its first decode step feeds it) and copied to the host without blocking."""
+    def pick_first(self, slot: int, logits: torch.Tensor, sampler=None) -> DecodeStep:
+        """The greedy pick (or ``sampler``'s draw) of a staged prompt's last logits [V], written into
+        ``slot``'s feed on the device (its first decode step feeds it) and copied to the host without
+        blocking."""
         picks = self.feed[slot:slot + 1, 0]
-        torch.argmax(logits[None], -1, out=picks)
+        if sampler is None:
+            torch.argmax(logits[None], -1, out=picks)
+        else:
+            picks.copy_(sampler(logits[None].float()))
         return DecodeStep(logits[None], slot, picks, self.host)
 
     def stage_finish(self, slot: int) -> None:
