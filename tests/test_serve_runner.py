@@ -306,3 +306,45 @@ def test_engine_run_ahead_off_gives_the_same_text():
                          _job(tok.encode("The dog ran", add_bos=True), 9, out)]])
         texts.append([_text(out[k]) for k in range(2)])
     assert texts[0] == texts[1]
+
+
+def test_unseeded_sampled_rows_share_one_draw_and_seeded_rows_draw_alone():
+    """Plain sampled rows run ahead; unseeded ones with the same settings are drawn together (one call
+    over their logits), seeded ones alone from their own generator (each equal to that request alone);
+    every unseeded stream still gets valid text and its full length."""
+    from mhla_stream import StreamingMHLA
+    from mhla_stream.serve.engine import Job
+    ref = StreamingMHLA.from_pretrained()
+    tok = ref.tokenizer
+    engine = _engine(ref, 6, 32)
+    groups, decode = [], engine.runner.decode
+
+    def spy(tokens, auto=(), samplers=None):
+        by_draw = {}
+        for slot, draw in (samplers or {}).items():
+            by_draw.setdefault(id(draw), []).append(slot)
+        groups.append(sorted(len(v) for v in by_draw.values()))
+        return decode(tokens, auto, samplers)
+    engine.runner.decode = spy
+    out = {}
+
+    def job(prompt, n, **sampling):
+        key = len(out)
+        out[key] = []
+        emit = lambda kind, payload: out[key].append(payload if kind == "text" else (kind, payload))  # noqa: E731
+        return Job(ref.sampling_params(max_new_tokens=n, stop_at_eos=False, **sampling), emit,
+                   ids=tok.encode(prompt, add_bos=True), add_bos=False)
+    specs = [("Tom had a ball", 12, {"temperature": 0.8, "seed": 3}),
+             ("Lily saw a bird", 12, {"temperature": 0.8, "seed": 9}),
+             ("The sun was", 12, {"temperature": 0.8}),
+             ("A big dog", 12, {"temperature": 0.8}),
+             ("Mom said", 12, {"temperature": 0.8}),
+             ("One day", 12, {"temperature": 0.5})]
+    _drive(engine, [[job(p, n, **kw) for p, n, kw in specs]])
+    for k in (0, 1):
+        ref.reset()
+        want = ref.generate(tok.encode(specs[k][0], add_bos=True), max_new_tokens=12, stop_at_eos=False, **specs[k][2])
+        assert _text(out[k]) == want
+    for k in (2, 3, 4, 5):
+        assert out[k][-1][0] == "done" and out[k][-1][1]["completion_tokens"] == 12
+    assert [1, 1, 1, 3] in groups  # two seeded alone, three unseeded at 0.8 together, one at 0.5

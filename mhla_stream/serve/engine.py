@@ -74,6 +74,8 @@ class Engine:
         self.eos_id = model.config.eos_token_id  # read per token: a transformers config attribute costs µs
         self.run_ahead = run_ahead
         self._no_history = torch.empty(1, 0, dtype=torch.long, device=self.device)
+        # unseeded sampled rows that run ahead draw from this one generator, several rows a call
+        self._generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(6), "little"))
         self.waiting: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -239,6 +241,24 @@ class Engine:
     def _may_run_ahead(self, job: Job, fault: bool) -> bool:
         p = job.params
         return self.run_ahead and p.repetition_penalty == 1.0 and job.session is None and not fault
+
+    def _samplers(self, rows: list[Seq]) -> dict:
+        """slot -> draw for the plain sampled rows of a step. A seeded row draws alone from its own
+        generator (its text must equal the request alone); unseeded rows with the same settings share
+        one draw over all their logits from the engine's generator: one set of launches, not one a row."""
+        out, shared = {}, {}
+        for seq in rows:
+            p = seq.job.params
+            if not seq.plain or p.greedy:
+                continue
+            if p.seed is not None:
+                out[seq.slot] = self._sampler(seq)
+                continue
+            key = (p.temperature, p.top_k, p.top_p, p.min_p)
+            if key not in shared:
+                shared[key] = lambda logits, p=p: select_next(logits, self._no_history, p, self._generator)
+            out[seq.slot] = shared[key]
+        return out
 
     def _sampler(self, seq: Seq):
         """A plain sampled row's pick on the device: ``select_next`` on its fp32 logits [1, V] with its own
@@ -472,7 +492,7 @@ class Engine:
     def _decode(self, fed: list[Seq], ahead: list[Seq]):
         """One batched step: ``fed`` rows take the token the host chose, ``ahead`` rows the device's
         pick of the step before (read by the host after this launch, in ``_accept_fed``)."""
-        samplers = {s.slot: f for s in fed + ahead if (f := self._sampler(s)) is not None}
+        samplers = self._samplers(fed + ahead)
         step = self.runner.decode({s.slot: s.pending for s in fed}, auto=[s.slot for s in ahead], samplers=samplers)
         for s in fed:
             s.history.append(s.pending)

@@ -157,7 +157,7 @@ class FakeRunner:
             rows.append(self.position[slot])
         logits = self.table.index_select(0, torch.tensor(rows))
         torch.argmax(logits, -1, out=self.picks[lo:hi])
-        for slot, draw in (samplers or {}).items():
+        for slot, draw in (samplers or {}).items():  # one row at a time: the stand-in's cost is not the point
             self.picks[slot:slot + 1].copy_(draw(logits[slot - lo:slot - lo + 1]))
         step = DecodeStep(logits, lo, self.picks[lo:hi])
         if self.device is None:

@@ -256,8 +256,8 @@ class StepRunner:
         fed the greedy pick of the previous step that covered it, straight from ``feed`` on the
         device (the host need not have read it yet: the engine runs one step ahead). Other rows of
         the range run on junk. Every step ends by writing each row's greedy pick into ``feed``;
-        ``samplers`` (slot -> f(fp32 logits [1, V]) -> id [1]) replace that pick for their rows, on the
-        device, before the picks are copied to the host."""
+        ``samplers`` (slot -> draw(fp32 logits [n, V]) -> ids [n]) replace that pick for their rows, on
+        the device, before the picks are copied to the host; slots sharing one draw are drawn together."""
         top = max([*tokens, *auto]) + 1
         if self.graphs:
             lo, hi = 0, bucket_for(top, self.buckets)
@@ -286,8 +286,18 @@ class StepRunner:
         return DecodeStep(logits, lo, picks, self.host)
 
     def _sample(self, logits: torch.Tensor, lo: int, samplers) -> None:
+        groups: dict[int, tuple] = {}
         for slot, draw in (samplers or {}).items():
-            self.feed[slot:slot + 1, 0].copy_(draw(logits[slot - lo:slot - lo + 1].float()))
+            groups.setdefault(id(draw), (draw, []))[1].append(slot)
+        for draw, slots in groups.values():
+            if len(slots) == 1:
+                s = slots[0]
+                self.feed[s:s + 1, 0].copy_(draw(logits[s - lo:s - lo + 1].float()))
+                continue
+            # row indices through pinned memory, as the tokens: a pageable copy would wait for the device
+            rows = [s - lo for s in slots]
+            idx = self.host.stage(rows, self.device) if self.host is not None else torch.tensor(rows)
+            self.feed[:, 0].index_copy_(0, idx + lo, draw(logits.index_select(0, idx).float()))
 
     # -- staging ---------------------------------------------------------------------------------------
     def stage_begin(self, tensors: dict | None) -> None:
