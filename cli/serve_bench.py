@@ -33,10 +33,13 @@ def _pct(xs, q):
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens": ?(\d+)')
 
 
+TEMPERATURE = [0.0]  # set by --temperature (the clients' processes get it as an argument)
+
+
 def _body(prompt_ids, max_tokens, session=None) -> bytes:
     """A streamed greedy completion request, encoded once before the clock starts (``session``: on that
     persistent session, so every request after a client's first continues its stream)."""
-    body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": TEMPERATURE[0], "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     if session is not None:
         body["session"] = session
@@ -100,15 +103,18 @@ async def _clients(base, vocab, clients, rounds, prompt_len, max_tokens, seed, s
     return records
 
 
-def _client_process(base, vocab, clients, rounds, prompt_len, max_tokens, seed, start_at, sessions=False):
+def _client_process(base, vocab, clients, rounds, prompt_len, max_tokens, seed, start_at, sessions=False,
+                    temperature=0.0):
     """One load-generator process (its own event loop and GIL): its records and the CPU seconds it used.
     ``perf_counter`` is the system-wide monotonic clock on Linux, so stamps compare across processes."""
     cpu0 = time.process_time()
+    TEMPERATURE[0] = temperature
     records = asyncio.run(_clients(base, vocab, clients, rounds, prompt_len, max_tokens, seed, start_at, sessions))
     return records, time.process_time() - cpu0
 
 
-def _concurrency_phase(base, vocab, concurrency, rounds, prompt_len, max_tokens, procs=1, sessions=False):
+def _concurrency_phase(base, vocab, concurrency, rounds, prompt_len, max_tokens, procs=1, sessions=False,
+                       temperature=0.0):
     """``concurrency`` streaming clients spread over ``procs`` processes, so that parsing the SSE of many
     streams in one Python process does not cap the figures; reports the clients' CPU use too."""
     import concurrent.futures as cf
@@ -118,12 +124,13 @@ def _concurrency_phase(base, vocab, concurrency, rounds, prompt_len, max_tokens,
     start_at = time.perf_counter() + (3.0 if procs > 1 else 0.0)  # room for the processes to start
     if procs == 1:
         records, cpu = _client_process(base, vocab, concurrency, rounds, prompt_len, max_tokens, concurrency,
-                                       start_at, sessions)
+                                       start_at, sessions, temperature)
         results = [(records, cpu)]
     else:
         with cf.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_client_process, base, vocab, n, rounds, prompt_len, max_tokens,
-                                   concurrency * 1000 + i, start_at, sessions) for i, n in enumerate(shares)]
+                                   concurrency * 1000 + i, start_at, sessions, temperature)
+                       for i, n in enumerate(shares)]
             results = [f.result() for f in futures]
     records = [r for rs, _ in results for r in rs]
     wall = max(s for r in records for s in r["stamps"][-1:]) - start_at
@@ -201,6 +208,8 @@ def _in_process(model, weights, random_weights, device, dtype, batches, prompt_l
 @click.option("--session-memory", default="4GiB", show_default=True, help="the server's default host budget")
 @click.option("--client-procs", default=4, show_default=True, type=click.IntRange(1),
               help="load-generator processes the clients of a concurrency level are spread over")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 2),
+              help="the clients' sampling temperature (0: greedy; the in-process column stays greedy)")
 @click.option("--sessions", is_flag=True, help="each client keeps one persistent session: its requests after the "
               "first continue it (the session tiers' cost: a state copied out at each request's end and back in)")
 @click.option("--fake-model", is_flag=True,
@@ -212,7 +221,7 @@ def _in_process(model, weights, random_weights, device, dtype, batches, prompt_l
 @click.option("--server-args", default="", help="more mhla-serve options, space-separated (e.g. --no-run-ahead)")
 @click.option("--json", "json_path", default=None, type=click.Path())
 def main(model, weights, random_weights, device, dtype, backend, concurrency, rounds, prompt_len, max_tokens,
-         long_prompt_len, long_prompts, long_streams, session_memory, client_procs, sessions, fake_model, device_model, smoke, server_args,
+         long_prompt_len, long_prompts, long_streams, session_memory, client_procs, temperature, sessions, fake_model, device_model, smoke, server_args,
          json_path):
     """Measure mhla-serve under concurrent streaming clients against in-process batched decode."""
     import socket
@@ -274,7 +283,7 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
         for c in levels:
             cpu0 = _server_cpu_s(server.pid)
             serve_rows.append(_concurrency_phase(base, vocab, c, rounds, prompt_len, max_tokens, client_procs,
-                                                 sessions))
+                                                 sessions, temperature))
             tokens = serve_rows[-1].pop("tokens")
             serve_rows[-1]["server_cpu_us_per_token"] = (_server_cpu_s(server.pid) - cpu0) / tokens * 1e6
         long_row = asyncio.run(_long_prompt_phase(base, vocab, long_streams, long_prompt_len, long_prompts,
@@ -289,7 +298,7 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
         fit["sessions_on_device_upper_bound"] = free // max(state_bytes, 1)
     meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": dtype,
             "model": model, "random_weights": random_weights, "prompt_len": prompt_len, "max_tokens": max_tokens,
-            "fake_model": fake_model, "sessions": sessions, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), **fit}
+            "fake_model": fake_model, "sessions": sessions, "temperature": temperature, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), **fit}
     click.echo(f"# {meta['device']}, {dtype}, {model}, prompt {prompt_len}, {max_tokens} new tokens per request")
     click.echo("concurrency | server tok/s | in-process tok/s | ratio | TTFT p50/p99 ms | ITL p50/p99 ms | "
                "server CPU us/token | client CPU us/token (procs)")

@@ -157,8 +157,8 @@ class FakeRunner:
             rows.append(self.position[slot])
         logits = self.table.index_select(0, torch.tensor(rows))
         torch.argmax(logits, -1, out=self.picks[lo:hi])
-        for slot, draw in (samplers or {}).items():  # one row at a time: the stand-in's cost is not the point
-            self.picks[slot:slot + 1].copy_(draw(logits[slot - lo:slot - lo + 1]))
+        from .runner import draw_samples
+        draw_samples(self.picks, logits, lo, samplers)
         step = DecodeStep(logits, lo, self.picks[lo:hi])
         if self.device is None:
             return step

@@ -111,6 +111,23 @@ class HostBuffers:
         return out
 
 
+def draw_samples(picks: torch.Tensor, logits: torch.Tensor, lo: int, samplers, stage=None) -> None:
+    """Writes each sampler's draw into ``picks`` [slots] (logits [rows, V] cover slots lo, lo + 1, ...);
+    slots sharing one draw function are drawn in one call. ``stage(values)``: a pinned host-to-device
+    copy of the row indices (a pageable copy would wait for the device); None: a plain tensor."""
+    groups: dict[int, tuple] = {}
+    for slot, draw in (samplers or {}).items():
+        groups.setdefault(id(draw), (draw, []))[1].append(slot)
+    for draw, slots in groups.values():
+        if len(slots) == 1:
+            s = slots[0]
+            picks[s:s + 1].copy_(draw(logits[s - lo:s - lo + 1].float()))
+            continue
+        rows = [s - lo for s in slots]
+        idx = stage(rows) if stage is not None else torch.tensor(rows)
+        picks.index_copy_(0, idx + lo, draw(logits.index_select(0, idx).float()))
+
+
 class DecodeStep:
     """What one decode step leaves: ``lo`` (the slot of row 0), the step's logits (``logits`` [rows, V]
     fp32, or ``row_logits(slot)``: copies, valid until the next decode step is launched), and the
@@ -286,18 +303,8 @@ class StepRunner:
         return DecodeStep(logits, lo, picks, self.host)
 
     def _sample(self, logits: torch.Tensor, lo: int, samplers) -> None:
-        groups: dict[int, tuple] = {}
-        for slot, draw in (samplers or {}).items():
-            groups.setdefault(id(draw), (draw, []))[1].append(slot)
-        for draw, slots in groups.values():
-            if len(slots) == 1:
-                s = slots[0]
-                self.feed[s:s + 1, 0].copy_(draw(logits[s - lo:s - lo + 1].float()))
-                continue
-            # row indices through pinned memory, as the tokens: a pageable copy would wait for the device
-            rows = [s - lo for s in slots]
-            idx = self.host.stage(rows, self.device) if self.host is not None else torch.tensor(rows)
-            self.feed[:, 0].index_copy_(0, idx + lo, draw(logits.index_select(0, idx).float()))
+        stage = (lambda values: self.host.stage(values, self.device)) if self.host is not None else None
+        draw_samples(self.feed[:, 0], logits, lo, samplers, stage)
 
     # -- staging ---------------------------------------------------------------------------------------
     def stage_begin(self, tensors: dict | None) -> None:
