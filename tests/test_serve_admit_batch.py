@@ -210,3 +210,34 @@ def test_real_server_with_admit_batch_gives_each_request_its_alone_text(ref, tmp
     for p, text in zip(prompts, got):
         ref.reset()
         assert text == ref.generate(p, max_new_tokens=8, temperature=0), p
+
+
+def test_short_arrivals_do_not_starve_a_long_prompt(ref, tmp_path):
+    """While streams decode and short prompts keep arriving every turn, the long prompt already in the
+    staging row still gets one piece a turn (batches of short prompts take what the budget leaves)."""
+    from mhla_stream.serve.engine import Engine
+    from mhla_stream.serve.hostbench import FakeRunner
+    from mhla_stream.serve.jobs import Job
+    from mhla_stream.serve.sessions import SessionStore
+    from mhla_stream.state_io import StateLayout, model_fingerprint
+    m = ref.model
+    layout = StateLayout.of(m.new_state(1, device="meta"), m.config.vocab_size, model_fingerprint(m))
+    store = SessionStore(str(tmp_path), 1 << 20, layout, {"model_name": "t", "policy": "window", "config": "{}"})
+    runner = FakeRunner(ref.tokenizer, m.config.vocab_size, 40, CHUNK, PIECE, record=True, admit_batch=4)
+    engine = Engine(m, ref.tokenizer, store, max_batch=40, prefill_chunk=CHUNK, prefill_piece=PIECE,
+                    admit_tokens=48, admit_batch=4, runner=runner)
+
+    def job(ids, n):
+        return Job(SamplingParams(temperature=0, max_new_tokens=n, stop_at_eos=False), lambda *a: None, ids=ids,
+                   add_bos=False)
+    engine.submit(job([5, 6, 7], 60))                      # a stream decoding throughout
+    engine._turn()
+    engine.submit(job(list(range(300, 300 + 8 * PIECE)), 2))  # a long prompt: 8 pieces
+    long_fed = []
+    for turn in range(12):
+        engine.submit(job([400 + turn, 401], 40))        # a short arrival every turn
+        start = len(runner.calls)
+        engine._turn()
+        long_fed.append(sum(n for kind, n in runner.calls[start:] if kind == "feed"))
+    assert long_fed[1:9] == [PIECE] * 8                   # one piece every turn once it is staging
+    assert any(kind == "admit" for kind, _ in runner.calls)

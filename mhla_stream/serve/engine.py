@@ -280,18 +280,27 @@ class Engine:
         to rounding, as a batched decode step matches a batch-1 one."""
         decoding = any(s.staged for s in self.seqs.values())
         budget = self.prefill_piece if decoding else self.prefill_chunk
-        spent = 0
-        while self.admit_batch > 1:  # batches of whole short prompts while the budget lasts
+        # the prompt already in the staging row first (short arrivals never starve a long prompt), then
+        # batches of whole short prompts, then the next prompts one at a time, while the budget lasts
+        spent = self._stage_pieces(budget, 0, current_only=True)
+        while self.admit_batch > 1:
             fed = self._admit_together(max(budget, self.admit_tokens) - spent)
             if not fed:
                 break
             spent += fed
+        self._stage_pieces(budget, spent)
+
+    def _stage_pieces(self, budget: int, spent: int, current_only: bool = False) -> int:
+        """Pieces of prompts through the staging row, one prompt at a time in admission order (with
+        batched admission, those it cannot take), until the budget is spent; returns the tokens spent."""
         while True:
             seq = self.staging
-            if seq is None:  # admission order; with batched admission, the prompts that cannot be batched
+            if seq is None:
+                if current_only:
+                    return spent
                 seq = next((s for s in self.seqs.values() if not s.staged and not self._batchable(s)), None)
                 if seq is None:
-                    return
+                    return spent
                 try:
                     self.runner.stage_begin(seq.stored)
                 except Exception as e:
@@ -305,11 +314,13 @@ class Engine:
                 whole = seq.fed == 0 and len(seq.feed) <= self.prefill_piece
                 limit = max(budget, self.admit_tokens) if whole else budget
                 if spent and spent + size > limit:
-                    return
+                    return spent
                 spent += size
                 self._guarded(seq, self._prefill_piece)
             if self.staging is seq and seq.fed == len(seq.feed):
                 self._guarded(seq, self._stage_finish)
+            if current_only:
+                return spent
 
     def _admit_together(self, limit: int) -> int:
         """Whole short prompts (one piece each), in admission order, up to ``admit_batch`` of them and
