@@ -135,6 +135,9 @@ def test_bodies_of_several_mb_and_prompts_at_the_limit(server, ref):
     assert post(server, {"prompt": " a" * k, "max_tokens": 1}).status_code == 200
     assert len(ref.tokenizer.encode(" a" * (k + 1))) + 1 > LIMIT
     assert post(server, {"prompt": " a" * (k + 1), "max_tokens": 1}).status_code == 400
+    # on a session past position 0 no BOS is added: exactly LIMIT tokens pass (the engine checks)
+    from test_serve_prompt_limit import check_prompt_limit
+    check_prompt_limit(server, ref.tokenizer, LIMIT, AUTH)
 
 
 def test_odd_unicode_is_a_400_or_served(server):
