@@ -1,12 +1,13 @@
 """mhla-serve's SIGTERM path (serve/shutdown.py): the engine's stop lets requests finish for the grace,
 then ends every one left with a 503 as its last event (no stream cut, no 500), sessions keep the state
 from before an ended request, several callers of ``stop`` wait for one stop; the HTTP process's
-shutdown starts the engine's grace ("draining"); and a real one-process server with 16 session
-streams (4 running, 12 queued) ends each properly and exits 0 (the two-process case is in
-test_attack_http.py)."""
+shutdown starts the engine's grace ("draining", also when only the HTTP process gets SIGTERM); and a
+real one-process server with 16 session streams (4 running, 12 queued) ends each properly and exits 0
+(the two-process case is in test_attack_http.py)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import multiprocessing
 import os
 import signal
@@ -29,17 +30,16 @@ def ref():
     return StreamingMHLA.from_pretrained()
 
 
-def _started(out, job):
+def _started(job):
     """An Event set at the job's first text piece."""
     seen, emit = threading.Event(), job.emit
     job.emit = lambda kind, payload: (emit(kind, payload), kind == "text" and seen.set())
     return seen
 
 
-def _last_error(out, k):
+def _assert_shutdown_error(out, k):
     err = out.error(k)
     assert err.status == 503 and err.code == "shutting_down" and err.headers.get("Retry-After") == "1"
-    return err
 
 
 def test_stop_ends_running_and_queued_requests_with_a_503_and_keeps_sessions(ref):
@@ -49,7 +49,7 @@ def test_stop_ends_running_and_queued_requests_with_a_503_and_keeps_sessions(ref
     before = engine.store.describe("s")[0]["position"]
     running = [out.job("The dog ran", LONG, stop_at_eos=False),
                out.job(" and then", LONG, session="s", bos=False, stop_at_eos=False)]
-    seen = [_started(out, job) for job in running]
+    seen = [_started(job) for job in running]
     queued = [out.job("Tom had a ball", 5, session="q"), out.job("She said", 5)]
     engine.start()
     for job in running + queued:
@@ -63,10 +63,10 @@ def test_stop_ends_running_and_queued_requests_with_a_503_and_keeps_sessions(ref
     _idle(engine, 2)
     for k in (1, 2):  # running: text, then the error as the last event (a stream ends with it and [DONE])
         assert out.events[k][0][0] == "start" and isinstance(out.events[k][1], str)
-        _last_error(out, k)
+        _assert_shutdown_error(out, k)
     for k in (3, 4):  # queued: the error is all they hear
         assert len(out.events[k]) == 1
-        _last_error(out, k)
+        _assert_shutdown_error(out, k)
     assert engine.store.describe("s")[0] == {"id": "s", "object": "session", "position": before, "busy": False,
                                              "tier": "host"}
     assert "q" not in engine.store._entries  # its first request never ran: nothing kept, not busy
@@ -129,18 +129,16 @@ def test_the_http_process_draining_starts_the_engines_grace_once():
 def _stream_outcome(server, body, headers=None):
     """("done", finish) / ("error", code) for a stream that ended with [DONE], (status, code) for a
     request refused before its stream began; a stream cut without its end raises."""
-    lines = []
     with httpx.stream("POST", server.base + "/v1/completions", json=body, headers=headers, timeout=120) as r:
         if r.status_code != 200:
             r.read()
             return r.status_code, r.json()["error"]["code"]
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]", lines[-3:]
-    import json
-    last = json.loads(lines[-2][6:])
-    if "error" in last:
-        return "error", last["error"]["code"]
-    return "done", next(c["finish_reason"] for c in map(lambda x: json.loads(x[6:]), lines[:-1])
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    if "error" in chunks[-1]:
+        return "error", chunks[-1]["error"]["code"]
+    return "done", next(c["choices"][0]["finish_reason"] for c in chunks
                         if c.get("choices") and c["choices"][0].get("finish_reason"))
 
 
@@ -187,3 +185,23 @@ def test_sigterm_with_16_session_streams_in_one_process(tmp_path, ref):
         assert listed == positions
     finally:
         assert s.terminate() == 0
+
+
+def test_sigterm_to_the_http_process_alone_drains_through_the_engine(tmp_path):
+    """The child's own shutdown tells the engine process ("draining"): the open stream ends with the
+    shutdown error and [DONE] instead of being cut at uvicorn's drain timeout; both processes exit 0."""
+    from serve_util import Server
+    from test_attack_http import child_pids, gone
+    s = Server("--http-process", "--max-batch", 2, log=tmp_path / "c.log")
+    try:
+        child = child_pids(s.proc.pid)[0]
+        with cf.ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(_stream_outcome, s, {"prompt": "Hi", "max_tokens": LONG, "stream": True,
+                                                      "ignore_eos": True})
+            s.wait_until(lambda h: h["running"] == 1)
+            os.kill(child, signal.SIGTERM)
+            assert s.proc.wait(timeout=EXIT_WAIT_S) == 0, (tmp_path / "c.log").read_text()[-3000:]
+            assert stream.result() == ("error", "shutting_down")
+        assert gone(child)
+    finally:
+        s.terminate()
