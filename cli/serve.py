@@ -154,7 +154,15 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     if http_process:
         sys.exit(serve_http_process(app, tokenizer_spec, host, port, log_level, http, loop, announce))
     announce()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, http=http, loop=loop)
+    from mhla_stream.serve.shutdown import HTTP_DRAIN_S, draining_server, stop_in_background
+    # SIGTERM: the engine's stop (grace, then a last event for every request) begins with uvicorn's
+    # shutdown, so open streams end properly before uvicorn would cut them (serve/shutdown.py)
+    server = draining_server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http, loop=loop,
+                                            timeout_graceful_shutdown=HTTP_DRAIN_S),
+                             lambda: stop_in_background(app.state.engine))
+    server.run()
+    if not server.started:  # as uvicorn.run: a failed start (the port in use) is a failed exit
+        sys.exit(3)
 
 
 def serve_http_process(app, tokenizer_spec, host, port, log_level, http, loop, announce) -> int:

@@ -135,6 +135,9 @@ def test_bodies_of_several_mb_and_prompts_at_the_limit(server, ref):
     assert post(server, {"prompt": " a" * k, "max_tokens": 1}).status_code == 200
     assert len(ref.tokenizer.encode(" a" * (k + 1))) + 1 > LIMIT
     assert post(server, {"prompt": " a" * (k + 1), "max_tokens": 1}).status_code == 400
+    # on a session past position 0 no BOS is added: exactly LIMIT tokens pass (the engine checks)
+    from test_serve_prompt_limit import check_prompt_limit
+    check_prompt_limit(server, ref.tokenizer, LIMIT, AUTH)
 
 
 def test_odd_unicode_is_a_400_or_served(server):
@@ -244,34 +247,22 @@ def test_health_and_metrics_while_busy(server):
     server.wait_until(lambda h: h["running"] == 0)
 
 
-def stream_to_end(server, body) -> str:
-    """The last data line of a stream; a stream cut without its end raises."""
-    last = None
-    with httpx.stream("POST", server.base + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                last = line
-    return last
-
-
-@pytest.mark.skip(reason="known bug (open): with 4 streams running and 12 queued through the HTTP child, "
-                  "SIGTERM does not end them; the server was still serving after 120 s (brief h23 report)")
-def test_sigterm_with_16_streams(server, sessions_dir):
-    """Last on the module's server: 16 streams on sessions (4 running, 12 queued), then SIGTERM."""
-    from mhla_stream.serve.sessions import file_name
-    for i in range(16):
-        complete(server, f"Hello {i}", f"term-{i}", n=1)
-    child = child_pids(server.proc.pid)[0]
-    with cf.ThreadPoolExecutor(16) as pool:
-        ends = [pool.submit(stream_to_end, server, {"prompt": " more", **LONG, "session": f"term-{i}"})
-                for i in range(16)]
-        server.wait_until(lambda h: h["running"] == 4 and h["queued"] == 12)
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(timeout=EXIT_WAIT_S) == 0, server.log_path.read_text()[-3000:]
-        assert all(f.result() == "data: [DONE]" for f in ends), [f.exception() or f.result() for f in ends]
-    assert gone(child)
-    on_disk = set(os.listdir(sessions_dir))
-    assert all(file_name(f"term-{i}") in on_disk for i in range(16))
+def test_sigterm_with_16_streams(tmp_path):
+    """16 streams on sessions (4 running, 12 queued) through the HTTP child, then SIGTERM: the engine's
+    grace starts with the child's shutdown, so each running stream ends with the shutdown error and
+    [DONE], each queued request gets a 503, sessions stay as they were and are on disk, both processes
+    exit (0). Its own server: the module's one is needed after it. (Was: cut streams, 500s.)"""
+    from test_serve_shutdown import sigterm_with_16_session_streams
+    log, sessions = tmp_path / "t.log", tmp_path / "sessions"
+    s = Server("--http-process", "--max-batch", 4, "--max-queue", 12, "--api-key", KEY, "--sessions-dir", sessions,
+               "--session-memory", "1", log=log)
+    s.log_path = log
+    try:
+        child = child_pids(s.proc.pid)[0]
+        sigterm_with_16_session_streams(s, sessions, AUTH)
+        assert gone(child)
+    finally:
+        s.terminate()
 
 
 def test_restart_continue_kill_the_child_restart_sigint_twice(server, sessions_dir, ref, tmp_path):

@@ -191,6 +191,11 @@ def test_malformed_and_odd_requests(server):
     assert r.status_code == 200  # unknown OpenAI fields are ignored
 
 
+def test_prompt_limit_counts_a_bos_only_at_position_0(server, ref):
+    from test_serve_prompt_limit import check_prompt_limit
+    check_prompt_limit(server, ref.tokenizer, 200, {"Authorization": f"Bearer {KEY}"})
+
+
 def test_api_key(server):
     for key in (None, "wrong", KEY + "x", ""):
         r = post(server, "/v1/completions", {"prompt": "x"}, key=key)

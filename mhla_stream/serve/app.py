@@ -209,7 +209,11 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
             vocab = min(tokenizer.vocab_size, engine.model.config.vocab_size)
             if ids and max(ids) >= vocab:
                 raise APIError(400, f"prompt: token ids must be < {vocab}", param="prompt")
-        _check_length(len(ids) + add_bos, config.max_prompt_tokens)
+        # the limit counts the tokens this request feeds, with the BOS the engine adds at position 0 only
+        # (README). Without a session that is now; a session's position is known to the engine alone,
+        # which checks exactly (engine ``_start``): this early check leaves it the BOS it may not add
+        bos = add_bos and req.session is None and tokenizer.bos_id is not None
+        _check_length(len(ids) + bos, config.max_prompt_tokens)
         job = Job(params, None, ids=ids, add_bos=add_bos, session=req.session, fork_from=req.fork_from,
                   max_prompt_tokens=config.max_prompt_tokens)
 
@@ -240,7 +244,8 @@ def create_app(engine, tokenizer, store, metrics, config: ServerConfig, on_shutd
         render = ChatRender(messages, tokenizer.chat is not None, tokenizer)
         if req.session is None:  # no session: the prompt's length is known now
             text, _ = render([])
-            _check_length(len(await run_in_threadpool(tokenizer.encode, text)) + 1, config.max_prompt_tokens)
+            bos = tokenizer.bos_id is not None  # added by the engine at position 0, as for a text prompt
+            _check_length(len(await run_in_threadpool(tokenizer.encode, text)) + bos, config.max_prompt_tokens)
         job = Job(params, None, render=render, session=req.session, fork_from=req.fork_from,
                   max_prompt_tokens=config.max_prompt_tokens)
 

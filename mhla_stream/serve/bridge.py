@@ -18,6 +18,7 @@ from .app import ChatRender
 from .ipc import JOB_FIELDS, Channel, bad_message, kind_of, picklable_error
 from .jobs import Job
 from .schemas import APIError
+from .shutdown import stop_in_background
 
 log = logging.getLogger("mhla_stream.serve")
 CHILD_EXIT_WAIT_S = 30  # after the engine stopped: the HTTP process only has to close and exit
@@ -69,6 +70,7 @@ class EngineBridge:
         self.listening = threading.Event()    # the HTTP process serves
         self.stop_call = None                 # the call id of the HTTP process's "stop" (its lifespan ends)
         self.gone = threading.Event()         # the HTTP process's end is closed
+        self.stopper = None                   # the thread running the engine's stop, once begun
         self.thread = threading.Thread(target=self._read, name="mhla-bridge", daemon=True)
 
     def start(self) -> None:
@@ -102,6 +104,8 @@ class EngineBridge:
         elif kind == "listening" and len(message) == 1:
             self.listening.set()
             self.wake.set()
+        elif kind == "draining" and len(message) == 1:
+            self.begin_stop()
         else:
             bad_message(message, "unknown kind or wrong length")
 
@@ -148,6 +152,12 @@ class EngineBridge:
     def _counts(self) -> tuple[int, int, int]:
         running, queued = self.engine.counts()
         return running, queued, len(self.engine.free)
+
+    def begin_stop(self) -> None:
+        """The HTTP process began its shutdown (or this one got SIGTERM): the engine's grace starts now,
+        so the open streams end with their last events while the HTTP process waits for them."""
+        if self.stopper is None:
+            self.stopper = stop_in_background(self.engine)
 
     def cancel_all(self) -> None:
         for rid in list(self.jobs):
@@ -220,7 +230,10 @@ def serve_split(engine, store, metrics, config, *, tokenizer_spec: tuple, host: 
                 announce()
                 announced = True
             if signalled and not forwarded and announced:
-                child.terminate()  # SIGTERM: the child stops accepting, ends its requests, then asks for "stop"
+                # SIGTERM: the engine stops accepting and its grace begins; the child stops listening and
+                # waits for its open requests, which the engine ends, then asks for "stop" (flush, exit)
+                bridge.begin_stop()
+                child.terminate()
                 forwarded = True
             elif len(signalled) > 1 and not announced:  # still starting and asked twice: no graceful path
                 child.kill()

@@ -24,6 +24,7 @@ from ..sampling import select_next
 from ..state import MHLAState
 from .runner import StepRunner
 from .schemas import APIError
+from .shutdown import SHUTDOWN_GRACE_S
 from .sessions import SessionBusy, SessionData, SessionMissing, StateFileError
 from .jobs import Flight, Job, Seq
 from .text import TextAssembler
@@ -31,6 +32,11 @@ from .text import TextAssembler
 HISTORY = 4096  # as StreamingMHLA's default: recent ids for the repetition penalty
 log = logging.getLogger("mhla_stream.serve")
 FAULT_MARK = "<<inject-fault>>"  # with MHLA_SERVE_FAULT_INJECTION=1, a request containing it fails (tests)
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                    headers={"Retry-After": "1"})
 
 
 def _put_all(items):
@@ -78,8 +84,9 @@ class Engine:
         self._generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(6), "little"))
         self.waiting: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
-        self._stopping = False
+        self._stopping = False                # the grace is over: end everything left, then exit
         self._accepting = True
+        self._stop_begun, self._stopped = False, threading.Event()
         self._faults = os.environ.get("MHLA_SERVE_FAULT_INJECTION") == "1"
         # MHLA_SERVE_PROFILE=1: the engine thread's wall time per turn phase, logged every 200 turns
         self._profile = collections.Counter() if os.environ.get("MHLA_SERVE_PROFILE") == "1" else None
@@ -95,7 +102,7 @@ class Engine:
     def submit(self, job: Job) -> None:
         with self._cv:
             if not self._accepting:
-                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+                raise _shutting_down()
             if len(self.waiting) >= self.max_queue:
                 raise APIError(429, f"the request queue is full ({self.max_queue} waiting); retry shortly",
                                type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
@@ -112,19 +119,28 @@ class Engine:
     def counts(self) -> tuple[int, int]:
         return len(self.seqs), len(self.waiting)
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Stops accepting, lets in-flight requests finish for ``grace_s``, cancels the rest, joins."""
+    def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stops accepting, lets in-flight requests finish for ``grace_s``, then ends the rest with a 503
+        ``shutting_down`` error (a stream gets it as its last event, then [DONE]; a session keeps its
+        state from before that request), and joins. Several threads may call it (SIGTERM starts it, the
+        app's shutdown waits for it): the first does the work, the others wait for it to be done."""
         with self._cv:
             self._accepting = False
-        deadline = time.monotonic() + grace_s
-        while (self.seqs or self.waiting) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for job in list(self.waiting) + [s.job for s in list(self.seqs.values())]:
-            job.cancelled.set()
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        self.thread.join(timeout=30)
+            first, self._stop_begun = not self._stop_begun, True
+        if not first:
+            self._stopped.wait()  # bounded: the first call's grace and join
+            return
+        try:
+            deadline = time.monotonic() + grace_s
+            while (self.seqs or self.waiting) and time.monotonic() < deadline and self.thread.is_alive():
+                time.sleep(0.05)
+            with self._cv:  # the engine thread ends whatever is left at its next turn (``_reap_cancelled``)
+                self._stopping = True
+                self._cv.notify()
+            if self.thread.is_alive():
+                self.thread.join(timeout=30)
+        finally:
+            self._stopped.set()
 
     # -- the loop --------------------------------------------------------------------------------------
     def _run(self):
@@ -368,13 +384,23 @@ class Engine:
             self._end(seq, error=e)
 
     def _reap_cancelled(self):
+        """Drops requests whose client left; once the shutdown grace is over, ends every other one too
+        with a 503 (each gets a last event: no stream is cut, no request answered with a 500)."""
         with self._cv:
-            for job in [j for j in self.waiting if j.cancelled.is_set()]:
+            ending = self._stopping
+            left = [j for j in self.waiting if ending or j.cancelled.is_set()]
+            for job in left:
                 self.waiting.remove(job)
-                if job.session is not None:
+                if job.session is not None:  # released with the removal: no window where it is neither
                     self.store.release(job.session, None)
-        for seq in [s for s in self.seqs.values() if s.job.cancelled.is_set()]:
-            self._end(seq, cancelled=True)
+        for seq in [s for s in self.seqs.values() if ending or s.job.cancelled.is_set()]:
+            if seq.job.cancelled.is_set():
+                self._end(seq, cancelled=True)
+            else:
+                self._end(seq, error=_shutting_down())
+        for job in left:
+            if not job.cancelled.is_set():
+                self._fail_job(job, _shutting_down(), released=True)
 
     def _admit(self):
         while self.free:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 from .ipc import JOB_FIELDS, Channel, bad_message, kind_of
 from .schemas import APIError
+from .shutdown import HTTP_DRAIN_S, draining_server
 
 log = logging.getLogger("mhla_stream.serve")
 CALL_TIMEOUT_S = 120
@@ -265,9 +266,12 @@ def run_http_process(conn, settings: dict) -> None:
     engine = EngineProxy(link, settings["vocab_size"], on_start)
     app = create_app(engine, load_tokenizer(settings["tokenizer"]), StoreProxy(link), HttpMetrics(link),
                      settings["config"])
-    server = uvicorn.Server(uvicorn.Config(app, host=settings["host"], port=settings["port"],
-                                           log_level=settings["log_level"], timeout_graceful_shutdown=5,
-                                           http=settings["http"], loop=settings["loop"]))
+    # its shutdown (SIGTERM from the engine process, or sent to this process alone) tells the engine
+    # first, so the engine's grace and last events end the open requests while uvicorn waits for them
+    server = draining_server(uvicorn.Config(app, host=settings["host"], port=settings["port"],
+                                            log_level=settings["log_level"], timeout_graceful_shutdown=HTTP_DRAIN_S,
+                                            http=settings["http"], loop=settings["loop"]),
+                             lambda: channel.send(("draining",)))
     server_box.append(server)
     link.on_gone = lambda: setattr(server, "should_exit", True)
     # the graceful way out has a bound: no HTTP process outlives its engine for long

@@ -7,6 +7,7 @@ HTTP -> engine
     ("cancel", rid)                   its client left or its task was cancelled
     ("call", call_id, name, args)     an RPC (``CALLS``); answered by a "reply"
     ("listening",)                    the app is up and bound: the engine process prints the URL
+    ("draining",)                     its shutdown began: the engine's grace starts (shutdown.py)
 engine -> HTTP
     ("events", [(rid, (kind, payload)), ...])   every event of one engine turn (or one start/done/error)
     ("reply", call_id, ok, value)     an RPC's result, or the exception it raised (ok False)

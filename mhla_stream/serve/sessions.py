@@ -8,6 +8,13 @@
 A session id is opaque: the file name is a hash of it, never the id itself, so no id can name a
 path. The id and the chat messages are kept inside the file's metadata, which is what a restart
 reads back. One request at a time per session: ``acquire`` refuses a busy one (the API's 409).
+
+Moving a session between tiers is atomic from every reader's point of view: files are written outside
+the lock, but an entry's ``data`` (the newest state when not None) is dropped for its file only under
+the lock, only if it is still the very data the file holds and no request holds the session; a file
+read outside the lock is kept only if the entry did not change meanwhile (``version``); a session
+deleted while its file was being written has that file removed. So a request never loads an older
+state than the newest, and a deleted session never comes back.
 """
 from __future__ import annotations
 
@@ -65,6 +72,16 @@ class _Entry:
     last_used: float = field(default_factory=time.monotonic)
     position: int = 0
     fork_from: str | None = None  # a new session's state comes from here at its first request
+    version: int = 0              # bumped by every new state: a file read that raced one is not kept
+    written: SessionData | None = None  # the data its file holds, when known (written or read here)
+    writing: bool = False         # its file is being written (no second writer picks it)
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def file_name(session_id: str) -> str:
@@ -78,6 +95,7 @@ class SessionStore:
         self.fingerprint = layout.fingerprint
         self.meta = meta  # model name, policy, config: written into each file like save_state does
         self._lock = threading.Lock()
+        self._io = threading.Lock()  # one file write or delete at a time; taken before ``_lock``, never inside it
         self._entries: dict[str, _Entry] = {}
         os.makedirs(directory, exist_ok=True)
         self._recover()
@@ -121,28 +139,39 @@ class SessionStore:
     def load(self, session_id: str) -> SessionData | None:
         """The session's data for a request that acquired it (None for a fresh session). Engine thread."""
         with self._lock:
-            entry = self._entries[session_id]
-            source = entry.fork_from
-            data = entry.data
-        if source is not None:
-            data = self._read(source)
-            if data is not None:
-                data.wait()
-                data = SessionData({k: v.clone() for k, v in data.tensors.items()},
-                                   None if data.logits is None else data.logits.clone(),
-                                   list(data.history), data.position, [dict(m) for m in data.messages])
-            return data
-        if data is None and entry.on_disk:
-            data = self._read(session_id)
-        return data.wait() if data is not None else None
+            source = self._entries[session_id].fork_from
+        if source is None:
+            data = self._read(session_id)  # it is busy (ours): nothing moves it while we read
+            return data.wait() if data is not None else None  # an asynchronous copy out may still run
+        data = self._read(source)
+        if data is not None:
+            data.wait()
+            data = SessionData({k: v.clone() for k, v in data.tensors.items()},
+                               None if data.logits is None else data.logits.clone(),
+                               list(data.history), data.position, [dict(m) for m in data.messages])
+        return data
 
     def _read(self, session_id: str) -> SessionData | None:
-        with self._lock:
-            entry = self._entries.get(session_id)
-            if entry is None:
-                raise SessionMissing(f"no session {session_id!r}")
-            if entry.data is not None or not entry.on_disk:
-                return entry.data
+        """The session's newest data: in host memory, else read from its file (and kept in memory)."""
+        while True:
+            with self._lock:
+                entry = self._entries.get(session_id)
+                if entry is None:
+                    raise SessionMissing(f"no session {session_id!r}")
+                if entry.data is not None or not entry.on_disk:
+                    return entry.data
+                version = entry.version
+            data = self._read_file(session_id)
+            with self._lock:
+                if self._entries.get(session_id) is not entry:
+                    raise SessionMissing(f"no session {session_id!r}")
+                if entry.version == version:  # nothing newer came while the file was read
+                    if entry.data is None:
+                        entry.data, entry.written = data, data
+                    return entry.data
+            # a newer state arrived (and perhaps went to disk) meanwhile: read again
+
+    def _read_file(self, session_id: str) -> SessionData:
         path = os.path.join(self.directory, file_name(session_id))
         try:
             valid = read_state_file(path, self.layout)
@@ -152,11 +181,7 @@ class SessionStore:
             messages = json.loads(valid.meta.get("messages", "[]"))
         except ValueError:
             raise StateFileError(f"session {session_id!r}: its stored messages are not JSON") from None
-        data = SessionData(valid.layers, valid.logits, valid.history, valid.position, messages)
-        with self._lock:
-            if entry.data is None:
-                entry.data = data
-            return entry.data
+        return SessionData(valid.layers, valid.logits, valid.history, valid.position, messages)
 
     def release(self, session_id: str, data: SessionData | None) -> None:
         """Ends a request: ``data`` is the new state (None: the request failed, keep the old one)."""
@@ -171,6 +196,7 @@ class SessionStore:
                     del self._entries[session_id]  # a fresh session whose first request failed
                 return
             entry.data, entry.position, entry.last_used = data, data.position, time.monotonic()
+            entry.version += 1
         self._evict()
 
     def _evict(self) -> None:
@@ -180,19 +206,44 @@ class SessionStore:
                 resident = [(e.last_used, sid, e) for sid, e in self._entries.items() if e.data is not None]
                 if sum(e.data.nbytes for _, _, e in resident) <= self.host_budget:
                     return
-                idle = sorted((t, sid, e) for t, sid, e in resident if not e.busy)
+                idle = sorted((t, sid, e) for t, sid, e in resident if not e.busy and not e.writing)
                 if not idle:
                     return
                 _, sid, entry = idle[0]
-                entry.busy = True  # nobody takes it while it is written
-                data = entry.data
+            if not self._save(sid, entry, drop=True):
+                return  # another thread took it or it is being written: that thread goes on from here
+
+    def _save(self, session_id: str, entry: _Entry, drop: bool) -> bool:
+        """Writes the entry's data to its file. ``drop``: then, in the same lock section that records
+        the file, leaves host memory if the data is still the newest and no request holds the session
+        (else it stays: a request took it meanwhile and reads it there). Returns False if another
+        writer has it. A session deleted meanwhile has the file removed again."""
+        with self._lock:
+            data = entry.data
+            if entry.writing or data is None or self._entries.get(session_id) is not entry:
+                return False
+            if drop and entry.on_disk and entry.written is data:  # the file holds it already (read from there)
+                if not entry.busy:
+                    entry.data = None
+                return True
+            entry.writing = True
+        path = os.path.join(self.directory, file_name(session_id))
+        saved = False
+        with self._io:
             try:
-                self._write(sid, data)
+                self._write(session_id, data)
+                saved = True
             finally:
                 with self._lock:
-                    entry.busy = False
-            with self._lock:
-                entry.on_disk, entry.data = True, None
+                    entry.writing = False
+                    alive = self._entries.get(session_id) is entry
+                    if alive and saved:  # one section: the file recorded and the data dropped together
+                        entry.on_disk, entry.written = True, data
+                        if drop and entry.data is data and not entry.busy:
+                            entry.data = None
+            if saved and not alive:  # deleted while written: it must not come back (still under _io)
+                _remove_file(path)
+        return True
 
     def _write(self, session_id: str, data: SessionData) -> None:
         data.wait()
@@ -206,14 +257,17 @@ class SessionStore:
 
     # -- management ----------------------------------------------------------------------------------
     def flush(self) -> int:
-        """Writes every session held in host memory to disk (shutdown). Returns how many were written."""
-        with self._lock:
-            resident = [(sid, e.data) for sid, e in self._entries.items() if e.data is not None]
-        for sid, data in resident:
-            self._write(sid, data)
+        """Writes every session held in host memory whose file is not already its newest state to disk
+        (shutdown); each stays in memory. Returns how many were written."""
+        written = 0
+        for _ in range(3):  # later passes only for states that changed during a pass (none at shutdown)
             with self._lock:
-                self._entries[sid].on_disk = True
-        return len(resident)
+                todo = [(sid, e) for sid, e in self._entries.items() if e.data is not None and e.written is not e.data]
+            for sid, entry in todo:
+                written += self._save(sid, entry, drop=False)
+            if not todo:
+                break
+        return written
 
     def delete(self, session_id: str) -> None:
         with self._lock:
@@ -223,9 +277,8 @@ class SessionStore:
             if entry.busy:
                 raise SessionBusy(f"session {session_id!r} is in use by a request")
             del self._entries[session_id]
-        path = os.path.join(self.directory, file_name(session_id))
-        if os.path.exists(path):
-            os.remove(path)
+        with self._io:  # after a write in progress: its writer sees the entry gone and removes the file too
+            _remove_file(os.path.join(self.directory, file_name(session_id)))
 
     def describe(self, session_id: str | None = None) -> list[dict]:
         with self._lock:
