@@ -37,7 +37,7 @@ if INTERPRET:
 else:
     _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
 # SIZE (a power of two >= the blocks touched) makes short and long prefills tune separately
-_tuned = triton.autotune(configs=_CONFIGS, key=["K", "V", "BT", "SIZE"], do_bench=graph_bench)
+_tuned = triton.autotune(configs=_CONFIGS, key=["K", "V", "BT", "VPROG", "SIZE"], do_bench=graph_bench)
 _tuned_mix = triton.autotune(configs=_CONFIGS, key=["KV", "BI", "BCOL", "SIZE"], do_bench=graph_bench)
 
 
@@ -61,29 +61,36 @@ def _block_rows(seq_ptr, b, m, C, BT: tl.constexpr):
 @triton.jit
 def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr, ROUND: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VPROG: tl.constexpr, PREC: tl.constexpr,
+                    F32_DOT: tl.constexpr):
+    """S_m of one (block, sequence, head) for VPROG value columns, walked BV at a time: k is read
+    once per program. S is stored in its buffer's dtype (bf16 for stateless 16-bit calls)."""
     m, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     t, mt, i0, live = _block_rows(seq_ptr, b, m, C, BT)                                      # [BT] call tokens
     if live:
-        ok_k, ov = tl.arange(0, BK), pv * BV + tl.arange(0, BV)
+        ok_k = tl.arange(0, BK)
         kt = tl.load(k_ptr + b * sk_b + t[:, None] * sk_t + h * sk_h + ok_k[None, :],
                      mask=mt[:, None] & (ok_k[None, :] < K), other=0.0)                        # [BT, BK]
-        vt = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + ov[None, :],
-                     mask=mt[:, None] & (ov[None, :] < V), other=0.0)                          # [BT, BV]
         if F32_DOT:
-            kt, vt = kt.to(tl.float32), vt.to(tl.float32)
-        s = tl.dot(tl.trans(kt), vt, input_precision=PREC)                                    # [BK, BV] fp32
-        tile = ok_k[:, None] * V + ov[None, :]
-        mtile = (ok_k[:, None] < K) & (ov[None, :] < V)
-        if HAS_STATE:
-            if m == 0:
-                s += tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0)
-        if ROUND:  # a block this call completes is stored rounded (bf16 ring): every reader sees that value
-            r0, _, n = _seq_info(seq_ptr, b)
-            if m < (r0 + n) // C:
-                s = round_bf16(s)
-        tl.store(s_ptr + (bh * NB + m) * K * V + tile, s, mask=mtile)
+            kt = kt.to(tl.float32)
+        r0, _, n = _seq_info(seq_ptr, b)
+        for v0 in range(pv * VPROG, pv * VPROG + VPROG, BV):
+            ov = v0 + tl.arange(0, BV)
+            vt = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + ov[None, :],
+                         mask=mt[:, None] & (ov[None, :] < V), other=0.0)                      # [BT, BV]
+            if F32_DOT:
+                vt = vt.to(tl.float32)
+            s = tl.dot(tl.trans(kt), vt, input_precision=PREC)                                # [BK, BV] fp32
+            tile = ok_k[:, None] * V + ov[None, :]
+            mtile = (ok_k[:, None] < K) & (ov[None, :] < V)
+            if HAS_STATE:
+                if m == 0:
+                    s += tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0)
+            if ROUND:  # a block this call completes is stored rounded (bf16 ring): every reader sees that value
+                if m < (r0 + n) // C:
+                    s = round_bf16(s)
+            tl.store(s_ptr + (bh * NB + m) * K * V + tile, round_to(s, s_ptr.dtype.element_ty), mask=mtile)
 
 
 @_tuned_mix
@@ -108,7 +115,7 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr
             src = j0 + tl.arange(0, BJ)                                                          # [BJ] local
             coef = window_coef(m_ptr, L, ti[:, None], i0 + src[None, :]) * (src[None, :] < tgt[:, None])
             st = tl.load(s_ptr + (bh * NB + src[:, None]) * KV + cols[None, :],
-                         mask=(src[:, None] < nc) & mc[None, :], other=0.0)                     # [BJ, BCOL]
+                         mask=(src[:, None] < nc) & mc[None, :], other=0.0).to(tl.float32)      # [BJ, BCOL]
             acc += tl.dot(coef, st, input_precision=PREC)
         if HAS_STATE:
             if (first <= W) | FAR:                      # targets that still see carried blocks
@@ -141,45 +148,54 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr
 def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_ptr, L, C, NB, SIZE, scale,
                    sq_b, sq_t, sq_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VPROG: tl.constexpr, PREC: tl.constexpr,
+                   F32_DOT: tl.constexpr):
+    """Outputs of one (block, sequence, head) for VPROG value columns, walked BV at a time: q, k
+    and the causal scores are loaded / formed once per program, not once per BV columns."""
     m, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     t, mt, i0, live = _block_rows(seq_ptr, b, m, C, BT)                                      # [BT] call tokens
     if live:
         c = tl.arange(0, BT)
-        ok_k, ov = tl.arange(0, BK), pv * BV + tl.arange(0, BV)
-        mk, mv = ok_k < K, ov < V
+        ok_k = tl.arange(0, BK)
+        mk = ok_k < K
         qt = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + ok_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         kt = tl.load(k_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + ok_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        vt = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
         if F32_DOT:
-            qt, kt, vt = qt.to(tl.float32), kt.to(tl.float32), vt.to(tl.float32)
-        tile = ok_k[:, None] * V + ov[None, :]
-        mtile = mk[:, None] & mv[None, :]
+            qt, kt = qt.to(tl.float32), kt.to(tl.float32)
         scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)                                 # [BT, BT] fp32
         scores = tl.where(c[:, None] >= c[None, :], scores, 0.0)
-        intra = tl.dot(scores.to(vt.dtype), vt, input_precision=PREC)                          # [BT, BV]
-        # pt [BK, BV] in P's dtype in every branch (one type for the compiler): the carried fp32
-        # prefix (m = 0) is rounded to it as pass 2 rounded the stored P
-        if m == 0:
-            if HAS_STATE:
-                pt = round_to(tl.load(p0_ptr + bh * K * V + tile, mask=mtile, other=0.0), p_ptr.dtype.element_ty)
-                intra += tl.dot(qt.to(tl.float32), tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0),
-                                input_precision=PREC)
-            else:
-                pt = tl.zeros((BK, BV), dtype=p_ptr.dtype.element_ty)
-        else:
-            pt = tl.load(p_ptr + (bh * NB + m) * K * V + tile, mask=mtile, other=0.0)
         i = i0 + m
         diag = window_coef(m_ptr, L, i, i)
-        if PREC == "ieee":
-            inter = tl.dot(qt.to(tl.float32), pt, input_precision=PREC)
-        else:  # 16-bit inputs: the prefix enters the tensor-core product in the input dtype (a no-op when P
-            # is stored in it; under F32_DOT qt is fp32 and the rounded prefix is widened back, exactly)
-            inter = tl.dot(qt, round_to(pt, q_ptr.dtype.element_ty).to(qt.dtype))
-        o = (inter + diag * intra) * scale
-        tl.store(o_ptr + b * so_b + t[:, None] * so_t + h * so_h + ov[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
+        for v0 in range(pv * VPROG, pv * VPROG + VPROG, BV):
+            ov = v0 + tl.arange(0, BV)
+            mv = ov < V
+            vt = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + ov[None, :], mask=mt[:, None] & mv[None, :],
+                         other=0.0)
+            if F32_DOT:
+                vt = vt.to(tl.float32)
+            tile = ok_k[:, None] * V + ov[None, :]
+            mtile = mk[:, None] & mv[None, :]
+            intra = tl.dot(scores.to(vt.dtype), vt, input_precision=PREC)                      # [BT, BV]
+            # pt [BK, BV] in P's dtype in every branch (one type for the compiler): the carried fp32
+            # prefix (m = 0) is rounded to it as pass 2 rounded the stored P
+            if m == 0:
+                if HAS_STATE:
+                    pt = round_to(tl.load(p0_ptr + bh * K * V + tile, mask=mtile, other=0.0), p_ptr.dtype.element_ty)
+                    intra += tl.dot(qt.to(tl.float32), tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0),
+                                    input_precision=PREC)
+                else:
+                    pt = tl.zeros((BK, BV), dtype=p_ptr.dtype.element_ty)
+            else:
+                pt = tl.load(p_ptr + (bh * NB + m) * K * V + tile, mask=mtile, other=0.0)
+            if PREC == "ieee":
+                inter = tl.dot(qt.to(tl.float32), pt, input_precision=PREC)
+            else:  # 16-bit inputs: the prefix enters the tensor-core product in the input dtype (a no-op when P
+                # is stored in it; under F32_DOT qt is fp32 and the rounded prefix is widened back, exactly)
+                inter = tl.dot(qt, round_to(pt, q_ptr.dtype.element_ty).to(qt.dtype))
+            o = (inter + diag * intra) * scale
+            tl.store(o_ptr + b * so_b + t[:, None] * so_t + h * so_h + ov[None, :], o.to(o_ptr.dtype.element_ty),
+                     mask=mt[:, None] & mv[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +207,49 @@ def prefix_dtype(dtype):
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+# The forward's layout (``set_variant``; bench_op times both in one run):
+#   "lean" (default): S in bf16 for stateless 16-bit calls (``summary_dtype``), V walked inside the
+#       programs of passes 1 and 3 once there are enough (block, head) programs to fill the GPU (q and
+#       k read once, not once per 64 value columns), mix tiles of 128 target blocks (halo 31/128);
+#   "base": the layout before: fp32 S, one program per 64 value columns, mix tiles of 64 blocks.
+# Both give the same outputs for fp32 inputs and with a state; "lean" rounds S for 16-bit stateless calls.
+VARIANTS = ("lean", "base")
+_variant = "lean"
+
+
+def set_variant(name: str) -> None:
+    global _variant
+    if name not in VARIANTS:
+        raise ValueError(f"unknown forward variant {name!r}; expected one of {', '.join(VARIANTS)}")
+    _variant = name
+
+
+def variant() -> str:
+    return _variant
+
+
+def summary_dtype(dtype, has_state: bool, lean: bool = True):
+    """How pass 1 stores S: bf16 for 16-bit inputs without a state (fp32 accumulate, one rounding on
+    store: its error is below the bf16 rounding of P that follows), else fp32, since the state's
+    ring, far sum and partial take their values from S (a bf16 ring rounds them itself, ``ROUND``).
+    bf16 also for fp16 inputs: S has no fp16 range bound (sums of C products)."""
+    if lean and not has_state and dtype in (torch.bfloat16, torch.float16):
+        return torch.bfloat16
+    return torch.float32
+
+
+_WIDE_PROGRAMS = 264  # (block, sequence, head) programs from which passes 1 and 3 walk all of V (2 x 132 SMs)
+
+
+def _columns_per_program(V, BV, programs, lean):
+    """Value columns one program of passes 1 and 3 covers: all of V (walked BV at a time) once the
+    (block, sequence, head) programs alone fill the GPU, else BV (more programs for short calls).
+    Under the interpreter all of V, so that the walk is what the tests exercise."""
+    if lean and (INTERPRET or programs >= _WIDE_PROGRAMS):
+        return triton.cdiv(V, BV) * BV
+    return BV
+
+
 def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=None):
     """The three passes above, then the state advance (``mhla_attention`` validated the inputs).
     ``raw_mixing``: the [L, L] parameter as it is (the kernels clamp on load); ``far``: the
@@ -200,6 +259,7 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
     V = v.shape[-1]
     L, dev = mc.shape[0], q.device
     W = max(L - 1, 1)
+    lean = _variant == "lean"
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     n = lengths.to(dev) if lengths is not None else torch.full((B,), T, device=dev, dtype=torch.long)
     pos = state.pos if state is not None else torch.zeros(B, dtype=torch.long, device=dev)
@@ -207,11 +267,11 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
     # blocks touched (upper bound); with a state, one more for the prefix of the block after the call
     NB = triton.cdiv(T + (C if state is not None else 0), C)
     size = triton.next_power_of_2(NB)  # tuning bucket
-    S = torch.empty(B, H, NB, K, V, device=dev, dtype=torch.float32)
+    has_state = state is not None
+    S = torch.empty(B, H, NB, K, V, device=dev, dtype=summary_dtype(q.dtype, has_state, lean))
     p_dtype = prefix_dtype(q.dtype)
     # one block: no P is read (pass 3 at m = 0 only); S viewed in P's dtype gives the kernels' pointer type
     P = torch.empty(B, H, NB, K, V, device=dev, dtype=p_dtype) if NB > 1 else S.view(p_dtype)
-    has_state = state is not None
     # the state's next prefix in fp32, when P is rounded (16-bit inputs with a state)
     next_prefix = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if has_state and p_dtype != S.dtype else S
     o = torch.empty(B, T, H, V, device=dev, dtype=q.dtype)
@@ -219,30 +279,34 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
         o.zero_()                                                                  # padded rows stay 0
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     f32_dot = INTERPRET
-    BT, BK, BV = pow2(C), pow2(K), min(pow2(V), 64)
+    # BV: the value columns of one dot; the interpreter's lean walk takes 16 so that small test shapes
+    # (V = 32) walk more than one step
+    BT, BK, BV = pow2(C), pow2(K), (16 if lean and INTERPRET else min(pow2(V), 64))
+    vprog = _columns_per_program(V, BV, NB * B * H, lean)
     ring = state.ring if has_state else S
     far_sum = state.far if (has_state and far) else S
     r_old = state.partial if has_state else S
     p_old = state.prefix if has_state else S
 
-    _summary_kernel[(NB, B * H, triton.cdiv(V, BV))](
+    _summary_kernel[(NB, B * H, triton.cdiv(V, vprog))](
         k, v, S, r_old, seq, NB, size, C, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H=H, K=K, V=V, HAS_STATE=has_state, ROUND=has_state and state.state_dtype == torch.bfloat16,
-        BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
+        BT=BT, BK=BK, BV=BV, VPROG=vprog, PREC=prec, F32_DOT=f32_dot)
     if NB > 1:
         # far blocks exist only once some target is L blocks past the start: skip the scan otherwise
         # (with a state, no check; without one every sequence starts at 0: no device sync either)
         far = far and (has_state or NB > L)
-        cum = torch.cumsum(S, 2) if far else S
-        BI, BJ, BCOL = 64, 32, 128
+        cum = torch.cumsum(S, 2, dtype=torch.float32) if far else S  # fp32 running sums of bf16 S too
+        # lean: 128 targets a tile read 159 summaries (x1.25), 64 columns keep the fp32 tile at 32 KB
+        BI, BJ, BCOL = (128, 32, 64) if lean else (64, 32, 128)
         _mix_kernel[(triton.cdiv(NB, BI), B * H, triton.cdiv(K * V, BCOL))](
             S, cum, P, next_prefix, ring, far_sum, mc, seq, L, C, W, NB, size, H=H, KV=K * V, HAS_STATE=has_state,
             FAR=far, BI=BI, BJ=BJ, BW=pow2(W, 16), BCOL=BCOL, PREC=prec)
         del cum
-    _output_kernel[(NB, B * H, triton.cdiv(V, BV))](
+    _output_kernel[(NB, B * H, triton.cdiv(V, vprog))](
         q, k, v, o, P, p_old, r_old, mc, seq, L, C, NB, size, scale, q.stride(0), q.stride(1), q.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
+        H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, VPROG=vprog, PREC=prec, F32_DOT=f32_dot)
     if has_state:
         advance_state(state, S, P, next_prefix, seq, far)
     return o
