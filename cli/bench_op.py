@@ -5,6 +5,10 @@
 Shapes: B = 1, H = 4, K = 128, V = 256 (the 340M layer); SDPA uses 16 heads x 64 (the same-size
 Transformer). fla is optional: its columns are skipped when it is not installed.
 
+``--variants lean,base``: the Triton forward in each layout of ``triton_chunk.VARIANTS`` in the same
+run (``mhla_ms`` is the first; the others as ``mhla_<name>_ms``), each with the bytes its traffic
+model predicts (``forward_bytes``) and the bandwidth that implies.
+
 ``--backward``: forward + backward instead (the training step of one layer's operator), Triton
 autograd path against the torch chunk form and fla's chunk_linear_attn, at ``--batch`` sequences:
 
@@ -37,6 +41,24 @@ def mhla_flops(T, H, K, V, C=64, L=32):
     return H * (2 * T * K * V + 2 * nb * min(nb, L) * K * V + 2 * T * K * V + 2 * T * C * (K + V))
 
 
+def forward_bytes(T, H, K, V, C=64, L=32, variant="lean", elem=2, B=1):
+    """Predicted DRAM traffic of one stateless 16-bit prefill (``triton_chunk``'s three passes), per
+    (block, sequence, head): pass 1 reads k (once per 64 value columns when the programs split V) and
+    v and writes S; pass 2 reads S with its halo (the W = L - 1 older blocks of each mix tile, in
+    chunks of 32) and writes P in the input dtype; pass 3 reads q, k (as pass 1), v and P, writes o."""
+    nb = -(-T // C)
+    lean = variant == "lean"
+    wide = lean and nb * B * H >= 264                  # triton_chunk._WIDE_PROGRAMS: V walked in-program
+    split = 1 if wide else -(-V // 64)
+    tile = 128 if lean else 64                         # mix targets a program
+    halo = -(-(tile + L - 2) // 32) * 32 / tile        # sources loaded per target
+    s_b = K * V * (2 if lean else 4)
+    p_b = K * V * elem
+    q_b, k_b, v_b, o_b = C * K * elem, C * K * elem, C * V * elem, C * V * elem
+    per_block = (k_b * split + v_b + s_b) + (s_b * halo + p_b) + ((q_b + k_b) * split + v_b + p_b + o_b)
+    return per_block * nb * H * B
+
+
 def bench(fn, ms=200):
     from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=ms, return_mode="median")
@@ -50,7 +72,15 @@ def bench(fn, ms=200):
 @click.option("--profile", "profile_T", default=0, help="print the per-kernel time of one MHLA prefill at this T")
 @click.option("--backward", is_flag=True, help="time forward + backward (training) instead of prefill and decode")
 @click.option("--batch", default=1, type=click.IntRange(min=1), help="sequences per call (--backward)")
-def main(lengths, dtype, json_path, torch_max, profile_T, backward, batch):
+@click.option("--variants", default="lean", help="Triton forward layouts to time, comma-separated (lean,base)")
+def main(lengths, dtype, json_path, torch_max, profile_T, backward, batch, variants):
+    from mhla_stream.kernels import triton_chunk
+    variants = [x for x in variants.split(",") if x]
+    bad = [x for x in variants if x not in triton_chunk.VARIANTS]
+    if bad or not variants:
+        raise click.BadParameter(f"{bad or variants}: expected names from {', '.join(triton_chunk.VARIANTS)}",
+                                 param_hint="--variants")
+    triton_chunk.set_variant(variants[0])
     dev, dt = "cuda", getattr(torch, dtype)
     H, K, V, C, L = 4, 128, 256, 64, 32
     chunk_la, recur_la = _fla()
@@ -65,7 +95,13 @@ def main(lengths, dtype, json_path, torch_max, profile_T, backward, batch):
         k = torch.rand(1, T, H, K, device=dev, dtype=dt)
         v = torch.randn(1, T, H, V, device=dev, dtype=dt)
         r = {"T": T}
-        r["mhla_ms"] = bench(lambda: mhla_attention(q, k, v, m, backend="triton"))
+        for i, name in enumerate(variants):  # the first layout last set stays for the columns below
+            triton_chunk.set_variant(name)
+            ms = bench(lambda: mhla_attention(q, k, v, m, backend="triton"))
+            gb = forward_bytes(T, H, K, V, C, L, name) / 1e9
+            r.update({f"mhla_{name}_ms": ms, f"{name}_model_GB": gb, f"{name}_GBs": gb / (ms * 1e-3)})
+        triton_chunk.set_variant(variants[0])
+        r["mhla_ms"] = r[f"mhla_{variants[0]}_ms"]
         if T <= torch_max:
             r["torch_chunk_ms"] = bench(lambda: mhla_attention(q, k, v, m, backend="torch"))
         if chunk_la:
@@ -88,20 +124,28 @@ def main(lengths, dtype, json_path, torch_max, profile_T, backward, batch):
         r["sdpa_decode_us"] = bench(lambda: F.scaled_dot_product_attention(q1s, ks, vs)) * 1e3
         if "fla_chunk_ms" in r:
             r["mhla_over_fla"] = r["mhla_ms"] / r["fla_chunk_ms"]
+            for name in variants:
+                r[f"{name}_over_fla"] = r[f"mhla_{name}_ms"] / r["fla_chunk_ms"]
         r["sdpa_over_mhla"] = r["sdpa_ms"] / r["mhla_ms"]
         rows.append(r)
         del q, k, v, qs, ks, vs, state
         torch.cuda.empty_cache()
         print(json.dumps(r), flush=True)
     if profile_T:
-        _profile(profile_T, dev, dt, H, K, V, m)
-    cols = ["T", "mhla_ms", "fla_chunk_ms", "mhla_over_fla", "sdpa_ms", "sdpa_over_mhla", "torch_chunk_ms",
+        for name in variants:
+            triton_chunk.set_variant(name)
+            print(f"layout {name}:")
+            _profile(profile_T, dev, dt, H, K, V, m)
+        triton_chunk.set_variant(variants[0])
+    per_variant = [f"{c}" for name in variants[1:] for c in (f"mhla_{name}_ms", f"{name}_over_fla")]
+    per_variant += [f"{name}_GBs" for name in variants]
+    cols = ["T", "mhla_ms", "fla_chunk_ms", "mhla_over_fla", *per_variant, "sdpa_ms", "sdpa_over_mhla", "torch_chunk_ms",
             "mhla_tok_s", "mhla_tflops", "mhla_decode_us", "fla_recurrent_us", "sdpa_decode_us", "mhla_decode_GBs"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": dtype,
-            "torch": torch.__version__, "shapes": dict(B=1, H=H, K=K, V=V, C=C, L=L)}
+            "torch": torch.__version__, "shapes": dict(B=1, H=H, K=K, V=V, C=C, L=L), "variants": variants}
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

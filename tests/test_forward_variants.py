@@ -131,8 +131,9 @@ def test_state_path_keeps_fp32_summaries(chunk, dtype, state_dtype, monkeypatch)
     (lean, st), (base, st_b) = res["lean"], res["base"]
     for o, o_b, r in zip(lean, base, refs):
         assert rel_err(o, r) < tol and rel_err(o, o_b) < ORDER_TOL[dtype]
-    for name in ("ring", "far", "partial"):          # from S alone: the same values
-        assert torch.equal(getattr(st, name), getattr(st_b, name)), name
+    for name in ("ring", "far", "partial"):  # from S alone: the same values (on a GPU the two layouts'
+        a, b = getattr(st, name), getattr(st_b, name)  # tuned launch configurations may differ: fp32 rounding)
+        assert (rel_err(a, b) < ORDER_TOL[torch.float32] if GPU else torch.equal(a, b)) or a.numel() == 0, name
     assert rel_err(st.prefix, st_b.prefix) < ORDER_TOL[torch.float32] and torch.equal(st.pos, st_b.pos)
 
 
@@ -162,3 +163,16 @@ def test_bf16_training_forward_and_gradients_with_lean_summaries(chunk, policy):
     assert rel_err(o[1, :n1].detach(), ref[1, :n1].detach()) < TOL[torch.bfloat16]
     for name, x, r in zip(("dq", "dk", "dv", "dM"), xs, ref_xs):
         assert rel_err(x.grad, r.grad) < 2e-2, name                   # test_backward's bf16 tolerance
+
+
+def test_bench_op_traffic_model_and_variant_flag():
+    """The figures the GPU run checks: lean's predicted traffic at the 340M layer shape (32k tokens),
+    and --variants refusing unknown layouts before touching a GPU."""
+    from click.testing import CliRunner
+
+    from mhla_stream.cli.bench_op import forward_bytes, main
+    lean, base = forward_bytes(32768, 4, 128, 256, 64, 32, "lean"), forward_bytes(32768, 4, 128, 256, 64, 32, "base")
+    assert round(lean / 1e6) == 872 and round(base / 1e6) == 1544
+    for bad in ("fast", "lean,fast", ","):
+        res = CliRunner().invoke(main, ["--variants", bad])
+        assert res.exit_code == 2 and "--variants" in res.output, bad
