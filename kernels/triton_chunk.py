@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, ext_coef, far_coef, graph_bench, pow2, ring_block, round_bf16, round_to,
-                            window_coef)
+from .triton_common import (INTERPRET, band_coef, ext_coef, far_coef, graph_bench, pow2, ring_block, round_bf16,
+                            round_to, window_coef)
 
 # Launch configurations, tuned per (K, V) on the GPU; one fixed choice under the interpreter.
 # Only pure-output kernels are tuned (tuning re-runs them).
@@ -38,7 +38,35 @@ else:
     _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
 # SIZE (a power of two >= the blocks touched) makes short and long prefills tune separately
 _tuned = triton.autotune(configs=_CONFIGS, key=["K", "V", "BT", "VPROG", "SIZE"], do_bench=graph_bench)
-_tuned_mix = triton.autotune(configs=_CONFIGS, key=["KV", "BI", "BCOL", "SIZE"], do_bench=graph_bench)
+
+# The mix pass's tiles (BI target blocks x BCOL columns of S) are tuned too, per layout (``TILES``):
+# larger BI reads less halo (the W older blocks, in chunks of 32: x1.5 at 64, x1.25 at 128) but forms
+# a BI x (BI + 32) coefficient tile per BCOL columns; larger BCOL shares that tile over more columns
+# but holds a larger fp32 accumulator. "base" keeps the tile before (64 x 128).
+def _mix_config(bi, bcol, warps, stages=1):
+    return triton.Config({"BI": bi, "BCOL": bcol}, num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:  # one tile per layout (no timing on the CPU): lean's 128-block tile is what the tests run
+    _MIX_CONFIGS = [_mix_config(64, 128, 4), _mix_config(128, 64, 4)]
+else:
+    _MIX_CONFIGS = [_mix_config(64, 128, w, s) for w in (4, 8) for s in (1, 2, 3)] + \
+        [_mix_config(64, 256, 8), _mix_config(128, 128, 8), _mix_config(128, 64, 4), _mix_config(128, 64, 8, 2)]
+# lean tries fewer of the 64 x 128 configurations (each one compiles: the GPU tests' time)
+_LEAN_SKIPS = {(64, 128, 8, 3), (64, 128, 4, 3)}
+
+
+def _mix_tiles_of_layout(configs, named_args, **kwargs):
+    shape = lambda c: (c.kwargs["BI"], c.kwargs["BCOL"], c.num_warps, c.num_stages)  # noqa: E731
+    if kwargs["TILES"] == "base":
+        return [c for c in configs if shape(c)[:2] == (64, 128)]
+    if INTERPRET:
+        return [c for c in configs if shape(c)[0] == 128]
+    return [c for c in configs if shape(c) not in _LEAN_SKIPS]
+
+
+_tuned_mix = triton.autotune(configs=_MIX_CONFIGS, key=["KV", "TILES", "SIZE"], do_bench=graph_bench,
+                             prune_configs_by={"early_config_prune": _mix_tiles_of_layout})
 
 
 @triton.jit
@@ -96,7 +124,7 @@ def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t
 @_tuned_mix
 @triton.jit
 def _mix_kernel(s_ptr, cum_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, W, NB, SIZE,
-                H: tl.constexpr, KV: tl.constexpr, HAS_STATE: tl.constexpr, FAR: tl.constexpr,
+                H: tl.constexpr, KV: tl.constexpr, HAS_STATE: tl.constexpr, FAR: tl.constexpr, TILES: tl.constexpr,
                 BI: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr, BCOL: tl.constexpr, PREC: tl.constexpr):
     pi, bh, pc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = bh // H
@@ -113,7 +141,10 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr
         lo = tl.maximum(first - W, 0)
         for j0 in range(lo, first + BI - 1, BJ):
             src = j0 + tl.arange(0, BJ)                                                          # [BJ] local
-            coef = window_coef(m_ptr, L, ti[:, None], i0 + src[None, :]) * (src[None, :] < tgt[:, None])
+            if i0 + first >= L:  # every target past the trained blocks: the coefficient of the distance alone
+                coef = band_coef(m_ptr, L, ti[:, None] - (i0 + src[None, :]), 1)
+            else:
+                coef = window_coef(m_ptr, L, ti[:, None], i0 + src[None, :]) * (src[None, :] < tgt[:, None])
             st = tl.load(s_ptr + (bh * NB + src[:, None]) * KV + cols[None, :],
                          mask=(src[:, None] < nc) & mc[None, :], other=0.0).to(tl.float32)      # [BJ, BCOL]
             acc += tl.dot(coef, st, input_precision=PREC)
@@ -210,9 +241,10 @@ def prefix_dtype(dtype):
 # The forward's layout (``set_variant``; bench_op times both in one run):
 #   "lean" (default): S in bf16 for stateless 16-bit calls (``summary_dtype``), V walked inside the
 #       programs of passes 1 and 3 once there are enough (block, head) programs to fill the GPU (q and
-#       k read once, not once per 64 value columns), mix tiles of 128 target blocks (halo 31/128);
-#   "base": the layout before: fp32 S, one program per 64 value columns, mix tiles of 64 blocks.
-# Both give the same outputs for fp32 inputs and with a state; "lean" rounds S for 16-bit stateless calls.
+#       k read once, not once per 64 value columns), the mix tile tuned among several (_MIX_CONFIGS);
+#   "base": the layout before: fp32 S, one program per 64 value columns, mix tiles of 64 x 128.
+# Both give the same outputs for fp32 inputs and with a state up to the order of the mix pass's fp32
+# sums; "lean" rounds S for 16-bit stateless calls.
 VARIANTS = ("lean", "base")
 _variant = "lean"
 
@@ -298,11 +330,11 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
         # (with a state, no check; without one every sequence starts at 0: no device sync either)
         far = far and (has_state or NB > L)
         cum = torch.cumsum(S, 2, dtype=torch.float32) if far else S  # fp32 running sums of bf16 S too
-        # lean: 128 targets a tile read 159 summaries (x1.25), 64 columns keep the fp32 tile at 32 KB
-        BI, BJ, BCOL = (128, 32, 64) if lean else (64, 32, 128)
-        _mix_kernel[(triton.cdiv(NB, BI), B * H, triton.cdiv(K * V, BCOL))](
+        # the tile (BI, BCOL) is tuned among the layout's (_MIX_CONFIGS)
+        grid = lambda meta: (triton.cdiv(NB, meta["BI"]), B * H, triton.cdiv(K * V, meta["BCOL"]))  # noqa: E731
+        _mix_kernel[grid](
             S, cum, P, next_prefix, ring, far_sum, mc, seq, L, C, W, NB, size, H=H, KV=K * V, HAS_STATE=has_state,
-            FAR=far, BI=BI, BJ=BJ, BW=pow2(W, 16), BCOL=BCOL, PREC=prec)
+            FAR=far, TILES=_variant, BJ=32, BW=pow2(W, 16), PREC=prec)
         del cum
     _output_kernel[(NB, B * H, triton.cdiv(V, vprog))](
         q, k, v, o, P, p_old, r_old, mc, seq, L, C, NB, size, scale, q.stride(0), q.stride(1), q.stride(2),

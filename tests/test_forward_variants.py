@@ -171,8 +171,11 @@ def test_bench_op_traffic_model_and_variant_flag():
     from click.testing import CliRunner
 
     from mhla_stream.cli.bench_op import forward_bytes, main
-    lean, base = forward_bytes(32768, 4, 128, 256, 64, 32, "lean"), forward_bytes(32768, 4, 128, 256, 64, 32, "base")
-    assert round(lean / 1e6) == 872 and round(base / 1e6) == 1544
+    shape = (32768, 4, 128, 256, 64, 32)
+    lean, base = forward_bytes(*shape, "lean"), forward_bytes(*shape, "base")
+    assert round(lean / 1e6) == 906 and round(base / 1e6) == 1544
+    assert round(forward_bytes(*shape, "lean", mix_bi=128) / 1e6) == 872
+    assert forward_bytes(*shape, "base", mix_bi=128) == base               # base's tile is fixed
     for bad in ("fast", "lean,fast", ","):
         res = CliRunner().invoke(main, ["--variants", bad])
         assert res.exit_code == 2 and "--variants" in res.output, bad
