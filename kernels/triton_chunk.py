@@ -195,7 +195,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_
         if F32_DOT:
             qt, kt = qt.to(tl.float32), kt.to(tl.float32)
         scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)                                 # [BT, BT] fp32
-        scores = tl.where(c[:, None] >= c[None, :], scores, 0.0)
+        # in the dtype of v once, before the walk (the fp32 scores are not kept across it: registers)
+        scores = tl.where(c[:, None] >= c[None, :], scores, 0.0).to(tl.float32 if F32_DOT else v_ptr.dtype.element_ty)
         i = i0 + m
         diag = window_coef(m_ptr, L, i, i)
         for v0 in range(pv * VPROG, pv * VPROG + VPROG, BV):
@@ -207,7 +208,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_
                 vt = vt.to(tl.float32)
             tile = ok_k[:, None] * V + ov[None, :]
             mtile = mk[:, None] & mv[None, :]
-            intra = tl.dot(scores.to(vt.dtype), vt, input_precision=PREC)                      # [BT, BV]
+            intra = tl.dot(scores, vt, input_precision=PREC)                                     # [BT, BV]
             # pt [BK, BV] in P's dtype in every branch (one type for the compiler): the carried fp32
             # prefix (m = 0) is rounded to it as pass 2 rounded the stored P
             if m == 0:
