@@ -19,6 +19,12 @@ state's prefix must stay exact fp32, so with a state pass 2 also writes the fp32
 ``nc`` (the open block after the call) into a small [B, H, K, V] buffer that the advance copies;
 fp32 inputs keep fp32 P and the advance reads P itself. The training backward recomputes P.
 
+S in bf16 (the "lean" layout, ``summary_dtype``): a stateless call with 16-bit inputs (training,
+stateless prefill) has no reader that needs S exact, so pass 1 rounds it on store (fp32
+accumulate): half of S's write and of the mix pass's read. With a state S stays fp32 (the ring,
+far sum and partial come from it). The training backward recomputes S and P in fp32: its
+gradients are those of the unrounded forward, within the bf16 tolerance of this one's.
+
 Accumulation is fp32; fp32 inputs use IEEE dots, 16-bit inputs use tensor cores (tf32 for the
 fp32 operands). ``F32_DOT`` upcasts dot operands: set under TRITON_INTERPRET, whose bf16 dot is
 wrong in triton 3.9.
@@ -27,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, ext_coef, far_coef, graph_bench, pow2, ring_block, round_bf16, round_to,
-                            window_coef)
+from .triton_common import (INTERPRET, band_coef, ext_coef, far_coef, graph_bench, pow2, ring_block, round_bf16,
+                            round_to, window_coef)
 
 # Launch configurations, tuned per (K, V) on the GPU; one fixed choice under the interpreter.
 # Only pure-output kernels are tuned (tuning re-runs them).
@@ -37,8 +43,36 @@ if INTERPRET:
 else:
     _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
 # SIZE (a power of two >= the blocks touched) makes short and long prefills tune separately
-_tuned = triton.autotune(configs=_CONFIGS, key=["K", "V", "BT", "SIZE"], do_bench=graph_bench)
-_tuned_mix = triton.autotune(configs=_CONFIGS, key=["KV", "BI", "BCOL", "SIZE"], do_bench=graph_bench)
+_tuned = triton.autotune(configs=_CONFIGS, key=["K", "V", "BT", "VPROG", "SIZE"], do_bench=graph_bench)
+
+# The mix pass's tiles (BI target blocks x BCOL columns of S) are tuned too, per layout (``TILES``):
+# larger BI reads less halo (the W older blocks, in chunks of 32: x1.5 at 64, x1.25 at 128) but forms
+# a BI x (BI + 32) coefficient tile per BCOL columns; larger BCOL shares that tile over more columns
+# but holds a larger fp32 accumulator. "base" keeps the tile before (64 x 128).
+def _mix_config(bi, bcol, warps, stages=1):
+    return triton.Config({"BI": bi, "BCOL": bcol}, num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:  # one tile per layout (no timing on the CPU): lean's 128-block tile is what the tests run
+    _MIX_CONFIGS = [_mix_config(64, 128, 4), _mix_config(128, 64, 4)]
+else:
+    _MIX_CONFIGS = [_mix_config(64, 128, w, s) for w in (4, 8) for s in (1, 2, 3)] + \
+        [_mix_config(64, 256, 8), _mix_config(128, 128, 8), _mix_config(128, 64, 4), _mix_config(128, 64, 8, 2)]
+# lean tries fewer of the 64 x 128 configurations (each one compiles: the GPU tests' time)
+_LEAN_SKIPS = {(64, 128, 8, 3), (64, 128, 4, 3)}
+
+
+def _mix_tiles_of_layout(configs, named_args, **kwargs):
+    shape = lambda c: (c.kwargs["BI"], c.kwargs["BCOL"], c.num_warps, c.num_stages)  # noqa: E731
+    if kwargs["TILES"] == "base":
+        return [c for c in configs if shape(c)[:2] == (64, 128)]
+    if INTERPRET:
+        return [c for c in configs if shape(c)[0] == 128]
+    return [c for c in configs if shape(c) not in _LEAN_SKIPS]
+
+
+_tuned_mix = triton.autotune(configs=_MIX_CONFIGS, key=["KV", "TILES", "SIZE"], do_bench=graph_bench,
+                             prune_configs_by={"early_config_prune": _mix_tiles_of_layout})
 
 
 @triton.jit
@@ -61,35 +95,42 @@ def _block_rows(seq_ptr, b, m, C, BT: tl.constexpr):
 @triton.jit
 def _summary_kernel(k_ptr, v_ptr, s_ptr, r_ptr, seq_ptr, NB, SIZE, C, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr, ROUND: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VPROG: tl.constexpr, PREC: tl.constexpr,
+                    F32_DOT: tl.constexpr):
+    """S_m of one (block, sequence, head) for VPROG value columns, walked BV at a time: k is read
+    once per program. S is stored in its buffer's dtype (bf16 for stateless 16-bit calls)."""
     m, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     t, mt, i0, live = _block_rows(seq_ptr, b, m, C, BT)                                      # [BT] call tokens
     if live:
-        ok_k, ov = tl.arange(0, BK), pv * BV + tl.arange(0, BV)
+        ok_k = tl.arange(0, BK)
         kt = tl.load(k_ptr + b * sk_b + t[:, None] * sk_t + h * sk_h + ok_k[None, :],
                      mask=mt[:, None] & (ok_k[None, :] < K), other=0.0)                        # [BT, BK]
-        vt = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + ov[None, :],
-                     mask=mt[:, None] & (ov[None, :] < V), other=0.0)                          # [BT, BV]
         if F32_DOT:
-            kt, vt = kt.to(tl.float32), vt.to(tl.float32)
-        s = tl.dot(tl.trans(kt), vt, input_precision=PREC)                                    # [BK, BV] fp32
-        tile = ok_k[:, None] * V + ov[None, :]
-        mtile = (ok_k[:, None] < K) & (ov[None, :] < V)
-        if HAS_STATE:
-            if m == 0:
-                s += tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0)
-        if ROUND:  # a block this call completes is stored rounded (bf16 ring): every reader sees that value
-            r0, _, n = _seq_info(seq_ptr, b)
-            if m < (r0 + n) // C:
-                s = round_bf16(s)
-        tl.store(s_ptr + (bh * NB + m) * K * V + tile, s, mask=mtile)
+            kt = kt.to(tl.float32)
+        r0, _, n = _seq_info(seq_ptr, b)
+        for v0 in range(pv * VPROG, pv * VPROG + VPROG, BV):
+            ov = v0 + tl.arange(0, BV)
+            vt = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + ov[None, :],
+                         mask=mt[:, None] & (ov[None, :] < V), other=0.0)                      # [BT, BV]
+            if F32_DOT:
+                vt = vt.to(tl.float32)
+            s = tl.dot(tl.trans(kt), vt, input_precision=PREC)                                # [BK, BV] fp32
+            tile = ok_k[:, None] * V + ov[None, :]
+            mtile = (ok_k[:, None] < K) & (ov[None, :] < V)
+            if HAS_STATE:
+                if m == 0:
+                    s += tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0)
+            if ROUND:  # a block this call completes is stored rounded (bf16 ring): every reader sees that value
+                if m < (r0 + n) // C:
+                    s = round_bf16(s)
+            tl.store(s_ptr + (bh * NB + m) * K * V + tile, round_to(s, s_ptr.dtype.element_ty), mask=mtile)
 
 
 @_tuned_mix
 @triton.jit
 def _mix_kernel(s_ptr, cum_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, W, NB, SIZE,
-                H: tl.constexpr, KV: tl.constexpr, HAS_STATE: tl.constexpr, FAR: tl.constexpr,
+                H: tl.constexpr, KV: tl.constexpr, HAS_STATE: tl.constexpr, FAR: tl.constexpr, TILES: tl.constexpr,
                 BI: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr, BCOL: tl.constexpr, PREC: tl.constexpr):
     pi, bh, pc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = bh // H
@@ -106,9 +147,12 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr
         lo = tl.maximum(first - W, 0)
         for j0 in range(lo, first + BI - 1, BJ):
             src = j0 + tl.arange(0, BJ)                                                          # [BJ] local
-            coef = window_coef(m_ptr, L, ti[:, None], i0 + src[None, :]) * (src[None, :] < tgt[:, None])
+            if i0 + first >= L:  # every target past the trained blocks: the coefficient of the distance alone
+                coef = band_coef(m_ptr, L, ti[:, None] - (i0 + src[None, :]), 1)
+            else:
+                coef = window_coef(m_ptr, L, ti[:, None], i0 + src[None, :]) * (src[None, :] < tgt[:, None])
             st = tl.load(s_ptr + (bh * NB + src[:, None]) * KV + cols[None, :],
-                         mask=(src[:, None] < nc) & mc[None, :], other=0.0)                     # [BJ, BCOL]
+                         mask=(src[:, None] < nc) & mc[None, :], other=0.0).to(tl.float32)      # [BJ, BCOL]
             acc += tl.dot(coef, st, input_precision=PREC)
         if HAS_STATE:
             if (first <= W) | FAR:                      # targets that still see carried blocks
@@ -141,45 +185,55 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr
 def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, p_ptr, p0_ptr, r_ptr, m_ptr, seq_ptr, L, C, NB, SIZE, scale,
                    sq_b, sq_t, sq_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_STATE: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VPROG: tl.constexpr, PREC: tl.constexpr,
+                   F32_DOT: tl.constexpr):
+    """Outputs of one (block, sequence, head) for VPROG value columns, walked BV at a time: q, k
+    and the causal scores are loaded / formed once per program, not once per BV columns."""
     m, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     t, mt, i0, live = _block_rows(seq_ptr, b, m, C, BT)                                      # [BT] call tokens
     if live:
         c = tl.arange(0, BT)
-        ok_k, ov = tl.arange(0, BK), pv * BV + tl.arange(0, BV)
-        mk, mv = ok_k < K, ov < V
+        ok_k = tl.arange(0, BK)
+        mk = ok_k < K
         qt = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + ok_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         kt = tl.load(k_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + ok_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        vt = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
         if F32_DOT:
-            qt, kt, vt = qt.to(tl.float32), kt.to(tl.float32), vt.to(tl.float32)
-        tile = ok_k[:, None] * V + ov[None, :]
-        mtile = mk[:, None] & mv[None, :]
+            qt, kt = qt.to(tl.float32), kt.to(tl.float32)
         scores = tl.dot(qt, tl.trans(kt), input_precision=PREC)                                 # [BT, BT] fp32
-        scores = tl.where(c[:, None] >= c[None, :], scores, 0.0)
-        intra = tl.dot(scores.to(vt.dtype), vt, input_precision=PREC)                          # [BT, BV]
-        # pt [BK, BV] in P's dtype in every branch (one type for the compiler): the carried fp32
-        # prefix (m = 0) is rounded to it as pass 2 rounded the stored P
-        if m == 0:
-            if HAS_STATE:
-                pt = round_to(tl.load(p0_ptr + bh * K * V + tile, mask=mtile, other=0.0), p_ptr.dtype.element_ty)
-                intra += tl.dot(qt.to(tl.float32), tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0),
-                                input_precision=PREC)
-            else:
-                pt = tl.zeros((BK, BV), dtype=p_ptr.dtype.element_ty)
-        else:
-            pt = tl.load(p_ptr + (bh * NB + m) * K * V + tile, mask=mtile, other=0.0)
+        # in the dtype of v once, before the walk (the fp32 scores are not kept across it: registers)
+        scores = tl.where(c[:, None] >= c[None, :], scores, 0.0).to(tl.float32 if F32_DOT else v_ptr.dtype.element_ty)
         i = i0 + m
         diag = window_coef(m_ptr, L, i, i)
-        if PREC == "ieee":
-            inter = tl.dot(qt.to(tl.float32), pt, input_precision=PREC)
-        else:  # 16-bit inputs: the prefix enters the tensor-core product in the input dtype (a no-op when P
-            # is stored in it; under F32_DOT qt is fp32 and the rounded prefix is widened back, exactly)
-            inter = tl.dot(qt, round_to(pt, q_ptr.dtype.element_ty).to(qt.dtype))
-        o = (inter + diag * intra) * scale
-        tl.store(o_ptr + b * so_b + t[:, None] * so_t + h * so_h + ov[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
+        for v0 in range(pv * VPROG, pv * VPROG + VPROG, BV):
+            ov = v0 + tl.arange(0, BV)
+            mv = ov < V
+            vt = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + ov[None, :], mask=mt[:, None] & mv[None, :],
+                         other=0.0)
+            if F32_DOT:
+                vt = vt.to(tl.float32)
+            tile = ok_k[:, None] * V + ov[None, :]
+            mtile = mk[:, None] & mv[None, :]
+            intra = tl.dot(scores, vt, input_precision=PREC)                                     # [BT, BV]
+            # pt [BK, BV] in P's dtype in every branch (one type for the compiler): the carried fp32
+            # prefix (m = 0) is rounded to it as pass 2 rounded the stored P
+            if m == 0:
+                if HAS_STATE:
+                    pt = round_to(tl.load(p0_ptr + bh * K * V + tile, mask=mtile, other=0.0), p_ptr.dtype.element_ty)
+                    intra += tl.dot(qt.to(tl.float32), tl.load(r_ptr + bh * K * V + tile, mask=mtile, other=0.0),
+                                    input_precision=PREC)
+                else:
+                    pt = tl.zeros((BK, BV), dtype=p_ptr.dtype.element_ty)
+            else:
+                pt = tl.load(p_ptr + (bh * NB + m) * K * V + tile, mask=mtile, other=0.0)
+            if PREC == "ieee":
+                inter = tl.dot(qt.to(tl.float32), pt, input_precision=PREC)
+            else:  # 16-bit inputs: the prefix enters the tensor-core product in the input dtype (a no-op when P
+                # is stored in it; under F32_DOT qt is fp32 and the rounded prefix is widened back, exactly)
+                inter = tl.dot(qt, round_to(pt, q_ptr.dtype.element_ty).to(qt.dtype))
+            o = (inter + diag * intra) * scale
+            tl.store(o_ptr + b * so_b + t[:, None] * so_t + h * so_h + ov[None, :], o.to(o_ptr.dtype.element_ty),
+                     mask=mt[:, None] & mv[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +245,52 @@ def prefix_dtype(dtype):
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+# The forward's layout (``set_variant``; bench_op times both in one run):
+#   "lean" (default): S in bf16 for stateless 16-bit calls (``summary_dtype``), V walked inside the
+#       programs of passes 1 and 3 once there are enough (block, head) programs to fill the GPU (q and
+#       k read once, not once per 64 value columns), the mix tile tuned among several (_MIX_CONFIGS);
+#   "base": the layout before: fp32 S, one program per 64 value columns, mix tiles of 64 x 128.
+# Both give the same outputs for fp32 inputs and with a state up to the order of the mix pass's fp32
+# sums; "lean" rounds S for 16-bit stateless calls.
+VARIANTS = ("lean", "base")
+_variant = "lean"
+
+
+def set_variant(name: str) -> None:
+    global _variant
+    if name not in VARIANTS:
+        raise ValueError(f"unknown forward variant {name!r}; expected one of {', '.join(VARIANTS)}")
+    _variant = name
+
+
+def variant() -> str:
+    return _variant
+
+
+def summary_dtype(dtype, has_state: bool, lean: bool = True):
+    """How pass 1 stores S: bf16 for 16-bit inputs without a state (fp32 accumulate, one rounding on
+    store), else fp32, since the state's ring, far sum and partial take their values from S (a bf16
+    ring rounds them itself, ``ROUND``). bf16 also for fp16 inputs, since S has no fp16 range bound
+    (sums of C products); measured against the oracle (interpreter, K = 16..64): bf16 inputs 3.4e-3
+    either way, fp16 inputs 5e-4 instead of 2e-4 (tolerances 1e-2 and 2e-3)."""
+    if lean and not has_state and dtype in (torch.bfloat16, torch.float16):
+        return torch.bfloat16
+    return torch.float32
+
+
+# (block, sequence, head) programs from which passes 1 and 3 walk all of V: 2 x 132 SMs. Under the
+# interpreter always, so that the walk is what the tests exercise (they patch it to try the split).
+_WIDE_PROGRAMS = 0 if INTERPRET else 264
+
+
+def _columns_per_program(V, BV, programs, lean):
+    """Value columns one program of passes 1 and 3 covers: all of V (walked BV at a time) once the
+    (block, sequence, head) programs alone fill the GPU, else BV (more programs for short calls)."""
+    if lean and programs >= _WIDE_PROGRAMS:
+        return triton.cdiv(V, BV) * BV
+    return BV
+
+
 def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=None):
     """The three passes above, then the state advance (``mhla_attention`` validated the inputs).
     ``raw_mixing``: the [L, L] parameter as it is (the kernels clamp on load); ``far``: the
@@ -200,6 +300,7 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
     V = v.shape[-1]
     L, dev = mc.shape[0], q.device
     W = max(L - 1, 1)
+    lean = _variant == "lean"
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     n = lengths.to(dev) if lengths is not None else torch.full((B,), T, device=dev, dtype=torch.long)
     pos = state.pos if state is not None else torch.zeros(B, dtype=torch.long, device=dev)
@@ -207,11 +308,11 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
     # blocks touched (upper bound); with a state, one more for the prefix of the block after the call
     NB = triton.cdiv(T + (C if state is not None else 0), C)
     size = triton.next_power_of_2(NB)  # tuning bucket
-    S = torch.empty(B, H, NB, K, V, device=dev, dtype=torch.float32)
+    has_state = state is not None
+    S = torch.empty(B, H, NB, K, V, device=dev, dtype=summary_dtype(q.dtype, has_state, lean))
     p_dtype = prefix_dtype(q.dtype)
     # one block: no P is read (pass 3 at m = 0 only); S viewed in P's dtype gives the kernels' pointer type
     P = torch.empty(B, H, NB, K, V, device=dev, dtype=p_dtype) if NB > 1 else S.view(p_dtype)
-    has_state = state is not None
     # the state's next prefix in fp32, when P is rounded (16-bit inputs with a state)
     next_prefix = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if has_state and p_dtype != S.dtype else S
     o = torch.empty(B, T, H, V, device=dev, dtype=q.dtype)
@@ -219,30 +320,34 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
         o.zero_()                                                                  # padded rows stay 0
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     f32_dot = INTERPRET
-    BT, BK, BV = pow2(C), pow2(K), min(pow2(V), 64)
+    # BV: the value columns of one dot; the interpreter's lean walk takes 16 so that small test shapes
+    # (V = 32) walk more than one step
+    BT, BK, BV = pow2(C), pow2(K), (16 if lean and INTERPRET else min(pow2(V), 64))
+    vprog = _columns_per_program(V, BV, NB * B * H, lean)
     ring = state.ring if has_state else S
     far_sum = state.far if (has_state and far) else S
     r_old = state.partial if has_state else S
     p_old = state.prefix if has_state else S
 
-    _summary_kernel[(NB, B * H, triton.cdiv(V, BV))](
+    _summary_kernel[(NB, B * H, triton.cdiv(V, vprog))](
         k, v, S, r_old, seq, NB, size, C, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H=H, K=K, V=V, HAS_STATE=has_state, ROUND=has_state and state.state_dtype == torch.bfloat16,
-        BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
+        BT=BT, BK=BK, BV=BV, VPROG=vprog, PREC=prec, F32_DOT=f32_dot)
     if NB > 1:
         # far blocks exist only once some target is L blocks past the start: skip the scan otherwise
         # (with a state, no check; without one every sequence starts at 0: no device sync either)
         far = far and (has_state or NB > L)
-        cum = torch.cumsum(S, 2) if far else S
-        BI, BJ, BCOL = 64, 32, 128
-        _mix_kernel[(triton.cdiv(NB, BI), B * H, triton.cdiv(K * V, BCOL))](
+        cum = torch.cumsum(S, 2, dtype=torch.float32) if far else S  # fp32 running sums of bf16 S too
+        # the tile (BI, BCOL) is tuned among the layout's (_MIX_CONFIGS)
+        grid = lambda meta: (triton.cdiv(NB, meta["BI"]), B * H, triton.cdiv(K * V, meta["BCOL"]))  # noqa: E731
+        _mix_kernel[grid](
             S, cum, P, next_prefix, ring, far_sum, mc, seq, L, C, W, NB, size, H=H, KV=K * V, HAS_STATE=has_state,
-            FAR=far, BI=BI, BJ=BJ, BW=pow2(W, 16), BCOL=BCOL, PREC=prec)
+            FAR=far, TILES=_variant, BJ=32, BW=pow2(W, 16), PREC=prec)
         del cum
-    _output_kernel[(NB, B * H, triton.cdiv(V, BV))](
+    _output_kernel[(NB, B * H, triton.cdiv(V, vprog))](
         q, k, v, o, P, p_old, r_old, mc, seq, L, C, NB, size, scale, q.stride(0), q.stride(1), q.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=f32_dot)
+        H=H, K=K, V=V, HAS_STATE=has_state, BT=BT, BK=BK, BV=BV, VPROG=vprog, PREC=prec, F32_DOT=f32_dot)
     if has_state:
         advance_state(state, S, P, next_prefix, seq, far)
     return o

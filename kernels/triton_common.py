@@ -53,6 +53,16 @@ def window_coef(m_ptr, L, i, j):
 
 
 @triton.jit
+def band_coef(m_ptr, L, d, LO: tl.constexpr):
+    """``M_ext[i, i - d]`` of the window part for query blocks ``i >= L`` (past the trained blocks it
+    depends on the distance alone): the clamped ``M[L-1, L-1-d]`` for ``LO <= d < L``, else 0. Equal to
+    ``window_coef`` there, in a third of its integer work over a tile (the mix pass's tiles)."""
+    ok = (d >= LO) & (d < L)
+    m = tl.load(m_ptr + L * L - 1 - d, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(ok, tl.minimum(tl.maximum(m, MIX_LO), MIX_HI), 0.0)
+
+
+@triton.jit
 def far_coef(m_ptr, L, i):
     """Weight of the *sum* of the blocks older than the window for query block ``i`` (window+far)."""
     count = (i - L + 1).to(tl.float32)
