@@ -52,14 +52,24 @@ def main(dtypes, ptx_dir):
         print(f"== inputs {dt}, P stored in {p}")
         fp32 = dict(ring_ptr="*fp32", far_ptr="*fp32", seq_ptr="*i32")
         for state in (False, True):
-            for far in (False, True):
-                build(tc._mix_kernel, dict(s_ptr="*fp32", cum_ptr="*fp32", p_ptr="*" + p, pn_ptr="*fp32",
-                                           m_ptr="*fp32", **fp32),
-                      dict(H=H, KV=K * V, HAS_STATE=state, FAR=far, BI=64, BJ=32, BW=BW, BCOL=128, PREC=prec), ptx_dir)
-            io = {f"{x}_ptr": "*" + dt for x in "qkvo"}
-            build(tc._output_kernel, dict(p_ptr="*" + p, p0_ptr="*fp32", r_ptr="*fp32", m_ptr="*fp32",
-                                          seq_ptr="*i32", scale="fp32", **io),
-                  dict(H=H, K=K, V=V, HAS_STATE=state, BT=BT, BK=BK, BV=BV, PREC=prec, F32_DOT=False), ptx_dir)
+            # S as each layout stores it (lean: bf16 for stateless 16-bit inputs)
+            for variant, (bi, bcol) in (("base", (64, 128)), ("lean", (128, 128)), ("lean", (64, 256))):
+                s = "fp32" if variant == "base" or state or dt == "fp32" else "bf16"
+                for far in (False, True):
+                    build(tc._mix_kernel, dict(s_ptr="*" + s, cum_ptr="*fp32", p_ptr="*" + p, pn_ptr="*fp32",
+                                               m_ptr="*fp32", **fp32),
+                          dict(H=H, KV=K * V, HAS_STATE=state, FAR=far, TILES=variant, BI=bi, BJ=32, BW=BW, BCOL=bcol,
+                               PREC=prec), ptx_dir)
+                io = {f"{x}_ptr": "*" + dt for x in "qkvo"}
+                for vprog in (BV, V):  # one program per BV value columns, or all of V in one program
+                    build(tc._output_kernel, dict(p_ptr="*" + p, p0_ptr="*fp32", r_ptr="*fp32", m_ptr="*fp32",
+                                                  seq_ptr="*i32", scale="fp32", **io),
+                          dict(H=H, K=K, V=V, HAS_STATE=state, BT=BT, BK=BK, BV=BV, VPROG=vprog, PREC=prec,
+                               F32_DOT=False), ptx_dir)
+                    build(tc._summary_kernel, dict(k_ptr="*" + dt, v_ptr="*" + dt, s_ptr="*" + s, r_ptr="*fp32",
+                                                   seq_ptr="*i32"),
+                          dict(H=H, K=K, V=V, HAS_STATE=state, ROUND=False, BT=BT, BK=BK, BV=BV, VPROG=vprog,
+                               PREC=prec, F32_DOT=False), ptx_dir)
         for far in (False, True):
             build(tc._advance_kernel, dict(s_ptr="*fp32", p_ptr="*" + p, pn_ptr="*fp32", r_ptr="*fp32",
                                            p0_ptr="*fp32", pos_ptr="*i64", **fp32),

@@ -4,8 +4,8 @@
 #
 #   bash .ci/gpu_op.sh             (carry .fla: the fla + einops wheels, for fla's chunk_linear_attn)
 #
-# 1. bench_op at T = 32k, 64k, 128k: the Triton forward in the lean layout (default) and the base
-#    layout (before it) in the same run, fla's chunk_linear_attn beside them; each layout's
+# 1. bench_op at T = 32k, 64k, 128k: the Triton forward in the lean layout and the base
+#    layout (before it; the default until this has run) in the same run, fla's chunk_linear_attn beside them; each layout's
 #    predicted traffic (bench_op.forward_bytes) and the GB/s it implies; per-kernel times of both
 #    layouts at PROFILE_T. Alone on the GPU: the tests start after it.
 # 2. The full-shape kernel tests, three processes in parallel (each compiles its own kernels):

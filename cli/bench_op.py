@@ -73,7 +73,7 @@ def bench(fn, ms=200):
 @click.option("--profile", "profile_T", default=0, help="print the per-kernel time of one MHLA prefill at this T")
 @click.option("--backward", is_flag=True, help="time forward + backward (training) instead of prefill and decode")
 @click.option("--batch", default=1, type=click.IntRange(min=1), help="sequences per call (--backward)")
-@click.option("--variants", default="lean", help="Triton forward layouts to time, comma-separated (lean,base)")
+@click.option("--variants", default="base", help="Triton forward layouts to time, comma-separated (lean,base; base is the default layout)")
 @click.option("--no-decode", is_flag=True, help="prefill columns only (no decode step timings)")
 def main(lengths, dtype, json_path, torch_max, profile_T, backward, batch, variants, no_decode):
     from mhla_stream.kernels import triton_chunk

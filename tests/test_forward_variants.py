@@ -1,4 +1,4 @@
-"""The Triton forward's layouts (``triton_chunk.set_variant``): "lean" (the default) against the
+"""The Triton forward's layouts (``triton_chunk.set_variant``): "lean" against the
 oracle and against "base" (the layout before it).
 
 lean stores the block summaries S in bf16 for stateless 16-bit calls (training, stateless prefill)
@@ -32,8 +32,9 @@ ORDER_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 2e-4}
 def chunk():
     """The kernel module, with the default layout restored whatever a test sets."""
     from mhla_stream.kernels import triton_chunk
+    default = triton_chunk.variant()
     yield triton_chunk
-    triton_chunk.set_variant("lean")
+    triton_chunk.set_variant(default)
 
 
 def per_variant(chunk, fn):
@@ -41,7 +42,7 @@ def per_variant(chunk, fn):
     for name in chunk.VARIANTS:
         chunk.set_variant(name)
         out[name] = fn()
-    chunk.set_variant("lean")
+    chunk.set_variant("base")  # the default
     return out
 
 
