@@ -80,6 +80,7 @@ def test_stateless_lean_matches_oracle_and_base(chunk, T, dtype, monkeypatch):
     outs = per_variant(chunk, run)
     if T == 65:  # also lean's split into one program per BV columns (short calls on a GPU)
         monkeypatch.setattr(chunk, "_WIDE_PROGRAMS", 1 << 30)
+        chunk.set_variant("lean")
         outs["lean-split"] = run()
     n1 = int(lengths[1])
     for name, o in outs.items():
