@@ -101,3 +101,44 @@ def test_async_snapshot_equals_plain_copy_while_the_slot_is_overwritten(model):
             assert torch.equal(lg, want_logits)
     finally:
         model.to("cpu")
+
+
+def test_background_writer_keeps_the_engine_thread_free(model, tmp_path, monkeypatch):
+    """With the writer thread, a release over the budget returns at once while the file is written
+    elsewhere; the session stays usable meanwhile (a request on it reads the newest state from
+    memory, no 409); past twice the budget the releasing thread writes too; flush stops the writer."""
+    import threading
+    from mhla_stream.serve.sessions import SessionStore
+    from mhla_stream.state_io import StateLayout, model_fingerprint
+    one = _data(model, None).nbytes
+    layout = StateLayout.of(model.new_state(1, device="meta"), model.config.vocab_size, model_fingerprint(model))
+    store = SessionStore(str(tmp_path), one, layout, {"model_name": "t", "policy": "window", "config": "{}"},
+                         background=True)
+    gate, writers, write = threading.Event(), [], store._write
+
+    def slow_write(sid, data):
+        writers.append(threading.current_thread().name)
+        gate.wait(30)
+        write(sid, data)
+    monkeypatch.setattr(store, "_write", slow_write)
+    for sid in "ab":
+        store.acquire(sid)
+        store.release(sid, _data(model, None, 1.0 if sid == "a" else 2.0))   # returns while "a" is written
+    for _ in range(500):
+        if writers:
+            break
+        threading.Event().wait(0.01)
+    assert writers == ["mhla-session-writer"]
+    store.acquire("a")                                 # being written: still usable, from memory
+    assert float(store.load("a").tensors["layers.0.ring"].flatten()[0]) == 1.0
+    store.release("a", _data(model, None, 3.0))        # a newer state while the old one is written
+    gate.set()
+    store.settle()
+    store.acquire("a")
+    assert float(store.load("a").tensors["layers.0.ring"].flatten()[0]) == 3.0   # never the older file
+    store.release("a", None)
+    assert store.flush() >= 1 and store._writer is None
+    reopened = SessionStore(str(tmp_path), one, layout, {"model_name": "t", "policy": "window", "config": "{}"})
+    for sid, want in (("a", 3.0), ("b", 2.0)):
+        reopened.acquire(sid)
+        assert float(reopened.load(sid).tensors["layers.0.ring"].flatten()[0]) == want

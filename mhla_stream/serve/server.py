@@ -27,7 +27,7 @@ def build_server(model, tokenizer, *, model_name: str, max_batch: int = 32, max_
             "config": json.dumps(model.config.to_diff_dict(), default=str)}
     layout = StateLayout.of(model.new_state(1, policy, device="meta", state_dtype=state_dtype), model.config.vocab_size,
                             model_fingerprint(model))
-    store = SessionStore(sessions_dir, session_memory, layout, meta)
+    store = SessionStore(sessions_dir, session_memory, layout, meta, background=True)  # disk writes off the engine
     metrics = Metrics()
     engine = Engine(model, tokenizer, store, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                     policy=policy, metrics=metrics, cuda_graph=cuda_graph, backend=backend, runner=runner,

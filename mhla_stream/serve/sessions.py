@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,7 @@ import torch
 from ..state import MHLAState
 from ..state_io import StateFileError, StateLayout, read_state_file, write_state_file
 
+log = logging.getLogger("mhla_stream.serve")
 FIELDS = MHLAState.TENSORS
 SUFFIX = ".mhla-session"
 
@@ -89,8 +91,13 @@ def file_name(session_id: str) -> str:
 
 
 class SessionStore:
-    def __init__(self, directory: str, host_budget: int, layout: StateLayout, meta: dict[str, str]):
-        """``layout``: what one session's state must look like (files are checked against it on read)."""
+    def __init__(self, directory: str, host_budget: int, layout: StateLayout, meta: dict[str, str],
+                 background: bool = False):
+        """``layout``: what one session's state must look like (files are checked against it on read).
+        ``background``: sessions over the host budget are written to disk by a writer thread, not by
+        the thread that releases them (the engine: a 396 MiB state file takes about a second to write,
+        in which no stream would get a token). Host memory may then pass the budget by what is being
+        written; past twice the budget, the releasing thread writes too (memory stays bounded)."""
         self.directory, self.host_budget, self.layout = directory, host_budget, layout
         self.fingerprint = layout.fingerprint
         self.meta = meta  # model name, policy, config: written into each file like save_state does
@@ -99,6 +106,47 @@ class SessionStore:
         self._entries: dict[str, _Entry] = {}
         os.makedirs(directory, exist_ok=True)
         self._recover()
+        self._wake = threading.Event()
+        self._closed = False
+        self._writer = None
+        if background:
+            self._writer = threading.Thread(target=self._write_loop, name="mhla-session-writer", daemon=True)
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            try:
+                self._evict()
+            except Exception:  # e.g. a full disk: the sessions stay in host memory; said, and tried again later
+                log.exception("writing sessions to disk failed; they stay in host memory")
+
+    def _resident_bytes(self) -> int:
+        with self._lock:
+            return sum(e.data.nbytes for e in self._entries.values() if e.data is not None)
+
+    def settle(self) -> None:
+        """Waits until no session is being written and host memory is within the budget as far as
+        eviction can take it (tests, shutdown)."""
+        for _ in range(1000):
+            with self._io:  # a write in progress finishes first
+                pass
+            self._evict()
+            with self._lock:
+                writing = any(e.writing for e in self._entries.values())
+            if not writing:
+                return
+
+    def close(self) -> None:
+        """Stops the writer thread after the write in progress (later evictions run on the caller)."""
+        self._closed = True
+        self._wake.set()
+        if self._writer is not None:
+            self._writer.join(timeout=120)
+            self._writer = None
 
     # -- restart recovery --------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -197,14 +245,19 @@ class SessionStore:
                 return
             entry.data, entry.position, entry.last_used = data, data.position, time.monotonic()
             entry.version += 1
-        self._evict()
+        if self._writer is None or self._resident_bytes() > 2 * self.host_budget:
+            self._evict()  # no writer, or it is far behind: this thread writes too
+        else:
+            self._wake.set()
 
     def _evict(self) -> None:
         """Moves least recently used idle sessions from host memory to disk until under the budget."""
         while True:
             with self._lock:
                 resident = [(e.last_used, sid, e) for sid, e in self._entries.items() if e.data is not None]
-                if sum(e.data.nbytes for _, _, e in resident) <= self.host_budget:
+                # a session being written is on its way out: counted, two evicting threads would both
+                # see the same excess and each move a session
+                if sum(e.data.nbytes for _, _, e in resident if not e.writing) <= self.host_budget:
                     return
                 idle = sorted((t, sid, e) for t, sid, e in resident if not e.busy and not e.writing)
                 if not idle:
@@ -258,7 +311,9 @@ class SessionStore:
     # -- management ----------------------------------------------------------------------------------
     def flush(self) -> int:
         """Writes every session held in host memory whose file is not already its newest state to disk
-        (shutdown); each stays in memory. Returns how many were written."""
+        (shutdown: the writer thread is stopped first, after its write in progress); each stays in
+        memory. Returns how many were written."""
+        self.close()
         written = 0
         for _ in range(3):  # later passes only for states that changed during a pass (none at shutdown)
             with self._lock:
