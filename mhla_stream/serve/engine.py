@@ -244,18 +244,35 @@ class Engine:
         to rounding, as a batched decode step matches a batch-1 one."""
         decoding = any(s.staged for s in self.seqs.values())
         budget = self.prefill_piece if decoding else self.prefill_chunk
-        spent = 0
-        while self.admit_batch > 1:  # batches of whole short prompts while the budget lasts
+        # admission order between the two ways: batches go first only when the oldest prompt not yet
+        # in its slot is one they take; else the prompt being staged (or the oldest one batches cannot
+        # take) gets its piece first. Batches always first starved a long prompt for as long as short
+        # ones kept arriving (each turn's batch spent the piece budget its next piece needed).
+        oldest = next((s for s in self.seqs.values() if not s.staged), None)
+        batches_first = oldest is not None and self._batchable(oldest)
+        spent = self._prefill_batches(budget, 0) if batches_first else 0
+        spent = self._prefill_one_at_a_time(budget, spent)
+        if not batches_first:
+            self._prefill_batches(budget, spent)
+
+    def _prefill_batches(self, budget: int, spent: int) -> int:
+        """Batches of whole short prompts while the budget lasts; returns the tokens spent so far."""
+        while self.admit_batch > 1:
             fed = self._admit_together(max(budget, self.admit_tokens) - spent)
             if not fed:
                 break
             spent += fed
+        return spent
+
+    def _prefill_one_at_a_time(self, budget: int, spent: int) -> int:
+        """Pieces in the staging row, in admission order (with batched admission: of the prompts it
+        does not take), while the budget lasts; returns the tokens spent so far."""
         while True:
             seq = self.staging
             if seq is None:  # admission order; with batched admission, the prompts that cannot be batched
                 seq = next((s for s in self.seqs.values() if not s.staged and not self._batchable(s)), None)
                 if seq is None:
-                    return
+                    return spent
                 try:
                     self.runner.stage_begin(seq.stored)
                 except Exception as e:
@@ -269,7 +286,7 @@ class Engine:
                 whole = seq.fed == 0 and len(seq.feed) <= self.prefill_piece
                 limit = max(budget, self.admit_tokens) if whole else budget
                 if spent and spent + size > limit:
-                    return
+                    return spent
                 spent += size
                 self._guarded(seq, self._prefill_piece)
             if self.staging is seq and seq.fed == len(seq.feed):
