@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..state import MHLAState
-from .runner import decode_buckets
+from .runner import decode_buckets, foreach_by_dtype
 
 SMALLEST_PAD = 16
 
@@ -34,16 +34,6 @@ def pad_sizes(piece: int) -> list[int]:
         sizes.append(n)
         n *= 2
     return sizes + [piece]
-
-
-def _grouped(op, *lists):
-    """``op`` (a ``torch._foreach_*`` in-place op) over parallel tensor lists, one call per dtype: a
-    foreach call over mixed dtypes takes the slow path (one launch per tensor)."""
-    groups: dict[torch.dtype, list] = {}
-    for items in zip(*lists):
-        groups.setdefault(items[0].dtype, []).append(items)
-    for items in groups.values():
-        op(*(list(col) for col in zip(*items)))
 
 
 class BatchStager:
@@ -116,12 +106,13 @@ class BatchStager:
         s = next(n for n in self.sizes if n >= longest) if self.graphs else longest
         views = self._views[kb]
         tensors = [getattr(st, n) for st in views for n in MHLAState.TENSORS]
-        _grouped(torch._foreach_zero_, tensors)
+        foreach_by_dtype(torch._foreach_zero_, tensors)
         for i, (_, stored, _) in enumerate(items):
             if stored is not None:
                 names = [f"layers.{j}.{n}" for j in range(len(views)) for n in MHLAState.TENSORS]
                 live = [getattr(st, n)[i] for st in views for n in MHLAState.TENSORS]
-                _grouped(torch._foreach_copy_, live, [stored[key].to(self.device, non_blocking=True)[0] for key in names])
+                saved = [stored[key].to(self.device, non_blocking=True)[0] for key in names]
+                foreach_by_dtype(torch._foreach_copy_, live, saved)
         # one host-to-device copy of every row's ids (padded with 0) and length
         flat = []
         for _, _, ids in items:
@@ -144,5 +135,5 @@ class BatchStager:
                 for n in MHLAState.TENSORS:
                     dst.append(getattr(st_slot, n)[0])
                     src.append(getattr(st_row, n)[i])
-        _grouped(torch._foreach_copy_, dst, src)
+        foreach_by_dtype(torch._foreach_copy_, dst, src)
         return logits

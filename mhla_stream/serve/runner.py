@@ -111,6 +111,16 @@ class HostBuffers:
         return out
 
 
+def foreach_by_dtype(op, *lists) -> None:
+    """``op`` (a ``torch._foreach_*`` in-place op) over parallel tensor lists, one call per dtype: a
+    foreach call over mixed dtypes takes the slow path (one launch per tensor)."""
+    groups: dict[torch.dtype, list] = {}
+    for items in zip(*lists):
+        groups.setdefault(items[0].dtype, []).append(items)
+    for items in groups.values():
+        op(*(list(col) for col in zip(*items)))
+
+
 def draw_samples(picks: torch.Tensor, logits: torch.Tensor, lo: int, samplers, stage=None) -> None:
     """Writes each sampler's draw into ``picks`` [slots] (logits [rows, V] cover slots lo, lo + 1, ...);
     slots sharing one draw function are drawn in one call. ``stage(values)``: a pinned host-to-device
@@ -317,7 +327,8 @@ class StepRunner:
         else:
             names = [f"layers.{i}.{n}" for i in range(len(self.staging)) for n in MHLAState.TENSORS]
             # from pinned memory (an asynchronous session copy) this does not wait for the device
-            torch._foreach_copy_(live, [tensors[k].to(self.device, non_blocking=True) for k in names])
+            saved = [tensors[k].to(self.device, non_blocking=True) for k in names]
+            foreach_by_dtype(torch._foreach_copy_, live, saved)
 
     def stage_feed(self, ids: list[int]) -> torch.Tensor:
         """Feeds up to one chunk of ids into the staging row; returns the last token's fp32 logits [V]."""

@@ -17,17 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..state import MHLAState
-
-
-def _grouped_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """One foreach copy per dtype (mixed dtypes would take the one-launch-per-tensor path)."""
-    groups: dict[torch.dtype, tuple[list, list]] = {}
-    for d, s in zip(dst, src):
-        a, b = groups.setdefault(d.dtype, ([], []))
-        a.append(d)
-        b.append(s)
-    for a, b in groups.values():
-        torch._foreach_copy_(a, b)
+from .runner import foreach_by_dtype
 
 
 def sync_snapshot(states: list[MHLAState], logits: torch.Tensor | None):
@@ -66,7 +56,8 @@ class AsyncSnapshots:
         live = [getattr(s, n) for s in states for n in MHLAState.TENSORS]
         parked = [getattr(p, n) for p in park for n in MHLAState.TENSORS]
         main = torch.cuda.current_stream()
-        _grouped_copy(parked, live)                 # on the main stream: before any later step touches the slot
+        # on the main stream: before any later step touches the slot
+        foreach_by_dtype(torch._foreach_copy_, parked, live)
         logits = None if logits is None else logits.clone()
         copied = torch.cuda.Event()
         copied.record(main)
