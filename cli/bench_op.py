@@ -73,7 +73,7 @@ def bench(fn, ms=200):
 @click.option("--profile", "profile_T", default=0, help="print the per-kernel time of one MHLA prefill at this T")
 @click.option("--backward", is_flag=True, help="time forward + backward (training) instead of prefill and decode")
 @click.option("--batch", default=1, type=click.IntRange(min=1), help="sequences per call (--backward)")
-@click.option("--variants", default="base", help="Triton forward layouts to time, comma-separated (lean,base; base is the default layout)")
+@click.option("--variants", default="lean", help="Triton forward layouts to time, comma-separated (lean,base; lean is the default layout)")
 @click.option("--no-decode", is_flag=True, help="prefill columns only (no decode step timings)")
 def main(lengths, dtype, json_path, torch_max, profile_T, backward, batch, variants, no_decode):
     from mhla_stream.kernels import triton_chunk
@@ -101,11 +101,13 @@ def main(lengths, dtype, json_path, torch_max, profile_T, backward, batch, varia
             triton_chunk.set_variant(name)
             ms = bench(lambda: mhla_attention(q, k, v, m, backend="triton"))
             # the mix tile the tuner chose (T > one block: the mix pass ran last with this layout)
-            tile = getattr(triton_chunk._mix_kernel, "best_config", None)
-            tile = tile.kwargs if tile is not None and T > C else {"BI": 64, "BCOL": 0}
+            best = getattr(triton_chunk._mix_kernel, "best_config", None)
+            tile = best.kwargs if best is not None and T > C else {"BI": 64, "BCOL": 0, "SEG": 1}
             gb = forward_bytes(T, H, K, V, C, L, name, mix_bi=tile["BI"]) / 1e9
+            # BIxBCOL, then the tiles a program walks, warps and stages
+            how = f"/{tile.get('SEG', 1)}/{best.num_warps}w{best.num_stages}s" if best is not None and T > C else ""
             r.update({f"mhla_{name}_ms": ms, f"{name}_model_GB": gb, f"{name}_GBs": gb / (ms * 1e-3),
-                      f"{name}_mix_tile": f"{tile['BI']}x{tile['BCOL']}"})
+                      f"{name}_mix_tile": f"{tile['BI']}x{tile['BCOL']}{how}"})
         triton_chunk.set_variant(variants[0])
         r["mhla_ms"] = r[f"mhla_{variants[0]}_ms"]
         if T <= torch_max:

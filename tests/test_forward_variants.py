@@ -38,11 +38,11 @@ def chunk():
 
 
 def per_variant(chunk, fn):
-    out = {}
+    out, default = {}, chunk.variant()
     for name in chunk.VARIANTS:
         chunk.set_variant(name)
         out[name] = fn()
-    chunk.set_variant("base")  # the default
+    chunk.set_variant(default)
     return out
 
 
