@@ -53,8 +53,8 @@ def main(dtypes, ptx_dir):
         fp32 = dict(ring_ptr="*fp32", far_ptr="*fp32", seq_ptr="*i32")
         for state in (False, True):
             # S as each layout stores it (lean: bf16 for stateless 16-bit inputs)
-            for variant, (bi, bcol, seg) in (("base", (64, 128, 1)), ("lean", (128, 128, 1)), ("lean", (64, 256, 1)),
-                                             ("lean", (64, 128, 16))):
+            for variant, (bi, bcol) in (("base", (64, 128)), ("lean", (128, 128)), ("lean", (64, 256)),
+                                        ("lean", (64, 128))):
                 lean = variant == "lean"
                 s = "fp32" if variant == "base" or state or dt == "fp32" else "bf16"
                 for far in (False, True):
@@ -62,7 +62,7 @@ def main(dtypes, ptx_dir):
                                                m_ptr="*fp32", **fp32),
                           dict(H=H, KV=K * V, W=BW - 1, HAS_STATE=state, FAR=far, TILES=variant, LEAN=lean,
                                SPLIT16=lean and prec == "tf32" and s == "bf16", BI=bi, BJ=32, BW=BW, BCOL=bcol,
-                               SEG=seg, PREC=prec, F32_DOT=False), ptx_dir)
+                               PREC=prec, F32_DOT=False), ptx_dir)
                 io = {f"{x}_ptr": "*" + dt for x in "qkvo"}
                 for vprog in (BV, V):  # one program per BV value columns, or all of V in one program
                     build(tc._output_kernel, dict(p_ptr="*" + p, p0_ptr="*fp32", r_ptr="*fp32", m_ptr="*fp32",

@@ -102,10 +102,10 @@ def main(lengths, dtype, json_path, torch_max, profile_T, backward, batch, varia
             ms = bench(lambda: mhla_attention(q, k, v, m, backend="triton"))
             # the mix tile the tuner chose (T > one block: the mix pass ran last with this layout)
             best = getattr(triton_chunk._mix_kernel, "best_config", None)
-            tile = best.kwargs if best is not None and T > C else {"BI": 64, "BCOL": 0, "SEG": 1}
+            tile = best.kwargs if best is not None and T > C else {"BI": 64, "BCOL": 0}
             gb = forward_bytes(T, H, K, V, C, L, name, mix_bi=tile["BI"]) / 1e9
-            # BIxBCOL, then the tiles a program walks, warps and stages
-            how = f"/{tile.get('SEG', 1)}/{best.num_warps}w{best.num_stages}s" if best is not None and T > C else ""
+            # BIxBCOL, then warps and stages
+            how = f"/{best.num_warps}w{best.num_stages}s" if best is not None and T > C else ""
             r.update({f"mhla_{name}_ms": ms, f"{name}_model_GB": gb, f"{name}_GBs": gb / (ms * 1e-3),
                       f"{name}_mix_tile": f"{tile['BI']}x{tile['BCOL']}{how}"})
         triton_chunk.set_variant(variants[0])
