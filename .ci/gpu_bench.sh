@@ -7,7 +7,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/install.log 2>&1 || cat /tmp/install.log
-[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -x tests/test_kernels.py tests/test_fused_decode.py 2>&1 | tee $OUT/gpu_tests.log | tail -4
+[ -n "${SKIP_TESTS:-}" ] || MHLA_STREAM_TUNE=${TEST_TUNE:-0} python3 -m pytest -q -x tests/test_kernels.py tests/test_fused_decode.py 2>&1 | tee $OUT/gpu_tests.log | tail -4
 python3 -m mhla_stream.cli.bench_op --lengths ${OP_LENGTHS:-2048,8192,32768,65536,131072} --profile ${PROFILE_T:-0} --json $OUT/bench_op.json 2>&1 \
   | tee $OUT/bench_op.log | tail -30
 mhla-bench --model mhla-340m --random-weights --prompt-len ${LENGTHS:-2048,32768,131072} --new-tokens 128 \

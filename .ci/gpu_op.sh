@@ -11,7 +11,8 @@
 # 2. The full-shape kernel tests, three processes in parallel (each compiles its own kernels):
 #    test_kernels' T = 5000 sweep, state and different-length cases; test_forward_variants (lean
 #    against the oracle and base at the 340M layer shape, T up to 5000); the P-dtype tests.
-# Knobs: OP_LENGTHS, VARIANTS (lean,base), PROFILE_T (32768; 0: none), BENCH_LIMIT / TEST_LIMIT (s).
+# Knobs: OP_LENGTHS, VARIANTS (lean,base), PROFILE_T (32768; 0: none), BENCH_LIMIT / TEST_LIMIT (s),
+# TEST_TUNE (0: the tests take one launch configuration per kernel, MHLA_STREAM_TUNE=0; 1: tuned).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 START=$SECONDS
@@ -33,9 +34,9 @@ grep -A8 "^T | " $OUT/bench_op.log
 grep -B1 -A12 "per-kernel" $OUT/bench_op.log | grep -v "^-*$" | cut -c1-150 | head -40
 
 run() { name=$1; shift; timeout ${TEST_LIMIT:-130} "$@" > $OUT/$name.log 2>&1; echo "$name rc=$?" >> $OUT/$name.log; }
-run t_kernels python3 -m pytest -q tests/test_kernels.py -k "5000 or with_state or different_lengths" &
-run t_variants python3 -m pytest -q tests/test_forward_variants.py &
-run t_prefix python3 -m pytest -q tests/test_prefill_prefix_dtype.py &
+run t_kernels env MHLA_STREAM_TUNE=${TEST_TUNE:-0} python3 -m pytest -q tests/test_kernels.py -k "5000 or with_state or different_lengths" &
+run t_variants env MHLA_STREAM_TUNE=${TEST_TUNE:-0} python3 -m pytest -q tests/test_forward_variants.py &
+run t_prefix env MHLA_STREAM_TUNE=${TEST_TUNE:-0} python3 -m pytest -q tests/test_prefill_prefix_dtype.py &
 wait
 for f in $OUT/t_*.log; do echo "== $f"; tail -3 $f; done
 echo "total $((SECONDS - START)) s"

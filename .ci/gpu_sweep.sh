@@ -15,9 +15,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/install.log
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1
 run() { name=$1; shift; timeout $LIMIT "$@" > $OUT/$name.log 2>&1; echo "$name rc=$?" >> $OUT/$name.log; }
-run t_prefill python3 -m pytest -q --durations=5 tests/test_kernels.py -k "prefill_stateless" &
-run t_state python3 -m pytest -q --durations=5 tests/test_kernels.py tests/test_prefill_prefix_dtype.py -k "with_state or different_lengths or prefix" &
-run t_rest python3 -m pytest -q --durations=10 tests/test_kernels.py tests/test_operator.py tests/test_backward.py -k "not prefill_stateless and not with_state and not different_lengths" &
+run t_prefill env MHLA_STREAM_TUNE=${TEST_TUNE:-0} python3 -m pytest -q --durations=5 tests/test_kernels.py -k "prefill_stateless" &
+run t_state env MHLA_STREAM_TUNE=${TEST_TUNE:-0} python3 -m pytest -q --durations=5 tests/test_kernels.py tests/test_prefill_prefix_dtype.py -k "with_state or different_lengths or prefix" &
+run t_rest env MHLA_STREAM_TUNE=${TEST_TUNE:-0} python3 -m pytest -q --durations=10 tests/test_kernels.py tests/test_operator.py tests/test_backward.py -k "not prefill_stateless and not with_state and not different_lengths" &
 ${SERVE_CHECK:-false} && run serve_check python3 .ci/gpu_serve_check.py &
 wait
 for f in $OUT/*.log; do echo "== $f"; tail -3 $f; done

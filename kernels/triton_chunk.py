@@ -33,12 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, band_coef, ext_coef, far_coef, graph_bench, pow2, ring_block, round_bf16,
+from .triton_common import (INTERPRET, TUNE, band_coef, ext_coef, far_coef, graph_bench, pow2, ring_block, round_bf16,
                             round_to, window_coef)
 
 # Launch configurations, tuned per (K, V) on the GPU; one fixed choice under the interpreter.
 # Only pure-output kernels are tuned (tuning re-runs them).
-if INTERPRET:
+if not TUNE:  # the interpreter, or MHLA_STREAM_TUNE=0
     _CONFIGS = [triton.Config({}, num_warps=4)]
 else:
     _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
@@ -55,6 +55,8 @@ def _mix_config(bi, bcol, warps, stages=1):
 
 if INTERPRET:  # one tile per layout (no timing on the CPU): lean's 128-block tile is what the tests run
     _MIX_CONFIGS = [_mix_config(64, 128, 4), _mix_config(128, 64, 4)]
+elif not TUNE:  # MHLA_STREAM_TUNE=0: the tile the H100 chose for both layouts at 32k
+    _MIX_CONFIGS = [_mix_config(64, 128, 4)]
 else:
     _MIX_CONFIGS = [_mix_config(64, 128, w, s) for w in (4, 8) for s in (1, 2, 3)] + \
         [_mix_config(64, 256, 8), _mix_config(128, 128, 8), _mix_config(128, 64, 4), _mix_config(128, 64, 8, 2)]
@@ -68,7 +70,7 @@ def _mix_tiles_of_layout(configs, named_args, **kwargs):
         return [c for c in configs if shape(c)[:2] == (64, 128)]
     if INTERPRET:
         return [c for c in configs if shape(c)[0] == 128]
-    return [c for c in configs if shape(c) not in _LEAN_SKIPS]
+    return [c for c in configs if shape(c) not in _LEAN_SKIPS] or configs
 
 
 _tuned_mix = triton.autotune(configs=_MIX_CONFIGS, key=["KV", "TILES", "SIZE"], do_bench=graph_bench,
@@ -375,7 +377,8 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
         _mix_kernel[grid](
             S, cum, P, next_prefix, ring, far_sum, mc, seq, L, C, NB, size, H=H, KV=K * V, W=W, HAS_STATE=has_state,
             FAR=far, TILES=_variant, LEAN=lean,
-            SPLIT16=lean and prec == "tf32" and S.dtype == torch.bfloat16, BJ=32, BW=pow2(W, 16), PREC=prec, F32_DOT=f32_dot)
+            SPLIT16=lean and prec == "tf32" and S.dtype == torch.bfloat16, BJ=32, BW=pow2(W, 16), PREC=prec,
+            F32_DOT=f32_dot)
         del cum
     _output_kernel[(NB, B * H, triton.cdiv(V, vprog))](
         q, k, v, o, P, p_old, r_old, mc, seq, L, C, NB, size, scale, q.stride(0), q.stride(1), q.stride(2),

@@ -8,6 +8,7 @@ from ..mixing import CLAMP_MAX, CLAMP_MIN
 from ..switches import switches
 
 INTERPRET = switches().interpret  # TRITON_INTERPRET=1: kernels run on the CPU, one program at a time
+TUNE = switches().tune and not INTERPRET  # MHLA_STREAM_TUNE=0: one launch configuration per kernel
 # the kernels read the raw mixing parameter and clamp it on load to the bounds of mixing.py
 MIX_LO: tl.constexpr = tl.constexpr(CLAMP_MIN)
 MIX_HI: tl.constexpr = tl.constexpr(CLAMP_MAX)

@@ -6,6 +6,8 @@
     MHLA_STREAM_COMPILE=0         no torch.compile of the elementwise ops on CUDA
     MHLA_STREAM_TRITON_TRAIN=0    training keeps the differentiable torch chunk form on CUDA
                                   (default: the Triton forward + backward)
+    MHLA_STREAM_TUNE=0            the prefill kernels take one launch configuration each instead of
+                                  timing several per shape (the GPU test sweep: minutes of compiling)
 
 Each MHLA_STREAM_* switch is off for 0, false, no or off (any case), on otherwise.
 
@@ -26,6 +28,7 @@ class Switches:
     pdl: bool
     compile: bool
     triton_train: bool = True
+    tune: bool = True
 
 
 OFF = ("0", "false", "no", "off")  # what turns a switch off ("false" read as on would be a silent surprise)
@@ -41,4 +44,5 @@ def switches() -> Switches:
                     fused_decode=_on("MHLA_STREAM_FUSED_DECODE"),
                     pdl=_on("MHLA_STREAM_PDL"),
                     compile=_on("MHLA_STREAM_COMPILE"),
-                    triton_train=_on("MHLA_STREAM_TRITON_TRAIN"))
+                    triton_train=_on("MHLA_STREAM_TRITON_TRAIN"),
+                    tune=_on("MHLA_STREAM_TUNE"))

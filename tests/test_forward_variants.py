@@ -181,3 +181,21 @@ def test_bench_op_traffic_model_and_variant_flag():
     for bad in ("fast", "lean,fast", ","):
         res = CliRunner().invoke(main, ["--variants", bad])
         assert res.exit_code == 2 and "--variants" in res.output, bad
+
+
+@pytest.mark.parametrize("value,on", [("0", False), ("off", False), ("FALSE", False), ("1", True), ("", True)])
+def test_tune_switch_picks_one_launch_configuration(value, on):
+    """MHLA_STREAM_TUNE=0 (the GPU test sweep): one configuration per prefill kernel, no timing.
+    Read in a fresh process, since the kernel module reads the switch once at import."""
+    import os
+    import subprocess
+    import sys
+    env = {k: x for k, x in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MHLA_STREAM_TUNE"] = value
+    code = ("from mhla_stream.kernels import triton_chunk as t, triton_common as c; "
+            "print(c.TUNE, len(t._CONFIGS), len(t._MIX_CONFIGS))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tune, n, n_mix = out.stdout.split()
+    assert tune == str(on)
+    assert (int(n) > 1 and int(n_mix) > 1) if on else (int(n) == 1 and int(n_mix) == 1)
