@@ -29,6 +29,17 @@ def _pdl_supported() -> bool:
 
 
 PDL = _pdl_supported()
+# MHLA_STREAM_PREFETCH=1: the decode projections request the next projection's weights into L2
+# (``prefetch_l2``); a hint only, so results are the same with it on or off. Not under the interpreter.
+PREFETCH = switches().prefetch and not INTERPRET
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Asks L2 for the 128-byte lines holding ``ptrs`` without waiting for them (PTX
+    ``prefetch.global.L2``): a later kernel's loads of those lines then hit L2."""
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                     dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -144,7 +144,7 @@ class MHLABlock(nn.Module):
         h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
         return h + self.mlp(self.mlp_norm(h), plan)
 
-    def decode_step(self, x, cos, sin, state: MHLAState):
+    def decode_step(self, x, cos, sin, state: MHLAState, next_weights=None):
         """One token per sequence through the block in five launches (CUDA inference, Triton):
 
             qkvg = RMSNorm(x) W_qkvg^T                         skinny product, norm in its prologue
@@ -156,7 +156,8 @@ class MHLABlock(nn.Module):
         against about 17 launches of ``forward``. x [B, 1, D] -> [B, 1, D]; cos, sin [B, K/2] fp32.
         ``state`` is advanced except its position: the caller moves every layer's at once
         (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
-        to the activation dtype; only summation order differs.
+        to the activation dtype; only summation order differs. ``next_weights``: the next layer's
+        first weights, for the last projection to prefetch (MHLA_STREAM_PREFETCH).
         """
         attn, mlp = self.attn, self.mlp
         B = x.shape[0]
@@ -164,7 +165,10 @@ class MHLABlock(nn.Module):
         # the checks mhla_attention makes on the other path (host-side shapes only: no sync)
         state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
         x2 = x.reshape(B, -1)
-        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps)
+        gate_up = mlp.gate_up_weight.get()
+        # each projection may ask L2 for the next one's weights (MHLA_STREAM_PREFETCH=1; else ignored)
+        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps,
+                             prefetch=attn.o_proj.weight)
         hk, hv = H * K, H * V
         q = qkvg[:, :hk].view(B, H, K)
         k = qkvg[:, hk:2 * hk].view(B, H, K)
@@ -174,10 +178,10 @@ class MHLABlock(nn.Module):
         decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin))  # raw mixing: clamped in-kernel
         gn = attn.g_norm_swish_gate
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
-                          residual=x2)
-        a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
-                          swiglu=True)
-        return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1)
+                          residual=x2, prefetch=gate_up)
+        a = skinny_linear(h, gate_up, norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps, swiglu=True,
+                          prefetch=mlp.down_proj.weight)
+        return skinny_linear(a, mlp.down_proj.weight, residual=h, prefetch=next_weights).view(B, 1, -1)
 
 
 class MHLAPreTrainedModel(PreTrainedModel):
@@ -222,8 +226,9 @@ class MHLAModel(MHLAPreTrainedModel):
         rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
         if plan.fused_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
-            for layer, state in zip(self.layers, states):
-                x = layer.decode_step(x, cos, sin, state)
+            for i, (layer, state) in enumerate(zip(self.layers, states)):
+                nxt = self.layers[i + 1].attn.qkvg_weight.get() if i + 1 < len(self.layers) else None
+                x = layer.decode_step(x, cos, sin, state, next_weights=nxt)
             MHLAState.advance_positions(states)
             return self.norm(x)
         for i, layer in enumerate(self.layers):

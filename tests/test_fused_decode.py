@@ -98,3 +98,30 @@ def test_fused_decode_gives_the_unfused_logits(policy, dtype):
             assert torch.equal(s_ref.pos, s_fused.pos)
             if dtype == torch.float32:  # (in bf16 the projections round differently: the logits check suffices)
                 assert rel_err(s_fused.prefix, s_ref.prefix) < 1e-5
+
+
+@pytest.mark.parametrize("value,on", [(None, False), ("0", False), ("off", False), ("", False), ("1", True),
+                                      ("on", True)])
+def test_prefetch_switch_is_off_unless_asked(monkeypatch, value, on):
+    from mhla_stream import switches as sw
+    if value is None:
+        monkeypatch.delenv("MHLA_STREAM_PREFETCH", raising=False)
+    else:
+        monkeypatch.setenv("MHLA_STREAM_PREFETCH", value)
+    sw.switches.cache_clear()
+    try:
+        assert sw.switches().prefetch is on
+    finally:
+        monkeypatch.undo()
+        sw.switches.cache_clear()
+
+
+@pytest.mark.parametrize("M", (1, 3))
+def test_skinny_prefetch_is_a_hint_only(M):
+    """The next weights to prefetch change nothing in the result (on the GPU with
+    MHLA_STREAM_PREFETCH=1 the kernel asks L2 for them; elsewhere the argument is ignored)."""
+    K, N = 96, 40
+    x, w = _rand(M, K, dtype=torch.bfloat16, seed=M), _rand(N, K, dtype=torch.bfloat16, seed=1) / K ** 0.5
+    nxt = _rand(3 * N + 5, K, dtype=torch.bfloat16, seed=7)  # a size that is no multiple of a cache line
+    res = _rand(M, N, dtype=torch.bfloat16, seed=3)
+    assert torch.equal(skinny_linear(x, w, residual=res, prefetch=nxt), skinny_linear(x, w, residual=res))
