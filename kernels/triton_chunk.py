@@ -73,7 +73,7 @@ def _mix_tiles_of_layout(configs, named_args, **kwargs):
     return [c for c in configs if shape(c) not in _LEAN_SKIPS] or configs
 
 
-_tuned_mix = triton.autotune(configs=_MIX_CONFIGS, key=["KV", "TILES", "SIZE"], do_bench=graph_bench,
+_tuned_mix = triton.autotune(configs=_MIX_CONFIGS, key=["KV", "W", "TILES", "SIZE"], do_bench=graph_bench,
                              prune_configs_by={"early_config_prune": _mix_tiles_of_layout})
 
 
@@ -135,7 +135,7 @@ def _mix_sources(acc, s_ptr, m_ptr, bh, j0, first, tgt, ti, i0, nc, cols, mc, L,
                  F32_DOT: tl.constexpr):
     """acc += M_ext[targets, BJ in-call sources from local block j0] @ S[sources] (sources before
     block 0 or not completed read as 0). SPLIT16 (bf16 S, tensor cores): the fp32 coefficients as
-    a bf16 pair (hi + lo, 16 mantissa bits: more than tf32's 10), two bf16 dots on S as stored,
+    a bf16 pair (hi + lo: about 16 significant bits against tf32's 11), two bf16 dots on S as stored,
     instead of widening the S tile to fp32 for one tf32 dot."""
     src = j0 + tl.arange(0, BJ)                                                                  # [BJ] local
     if i0 + first >= L:  # every target past the trained blocks: the coefficient of the distance alone

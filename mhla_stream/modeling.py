@@ -27,7 +27,13 @@ from .state import MHLAState
 if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
     from .kernels.triton_features import relu_rope_qk
+    from .kernels import triton_skinny
     from .kernels.triton_skinny import skinny_linear
+
+
+def prefetching() -> bool:
+    """Whether the decode projections prefetch the next weights (MHLA_STREAM_PREFETCH=1 on a GPU)."""
+    return triton_available() and triton_skinny.PREFETCH
 
 
 def _version(w: torch.Tensor):
@@ -227,7 +233,9 @@ class MHLAModel(MHLAPreTrainedModel):
         if plan.fused_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
             for i, (layer, state) in enumerate(zip(self.layers, states)):
-                nxt = self.layers[i + 1].attn.qkvg_weight.get() if i + 1 < len(self.layers) else None
+                # the next layer's first weights, only when the kernels prefetch (a .get() costs ~10 us)
+                nxt = self.layers[i + 1].attn.qkvg_weight.get() if prefetching() and i + 1 < len(self.layers) \
+                    else None
                 x = layer.decode_step(x, cos, sin, state, next_weights=nxt)
             MHLAState.advance_positions(states)
             return self.norm(x)

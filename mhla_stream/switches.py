@@ -11,7 +11,8 @@
     MHLA_STREAM_TUNE=0            the prefill kernels take one launch configuration each instead of
                                   timing several per shape (the GPU test sweep: minutes of compiling)
 
-Each MHLA_STREAM_* switch is off for 0, false, no or off (any case), on otherwise.
+Each MHLA_STREAM_* switch is off for 0, false, no or off (any case), on otherwise; except
+MHLA_STREAM_PREFETCH, an experiment, which is off unless set to something else (empty is off too).
 
 Kept apart from ``plan.py`` so that the kernels can read the same switches without importing
 library policy.
