@@ -11,7 +11,9 @@
 # loses that run only) and the whole script keeps to $TOTAL_S seconds.
 # Knobs: GLA_LIMIT (seconds for the gla run: fla autotunes many kernels on its first step), BENCH_STEPS (30), RUNS (names in the order to run: mhla mhla_eager transformer transformer_eager
 # mhla_act_ckpt profile gla by default; gla last: fla's first step autotunes for minutes), EXTRA_ARGS
-# (added to every mhla-train run), TOTAL_S (510: later runs get what is left).
+# (added to every mhla-train run), TOTAL_S (510: later runs get what is left), GLA_ENV (environment for
+# the gla run only, e.g. "TORCHDYNAMO_DISABLE=1": fla 0.5.2 wraps its activations in @torch.compile, whose
+# first compile on the GPU machine's slow host is a suspect for the first step that never finished).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 OUT=${OUT:-/tmp/gpu_train_bench}
@@ -52,7 +54,7 @@ bench() {  # bench NAME ARCH [flags...]
   local name=$1 arch=$2; shift 2
   local limit; limit=$(left "${LIMIT_OF:-$LIMIT}")
   echo "== $name: --arch $arch $* (limit ${limit} s)"
-  timeout -k 10 "$limit" $PY -m mhla_stream.cli.train --data "$SYN" --out "$WORK/$name" --arch "$arch" --preset $PRESET \
+  timeout -k 10 "$limit" env ${RUN_ENV:-} $PY -m mhla_stream.cli.train --data "$SYN" --out "$WORK/$name" --arch "$arch" --preset $PRESET \
     --batch $BATCH --steps "$BENCH_STEPS" --log-every $LOG_EVERY --eval-every 1000000 --eval-windows 1 --no-resume \
     --no-save $DEV "$@" ${EXTRA_ARGS:-} > "$WORK/$name.log" 2>&1
   local rc=$?
@@ -79,7 +81,7 @@ for run in $RUNS; do
     transformer) LIMIT_OF=$((LIMIT + 60)) bench transformer transformer ;;
     transformer_eager) bench transformer_eager transformer --no-compile ;;
     gla)
-      if why=$($PY -c "from fla.models import GLAForCausalLM" 2>&1); then LIMIT_OF=${GLA_LIMIT:-$LIMIT} bench gla gla --no-compile
+      if why=$($PY -c "from fla.models import GLAForCausalLM" 2>&1); then RUN_ENV=${GLA_ENV:-} LIMIT_OF=${GLA_LIMIT:-$LIMIT} bench gla gla --no-compile
       else
         why=$(echo "$why" | grep -E "Error|error" | tail -1 | cut -c1-120)
         echo "== gla skipped: fla does not import (${why:-not installed}; carry .fla with its wheels)"
