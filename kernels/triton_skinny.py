@@ -33,7 +33,8 @@ _DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3) for bn in
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, pf_ptr, PF_N, M, N, K, GS, eps, sx, sg, sr, sy,
-                   PF_LINES: tl.constexpr, PF_STRIDE: tl.constexpr, NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                   PF_LINES: tl.constexpr, PF_STRIDE: tl.constexpr, NORM: tl.constexpr, GATE: tl.constexpr,
+                   SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                    DOT: tl.constexpr, F32_DOT: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, BGS: tl.constexpr,
                    PDL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     DT: tl.constexpr = y_ptr.dtype.element_ty

@@ -232,11 +232,11 @@ class MHLAModel(MHLAPreTrainedModel):
         rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
         if plan.fused_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
+            # each layer's last projection may prefetch the next layer's first weights; looked up only
+            # when the kernels prefetch (a .get() costs ~10 us on the host)
+            firsts = [layer.attn.qkvg_weight.get() for layer in self.layers[1:]] if prefetching() else []
             for i, (layer, state) in enumerate(zip(self.layers, states)):
-                # the next layer's first weights, only when the kernels prefetch (a .get() costs ~10 us)
-                nxt = self.layers[i + 1].attn.qkvg_weight.get() if prefetching() and i + 1 < len(self.layers) \
-                    else None
-                x = layer.decode_step(x, cos, sin, state, next_weights=nxt)
+                x = layer.decode_step(x, cos, sin, state, next_weights=firsts[i] if i < len(firsts) else None)
             MHLAState.advance_positions(states)
             return self.norm(x)
         for i, layer in enumerate(self.layers):

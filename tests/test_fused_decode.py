@@ -128,3 +128,24 @@ def test_skinny_prefetch_is_a_hint_only(M, monkeypatch):
     nxt = _rand(3 * N + 5, K, dtype=torch.bfloat16, seed=7)  # a size that is no multiple of a cache line
     res = _rand(M, N, dtype=torch.bfloat16, seed=3)
     assert torch.equal(skinny_linear(x, w, residual=res, prefetch=nxt), skinny_linear(x, w, residual=res))
+
+
+def test_fused_decode_with_prefetch_gives_the_same_logits(monkeypatch):
+    """The model's fused decode with the next weights prefetched (each layer's last projection
+    reaching into the next layer) gives exactly the logits and states of the same decode without."""
+    from mhla_stream.kernels import triton_skinny
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).to(DEV, torch.bfloat16).eval()
+    plan = model.make_plan(1, backend="triton", fused_decode=True)
+    ids = torch.randint(3, 256, (1, 12), device=DEV)
+    runs = []
+    for on in (False, True):
+        monkeypatch.setattr(triton_skinny, "PREFETCH", on)
+        with torch.inference_mode():
+            cache = MHLACache(model.new_state(1))
+            model(ids[:, :9], past_key_values=cache, plan=plan)
+            logits = [model(ids[:, t:t + 1], past_key_values=cache, plan=plan).logits for t in range(9, 12)]
+        runs.append((logits, cache.states))
+    (a, sa), (b, sb) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x.prefix, y.prefix) and torch.equal(x.partial, y.partial) for x, y in zip(sa, sb))
