@@ -99,6 +99,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     import uvicorn
 
     from mhla_stream.hub import DEFAULT_MODEL, resolve_model
+    from mhla_stream.serve.capacity import NotEnoughMemory
     from mhla_stream.serve.server import build_server
     from mhla_stream.tokenizer import Tokenizer, TokenizerError
 
@@ -143,6 +144,10 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
                            api_key=api_key, sessions_dir=sessions_dir, session_memory=budget, policy=policy,
                            cuda_graph=cuda_graph, backend=backend, state_dtype=state_dtype, run_ahead=run_ahead,
                            on_shutdown=(lambda: shutil.rmtree(sessions_dir, ignore_errors=True)) if temporary else None)
+    except NotEnoughMemory as e:
+        if temporary:
+            shutil.rmtree(sessions_dir, ignore_errors=True)
+        fail(str(e))
     except OSError as e:
         fail(f"sessions dir {sessions_dir}: {e}")
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (the lifespan flushes sessions), then re-raises the
