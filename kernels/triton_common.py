@@ -49,6 +49,16 @@ def prefetch_l2(ptrs):
 
 
 @triton.jit
+def prefetch_share(ptr, n, stride, me, nprog, LINES: tl.constexpr):
+    """Program ``me`` of ``nprog`` asks L2 for its share of the 128-byte lines of ``n`` elements at
+    ``ptr`` (``stride`` elements a line), LINES lines a round; the last line repeats past the end."""
+    lines = tl.cdiv(n, stride)
+    for l0 in range(me * LINES, lines, nprog * LINES):
+        ln = tl.minimum(l0 + tl.arange(0, LINES), lines - 1)                                    # [LINES]
+        prefetch_l2(ptr + ln.to(tl.int64) * stride)
+
+
+@triton.jit
 def ring_block(last, w, W):
     """The block held by ring slot ``w`` when ``last`` is the newest completed block (< 0: empty
     slot). Block ``j`` lives in slot ``j % W``; ``torch_ops.ring_blocks`` is the same rule."""

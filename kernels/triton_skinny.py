@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, PDL, PREFETCH, graph_bench, pow2, prefetch_l2
+from .triton_common import INTERPRET, PDL, PREFETCH, graph_bench, pow2, prefetch_share
 
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL", "PF_LINES"]
 # few configurations: each costs a compile at the first decode step of a new model shape
@@ -47,13 +47,9 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, pf_ptr, PF_N, M,
     w0 = tl.load(w_ptr + rn[:, None] * K + ck[None, :], mask=wmask0, other=0.0)                 # [BN, BK]
     if SWIGLU:
         wu0 = tl.load(w_ptr + (N + rn[:, None]) * K + ck[None, :], mask=wmask0, other=0.0)
-    if PF_LINES > 0:  # the next projection's weights: this program's share of their lines, round by round
-        nprog = tl.num_programs(0) * tl.num_programs(1)
-        me = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        lines = tl.cdiv(PF_N, PF_STRIDE)
-        for l0 in range(me * PF_LINES, lines, nprog * PF_LINES):
-            ln = tl.minimum(l0 + tl.arange(0, PF_LINES), lines - 1)                             # [PF_LINES]
-            prefetch_l2(pf_ptr + ln.to(tl.int64) * PF_STRIDE)
+    if PF_LINES > 0:  # the next projection's weights: this program's share of their lines
+        prefetch_share(pf_ptr, PF_N, PF_STRIDE, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0),
+                       tl.num_programs(0) * tl.num_programs(1), PF_LINES)
     if PDL:
         tl.extra.cuda.gdc_wait()  # x, g and res come from the previous kernels
     grp = tl.arange(0, NG)

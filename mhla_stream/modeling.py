@@ -28,12 +28,14 @@ if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
     from .kernels.triton_features import relu_rope_qk
     from .kernels import triton_skinny
+    from .kernels.triton_prefetch import prefetch_weights
     from .kernels.triton_skinny import skinny_linear
 
 
-def prefetching() -> bool:
-    """Whether the decode projections prefetch the next weights (MHLA_STREAM_PREFETCH=1 on a GPU)."""
-    return triton_available() and triton_skinny.PREFETCH
+def prefetching(device: torch.device) -> bool:
+    """Whether decode asks L2 for the next weights ahead (MHLA_STREAM_PREFETCH=1, tensors on a GPU;
+    the tests switch it on under the interpreter)."""
+    return triton_available() and triton_skinny.PREFETCH and (device.type == "cuda" or triton_skinny.INTERPRET)
 
 
 def _version(w: torch.Tensor):
@@ -97,7 +99,9 @@ class MHLAAttention(nn.Module):
         self.mixing_matrix = nn.Parameter(init_mixing(config.num_blocks))  # raw: clamped where it is read
         self.qkvg_weight = ConcatenatedWeight(self.q_proj, self.k_proj, self.v_proj, self.g_proj)
 
-    def forward(self, x, rope, state: MHLAState | None, lengths, plan: ExecutionPlan):
+    def forward(self, x, rope, state: MHLAState | None, lengths, plan: ExecutionPlan, prefetch=None):
+        """``prefetch``: weights the products after the operator read (MHLA_STREAM_PREFETCH=1,
+        batched decode), requested into L2 once the operator's state traffic is done."""
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         cos, sin = rope
@@ -118,6 +122,8 @@ class MHLAAttention(nn.Module):
         o = mhla_attention(q, k, v, self.mixing_matrix, block_size=self.config.block_size, state=state,
                            backend=plan.backend_for(T, state is not None),
                            policy=None if state is not None else self.config.mixing_policy, lengths=lengths)
+        if prefetch:
+            prefetch_weights(prefetch)
         o = gated_norm_fast(o, self.g_norm_swish_gate.weight, g, self.g_norm_swish_gate.eps)
         return self.o_proj(o.reshape(B, T, H * V))
 
@@ -146,8 +152,8 @@ class MHLABlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MHLAMLP(config)
 
-    def forward(self, x, rope, state, lengths, plan: ExecutionPlan):
-        h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
+    def forward(self, x, rope, state, lengths, plan: ExecutionPlan, prefetch=None):
+        h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan, prefetch)
         return h + self.mlp(self.mlp_norm(h), plan)
 
     def decode_step(self, x, cos, sin, state: MHLAState, next_weights=None):
@@ -234,14 +240,25 @@ class MHLAModel(MHLAPreTrainedModel):
             cos, sin = (t.reshape(B, -1) for t in rope)
             # each layer's last projection may prefetch the next layer's first weights; looked up only
             # when the kernels prefetch (a .get() costs ~10 us on the host)
-            firsts = [layer.attn.qkvg_weight.get() for layer in self.layers[1:]] if prefetching() else []
-            for i, (layer, state) in enumerate(zip(self.layers, states)):
-                x = layer.decode_step(x, cos, sin, state, next_weights=firsts[i] if i < len(firsts) else None)
+            firsts = self._next_firsts() if prefetching(x.device) else [None] * len(self.layers)
+            for layer, state, nxt in zip(self.layers, states, firsts):
+                x = layer.decode_step(x, cos, sin, state, next_weights=nxt)
             MHLAState.advance_positions(states)
             return self.norm(x)
+        ahead = self._prefetch_lists() if states is not None and T == 1 and prefetching(x.device) else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, None if states is None else states[i], lengths, plan)
+            x = layer(x, rope, None if states is None else states[i], lengths, plan, ahead and ahead[i])
         return self.norm(x)
+
+    def _next_firsts(self) -> list:
+        """Per layer, the next layer's first weights (q/k/v/g; None after the last layer)."""
+        return [layer.attn.qkvg_weight.get() for layer in self.layers[1:]] + [None]
+
+    def _prefetch_lists(self) -> list:
+        """Per layer, what a batched decode step asks L2 for after the operator: the layer's o, gate/up
+        and down weights and the next layer's q/k/v/g."""
+        return [[layer.attn.o_proj.weight, layer.mlp.gate_up_weight.get(), layer.mlp.down_proj.weight, nxt]
+                for layer, nxt in zip(self.layers, self._next_firsts())]
 
 
 def plan_for_call(plan: ExecutionPlan | None, x: torch.Tensor, training: bool) -> ExecutionPlan:
