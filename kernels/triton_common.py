@@ -40,7 +40,7 @@ def prefetch_l2(ptrs):
     """Asks L2 for the 128-byte lines holding ``ptrs`` without waiting for them (PTX
     ``prefetch.global.L2``): a later kernel's loads of those lines then hit L2. Under the
     interpreter (no PTX) a plain load of the same addresses, so that the CPU tests walk the same
-    lines: an address outside the tensor shows there."""
+    lines (test_attack_capacity_prefetch.py checks each address against the tensors)."""
     if INTERPRET_JIT:
         return tl.load(ptrs).to(tl.int32) * 0
     else:

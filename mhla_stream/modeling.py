@@ -38,6 +38,11 @@ def prefetching(device: torch.device) -> bool:
     return triton_available() and triton_skinny.PREFETCH and (device.type == "cuda" or triton_skinny.INTERPRET)
 
 
+def _prefetchable(w, device):
+    """``w`` if a prefetch launched on ``device`` can walk it (on that device, contiguous), else None."""
+    return w if w is not None and w.device == device and w.is_contiguous() else None
+
+
 def _version(w: torch.Tensor):
     """The in-place version counter; weights made under ``torch.inference_mode()`` have none
     (they cannot be changed in place outside it), so their data pointer stands in."""
@@ -240,25 +245,32 @@ class MHLAModel(MHLAPreTrainedModel):
             cos, sin = (t.reshape(B, -1) for t in rope)
             # each layer's last projection may prefetch the next layer's first weights; looked up only
             # when the kernels prefetch (a .get() costs ~10 us on the host)
-            firsts = self._next_firsts() if prefetching(x.device) else [None] * len(self.layers)
+            firsts = self._next_firsts(x.device) if prefetching(x.device) else [None] * len(self.layers)
             for layer, state, nxt in zip(self.layers, states, firsts):
                 x = layer.decode_step(x, cos, sin, state, next_weights=nxt)
             MHLAState.advance_positions(states)
             return self.norm(x)
-        ahead = self._prefetch_lists() if states is not None and T == 1 and prefetching(x.device) else None
+        ahead = self._prefetch_lists(x.device) if states is not None and T == 1 and prefetching(x.device) else None
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, None if states is None else states[i], lengths, plan, ahead and ahead[i])
         return self.norm(x)
 
-    def _next_firsts(self) -> list:
-        """Per layer, the next layer's first weights (q/k/v/g; None after the last layer)."""
-        return [layer.attn.qkvg_weight.get() for layer in self.layers[1:]] + [None]
+    def _next_firsts(self, device) -> list:
+        """Per layer, the next layer's first weights (q/k/v/g; None after the last layer, or where
+        they cannot be prefetched from ``device``: another device, a non-contiguous view)."""
+        return [_prefetchable(layer.attn.qkvg_weight.get(), device) for layer in self.layers[1:]] + [None]
 
-    def _prefetch_lists(self) -> list:
+    def _prefetch_lists(self, device) -> list:
         """Per layer, what a batched decode step asks L2 for after the operator: the layer's o, gate/up
-        and down weights and the next layer's q/k/v/g."""
-        return [[layer.attn.o_proj.weight, layer.mlp.gate_up_weight.get(), layer.mlp.down_proj.weight, nxt]
-                for layer, nxt in zip(self.layers, self._next_firsts())]
+        and down weights and the next layer's q/k/v/g, those of them that can be (``_prefetchable``,
+        one dtype: what ``prefetch_weights`` takes)."""
+        lists = []
+        for layer, nxt in zip(self.layers, self._next_firsts(device)):
+            ws = [_prefetchable(w, device) for w in
+                  (layer.attn.o_proj.weight, layer.mlp.gate_up_weight.get(), layer.mlp.down_proj.weight, nxt)]
+            ws = [w for w in ws if w is not None]
+            lists.append([w for w in ws if w.dtype == ws[0].dtype])
+        return lists
 
 
 def plan_for_call(plan: ExecutionPlan | None, x: torch.Tensor, training: bool) -> ExecutionPlan:

@@ -1,8 +1,9 @@
 """MHLA_STREAM_PREFETCH: decode asks L2 for the weights of the products ahead (the batch-1 skinny
 kernels for the next projection, a prefetch kernel after the operator in batched decode). A hint
 only: every test here checks that logits and states are exactly those of the same run without it.
-Under the interpreter a prefetch is a plain load of the same lines, so an address outside a tensor
-would show here; the tests switch it on for the kernel module (the variable is read at import)."""
+Under the interpreter a prefetch is a plain load of the same lines; the interpreter does not check
+bounds, so test_attack_capacity_prefetch.py records every address it loads and checks them against the
+tensors. The tests switch the prefetch on for the kernel module (the variable is read at import)."""
 import pytest
 import torch
 from conftest import rel_err  # noqa: F401

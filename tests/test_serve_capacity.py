@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from mhla_stream import MHLAForCausalLM
 from mhla_stream.serve import capacity
-from mhla_stream.serve.capacity import NotEnoughMemory, check_rows_fit, row_bytes
+from mhla_stream.serve.capacity import NotEnoughMemory, check_rows_fit, row_bytes, rows_for
 
 MIB = 2 ** 20
 
@@ -28,22 +28,28 @@ def test_row_bytes_is_what_a_state_row_takes(model):
 
 def test_rows_that_fit_pass_and_the_rest_are_refused_with_what_fits(model):
     per = row_bytes(model)
-    assert check_rows_fit(model, 8, 1, free=int(9 * per / capacity.HEADROOM) + 1) == per   # 9 rows fit exactly
+    nine = int(9 * per / capacity.HEADROOM) + 1                 # room for 9 rows exactly
+    assert check_rows_fit(model, 8, free=nine) == per           # 8 slots + the staging row
     with pytest.raises(NotEnoughMemory) as e:
-        check_rows_fit(model, 9, 1, free=int(9 * per / capacity.HEADROOM) + 1)
+        check_rows_fit(model, 9, free=nine)
     msg = str(e.value)
     assert "use --max-batch 8 or less" in msg and "--state-dtype bf16" in msg and "\n" not in msg
-    assert "--admit-batch 1" not in msg                        # one working row: nothing to leave out
-    with pytest.raises(NotEnoughMemory, match="--admit-batch 1 --no-async-session-copy"):
-        check_rows_fit(model, 8, 11, free=int(9 * per / capacity.HEADROOM))
+    assert "--admit-batch 1" not in msg                         # no admission or park rows to leave out
+    assert "9.6 MiB a row" in msg and "0.0 GiB" not in msg      # small sizes in MiB
+    # 8 admission and 2 park rows: 4 slots + 1 + 4 admission rows (capped at the slots) + 2 > 9, but
+    # 3 slots + 1 + 3 + 2 = 9 fit; and what is suggested is what the rows rule accepts
+    with pytest.raises(NotEnoughMemory, match="use --max-batch 3 or less; --admit-batch 1 --no-async"):
+        check_rows_fit(model, 16, admit_batch=8, park=2, free=nine)
+    assert check_rows_fit(model, 3, admit_batch=8, park=2, free=nine) == per
     with pytest.raises(NotEnoughMemory, match="not even one slot fits") as e:
-        check_rows_fit(model, 1, 1, free=per, state_dtype=torch.bfloat16)
-    assert "--state-dtype bf16" not in str(e.value)            # already the smaller ring
+        check_rows_fit(model, 1, free=per, state_dtype=torch.bfloat16)
+    assert "--state-dtype bf16" not in str(e.value)             # already the smaller ring
+    assert rows_for(1, admit_batch=8) == 2                      # one slot: no admission rows
 
 
 def test_unknown_free_memory_is_not_a_refusal(model, monkeypatch):
     monkeypatch.setattr(capacity, "free_bytes", lambda device: None)
-    assert check_rows_fit(model, 10 ** 6, 1) == row_bytes(model)
+    assert check_rows_fit(model, 10 ** 6) == row_bytes(model)
 
 
 def test_the_runner_refuses_before_allocating(model, monkeypatch):
@@ -66,10 +72,15 @@ def test_mhla_serve_says_what_fits_and_exits(monkeypatch, tmp_path):
     before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
     r = CliRunner().invoke(serve_cli.main, ["--device", "cpu", "--max-batch", "64", "--port", "1"])
     assert r.exit_code == 2, r.output
-    assert "error: 64 slots and 1 working rows of streaming state need" in r.output
+    assert "error: 64 slots need 65 rows of streaming state" in r.output
     assert "use --max-batch 5 or less" in r.output and "Traceback" not in r.output
     left = set(os.listdir(os.environ.get("TMPDIR", "/tmp"))) - before
     assert not [d for d in left if d.startswith("mhla-sessions-")]   # its temporary sessions folder went too
     r = CliRunner().invoke(serve_cli.main, ["--device", "cpu", "--max-batch", "64", "--port", "1",
+                                            "--sessions-dir", str(tmp_path / "new")])
+    assert r.exit_code == 2 and not (tmp_path / "new").exists()   # refused before the store makes it
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "keep").write_text("x")
+    r = CliRunner().invoke(serve_cli.main, ["--device", "cpu", "--max-batch", "64", "--port", "1",
                                             "--sessions-dir", str(tmp_path / "s")])
-    assert r.exit_code == 2 and (tmp_path / "s").is_dir()        # a folder the user named is kept
+    assert r.exit_code == 2 and (tmp_path / "s" / "keep").read_text() == "x"   # a user's folder is kept

@@ -38,22 +38,38 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_rows_fit(model, slots: int, extra_rows: int, *, policy=None, state_dtype=None, free: int | None = None) -> int:
-    """Raises ``NotEnoughMemory`` when ``slots`` + ``extra_rows`` states do not fit in HEADROOM of the
-    free memory (``free``, default: measured now); returns the bytes of one row."""
+def rows_for(slots: int, admit_batch: int = 1, park: int = 0) -> int:
+    """State rows a runner allocates for ``slots``: the slots, the staging row, the batched-admission
+    rows (``admit_batch`` capped at the slots; none for one) and the park rows (StepRunner)."""
+    admit = min(admit_batch, slots)
+    return slots + 1 + (admit if admit > 1 else 0) + park
+
+
+def _size(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def check_rows_fit(model, slots: int, *, admit_batch: int = 1, park: int = 0, policy=None, state_dtype=None,
+                   free: int | None = None) -> int:
+    """Raises ``NotEnoughMemory`` when the rows of ``rows_for(slots, admit_batch, park)`` states do not
+    fit in HEADROOM of the free memory (``free``, default: measured now); returns one row's bytes."""
     per_row = row_bytes(model, policy, state_dtype)
     free = free_bytes(model.device) if free is None else free
-    need = (slots + extra_rows) * per_row
-    if free is None or need <= HEADROOM * free:
+    rows = rows_for(slots, admit_batch, park)
+    if free is None or rows * per_row <= HEADROOM * free:
         return per_row
-    fit = int(HEADROOM * free // per_row) - extra_rows
-    gib = 2 ** 30
-    advice = [f"use --max-batch {fit} or less" if fit >= 1 else "not even one slot fits"]
-    if extra_rows > 1:
-        advice.append("--admit-batch 1 --no-async-session-copy leave out the extra working rows")
+    room = int(HEADROOM * free // per_row)  # rows that fit
+    lo, hi = 0, slots - 1  # the most slots whose rows fit (rows_for grows with the slots): a bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if rows_for(mid, admit_batch, park) <= room else (lo, mid - 1)
+    fit = lo
+    advice = [f"use --max-batch {fit} or less" if fit else "not even one slot fits"]
+    if rows_for(max(fit, 1), admit_batch, park) > rows_for(max(fit, 1)):
+        advice.append("--admit-batch 1 --no-async-session-copy leave out the admission and park rows")
     if row_bytes(model, policy, torch.bfloat16) < per_row:
         advice.append("--state-dtype bf16 stores the ring in half the memory")
     raise NotEnoughMemory(
-        f"{slots} slots and {extra_rows} working rows of streaming state need {need / gib:.1f} GiB "
-        f"({per_row / 2 ** 20:.1f} MiB each), but {model.device.type} has {free / gib:.1f} GiB free (this server "
-        f"uses at most {HEADROOM:.0%} of it for states): " + "; ".join(advice))
+        f"{slots} slots need {rows} rows of streaming state (with the staging, admission and park rows), "
+        f"{_size(rows * per_row)} at {_size(per_row)} a row, but {model.device.type} has {_size(free)} free "
+        f"(this server uses at most {HEADROOM:.0%} of it for states): " + "; ".join(advice))

@@ -197,7 +197,7 @@ class StepRunner:
         # then (CUDA, ``async_snapshots``) the park rows a finished session is copied out through (snapshots.py)
         park = PARK_ROWS if async_snapshots and model.device.type == "cuda" else 0
         batch_rows = admit_batch if admit_batch > 1 else 0
-        check_rows_fit(model, max_batch, 1 + batch_rows + park, policy=policy, state_dtype=state_dtype)
+        check_rows_fit(model, max_batch, admit_batch=admit_batch, park=park, policy=policy, state_dtype=state_dtype)
         self.states = model.new_state(max_batch + 1 + batch_rows + park, policy, state_dtype=state_dtype)
         self.snapshots = None
         if park:
