@@ -115,7 +115,7 @@ def test_admit_batch_above_max_batch_counts_only_the_rows_it_makes(model, monkey
     per = row_bytes(model)
     monkeypatch.setattr(capacity, "free_bytes", lambda device: _free_for(5, per))
     r = _runner(model, 2, admit_batch=8)                       # 2 slots + staging + 2 admission rows
-    assert r.admit_batch == 2 and r.states[0].ring.shape[0] == 5
+    assert r.admit_batch == 2 and r.states[0].ring.shape[0] + r.stager.states[0].ring.shape[0] == 5
     monkeypatch.setattr(capacity, "free_bytes", lambda device: _free_for(2, per))
     assert _runner(model, 1, admit_batch=8).admit_batch == 1  # --max-batch 1: no admission rows at all
 

@@ -3,10 +3,16 @@
 A prompt of at most one piece costs one forward whatever else runs, and on a GPU a forward of a
 few hundred tokens is bound by its ~15 kernels a layer, not by its tokens: admitting 8 such prompts
 one per forward costs about 8 times what one forward of all 8 costs. So ``BatchStager`` owns
-``rows`` more state rows (after the slots and the staging row of ``runner.py``), prefills up to
-``rows`` prompts side by side (right-padded to a common length; each row's ``lengths`` entry keeps
-the padding out of its state and positions), takes each prompt's logits at its own last token,
-and copies each finished row into its slot.
+``rows`` state rows of its own, prefills up to ``rows`` prompts side by side (right-padded to a
+common length; each row's ``lengths`` entry keeps the padding out of its state and positions),
+takes each prompt's logits at its own last token, and places each finished row into its slot.
+
+Placing is one ``index_copy_`` per state tensor into the runner's rows (the slot numbers a device
+buffer), then the stager's rows are zeroed for the next batch: on CUDA one captured graph per
+prompt count. Its rows are separate tensors rather than more rows of the runner's, because a copy
+between rows of one tensor is refused by ``index_copy_``; and one graph replaces building ~1,000
+row views and a foreach copy over them on the host (2-3 ms for 8 prompts on this project's CPU,
+the engine thread's time while every stream waits).
 
 On CUDA each (row bucket, padded length) is one captured graph over the same rows, lengths a
 device buffer: no host-bound eager forward between decode steps. The lengths are powers of two
@@ -22,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..state import MHLAState
-from .runner import decode_buckets, foreach_by_dtype
+from .runner import _captured, decode_buckets, foreach_by_dtype
 
 SMALLEST_PAD = 16
 
@@ -37,16 +43,19 @@ def pad_sizes(piece: int) -> list[int]:
 
 
 class BatchStager:
-    """``rows`` staging rows for whole short prompts. ``all_rows(start, stop)`` gives views of the
-    runner's state rows (``StepRunner.rows``); the stager's rows are ``[base, base + rows)``."""
+    """``rows`` staging rows for whole short prompts, placed into ``slot_states`` (the runner's
+    per-layer states: row i is slot i)."""
 
-    def __init__(self, model, all_rows, base: int, rows: int, piece: int, *, backend: str, policy: str | None,
-                 cuda_graphs: bool, pool=None):
+    def __init__(self, model, slot_states: list[MHLAState], rows: int, piece: int, *, backend: str,
+                 policy: str | None, cuda_graphs: bool, state_dtype=None, pool=None):
         self.model, self.rows, self.piece = model, rows, piece
         self.device = model.device
         self.buckets = decode_buckets(rows)
-        self._views = {kb: all_rows(base, base + kb) for kb in self.buckets}
-        self._slot_rows = lambda slot: all_rows(slot, slot + 1)
+        self.states = model.new_state(rows, policy, state_dtype=state_dtype)  # zeroed; zeroed again after each
+        self._views = {kb: [st.select(slice(0, kb)) for st in self.states] for kb in self.buckets}
+        self._slot_states = slot_states
+        self.slots = torch.zeros(rows, dtype=torch.long, device=self.device)  # where each row goes
+        self.dirty = False  # rows left unplaced by a failed admission: zeroed before the next one
         self.plans = {kb: model.make_plan(kb, backend=backend, policy=policy, cuda_graphs=cuda_graphs)
                       for kb in self.buckets}
         # static inputs of every forward (the graphs read views of these)
@@ -56,6 +65,9 @@ class BatchStager:
         self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self._capture(pool)
+        # placing k rows: a graph per k on CUDA (the slot numbers are read from ``self.slots``)
+        self._placers = {k: _captured(lambda k=k: self._place(k), self.device) if self.graphs else None
+                         for k in range(1, rows + 1)}
 
     def describe(self) -> str:
         graphs = f", graphs for {len(self.graphs)} (rows, length) pairs" if self.graphs else ""
@@ -90,6 +102,16 @@ class BatchStager:
                 self.graphs[(kb, s)] = (graph, logits)
         self.lengths.zero_()
 
+    def _place(self, k: int) -> None:
+        """Rows [0, k) into the slots ``self.slots[:k]``, then rows [0, bucket(k)) zeroed (a padding row
+        of the bucket's forward had length 0, but is cleared all the same)."""
+        to = self.slots[:k]
+        for full, own in zip(self._slot_states, self.states):
+            for n in MHLAState.TENSORS:
+                getattr(full, n).index_copy_(0, to, getattr(own, n)[:k])
+        kb = next(b for b in self.buckets if b >= k)
+        foreach_by_dtype(torch._foreach_zero_, [getattr(st, n) for st in self._views[kb] for n in MHLAState.TENSORS])
+
     # -- admission --------------------------------------------------------------------------------------
     def admit(self, items: list[tuple[int, dict | None, list[int]]], host_stage=None) -> torch.Tensor:
         """``items``: (slot, stored session tensors or None, prompt ids of 1..piece tokens), at most
@@ -105,35 +127,35 @@ class BatchStager:
         kb = next(b for b in self.buckets if b >= k)
         s = next(n for n in self.sizes if n >= longest) if self.graphs else longest
         views = self._views[kb]
-        tensors = [getattr(st, n) for st in views for n in MHLAState.TENSORS]
-        foreach_by_dtype(torch._foreach_zero_, tensors)
+        if self.dirty:  # the last admission failed before placing its rows
+            foreach_by_dtype(torch._foreach_zero_, [getattr(st, n) for st in self.states for n in MHLAState.TENSORS])
+        self.dirty = True
         for i, (_, stored, _) in enumerate(items):
             if stored is not None:
                 names = [f"layers.{j}.{n}" for j in range(len(views)) for n in MHLAState.TENSORS]
                 live = [getattr(st, n)[i] for st in views for n in MHLAState.TENSORS]
                 saved = [stored[key].to(self.device, non_blocking=True)[0] for key in names]
                 foreach_by_dtype(torch._foreach_copy_, live, saved)
-        # one host-to-device copy of every row's ids (padded with 0) and length
+        # one host-to-device copy of every row's ids (padded with 0), length and slot
         flat = []
         for _, _, ids in items:
             flat += list(ids) + [0] * (s - len(ids))
         flat += [0] * ((kb - k) * s)
-        values = flat + [len(ids) for _, _, ids in items] + [0] * (kb - k)
+        values = flat + [len(ids) for _, _, ids in items] + [0] * (kb - k) + [slot for slot, _, _ in items]
         staged = host_stage(values) if host_stage is not None else torch.tensor(values, dtype=torch.long)
         self.ids[:kb, :s].copy_(staged[:kb * s].view(kb, s))
-        self.lengths[:kb].copy_(staged[kb * s:])
+        self.lengths[:kb].copy_(staged[kb * s:kb * s + kb])
+        self.slots[:k].copy_(staged[kb * s + kb:])
         if (kb, s) in self.graphs:
             graph, out = self.graphs[(kb, s)]
             graph.replay()
         else:
             out = self._forward(kb, s)
         logits = out[:k].to(torch.float32, copy=True)
-        # every admitted row into its slot: one foreach copy for all of them
-        dst, src = [], []
-        for i, (slot, _, _) in enumerate(items):
-            for st_slot, st_row in zip(self._slot_rows(slot), views):
-                for n in MHLAState.TENSORS:
-                    dst.append(getattr(st_slot, n)[0])
-                    src.append(getattr(st_row, n)[i])
-        foreach_by_dtype(torch._foreach_copy_, dst, src)
+        placer = self._placers[k]
+        if placer is not None:
+            placer.replay()
+        else:
+            self._place(k)
+        self.dirty = False
         return logits

@@ -191,18 +191,17 @@ class StepRunner:
         self.device = model.device
         if not 1 <= admit_batch:
             raise ValueError(f"admit_batch must be >= 1, got {admit_batch}")
-        # the slots, the staging row, then the rows of batched admission (admission.py) if any; never more
-        # rows than slots (a batch only ever fills free slots)
+        # the slots, the staging row, then (CUDA, ``async_snapshots``) the park rows a finished session is
+        # copied out through (snapshots.py); batched admission's rows (admission.py), never more than the
+        # slots (a batch only fills free slots), are tensors of their own, counted here too
         admit_batch = self.admit_batch = min(admit_batch, max_batch)
-        # then (CUDA, ``async_snapshots``) the park rows a finished session is copied out through (snapshots.py)
         park = PARK_ROWS if async_snapshots and model.device.type == "cuda" else 0
-        batch_rows = admit_batch if admit_batch > 1 else 0
         check_rows_fit(model, max_batch, admit_batch=admit_batch, park=park, policy=policy, state_dtype=state_dtype)
-        self.states = model.new_state(max_batch + 1 + batch_rows + park, policy, state_dtype=state_dtype)
+        self.states = model.new_state(max_batch + 1 + park, policy, state_dtype=state_dtype)
         self.snapshots = None
         if park:
             from .snapshots import AsyncSnapshots
-            base = max_batch + 1 + batch_rows
+            base = max_batch + 1
             self.snapshots = AsyncSnapshots(lambda i: self.rows(base + i, base + i + 1), park)
         self._views: dict[tuple[int, int], list[MHLAState]] = {}
         self.staging = self.rows(max_batch, max_batch + 1)
@@ -226,8 +225,8 @@ class StepRunner:
         if admit_batch > 1:
             from .admission import BatchStager
             try:
-                self.stager = BatchStager(model, self.rows, max_batch + 1, admit_batch, self.prefill_piece,
-                                          backend=backend, policy=policy, cuda_graphs=self.graphs)
+                self.stager = BatchStager(model, self.states, admit_batch, self.prefill_piece, backend=backend,
+                                          policy=policy, cuda_graphs=self.graphs, state_dtype=state_dtype)
             except Exception:  # e.g. a capture this device refuses: serve, one prompt a forward, and say so
                 if not self.graphs:
                     raise
