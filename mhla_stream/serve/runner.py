@@ -216,7 +216,7 @@ class StepRunner:
         self.feed = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self.piece_sizes = prefill_sizes(self.prefill_piece)
         cuda = self.device.type == "cuda"
-        self.host = HostBuffers(max(2 * max_batch, self.prefill_chunk, admit_batch * (self.prefill_piece + 1))) \
+        self.host = HostBuffers(max(2 * max_batch, self.prefill_chunk, admit_batch * (self.prefill_piece + 2))) \
             if cuda else None
         self._zero_graph, self._finish_graphs = None, {}
         if self.graphs:
