@@ -65,7 +65,11 @@ class BatchStager:
         self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self._capture(pool)
-        # placing k rows: a graph per k on CUDA (the slot numbers are read from ``self.slots``)
+        # placing k rows: a graph per k on CUDA (the slot numbers are read from ``self.slots``), after one
+        # eager warm-up outside any capture (at start-up every row is zero: slot 0 gets zeros)
+        if self.graphs:
+            self._place(rows)
+            torch.cuda.synchronize()
         self._placers = {k: _captured(lambda k=k: self._place(k), self.device) if self.graphs else None
                          for k in range(1, rows + 1)}
 
