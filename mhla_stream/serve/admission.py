@@ -66,8 +66,10 @@ class BatchStager:
         if cuda_graphs and self.device.type == "cuda":
             self._capture(pool)
         # placing k rows: a graph per k on CUDA (the slot numbers are read from ``self.slots``), after one
-        # eager warm-up outside any capture (at start-up every row is zero: slot 0 gets zeros)
+        # eager warm-up outside any capture. The forward graphs' warm-ups advanced the rows: zeroed first,
+        # so the warm-up places zeros (into slot 0) and the first batch starts from empty rows
         if self.graphs:
+            foreach_by_dtype(torch._foreach_zero_, [getattr(st, n) for st in self.states for n in MHLAState.TENSORS])
             self._place(rows)
             torch.cuda.synchronize()
         self._placers = {k: _captured(lambda k=k: self._place(k), self.device) if self.graphs else None
