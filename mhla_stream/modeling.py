@@ -269,7 +269,7 @@ class MHLAModel(MHLAPreTrainedModel):
             ws = [_prefetchable(w, device) for w in
                   (layer.attn.o_proj.weight, layer.mlp.gate_up_weight.get(), layer.mlp.down_proj.weight, nxt)]
             ws = [w for w in ws if w is not None]
-            lists.append([w for w in ws if w.dtype == ws[0].dtype])
+            lists.append([w for w in ws if w.dtype == ws[0].dtype])  # (empty when none can be walked)
         return lists
 
 

@@ -98,3 +98,23 @@ def test_prefetch_weights_refuses_what_it_cannot_walk():
         prefetch_weights([w, w.float()])
     with pytest.raises(ValueError, match="contiguous"):
         prefetch_weights([w.t()])
+
+
+def test_batched_decode_with_nothing_to_prefetch_launches_nothing(monkeypatch):
+    """Weights no prefetch can walk (another device, a view): empty lists, no launch, decode goes on."""
+    from mhla_stream import modeling
+    from mhla_stream.kernels import triton_prefetch, triton_skinny
+    launches = []
+    monkeypatch.setattr(triton_prefetch, "_prefetch_kernel", _Counting(triton_prefetch._prefetch_kernel, launches))
+    monkeypatch.setattr(triton_skinny, "PREFETCH", True)
+    monkeypatch.setattr(modeling, "_prefetchable", lambda w, device: None)
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).to(DEV, torch.bfloat16).eval()
+    assert model.model._prefetch_lists(torch.device(DEV)) == [[], []]
+    plan = model.make_plan(2, backend="triton", fused_decode=False)
+    ids = torch.randint(3, 256, (2, 10), device=DEV)
+    with torch.inference_mode():
+        cache = MHLACache(model.new_state(2))
+        model(ids[:, :9], past_key_values=cache, plan=plan)
+        assert torch.isfinite(model(ids[:, 9:], past_key_values=cache, plan=plan).logits).all()
+    assert launches == []

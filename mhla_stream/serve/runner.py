@@ -31,6 +31,11 @@ log = logging.getLogger("mhla_stream.serve")
 PARK_ROWS = 2  # device rows a finished session's state passes through on its way to host memory
 
 
+def park_rows(async_snapshots: bool, device: torch.device) -> int:
+    """The park rows a runner makes: only for the asynchronous session copy, which is CUDA's."""
+    return PARK_ROWS if async_snapshots and device.type == "cuda" else 0
+
+
 def decode_buckets(max_batch: int) -> list[int]:
     """Row counts the decode step is captured for: powers of two below ``max_batch``, then ``max_batch``."""
     sizes, n = [], 1
@@ -195,7 +200,7 @@ class StepRunner:
         # copied out through (snapshots.py); batched admission's rows (admission.py), never more than the
         # slots (a batch only fills free slots), are tensors of their own, counted here too
         admit_batch = self.admit_batch = min(admit_batch, max_batch)
-        park = PARK_ROWS if async_snapshots and model.device.type == "cuda" else 0
+        park = park_rows(async_snapshots, model.device)
         check_rows_fit(model, max_batch, admit_batch=admit_batch, park=park, policy=policy, state_dtype=state_dtype)
         self.states = model.new_state(max_batch + 1 + park, policy, state_dtype=state_dtype)
         self.snapshots = None

@@ -29,9 +29,9 @@ def build_server(model, tokenizer, *, model_name: str, max_batch: int = 32, max_
                             model_fingerprint(model))
     if runner is None:  # the state rows, counted before the store makes its folder or reads sessions back
         from .capacity import check_rows_fit
-        from .runner import PARK_ROWS
-        park = PARK_ROWS if async_session_copy and model.device.type == "cuda" else 0
-        check_rows_fit(model, max_batch, admit_batch=admit_batch, park=park, policy=policy, state_dtype=state_dtype)
+        from .runner import park_rows
+        check_rows_fit(model, max_batch, admit_batch=admit_batch, park=park_rows(async_session_copy, model.device),
+                       policy=policy, state_dtype=state_dtype)
     store = SessionStore(sessions_dir, session_memory, layout, meta, background=True)  # disk writes off the engine
     metrics = Metrics()
     engine = Engine(model, tokenizer, store, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
