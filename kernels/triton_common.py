@@ -29,33 +29,6 @@ def _pdl_supported() -> bool:
 
 
 PDL = _pdl_supported()
-# MHLA_STREAM_PREFETCH=1: the decode projections request the next projection's weights into L2
-# (``prefetch_l2``); a hint only, so results are the same with it on or off. Not under the interpreter.
-PREFETCH = switches().prefetch and not INTERPRET
-INTERPRET_JIT: tl.constexpr = tl.constexpr(INTERPRET)  # the same flag, readable inside kernels
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Asks L2 for the 128-byte lines holding ``ptrs`` without waiting for them (PTX
-    ``prefetch.global.L2``): a later kernel's loads of those lines then hit L2. Under the
-    interpreter (no PTX) a plain load of the same addresses, so that the CPU tests walk the same
-    lines (test_attack_capacity_prefetch.py checks each address against the tensors)."""
-    if INTERPRET_JIT:
-        return tl.load(ptrs).to(tl.int32) * 0
-    else:
-        return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                         dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_share(ptr, n, stride, me, nprog, LINES: tl.constexpr):
-    """Program ``me`` of ``nprog`` asks L2 for its share of the 128-byte lines of ``n`` elements at
-    ``ptr`` (``stride`` elements a line), LINES lines a round; the last line repeats past the end."""
-    lines = tl.cdiv(n, stride)
-    for l0 in range(me * LINES, lines, nprog * LINES):
-        ln = tl.minimum(l0 + tl.arange(0, LINES), lines - 1)                                    # [LINES]
-        prefetch_l2(ptr + ln.to(tl.int64) * stride)
 
 
 @triton.jit

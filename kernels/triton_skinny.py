@@ -10,9 +10,6 @@ shapes (README), and fold that work in:
     GATE      prologue: ... times silu(g)               (the attention's gated output norm)
     SWIGLU    W = [W_gate; W_up] (2N rows): y = silu(x W_gate^T) * (x W_up^T)
     RESIDUAL  epilogue: y = res + x W^T
-    PF_LINES  (MHLA_STREAM_PREFETCH=1) before waiting for its inputs, the programs ask L2 for the
-              ``prefetch`` tensor (the next projection's weights), PF_LINES 128-byte lines each per
-              round, so that the next kernel streams from L2 instead of starting cold on HBM
 
 Rounding follows the unfused model: each value that the eager code stores in the activation
 dtype is rounded to it here too. One row (M = 1) multiplies and row-sums [BN, BK] weight tiles;
@@ -22,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, PDL, PREFETCH, graph_bench, pow2, prefetch_share
+from .triton_common import INTERPRET, PDL, graph_bench, pow2
 
-_KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL", "PF_LINES"]
+_KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
 # few configurations: each costs a compile at the first decode step of a new model shape
 _GEMV = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=3)
          for bn in (2, 4, 8, 16) for bk, w in ((512, 4), (1024, 8))]
@@ -32,9 +29,8 @@ _DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3) for bn in
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, pf_ptr, PF_N, M, N, K, GS, eps, sx, sg, sr, sy,
-                   PF_LINES: tl.constexpr, PF_STRIDE: tl.constexpr, NORM: tl.constexpr, GATE: tl.constexpr,
-                   SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps, sx, sg, sr, sy,
+                   NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                    DOT: tl.constexpr, F32_DOT: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, BGS: tl.constexpr,
                    PDL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     DT: tl.constexpr = y_ptr.dtype.element_ty
@@ -47,9 +43,6 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, pf_ptr, PF_N, M,
     w0 = tl.load(w_ptr + rn[:, None] * K + ck[None, :], mask=wmask0, other=0.0)                 # [BN, BK]
     if SWIGLU:
         wu0 = tl.load(w_ptr + (N + rn[:, None]) * K + ck[None, :], mask=wmask0, other=0.0)
-    if PF_LINES > 0:  # the next projection's weights: this program's share of their lines
-        prefetch_share(pf_ptr, PF_N, PF_STRIDE, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0),
-                       tl.num_programs(0) * tl.num_programs(1), PF_LINES)
     if PDL:
         tl.extra.cuda.gdc_wait()  # x, g and res come from the previous kernels
     grp = tl.arange(0, NG)
@@ -118,13 +111,10 @@ _gemv = triton.autotune(configs=_GEMV, key=_KEY, do_bench=graph_bench)(_skinny_k
 _gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
 
 
-def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None,
-                  prefetch=None):
+def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None):
     """x [M, K] -> y [M, N] in x's dtype. ``weight`` [N, K] (or [2N, K] = [gate; up] with ``swiglu``).
     ``norm_weight`` [group] applies RMSNorm per group of ``group`` columns (default K) first;
-    ``gate`` [M, K] multiplies by silu(gate) after it; ``residual`` [M, N] is added at the end.
-    ``prefetch``: a contiguous tensor (the next projection's weights) to request into L2 while this
-    one runs, when MHLA_STREAM_PREFETCH=1 on a GPU; ignored otherwise."""
+    ``gate`` [M, K] multiplies by silu(gate) after it; ``residual`` [M, N] is added at the end."""
     M, K = x.shape
     N = weight.shape[0] // (2 if swiglu else 1)
     assert weight.shape[1] == K and weight.is_contiguous() and x.stride(-1) == 1
@@ -138,14 +128,11 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     launch, fixed = (_gemv if small else _gemm), {}
     if INTERPRET:  # no tuning; few programs, since the interpreter runs them one by one
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 64}
-    pf = prefetch if PREFETCH and prefetch is not None and prefetch.is_contiguous() else None
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, bm))  # noqa: E731
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
-                 residual if residual is not None else dummy, pf if pf is not None else dummy,
-                 pf.numel() if pf is not None else 0, M, N, K, gs, eps,
+                 residual if residual is not None else dummy, M, N, K, gs, eps,
                  x.stride(0), gate.stride(0) if gate is not None else 0,
                  residual.stride(0) if residual is not None else 0, y.stride(0),
-                 PF_LINES=64 if pf is not None else 0, PF_STRIDE=128 // (pf if pf is not None else x).element_size(),
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
                  DOT=not small, F32_DOT=INTERPRET or x.dtype == torch.float32, BM=bm,
                  NG=pow2(K // gs, 1), BGS=pow2(gs, 1), PDL=PDL, launch_pdl=PDL, **fixed)

@@ -27,20 +27,7 @@ from .state import MHLAState
 if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
     from .kernels.triton_features import relu_rope_qk
-    from .kernels import triton_skinny
-    from .kernels.triton_prefetch import prefetch_weights
     from .kernels.triton_skinny import skinny_linear
-
-
-def prefetching(device: torch.device) -> bool:
-    """Whether decode asks L2 for the next weights ahead (MHLA_STREAM_PREFETCH=1, tensors on a GPU;
-    the tests switch it on under the interpreter)."""
-    return triton_available() and triton_skinny.PREFETCH and (device.type == "cuda" or triton_skinny.INTERPRET)
-
-
-def _prefetchable(w, device):
-    """``w`` if a prefetch launched on ``device`` can walk it (on that device, contiguous), else None."""
-    return w if w is not None and w.device == device and w.is_contiguous() else None
 
 
 def _version(w: torch.Tensor):
@@ -104,9 +91,7 @@ class MHLAAttention(nn.Module):
         self.mixing_matrix = nn.Parameter(init_mixing(config.num_blocks))  # raw: clamped where it is read
         self.qkvg_weight = ConcatenatedWeight(self.q_proj, self.k_proj, self.v_proj, self.g_proj)
 
-    def forward(self, x, rope, state: MHLAState | None, lengths, plan: ExecutionPlan, prefetch=None):
-        """``prefetch``: weights the products after the operator read (MHLA_STREAM_PREFETCH=1,
-        batched decode), requested into L2 once the operator's state traffic is done."""
+    def forward(self, x, rope, state: MHLAState | None, lengths, plan: ExecutionPlan):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         cos, sin = rope
@@ -127,8 +112,6 @@ class MHLAAttention(nn.Module):
         o = mhla_attention(q, k, v, self.mixing_matrix, block_size=self.config.block_size, state=state,
                            backend=plan.backend_for(T, state is not None),
                            policy=None if state is not None else self.config.mixing_policy, lengths=lengths)
-        if prefetch:
-            prefetch_weights(prefetch)
         o = gated_norm_fast(o, self.g_norm_swish_gate.weight, g, self.g_norm_swish_gate.eps)
         return self.o_proj(o.reshape(B, T, H * V))
 
@@ -157,11 +140,11 @@ class MHLABlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MHLAMLP(config)
 
-    def forward(self, x, rope, state, lengths, plan: ExecutionPlan, prefetch=None):
-        h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan, prefetch)
+    def forward(self, x, rope, state, lengths, plan: ExecutionPlan):
+        h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
         return h + self.mlp(self.mlp_norm(h), plan)
 
-    def decode_step(self, x, cos, sin, state: MHLAState, next_weights=None):
+    def decode_step(self, x, cos, sin, state: MHLAState):
         """One token per sequence through the block in five launches (CUDA inference, Triton):
 
             qkvg = RMSNorm(x) W_qkvg^T                         skinny product, norm in its prologue
@@ -173,8 +156,7 @@ class MHLABlock(nn.Module):
         against about 17 launches of ``forward``. x [B, 1, D] -> [B, 1, D]; cos, sin [B, K/2] fp32.
         ``state`` is advanced except its position: the caller moves every layer's at once
         (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
-        to the activation dtype; only summation order differs. ``next_weights``: the next layer's
-        first weights, for the last projection to prefetch (MHLA_STREAM_PREFETCH).
+        to the activation dtype; only summation order differs.
         """
         attn, mlp = self.attn, self.mlp
         B = x.shape[0]
@@ -182,10 +164,7 @@ class MHLABlock(nn.Module):
         # the checks mhla_attention makes on the other path (host-side shapes only: no sync)
         state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
         x2 = x.reshape(B, -1)
-        gate_up = mlp.gate_up_weight.get()
-        # each projection may ask L2 for the next one's weights (MHLA_STREAM_PREFETCH=1; else ignored)
-        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps,
-                             prefetch=attn.o_proj.weight)
+        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps)
         hk, hv = H * K, H * V
         q = qkvg[:, :hk].view(B, H, K)
         k = qkvg[:, hk:2 * hk].view(B, H, K)
@@ -195,10 +174,10 @@ class MHLABlock(nn.Module):
         decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin))  # raw mixing: clamped in-kernel
         gn = attn.g_norm_swish_gate
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
-                          residual=x2, prefetch=gate_up)
-        a = skinny_linear(h, gate_up, norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps, swiglu=True,
-                          prefetch=mlp.down_proj.weight)
-        return skinny_linear(a, mlp.down_proj.weight, residual=h, prefetch=next_weights).view(B, 1, -1)
+                          residual=x2)
+        a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
+                          swiglu=True)
+        return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1)
 
 
 class MHLAPreTrainedModel(PreTrainedModel):
@@ -243,34 +222,13 @@ class MHLAModel(MHLAPreTrainedModel):
         rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
         if plan.fused_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
-            # each layer's last projection may prefetch the next layer's first weights; looked up only
-            # when the kernels prefetch (a .get() costs ~10 us on the host)
-            firsts = self._next_firsts(x.device) if prefetching(x.device) else [None] * len(self.layers)
-            for layer, state, nxt in zip(self.layers, states, firsts):
-                x = layer.decode_step(x, cos, sin, state, next_weights=nxt)
+            for layer, state in zip(self.layers, states):
+                x = layer.decode_step(x, cos, sin, state)
             MHLAState.advance_positions(states)
             return self.norm(x)
-        ahead = self._prefetch_lists(x.device) if states is not None and T == 1 and prefetching(x.device) else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, None if states is None else states[i], lengths, plan, ahead and ahead[i])
+            x = layer(x, rope, None if states is None else states[i], lengths, plan)
         return self.norm(x)
-
-    def _next_firsts(self, device) -> list:
-        """Per layer, the next layer's first weights (q/k/v/g; None after the last layer, or where
-        they cannot be prefetched from ``device``: another device, a non-contiguous view)."""
-        return [_prefetchable(layer.attn.qkvg_weight.get(), device) for layer in self.layers[1:]] + [None]
-
-    def _prefetch_lists(self, device) -> list:
-        """Per layer, what a batched decode step asks L2 for after the operator: the layer's o, gate/up
-        and down weights and the next layer's q/k/v/g, those of them that can be (``_prefetchable``,
-        one dtype: what ``prefetch_weights`` takes)."""
-        lists = []
-        for layer, nxt in zip(self.layers, self._next_firsts(device)):
-            ws = [_prefetchable(w, device) for w in
-                  (layer.attn.o_proj.weight, layer.mlp.gate_up_weight.get(), layer.mlp.down_proj.weight, nxt)]
-            ws = [w for w in ws if w is not None]
-            lists.append([w for w in ws if w.dtype == ws[0].dtype])  # (empty when none can be walked)
-        return lists
 
 
 def plan_for_call(plan: ExecutionPlan | None, x: torch.Tensor, training: bool) -> ExecutionPlan:

@@ -6,13 +6,10 @@
     MHLA_STREAM_COMPILE=0         no torch.compile of the elementwise ops on CUDA
     MHLA_STREAM_TRITON_TRAIN=0    training keeps the differentiable torch chunk form on CUDA
                                   (default: the Triton forward + backward)
-    MHLA_STREAM_PREFETCH=1        batch-1 fused decode: each projection asks L2 for the next one's
-                                  weights while it streams its own (off until measured on a GPU)
     MHLA_STREAM_TUNE=0            the prefill kernels take one launch configuration each instead of
                                   timing several per shape (the GPU test sweep: minutes of compiling)
 
-Each MHLA_STREAM_* switch is off for 0, false, no or off (any case), on otherwise; except
-MHLA_STREAM_PREFETCH, an experiment, which is off unless set to something else (empty is off too).
+Each MHLA_STREAM_* switch is off for 0, false, no or off (any case), on otherwise.
 
 Kept apart from ``plan.py`` so that the kernels can read the same switches without importing
 library policy.
@@ -32,7 +29,6 @@ class Switches:
     compile: bool
     triton_train: bool = True
     tune: bool = True
-    prefetch: bool = False
 
 
 OFF = ("0", "false", "no", "off")  # what turns a switch off ("false" read as on would be a silent surprise)
@@ -49,5 +45,4 @@ def switches() -> Switches:
                     pdl=_on("MHLA_STREAM_PDL"),
                     compile=_on("MHLA_STREAM_COMPILE"),
                     triton_train=_on("MHLA_STREAM_TRITON_TRAIN"),
-                    tune=_on("MHLA_STREAM_TUNE"),
-                    prefetch=os.environ.get("MHLA_STREAM_PREFETCH", "0").strip().lower() not in OFF + ("",))
+                    tune=_on("MHLA_STREAM_TUNE"))
