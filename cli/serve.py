@@ -26,6 +26,10 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def _bad(param, message):
+    raise click.BadParameter(message, param=param)
+
+
 @command
 @click.option("--model", default=None, help="model name or checkpoint directory (default: the shipped model)")
 @click.option("--weights", type=click.Path(), default=None, help="directory with the weights of a named model")
@@ -53,6 +57,11 @@ def parse_bytes(text: str) -> int:
               help="whole short prompts (one piece each) prefilled side by side in one forward, then placed in "
                    "their slots: a burst of arrivals costs one forward, not one each (uses this many more state "
                    "rows of device memory; 1: one prompt a forward) [default: 8 on CUDA, 1 on the CPU]")
+@click.option("--admit-wait-ms", default=0.0, show_default=True, type=click.FloatRange(0, 10_000),
+              callback=lambda ctx, param, v: v if v == v else _bad(param, "nan is not a number of milliseconds"),
+              help="while streams decode, a short prompt may wait up to this long after its submission for "
+                   "others to share its batched admission forward (whose cost is mostly fixed): more tokens/s "
+                   "for the running streams, at most this much more time to first token (0: admitted at once)")
 @click.option("--async-session-copy/--no-async-session-copy", default=None,
               help="CUDA: a finished session request's state goes to host memory through a device park row and a "
                    "side stream, without stopping the other streams (off: a plain copy that waits for the device) "
@@ -81,7 +90,7 @@ def parse_bytes(text: str) -> int:
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def main(model, weights, random_weights, host, port, max_batch, max_queue, max_prompt_tokens, prefill_chunk,
-         prefill_piece, admit_tokens, admit_batch, async_session_copy, api_key,
+         prefill_piece, admit_tokens, admit_batch, admit_wait_ms, async_session_copy, api_key,
          sessions_dir, session_memory, device, dtype, backend, policy, state_dtype, cuda_graph, run_ahead, gil_switch_us,
          http_process, log_level):
     """Serve an MHLA model over an OpenAI-compatible HTTP API."""
@@ -140,7 +149,7 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
         app = build_server(m, tokenizer, model_name=os.path.basename(os.path.normpath(model)), max_batch=max_batch,
                            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
                            prefill_piece=prefill_piece, admit_tokens=admit_tokens, admit_batch=admit_batch,
-                           async_session_copy=async_session_copy,
+                           async_session_copy=async_session_copy, admit_wait_ms=admit_wait_ms,
                            api_key=api_key, sessions_dir=sessions_dir, session_memory=budget, policy=policy,
                            cuda_graph=cuda_graph, backend=backend, state_dtype=state_dtype, run_ahead=run_ahead,
                            on_shutdown=(lambda: shutil.rmtree(sessions_dir, ignore_errors=True)) if temporary else None)

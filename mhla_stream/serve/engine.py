@@ -48,7 +48,7 @@ class Engine(Intake):
                  prefill_chunk: int = 512, policy: str | None = None, metrics=None, cuda_graph: bool = True,
                  backend: str = "auto", runner=None, prefill_piece: int | None = None, state_dtype=None,
                  run_ahead: bool = True, admit_tokens: int | None = None, admit_batch: int = 1,
-                 async_session_copy: bool = False):
+                 async_session_copy: bool = False, admit_wait_ms: float = 0.0):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         if prefill_piece is not None and not 1 <= prefill_piece:
@@ -65,6 +65,12 @@ class Engine(Intake):
             raise ValueError(f"admit_batch must be >= 1, got {admit_batch}")
         # > 1: those whole short prompts are prefilled side by side in one forward (admission.py)
         self.admit_batch = admit_batch
+        if not 0 <= admit_wait_ms <= 10_000:  # NaN fails this too
+            raise ValueError(f"admit_wait_ms must be in [0, 10000], got {admit_wait_ms}")
+        # while streams decode, short prompts may wait up to this long after their submission for others
+        # to share their forward (a forward's cost is mostly fixed: one a prompt was the served streams'
+        # largest overhead); never longer, never when nothing decodes
+        self.admit_wait_s = admit_wait_ms / 1e3
         self.device = model.device
         # ``runner``: a stand-in for the model's steps (the host-cost harness, tests); None = the real one
         self.runner = runner if runner is not None else StepRunner(
@@ -246,10 +252,11 @@ class Engine(Intake):
                 prof["turns"] += 1
                 prof["rows"] += len(self.seqs)
                 if prof["turns"] % 200 == 0:
-                    n = prof["turns"]
-                    log.warning("engine profile over %d turns (%.1f rows): %s", n, prof["rows"] / n,
+                    n, forwards = prof["turns"], prof["admit forwards"]
+                    per = f", {prof['admitted'] / forwards:.1f} prompts a batched admission" if forwards else ""
+                    log.warning("engine profile over %d turns (%.1f rows%s): %s", n, prof["rows"] / n, per,
                                 ", ".join(f"{k} {1e6 * v / n:.0f} us" for k, v in prof.items()
-                                          if k not in ("turns", "rows")))
+                                          if k not in ("turns", "rows", "admit forwards", "admitted")))
                     prof.clear()
         return mark
 

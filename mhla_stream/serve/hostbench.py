@@ -220,7 +220,7 @@ class FakeRunner:
 
 def build_fake_server(max_batch: int = 64, max_queue: int = 1024, prefill_chunk: int = 512,
                       prefill_piece: int | None = None, admit_tokens: int | None = None, device: str | None = None,
-                      admit_batch: int = 1):
+                      admit_batch: int = 1, admit_wait_ms: float = 0.0):
     """The real app (routes, engine, metrics, session store) around a ``FakeRunner`` and the shipped
     model's tokenizer and config (the model is loaded on the CPU but never run)."""
     import tempfile
@@ -233,7 +233,8 @@ def build_fake_server(max_batch: int = 64, max_queue: int = 1024, prefill_chunk:
                         device=device, admit_batch=admit_batch)
     return build_server(ref.model, ref.tokenizer, model_name="fake", max_batch=max_batch, max_queue=max_queue,
                         prefill_chunk=prefill_chunk, prefill_piece=prefill_piece, admit_tokens=admit_tokens,
-                        admit_batch=admit_batch, sessions_dir=tempfile.mkdtemp(prefix="mhla-hostbench-"), runner=runner)
+                        admit_batch=admit_batch, admit_wait_ms=admit_wait_ms,
+                        sessions_dir=tempfile.mkdtemp(prefix="mhla-hostbench-"), runner=runner)
 
 
 def main(argv=None) -> None:
@@ -249,6 +250,7 @@ def main(argv=None) -> None:
     ap.add_argument("--admit-tokens", type=int, default=None, help="as mhla-serve's (default: the piece)")
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--admit-batch", type=int, default=1, help="as mhla-serve's")
+    ap.add_argument("--admit-wait-ms", type=float, default=0.0, help="as mhla-serve's")
     ap.add_argument("--device-model", default=None, choices=sorted(DEVICE_MODELS),
                     help="a modelled device (queued work that takes the GPU's measured time) instead of a free one")
     ap.add_argument("--http-process", action=argparse.BooleanOptionalAction, default=False,
@@ -258,7 +260,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     app = build_fake_server(args.max_batch, args.max_queue, prefill_chunk=args.prefill_chunk,
                             prefill_piece=args.prefill_piece, admit_tokens=args.admit_tokens, device=args.device_model,
-                            admit_batch=args.admit_batch)
+                            admit_batch=args.admit_batch, admit_wait_ms=args.admit_wait_ms)
     signal.signal(signal.SIGTERM, lambda *_: None)
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))  # as mhla-serve does
     from mhla_stream.cli.serve import _fast_http

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import time
 
 import torch
 
@@ -36,7 +37,7 @@ class Intake:
         # batches of whole short prompts, then the next prompts one at a time, while the budget lasts
         spent = self._stage_pieces(budget, 0, current_only=True)
         while self.admit_batch > 1:
-            fed = self._admit_together(max(budget, self.admit_tokens) - spent)
+            fed = self._admit_together(max(budget, self.admit_tokens) - spent, may_wait=decoding)
             if not fed:
                 break
             spent += fed
@@ -74,21 +75,30 @@ class Intake:
             if current_only:
                 return spent
 
-    def _admit_together(self, limit: int) -> int:
+    def _admit_together(self, limit: int, may_wait: bool = False) -> int:
         """Whole short prompts (one piece each), in admission order, up to ``admit_batch`` of them and
         ``limit`` tokens: prefilled in one batched forward and placed in their slots. Returns the
         tokens fed. If the batched forward fails, its prompts go the one-at-a-time way instead (a
-        failure that belongs to one of them then fails that request only)."""
-        group, spent = [], 0
+        failure that belongs to one of them then fails that request only). ``may_wait`` (streams are
+        decoding): a group that neither limit cut stays unfed until its oldest prompt was submitted
+        ``admit_wait_s`` ago, so that prompts arriving meanwhile share its forward."""
+        group, spent, full = [], 0, False
         for seq in self.seqs.values():  # insertion order = admission order
             if not self._batchable(seq) or seq.staged:
                 continue
             if len(group) == self.admit_batch or spent + len(seq.feed) > limit:
+                full = True
                 break
             group.append(seq)
             spent += len(seq.feed)
         if not group:
             return 0
+        if (may_wait and not full and len(group) < self.admit_batch and self.admit_wait_s > 0
+                and time.perf_counter() - min(s.job.submitted for s in group) < self.admit_wait_s):
+            return 0
+        if self._profile is not None:
+            self._profile["admit forwards"] += 1
+            self._profile["admitted"] += len(group)
         try:
             logits = self.runner.admit([(s.slot, s.stored, s.feed) for s in group])
         except Exception:

@@ -14,7 +14,8 @@ def build_server(model, tokenizer, *, model_name: str, max_batch: int = 32, max_
                  sessions_dir: str, session_memory: int = 4 << 30, policy: str | None = None,
                  cuda_graph: bool = True, backend: str = "auto", on_shutdown=None, runner=None,
                  prefill_piece: int | None = None, state_dtype=None, run_ahead: bool = True,
-                 admit_tokens: int | None = None, admit_batch: int = 1, async_session_copy: bool = False):
+                 admit_tokens: int | None = None, admit_batch: int = 1, async_session_copy: bool = False,
+                 admit_wait_ms: float = 0.0):
     """``state_dtype``: storage of every slot's and session's completed block summaries (None =
     fp32; "bf16" halves the state, so about twice the sessions fit: README, State storage).
     ``run_ahead``: plain greedy streams run one decode step ahead of the host (engine.py)."""
@@ -37,7 +38,8 @@ def build_server(model, tokenizer, *, model_name: str, max_batch: int = 32, max_
     engine = Engine(model, tokenizer, store, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                     policy=policy, metrics=metrics, cuda_graph=cuda_graph, backend=backend, runner=runner,
                     prefill_piece=prefill_piece, state_dtype=state_dtype, run_ahead=run_ahead,
-                    admit_tokens=admit_tokens, admit_batch=admit_batch, async_session_copy=async_session_copy)
+                    admit_tokens=admit_tokens, admit_batch=admit_batch, async_session_copy=async_session_copy,
+                    admit_wait_ms=admit_wait_ms)
     config = ServerConfig(model_name, api_key, max_prompt_tokens)
     app = create_app(engine, tokenizer, store, metrics, config, on_shutdown)
     # the parts ``bridge.serve_split`` runs without this app (--http-process: the app runs in a child)
