@@ -9,7 +9,7 @@
 # Writes $OUT/train_bench.json (every run's summary.json, or why it has none), $OUT/train_profile.txt
 # and $OUT/train_profile.json, and each run's log. Each run is under `timeout` (a crash or a hang
 # loses that run only) and the whole script keeps to $TOTAL_S seconds.
-# Knobs: GLA_LIMIT (seconds for the gla run: fla autotunes many kernels on its first step), BENCH_STEPS (30), RUNS (names in the order to run: mhla mhla_eager transformer transformer_eager
+# Knobs: GLA_TUNE_DIR (fla tunings from .ci/gpu_gla_tune.sh, default .gla_tune), GLA_LIMIT (seconds for the gla run: fla autotunes many kernels on its first step), BENCH_STEPS (30), RUNS (names in the order to run: mhla mhla_eager transformer transformer_eager
 # mhla_act_ckpt profile gla by default; gla last: fla's first step autotunes for minutes), EXTRA_ARGS
 # (added to every mhla-train run), TOTAL_S (510: later runs get what is left), GLA_ENV (environment for
 # the gla run only, e.g. "TORCHDYNAMO_DISABLE=1": fla 0.5.2 wraps its activations in @torch.compile, whose
@@ -34,6 +34,11 @@ else
     fi
   done
   $PY -m pip install -q --no-deps --no-build-isolation -e . > "$WORK/install.log" 2>&1 || cat "$WORK/install.log"
+  # fla's autotuning results made by earlier calls (.ci/gpu_gla_tune.sh): its GLA then compiles only the chosen configs
+  export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+  mkdir -p "$TRITON_CACHE_DIR"
+  [ -d "${GLA_TUNE_DIR:-.gla_tune}" ] && cp -r "${GLA_TUNE_DIR:-.gla_tune}"/. "$TRITON_CACHE_DIR"/ \
+    && echo "restored $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotuning results"
   PRESET=mhla-340m; BATCH=8; VOCAB=32000; BENCH_STEPS=${BENCH_STEPS:-30}; LOG_EVERY=5; DEV=""
   RUNS=${RUNS:-mhla mhla_eager transformer transformer_eager mhla_act_ckpt profile gla}; LIMIT=180; TOTAL_S=${TOTAL_S:-510}
   PROFILE_ARGS="--preset mhla-340m --vocab $VOCAB --batch $BATCH"
