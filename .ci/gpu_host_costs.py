@@ -57,8 +57,9 @@ for B in [int(b) for b in os.environ.get("BATCHES", "32,64").split(",")]:
             kb = next(b for b in st.buckets if b >= k)
             if (kb, 128) in st.graphs:
                 out[f"admit_{k}x128_forward"] = cost(lambda: st.graphs[(kb, 128)][0].replay())
-            if st._placers[k] is not None:
-                out[f"admit_{k}x128_place"] = cost(lambda: st._placers[k].replay())
+            for whole in (False, True):  # fresh prompts (the touched ring slots), a stored session (whole rows)
+                if st._placers[(k, whole)] is not None:
+                    out[f"admit_{k}x128_place{'_whole' if whole else ''}"] = cost(lambda: st._placers[(k, whole)].replay())
     rows[B] = out
     print(f"batch {B}:", json.dumps(out), flush=True)
     del r

@@ -77,6 +77,41 @@ def test_batched_admission_equals_one_at_a_time(ref):
 
 
 @torch.inference_mode()
+def test_placement_over_dirty_slots_equals_alone_and_leaves_clean_rows(ref):
+    """Prompts of up to 2.3 blocks write ring slots 0-1 only: those are copied, the rest of each slot's
+    ring is zeroed in place. Every slot starts dirty (an earlier stream's state: random values), as slots
+    do after serving. The slot states equal one-at-a-time admission (which copies whole rows), the
+    stager's rows are all zero after each batch, and a batch with a stored session is placed whole."""
+    from mhla_stream.serve.runner import StepRunner
+    m, piece = ref.model, 150
+    batched = StepRunner(m, 4, 256, cuda_graphs=False, prefill_piece=piece, admit_batch=4)
+    alone = StepRunner(m, 4, 256, cuda_graphs=False, prefill_piece=piece, admit_batch=1)
+    assert batched.stager.touched == piece // m.config.block_size == 2
+    g = torch.Generator().manual_seed(0)
+    for a, b in zip(alone._tensors(alone.rows(0, 4)), batched._tensors(batched.rows(0, 4))):
+        junk = torch.randint(1, 999, a.shape, generator=g) if a.dtype == torch.long else torch.randn(a.shape, generator=g)
+        a.copy_(junk)
+        b.copy_(junk)
+    words = ref.tokenizer.encode("Once upon a time there was a little dog who liked to run in the park " * 12)
+    prompts = {1: words[:piece], 3: words[:64], 0: words[:5]}  # 2 blocks + 22, exactly one block, a few
+    got = batched.admit([(slot, None, ids) for slot, ids in prompts.items()])
+    for i, (slot, ids) in enumerate(prompts.items()):
+        torch.testing.assert_close(got[i], _alone(alone, slot, None, ids), rtol=1e-5, atol=1e-4)
+        _same(_slot(batched, slot), _slot(alone, slot))
+
+    def clean():
+        return all(not t.any() for t in batched._tensors(batched.stager.states))
+    assert clean()
+    stored = _stored(alone, 1)  # a full row (2 blocks in its ring) continued beside a fresh prompt
+    got = batched.admit([(2, stored, words[piece:piece + 40]), (0, None, words[:100])])
+    torch.testing.assert_close(got[0], _alone(alone, 2, stored, words[piece:piece + 40]), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], _alone(alone, 0, None, words[:100]), rtol=1e-5, atol=1e-4)
+    _same(_slot(batched, 2), _slot(alone, 2))
+    _same(_slot(batched, 0), _slot(alone, 0))
+    assert clean()
+
+
+@torch.inference_mode()
 def test_bad_batches_are_refused_before_anything_changes(ref):
     runner = _runner(ref.model, 2)
     runner.admit([(0, None, [5, 6, 7])])
