@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 
 import click
@@ -13,6 +14,16 @@ from mhla_stream.hub import DEFAULT_MODEL
 
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class FiniteRange(click.FloatRange):
+    """click's FloatRange lets NaN through (every comparison with NaN is false)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 
 
 def command(fn=None, **kw):

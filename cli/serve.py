@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .common import command, state_dtype_option
+from .common import FiniteRange, command, state_dtype_option
 
 DEFAULT_SESSION_MEMORY = "4GiB"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -24,10 +24,6 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise click.BadParameter(f"{text!r}: expected a size like 4GiB, 512MB or 1000000", param_hint="--session-memory")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _bad(param, message):
-    raise click.BadParameter(message, param=param)
 
 
 @command
@@ -57,8 +53,7 @@ def _bad(param, message):
               help="whole short prompts (one piece each) prefilled side by side in one forward, then placed in "
                    "their slots: a burst of arrivals costs one forward, not one each (uses this many more state "
                    "rows of device memory; 1: one prompt a forward) [default: 8 on CUDA, 1 on the CPU]")
-@click.option("--admit-wait-ms", default=0.0, show_default=True, type=click.FloatRange(0, 10_000),
-              callback=lambda ctx, param, v: v if v == v else _bad(param, "nan is not a number of milliseconds"),
+@click.option("--admit-wait-ms", default=0.0, show_default=True, type=FiniteRange(0, 10_000),
               help="while streams decode, a short prompt may wait up to this long after its submission for "
                    "others to share its batched admission forward (whose cost is mostly fixed): more tokens/s "
                    "for the running streams, at most this much more time to first token (0: admitted at once)")

@@ -22,6 +22,8 @@ import time
 
 import click
 
+from .common import FiniteRange
+
 
 def _pct(xs, q):
     if not xs:
@@ -88,48 +90,62 @@ def _latencies(records, window=None):
     return ttft, itl
 
 
-async def _clients(base, vocab, clients, rounds, prompt_len, max_tokens, seed, start_at, sessions=False):
+async def _clients(base, vocab, clients, rounds, prompt_len, max_tokens, seed, start_at, sessions=False,
+                   starts=None):
     rng = random.Random(seed)
     records = []
     bodies = [[_body([rng.randrange(3, vocab) for _ in range(prompt_len)], max_tokens,
                      f"bench-{seed}-{c}-{os.getpid()}" if sessions else None) for _ in range(rounds)]
               for c in range(clients)]
 
-    async def worker(mine):
+    async def worker(mine, delay):
+        await asyncio.sleep(delay)
         for body in mine:
             await _stream_one(base, body, records)
     await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
-    await asyncio.gather(*(worker(mine) for mine in bodies))
+    await asyncio.gather(*(worker(mine, d) for mine, d in zip(bodies, starts or [0.0] * clients)))
     return records
 
 
 def _client_process(base, vocab, clients, rounds, prompt_len, max_tokens, seed, start_at, sessions=False,
-                    temperature=0.0):
+                    temperature=0.0, starts=None):
     """One load-generator process (its own event loop and GIL): its records and the CPU seconds it used.
     ``perf_counter`` is the system-wide monotonic clock on Linux, so stamps compare across processes."""
     cpu0 = time.process_time()
     TEMPERATURE[0] = temperature
-    records = asyncio.run(_clients(base, vocab, clients, rounds, prompt_len, max_tokens, seed, start_at, sessions))
+    records = asyncio.run(_clients(base, vocab, clients, rounds, prompt_len, max_tokens, seed, start_at, sessions,
+                                   starts))
     return records, time.process_time() - cpu0
 
 
+def _start_offsets(shares: list[int], stagger_s: float) -> list[list[float]]:
+    """Per load-generator process, its clients' start offsets: client j of process i is client
+    j * procs + i of all (so every process's clients spread over the whole span), client n of c
+    starts n / c of ``stagger_s`` after the first."""
+    procs, total = len(shares), sum(shares)
+    return [[(j * procs + i) * stagger_s / total for j in range(n)] for i, n in enumerate(shares)]
+
+
 def _concurrency_phase(base, vocab, concurrency, rounds, prompt_len, max_tokens, procs=1, sessions=False,
-                       temperature=0.0):
+                       temperature=0.0, stagger_s=0.0):
     """``concurrency`` streaming clients spread over ``procs`` processes, so that parsing the SSE of many
-    streams in one Python process does not cap the figures; reports the clients' CPU use too."""
+    streams in one Python process does not cap the figures; reports the clients' CPU use too.
+    ``stagger_s``: client i starts i / concurrency of it after the first, so that requests arrive
+    spread in time rather than in bursts of ``concurrency`` (closed-loop clients keep their offsets)."""
     import concurrent.futures as cf
     import multiprocessing
     procs = max(1, min(procs, concurrency))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
     start_at = time.perf_counter() + (3.0 if procs > 1 else 0.0)  # room for the processes to start
+    starts = _start_offsets(shares, stagger_s)
     if procs == 1:
         records, cpu = _client_process(base, vocab, concurrency, rounds, prompt_len, max_tokens, concurrency,
-                                       start_at, sessions, temperature)
+                                       start_at, sessions, temperature, starts[0])
         results = [(records, cpu)]
     else:
         with cf.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_client_process, base, vocab, n, rounds, prompt_len, max_tokens,
-                                   concurrency * 1000 + i, start_at, sessions, temperature)
+                                   concurrency * 1000 + i, start_at, sessions, temperature, starts[i])
                        for i, n in enumerate(shares)]
             results = [f.result() for f in futures]
     records = [r for rs, _ in results for r in rs]
@@ -208,8 +224,11 @@ def _in_process(model, weights, random_weights, device, dtype, batches, prompt_l
 @click.option("--session-memory", default="4GiB", show_default=True, help="the server's default host budget")
 @click.option("--client-procs", default=4, show_default=True, type=click.IntRange(1),
               help="load-generator processes the clients of a concurrency level are spread over")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 2),
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteRange(0, 2),
               help="the clients' sampling temperature (0: greedy; the in-process column stays greedy)")
+@click.option("--stagger-ms", default=0.0, show_default=True, type=FiniteRange(0, 60_000),
+              help="spread the clients' start times over this long, so that requests arrive spread in time "
+                   "instead of in bursts (0: all clients start together); the ramp counts in the tokens/s")
 @click.option("--sessions", is_flag=True, help="each client keeps one persistent session: its requests after the "
               "first continue it (the session tiers' cost: a state copied out at each request's end and back in)")
 @click.option("--fake-model", is_flag=True,
@@ -221,8 +240,8 @@ def _in_process(model, weights, random_weights, device, dtype, batches, prompt_l
 @click.option("--server-args", default="", help="more mhla-serve options, space-separated (e.g. --no-run-ahead)")
 @click.option("--json", "json_path", default=None, type=click.Path())
 def main(model, weights, random_weights, device, dtype, backend, concurrency, rounds, prompt_len, max_tokens,
-         long_prompt_len, long_prompts, long_streams, session_memory, client_procs, temperature, sessions, fake_model, device_model, smoke, server_args,
-         json_path):
+         long_prompt_len, long_prompts, long_streams, session_memory, client_procs, temperature, stagger_ms, sessions, fake_model,
+         device_model, smoke, server_args, json_path):
     """Measure mhla-serve under concurrent streaming clients against in-process batched decode."""
     import socket
 
@@ -283,7 +302,7 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
         for c in levels:
             cpu0 = _server_cpu_s(server.pid)
             serve_rows.append(_concurrency_phase(base, vocab, c, rounds, prompt_len, max_tokens, client_procs,
-                                                 sessions, temperature))
+                                                 sessions, temperature, stagger_ms / 1e3))
             tokens = serve_rows[-1].pop("tokens")
             serve_rows[-1]["server_cpu_us_per_token"] = (_server_cpu_s(server.pid) - cpu0) / tokens * 1e6
         long_row = asyncio.run(_long_prompt_phase(base, vocab, long_streams, long_prompt_len, long_prompts,
@@ -298,7 +317,7 @@ def main(model, weights, random_weights, device, dtype, backend, concurrency, ro
         fit["sessions_on_device_upper_bound"] = free // max(state_bytes, 1)
     meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": dtype,
             "model": model, "random_weights": random_weights, "prompt_len": prompt_len, "max_tokens": max_tokens,
-            "fake_model": fake_model, "sessions": sessions, "temperature": temperature, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), **fit}
+            "fake_model": fake_model, "sessions": sessions, "temperature": temperature, "stagger_ms": stagger_ms, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), **fit}
     click.echo(f"# {meta['device']}, {dtype}, {model}, prompt {prompt_len}, {max_tokens} new tokens per request")
     click.echo("concurrency | server tok/s | in-process tok/s | ratio | TTFT p50/p99 ms | ITL p50/p99 ms | "
                "server CPU us/token | client CPU us/token (procs)")

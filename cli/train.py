@@ -10,14 +10,13 @@ ranks, tokens/s and MFU in a JSON-lines log.
 """
 from __future__ import annotations
 
-import math
 
 import click
 
 from mhla_stream.presets import PRESETS
 from mhla_stream.training import ARCHS
 
-from .common import command, fail
+from .common import FiniteRange, command, fail
 
 # torch and the training modules are imported inside main(), so that --help is fast
 
@@ -25,16 +24,6 @@ TRAIN_PRESETS = tuple(sorted(PRESETS))
 
 
 POS = click.IntRange(1)
-
-
-class FiniteRange(click.FloatRange):
-    """click's FloatRange lets NaN through (every comparison with NaN is false)."""
-
-    def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if not math.isfinite(value):
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return value
 
 
 @command

@@ -262,3 +262,19 @@ def test_prefill_piece_option_rejects_bad_values():
         r = subprocess.run([sys.executable, "-m", "mhla_stream.cli.serve", "--prefill-piece", bad],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "--prefill-piece" in r.stderr, r.stderr[-500:]
+
+
+def test_staggered_clients_start_spread_over_the_span():
+    from mhla_stream.cli.serve_bench import _start_offsets
+    shares = [3, 3, 2]  # 8 clients over 3 processes, as _concurrency_phase splits them
+    offsets = _start_offsets(shares, 0.8)
+    assert [len(o) for o in offsets] == shares
+    flat = sorted(x for o in offsets for x in o)
+    assert flat == pytest.approx([0.1 * n for n in range(8)])     # one start every 1/8 of the span
+    assert _start_offsets([4], 0.0) == [[0.0] * 4]               # 0: all together, as before
+    import subprocess
+    import sys
+    for bad in ("-1", "nan", "x"):
+        r = subprocess.run([sys.executable, "-m", "mhla_stream.cli.serve_bench", "--fake-model", "--stagger-ms", bad],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "--stagger-ms" in r.stderr, (bad, r.stderr[-500:])
