@@ -229,9 +229,40 @@ def test_a_held_session_request_and_a_held_fork_give_one_streams_text(ref, tmp_p
                                                              temperature=0, stop_at_eos=False))
 
 
+def test_a_held_session_request_cancelled_leaves_the_session_as_it_was(ref, tmp_path):
+    engine, _ = _engine(ref, tmp_path, real=True)
+    tok = ref.tokenizer
+    a, b = tok.encode("The little cat sat on the"), tok.encode(" Then the dog ran")
+    engine.submit(_job(a, 5, session="s")[0])
+    _drain(engine)
+    stream, _ = _job(tok.encode("One day a fox"), 30)
+    engine.submit(stream)
+    engine._turn()
+    gone, gone_events = _job(tok.encode(" A bird flew"), 5, session="s")
+    engine.submit(gone)
+    engine._turn()
+    assert not _seq(engine, gone).staged
+    gone.cancelled.set()
+    engine._turn()
+    assert _seq(engine, gone) is None and gone_events.kinds == ["start"]
+    again, again_events = _job(b, 5, session="s")   # not busy: the cancelled request released it unchanged
+    engine.submit(again)
+    again.submitted -= 60.0
+    _drain(engine)
+    ref.reset()
+    want = [("".join(ref.stream(p, max_new_tokens=5, temperature=0, stop_at_eos=False))) for p in (a, b)][1]
+    assert "".join(again_events.text) == want
+
+
 def test_held_prompts_of_1_piece_and_piece_plus_1_tokens_give_their_alone_text(ref, tmp_path):
+    """Into slots an earlier stream left dirty (a completed block in their ring): the held prompts
+    are placed partially (under a block: no ring slot copied, every ring entry zeroed)."""
     engine, _ = _engine(ref, tmp_path, real=True)
     words = ref.tokenizer.encode("Once upon a time there was a little dog who liked to run in the park every day")
+    for i in range(5):                               # slots 0-4 dirtied: 70 tokens in, one block in the ring
+        engine.submit(_job((words * 5)[i:i + 70], 2)[0])
+    _drain(engine)
+    assert all(engine.runner.rows(i, i + 1)[0].ring.any() for i in range(5))
     prompts = [words[:1], words[:PIECE], words[:PIECE + 1], words[3:9]]
     stream, _ = _job(words[:4], 20)
     engine.submit(stream)
@@ -373,3 +404,22 @@ def test_a_failed_batched_forward_then_a_partial_placement_leaves_clean_rows(ref
         torch.testing.assert_close(got[i], _alone(alone, slot, None, ids), rtol=1e-5, atol=1e-4)
         _same(_slot(batched, slot), _slot(alone, slot), 1e-4)
     assert _clean(batched) and not stager.dirty
+
+
+@torch.inference_mode()
+def test_slots_outside_the_slots_or_repeated_are_refused_before_anything_changes_was_a_bug(ref):
+    """``StepRunner.admit`` placed into any row of the runner's state: slot ``max_batch`` (the staging
+    row, where a long prompt may be half prefilled) was overwritten silently, a slot given twice got
+    one of two prompts, and -1 or 99 failed inside ``index_copy_`` only after the forward had run."""
+    from mhla_stream.serve.runner import StepRunner
+    runner = StepRunner(ref.model, 4, CHUNK, cuda_graphs=False, prefill_piece=PIECE, admit_batch=4)
+    _alone(runner, 0, None, [5, 6, 7])
+    runner.stage_begin(None)
+    runner.stage_feed([8, 9, 10])                    # a prompt half fed in the staging row
+    before = [t.clone() for t in runner._tensors(runner.states)]
+    for bad in ([(4, None, [5, 6])], [(-1, None, [5])], [(99, None, [5])], [(1, None, [5]), (1, None, [6])],
+                [(True, None, [5])], [(1.0, None, [5])], [("1", None, [5])]):
+        with pytest.raises(ValueError, match="slot"):
+            runner.admit(bad)
+        _same(runner._tensors(runner.states), before, 0)
+        assert not runner.stager.dirty and _clean(runner)
