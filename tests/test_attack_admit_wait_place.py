@@ -39,14 +39,14 @@ def _store(ref, tmp_path):
     return SessionStore(str(tmp_path), 1 << 20, layout, {"model_name": "t", "policy": "window", "config": "{}"})
 
 
-def _engine(ref, tmp_path, wait_ms=LONG_WAIT, admit_batch=4, real=False, max_batch=8):
+def _engine(ref, tmp_path, wait_ms=LONG_WAIT, admit_batch=4, real=False, max_batch=8, admit_tokens=48):
     from mhla_stream.serve.engine import Engine
     from mhla_stream.serve.hostbench import FakeRunner
     m = ref.model
     runner = None if real else FakeRunner(ref.tokenizer, m.config.vocab_size, max_batch, CHUNK, PIECE, record=True,
                                           admit_batch=admit_batch)
     engine = Engine(m, ref.tokenizer, _store(ref, tmp_path), max_batch=max_batch, prefill_chunk=CHUNK,
-                    prefill_piece=PIECE, admit_tokens=48, admit_batch=admit_batch, runner=runner, cuda_graph=False,
+                    prefill_piece=PIECE, admit_tokens=admit_tokens, admit_batch=admit_batch, runner=runner, cuda_graph=False,
                     admit_wait_ms=wait_ms)
     return engine, runner
 
@@ -176,6 +176,46 @@ def test_prompt_lengths_at_the_piece_edge(ref, tmp_path, length, held):
     assert _ops(runner, start) == ([] if held else [("feed", PIECE)])
     job.submitted -= 60.0
     _drain(engine)
+
+
+@pytest.mark.parametrize("wait_ms", [0, LONG_WAIT])
+def test_a_short_prompt_is_not_kept_out_by_long_prompts_admitted_after_it_was_a_bug(ref, tmp_path, wait_ms):
+    """admit_tokens = piece (the CPU default) with batched admission: the staging row's piece spends
+    the whole allowance every turn, and when a long prompt finished the next one (admitted after the
+    short prompt) was begun in the same turn; so the short prompt waited until no long prompt was left
+    (forever under a steady flow of them). Now the next long prompt begins a turn later, after the
+    short prompt's batch had its turn (with the hold, a held prompt delays it one turn, no more)."""
+    engine, runner = _engine(ref, tmp_path, wait_ms=wait_ms, admit_tokens=PIECE)
+    engine.submit(_job([5, 6, 7], 200)[0])           # a stream decoding throughout
+    engine._turn()
+    longs = [_job(list(range(100 + i, 100 + i + 3 * PIECE)), 2)[0] for i in range(4)]
+    engine.submit(longs[0])
+    engine._turn()                                   # the first long prompt begins
+    short, _ = _job([8, 9], 2)
+    for job in [short] + longs[1:]:
+        engine.submit(job)
+    if wait_ms:
+        short.submitted -= 60.0
+    for _ in range(12):
+        engine._turn()
+        if _seq(engine, short) is None or _seq(engine, short).staged:
+            break
+    assert _seq(engine, short) is None or _seq(engine, short).staged
+    assert _seq(engine, longs[1]).fed == 0 and _seq(engine, longs[2]).fed == 0
+    _drain(engine)
+
+
+def test_a_held_short_prompt_does_not_stall_long_prompts(ref, tmp_path):
+    engine, runner = _engine(ref, tmp_path, admit_tokens=PIECE)
+    engine.submit(_job([5, 6, 7], 200)[0])
+    engine._turn()
+    short, _ = _job([8, 9], 2)
+    long, _ = _job(list(range(100, 100 + 3 * PIECE)), 40)
+    engine.submit(short)
+    engine.submit(long)
+    for _ in range(4):                               # the short prompt is held throughout
+        engine._turn()
+    assert not _seq(engine, short).staged and _seq(engine, long).staged
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan, -math.inf, "future"])

@@ -51,8 +51,17 @@ class Intake:
             if seq is None:
                 if current_only:
                     return spent
-                seq = next((s for s in self.seqs.values() if not s.staged and not self._batchable(s)), None)
-                if seq is None:
+                older_short = False  # a whole short prompt admitted before the next one to begin here
+                for seq in self.seqs.values():
+                    if not seq.staged and not self._batchable(seq):
+                        break
+                    older_short = older_short or (not seq.staged and self._batchable(seq))
+                else:
+                    return spent
+                if spent and older_short:
+                    # it is left a turn that starts with the budget unspent (``_admit_together`` goes first
+                    # then): begun now, each long prompt after it would spend every turn's budget in turn
+                    # and keep it out until no long prompt is left (admit_tokens = piece)
                     return spent
                 try:
                     self.runner.stage_begin(seq.stored)
