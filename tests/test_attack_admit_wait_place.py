@@ -137,6 +137,25 @@ def test_a_server_stop_ends_a_held_request_with_a_503(ref, tmp_path):
     assert not any(kind == "admit" for kind, _ in runner.calls[1:])  # nothing was fed after the stop
 
 
+def test_held_prompts_are_admitted_at_once_when_the_server_stops_accepting_was_a_bug(ref, tmp_path):
+    """A stop's grace (5 s) is shorter than the longest wait (10 s): a prompt held when the stop began
+    stayed held (nothing can arrive to share its forward any more) and got a 503 at the grace's end
+    instead of its text. Now the stop's first step (no more accepting) ends every hold."""
+    engine, runner, _, _ = _streaming(ref, tmp_path)
+    held, held_events = _job([8, 9], 4)
+    engine.submit(held)
+    engine._turn()
+    assert not _seq(engine, held).staged
+    with engine._cv:
+        engine._accepting = False                    # what ``stop`` does first; its grace runs from here
+    start = len(runner.calls)
+    engine._turn()
+    assert _ops(runner, start) == [("admit", 2)]
+    for _ in range(6):
+        engine._turn()
+    assert held_events.kinds[-1] == "done"
+
+
 def test_held_prompts_are_admitted_at_once_when_the_last_stream_finishes(ref, tmp_path):
     engine, runner = _engine(ref, tmp_path)
     stream, _ = _job([5, 6, 7], 3)

@@ -36,8 +36,11 @@ class Intake:
         # the prompt already in the staging row first (short arrivals never starve a long prompt), then
         # batches of whole short prompts, then the next prompts one at a time, while the budget lasts
         spent = self._stage_pieces(budget, 0, current_only=True)
+        # no wait once the server stops accepting: nothing can arrive to share the forward, and a held
+        # prompt would only spend the shutdown grace (shorter than the longest wait) and get a 503
+        may_wait = decoding and self._accepting
         while self.admit_batch > 1:
-            fed = self._admit_together(max(budget, self.admit_tokens) - spent, may_wait=decoding)
+            fed = self._admit_together(max(budget, self.admit_tokens) - spent, may_wait=may_wait)
             if not fed:
                 break
             spent += fed
