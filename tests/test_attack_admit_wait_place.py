@@ -5,11 +5,12 @@ The hold: a held request cancelled by its client or ended by a server stop ends 
 freed, nothing else affected); held prompts are admitted at once when the last stream finishes;
 admit_batch 1 makes it a no-op; prompts of 1, piece and piece + 1 tokens; held session and fork
 requests give the text of one stream; a ``submitted`` time from another clock (inf, NaN, the future)
-cannot hold a request past its wait; odd CLI values. Placement: pieces under a block (nothing
+cannot hold a request past its wait; no hold once a stop begins; a short prompt is not kept out by
+long prompts admitted after it; odd CLI values. Placement: pieces under a block (nothing
 touched), of exactly one block, of the whole ring (window and window+far), a bf16 ring, and a failed
 batched forward followed by a partial placement: slot states equal one-at-a-time admission over dirty
-slots and the stager's rows are left all zero. Texts are compared by ids (jobs use add_bos=False).
-"""
+slots and the stager's rows are left all zero; slots that are not slots (the staging row) or given
+twice are refused before anything runs. Texts are compared by ids (jobs use add_bos=False)."""
 from __future__ import annotations
 
 import math
@@ -242,12 +243,17 @@ def test_a_submitted_time_from_another_clock_cannot_hold_a_request_was_a_bug(ref
     """``submitted`` crosses the process boundary with --http-process (bridge.py takes any float):
     inf or a time in the future held the request for as long as any stream decoded (past the wait
     that bounds the hold); NaN or -inf went into the TTFT histogram. The engine now takes such a time
-    as the moment it received the request."""
+    as the moment it received the request. Through the bridge, as the HTTP process sends it."""
+    from mhla_stream.serve.bridge import EngineBridge
     engine, runner, _, _ = _streaming(ref, tmp_path, wait_ms=1)
-    job, events = _job([8, 9], 4)
-    job.submitted = time.perf_counter() + 3600 if bad == "future" else bad
+    sent = []
+    bridge = EngineBridge(type("Channel", (), {"send": lambda self, m: sent.append(m)})(), engine, engine.store, None)
     before = time.perf_counter()
-    engine.submit(job)
+    bridge.handle(("submit", 7, {"params": SamplingParams(temperature=0, max_new_tokens=4, stop_at_eos=False),
+                                 "ids": [8, 9], "add_bos": False,
+                                 "submitted": before + 3600 if bad == "future" else bad}))
+    job = bridge.jobs[7]
+    assert sent == []                                # taken, not refused
     while time.perf_counter() - before < 0.01:       # the 1 ms wait is over (a wait, not a timed assertion)
         time.sleep(0.002)
     start = len(runner.calls)
