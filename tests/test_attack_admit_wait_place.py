@@ -47,8 +47,8 @@ def _engine(ref, tmp_path, wait_ms=LONG_WAIT, admit_batch=4, real=False, max_bat
     runner = None if real else FakeRunner(ref.tokenizer, m.config.vocab_size, max_batch, CHUNK, PIECE, record=True,
                                           admit_batch=admit_batch)
     engine = Engine(m, ref.tokenizer, _store(ref, tmp_path), max_batch=max_batch, prefill_chunk=CHUNK,
-                    prefill_piece=PIECE, admit_tokens=admit_tokens, admit_batch=admit_batch, runner=runner, cuda_graph=False,
-                    admit_wait_ms=wait_ms)
+                    prefill_piece=PIECE, admit_tokens=admit_tokens, admit_batch=admit_batch, runner=runner,
+                    cuda_graph=False, admit_wait_ms=wait_ms)
     return engine, runner
 
 
