@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import threading
 import time
@@ -105,6 +106,11 @@ class Engine(Intake):
         self.thread.start()
 
     def submit(self, job: Job) -> None:
+        now = time.perf_counter()
+        if not (math.isfinite(job.submitted) and job.submitted <= now):
+            # another process's clock (--http-process): inf or a future time would hold the prompt past its
+            # wait (while anything decodes), NaN would reach the TTFT histogram; taken as received now
+            job.submitted = now
         with self._cv:
             if not self._accepting:
                 raise _shutting_down()

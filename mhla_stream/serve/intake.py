@@ -36,8 +36,11 @@ class Intake:
         # the prompt already in the staging row first (short arrivals never starve a long prompt), then
         # batches of whole short prompts, then the next prompts one at a time, while the budget lasts
         spent = self._stage_pieces(budget, 0, current_only=True)
+        # no wait once the server stops accepting: nothing can arrive to share the forward, and a held
+        # prompt would only spend the shutdown grace (shorter than the longest wait) and get a 503
+        may_wait = decoding and self._accepting
         while self.admit_batch > 1:
-            fed = self._admit_together(max(budget, self.admit_tokens) - spent, may_wait=decoding)
+            fed = self._admit_together(max(budget, self.admit_tokens) - spent, may_wait=may_wait)
             if not fed:
                 break
             spent += fed
@@ -51,8 +54,17 @@ class Intake:
             if seq is None:
                 if current_only:
                     return spent
-                seq = next((s for s in self.seqs.values() if not s.staged and not self._batchable(s)), None)
-                if seq is None:
+                older_short = False  # a whole short prompt admitted before the next one to begin here
+                for seq in self.seqs.values():
+                    if not seq.staged and not self._batchable(seq):
+                        break
+                    older_short = older_short or (not seq.staged and self._batchable(seq))
+                else:
+                    return spent
+                if spent and older_short:
+                    # it is left a turn that starts with the budget unspent (``_admit_together`` goes first
+                    # then): begun now, each long prompt after it would spend every turn's budget in turn
+                    # and keep it out until no long prompt is left (admit_tokens = piece)
                     return spent
                 try:
                     self.runner.stage_begin(seq.stored)

@@ -361,6 +361,11 @@ class StepRunner:
         returns fp32 logits [len(items), V] of each prompt's last token."""
         if self.stager is None:
             raise RuntimeError("batched admission is off (admit_batch = 1)")
+        slots = [item[0] for item in items]
+        # checked before anything runs: a row past the slots is the staging row (a prompt half fed) or a park row
+        if len(set(slots)) < len(slots) or not all(type(s) is int and 0 <= s < self.max_batch for s in slots):
+            raise ValueError(f"a batched admission's slots must be distinct slot numbers below {self.max_batch}, "
+                             f"got {slots!r:.80}")
         stage = (lambda values: self.host.stage(values, self.device)) if self.host is not None else None
         return self.stager.admit(items, stage)
 
