@@ -123,6 +123,9 @@ def main(model, weights, random_weights, host, port, max_batch, max_queue, max_p
     on_cuda = device.startswith("cuda")
     admit_tokens = admit_tokens or (max(1024, prefill_piece) if on_cuda else prefill_piece)
     admit_batch = admit_batch or (8 if on_cuda else 1)
+    if admit_wait_ms and admit_batch == 1:  # said, not silently ignored
+        click.echo("mhla-serve: --admit-wait-ms has no effect with --admit-batch 1 (prompts are admitted one a "
+                   "forward, never held)", err=True)
     async_session_copy = on_cuda if async_session_copy is None else async_session_copy
     dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     try:
