@@ -14,10 +14,11 @@ ring (~94% of a row) it writes only the first ``touched`` slots: then only those
 rest of each slot's ring (an earlier stream's summaries, or junk from decode steps run over free
 rows) is zeroed in place, and only those are zeroed in the stager's rows. That is a third of the
 memory traffic of whole rows (at the 340M shape ~0.5 instead of ~1.2 GB a prompt). A batch with a
-stored session in it (a full ring loaded into its row) is placed whole. Its rows are separate tensors rather than more rows of the runner's, because a copy
-between rows of one tensor is refused by ``index_copy_``; and one graph replaces building ~1,000
-row views and a foreach copy over them on the host (2-3 ms for 8 prompts on this project's CPU,
-the engine thread's time while every stream waits).
+stored session in it (a full ring loaded into its row) is placed whole. The stager's rows are
+separate tensors rather than more rows of the runner's, because a copy between rows of one tensor
+is refused by ``index_copy_``; and one graph replaces building ~1,000 row views and a foreach copy
+over them on the host (2-3 ms for 8 prompts on this project's CPU, the engine thread's time while
+every stream waits).
 
 On CUDA each (row bucket, padded length) is one captured graph over the same rows, lengths a
 device buffer: no host-bound eager forward between decode steps. The lengths are powers of two
