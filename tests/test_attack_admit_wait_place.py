@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mhla_stream.sampling import SamplingParams
-from mhla_stream.state import MHLAState
+from admit_util import admit_alone as _alone, slot_tensors as _slot, stored_session as _stored
 
 CHUNK, PIECE = 64, 16
 LONG_WAIT = 10_000  # ms: a held prompt's wait never runs out inside a test
@@ -373,22 +373,6 @@ def test_odd_admit_wait_values(ref, tmp_path):
 
 
 # -- partial placement ----------------------------------------------------------------------------------
-def _slot(runner, slot):
-    return [getattr(s, n).clone() for s in runner.rows(slot, slot + 1) for n in MHLAState.TENSORS]
-
-
-def _stored(runner, slot):
-    return {f"layers.{i}.{n}": getattr(s, n).clone() for i, s in enumerate(runner.rows(slot, slot + 1))
-            for n in MHLAState.TENSORS}
-
-
-def _alone(runner, slot, stored, ids):
-    runner.stage_begin(stored)
-    logits = runner.stage_feed(ids)
-    runner.stage_finish(slot)
-    return logits
-
-
 def _same(a, b, tol):
     for x, y in zip(a, b):
         if x.dtype == torch.long:

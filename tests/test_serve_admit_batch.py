@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mhla_stream.sampling import SamplingParams
-from mhla_stream.state import MHLAState
+from admit_util import admit_alone as _alone, slot_tensors as _slot, stored_session as _stored
 
 CHUNK, PIECE = 64, 16
 
@@ -26,22 +26,6 @@ def ref():
 def _runner(model, admit_batch):
     from mhla_stream.serve.runner import StepRunner
     return StepRunner(model, 4, CHUNK, cuda_graphs=False, prefill_piece=PIECE, admit_batch=admit_batch)
-
-
-def _slot(runner, slot):
-    return [getattr(s, n).clone() for s in runner.rows(slot, slot + 1) for n in MHLAState.TENSORS]
-
-
-def _stored(runner, slot):
-    return {f"layers.{i}.{n}": getattr(s, n).clone() for i, s in enumerate(runner.rows(slot, slot + 1))
-            for n in MHLAState.TENSORS}
-
-
-def _alone(runner, slot, stored, ids):
-    runner.stage_begin(stored)
-    logits = runner.stage_feed(ids)
-    runner.stage_finish(slot)
-    return logits
 
 
 def _same(a, b):
