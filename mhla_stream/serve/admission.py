@@ -131,8 +131,14 @@ class BatchStager:
                 else:
                     getattr(full, n).index_copy_(0, to, getattr(own, n)[:k])
         kb = next(b for b in self.buckets if b >= k)
-        foreach_by_dtype(torch._foreach_zero_, [st.ring[:, :, :t] if n == "ring" and not whole else getattr(st, n)
-                                                for st in self._views[kb] for n in MHLAState.TENSORS])
+        views = self._views[kb]
+        # the dense tensors in foreach launches (their fast path needs dense tensors: one strided view in
+        # the list would send every tensor to a launch of its own), the touched ring slots one a layer
+        foreach_by_dtype(torch._foreach_zero_, [getattr(st, n) for st in views for n in MHLAState.TENSORS
+                                                if whole or n != "ring"])
+        if not whole:
+            for st in views:
+                st.ring[:, :, :t].zero_()
 
     # -- admission --------------------------------------------------------------------------------------
     def admit(self, items: list[tuple[int, dict | None, list[int]]], host_stage=None) -> torch.Tensor:
