@@ -98,4 +98,3 @@ def test_fused_decode_gives_the_unfused_logits(policy, dtype):
             assert torch.equal(s_ref.pos, s_fused.pos)
             if dtype == torch.float32:  # (in bf16 the projections round differently: the logits check suffices)
                 assert rel_err(s_fused.prefix, s_ref.prefix) < 1e-5
-
