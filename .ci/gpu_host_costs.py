@@ -32,7 +32,7 @@ def cost(fn, n=40):
 
 _MODE = torch.inference_mode()  # as the engine thread runs
 _MODE.__enter__()
-model = load_model("mhla-340m", None, True, "cuda", "bfloat16")
+model = load_model("mhla-340m", None, True, "cuda", torch.bfloat16)
 rows = {}
 for B in [int(b) for b in os.environ.get("BATCHES", "32,64").split(",")]:
     r = StepRunner(model, B, 1024, prefill_piece=256, admit_batch=8)
