@@ -162,7 +162,8 @@ def _mix_sources(acc, s_ptr, m_ptr, bh, j0, first, tgt, ti, i0, nc, cols, mc, L,
 @triton.jit
 def _mix_kernel(s_ptr, cum_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr, L, C, NB, SIZE,
                 H: tl.constexpr, KV: tl.constexpr, W: tl.constexpr, HAS_STATE: tl.constexpr, FAR: tl.constexpr,
-                TILES: tl.constexpr, LEAN: tl.constexpr, SPLIT16: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                TILES: tl.constexpr, LEAN: tl.constexpr, SHORT: tl.constexpr, SPLIT16: tl.constexpr, BI: tl.constexpr,
+                BJ: tl.constexpr,
                 BW: tl.constexpr, BCOL: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
     """P of BI target blocks for BCOL columns of one (sequence, head). Lean: a tile's W + BI - 1
     sources in a fixed count of BJ chunks, unrolled, so that their loads are issued together rather
@@ -176,15 +177,20 @@ def _mix_kernel(s_ptr, cum_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, m_ptr, seq_ptr
         cols = pc * BCOL + tl.arange(0, BCOL)
         mc = cols < KV
         tgt = first + tl.arange(0, BI)                                                          # [BI] local
-        ti = i0 + tgt                                                                            # absolute
+        # absolute; -1 for targets past the call's last completed block, so that no coefficient of
+        # theirs is gathered (a short prompt's one tile is mostly such rows: 2 live of 64 at 128 tokens)
+        ti = tl.where(tgt <= nc, i0 + tgt, -1)
         acc = tl.zeros((BI, BCOL), dtype=tl.float32)
-        # in-call summaries inside the window of any target in the tile
-        if LEAN and ((W + BI - 2) // BJ + 1 <= 8):
+        # in-call summaries inside the window of any target in the tile. Lean: unrolled without branches,
+        # so that the chunks' loads issue together. SHORT calls (a few blocks: the server's prompts and
+        # pieces) walk only the chunks up to their last completed block: their tile is mostly past it,
+        # and each unrolled chunk is a chain of dependent loads whether its lanes are live or not
+        if LEAN and (not SHORT) and ((W + BI - 2) // BJ + 1 <= 8):
             for jj in tl.static_range((W + BI - 2) // BJ + 1):
                 acc = _mix_sources(acc, s_ptr, m_ptr, bh, first - W + jj * BJ, first, tgt, ti, i0, nc, cols,
                                    mc, L, NB, KV, BJ, PREC, SPLIT16, F32_DOT)
-        else:
-            for j0 in range(tl.maximum(first - W, 0), first + BI - 1, BJ):
+        else:  # up to the last completed source
+            for j0 in range(tl.maximum(first - W, 0), tl.minimum(first + BI - 1, nc), BJ):
                 acc = _mix_sources(acc, s_ptr, m_ptr, bh, j0, first, tgt, ti, i0, nc, cols, mc, L, NB, KV, BJ,
                                    PREC, SPLIT16, F32_DOT)
         if HAS_STATE:
@@ -292,6 +298,11 @@ def prefix_dtype(dtype):
 # sums; "lean" rounds S for 16-bit stateless calls.
 VARIANTS = ("lean", "base")
 _variant = "lean"
+# Calls of at most this many blocks (a power of two >= the blocks touched) take the mix pass's short
+# walk (SHORT): a 128-token prompt's mix pass was 1.2 of its 3.0 ms forward on the H100 (2026-11-23).
+# 16 blocks: the server's prompts and pieces (up to ~1k tokens); training's 2,048-token rows (32
+# blocks) and long prefills keep the unrolled walk their figures were measured with
+SHORT_SIZE = 16
 
 
 def set_variant(name: str) -> None:
@@ -380,7 +391,7 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
         grid = lambda meta: (triton.cdiv(NB, meta["BI"]), B * H, triton.cdiv(K * V, meta["BCOL"]))  # noqa: E731
         _mix_kernel[grid](
             S, cum, P, next_prefix, ring, far_sum, mc, seq, L, C, NB, size, H=H, KV=K * V, W=W, HAS_STATE=has_state,
-            FAR=far, TILES=_variant, LEAN=lean,
+            FAR=far, TILES=_variant, LEAN=lean, SHORT=size <= SHORT_SIZE,
             SPLIT16=lean and prec == "tf32" and S.dtype == torch.bfloat16, BJ=32, BW=pow2(W, 16), PREC=prec,
             F32_DOT=f32_dot)
         del cum

@@ -1,0 +1,87 @@
+"""The chunk prefill's mix pass has two walks over the in-call sources: the unrolled one of long calls
+and the short one (``SHORT_SIZE``) of calls of a few blocks, the server's prompts and pieces. Every
+case runs under both, against the definition, so neither is tested only by the shapes that happen to
+choose it. Also: the pass never reads a ring slot that holds no block (a fresh or young state)."""
+import pytest
+import torch
+from conftest import TOL, rand_qkv, rel_err
+
+from mhla_stream import POLICIES, mhla_attention, mhla_reference
+from mhla_stream.kernels import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton (TRITON_INTERPRET=1 on a CPU)")
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+SHAPE = (4, 128, 256, 32) if GPU else (2, 16, 32, 3)   # (H, K, V, L)
+C = 64 if GPU else 16
+WALKS = {"short": 1 << 30, "unrolled": 0}
+
+
+@pytest.fixture(params=sorted(WALKS))
+def walk(request, monkeypatch):
+    from mhla_stream.kernels import triton_chunk
+    monkeypatch.setattr(triton_chunk, "SHORT_SIZE", WALKS[request.param])
+    return request.param
+
+
+def _calls(q, k, v, m, cuts, policy, state=None):
+    outs, t = [], 0
+    for n in cuts:
+        o, state = mhla_attention(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n], m, block_size=C, state=state,
+                                  return_state=True, backend="triton", policy=policy)
+        outs.append(o)
+        t += n
+    return torch.cat(outs, 1), state
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_walks_match_definition(walk, dtype, policy):
+    """Stateless (1, 63 and 300 tokens), then prefills carried across calls: from mid-block, across
+    the trained edge, a one-block call and a long one."""
+    H, K, V, L = SHAPE
+    for T in (1, C - 1, C * (L + 4) + 5):
+        q, k, v, m = rand_qkv(2, T, H, K, V, L, dtype=dtype, seed=T, device=DEV)
+        ref = mhla_reference(q, k, v, m, block_size=C, policy=policy)
+        out = mhla_attention(q, k, v, m, block_size=C, backend="triton", policy=policy)
+        assert rel_err(out, ref) < TOL[dtype], T
+    T = C * (L + 6) + 7
+    q, k, v, m = rand_qkv(2, T, H, K, V, L, dtype=dtype, seed=5, device=DEV)
+    ref = mhla_reference(q, k, v, m, block_size=C, policy=policy)
+    cuts = [C // 2 + 3, C, 2 * C + 1, 1, C * (L + 2)]
+    cuts.append(T - sum(cuts))
+    out, _ = _calls(q, k, v, m, cuts, policy)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_walks_different_lengths(walk):
+    H, K, V, L = SHAPE
+    q, k, v, m = rand_qkv(2, 3 * C + 20, H, K, V, L, seed=2, device=DEV)
+    ref = mhla_reference(q, k, v, m, block_size=C)
+    n = torch.tensor([C // 2 + 1, 3 * C + 20], device=DEV)
+    out = mhla_attention(q, k, v, m, block_size=C, backend="triton", lengths=n)
+    assert rel_err(out[0, :C // 2 + 1], ref[0, :C // 2 + 1]) < TOL[torch.float32]
+    assert rel_err(out[1], ref[1]) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("done", (0, 1))
+def test_empty_ring_slots_are_not_read(walk, done):
+    """NaN in the slots of blocks before the sequence's start changes nothing: after ``done`` completed
+    blocks (0: a fresh state, as each admitted prompt is) the prefill reads only the filled slots."""
+    H, K, V, L = SHAPE
+    W = L - 1
+    assert done < W
+    T = done * C + C // 2 + 4 * C
+    q, k, v, m = rand_qkv(1, T, H, K, V, L, seed=9, device=DEV)
+    head = done * C + C // 2
+    outs = []
+    for poison in (False, True):
+        _, state = _calls(q, k, v, m, [head], None)
+        if poison:
+            state.ring[:, :, done:].fill_(float("nan"))   # block j lives in slot j % W: slots >= done are empty
+        out, state = _calls(q, k, v, m, [T - head], None, state)
+        outs.append((out, state.ring[:, :, :done + 4].clone()))
+    assert torch.isfinite(outs[1][0]).all()
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
