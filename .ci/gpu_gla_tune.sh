@@ -15,7 +15,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/install.log 2>&1 || cat /tmp/install.log
 mkdir -p "$TRITON_CACHE_DIR"
-[ -d .gla_tune ] && cp -r .gla_tune/. "$TRITON_CACHE_DIR"/ && echo "restored $(find .gla_tune -name '*.autotune.json' | wc -l) tunings"
+if [ -d .gla_tune ]; then cp -r .gla_tune/. "$TRITON_CACHE_DIR"/
+else for t in .ci/gla_tune/*.tar.gz; do tar xzf "$t" -C "$TRITON_CACHE_DIR"; done; fi  # committed (session 9, H100)
+echo "restored $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) tunings"
 python3 .ci/synthetic_tokens.py /tmp/syn 32000 > /dev/null
 timeout -k 5 ${GLA_S:-480} python3 -m mhla_stream.cli.train --data /tmp/syn --out /tmp/gla --arch gla --preset mhla-340m \
   --batch 8 --steps ${STEPS:-3} --log-every 1 --eval-every 1000000 --eval-windows 1 --no-resume --no-save \

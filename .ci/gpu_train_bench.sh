@@ -37,8 +37,11 @@ else
   # fla's autotuning results made by earlier calls (.ci/gpu_gla_tune.sh): its GLA then compiles only the chosen configs
   export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
   mkdir -p "$TRITON_CACHE_DIR"
-  [ -d "${GLA_TUNE_DIR:-.gla_tune}" ] && cp -r "${GLA_TUNE_DIR:-.gla_tune}"/. "$TRITON_CACHE_DIR"/ \
-    && echo "restored $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotuning results"
+  # (the committed ones: .ci/gla_tune/, H100 + triton 3.6 + fla 0.5.2, when none are carried; a
+  # tuning keyed to another GPU or version is simply not found, and fla tunes afresh)
+  if [ -d "${GLA_TUNE_DIR:-.gla_tune}" ]; then cp -r "${GLA_TUNE_DIR:-.gla_tune}"/. "$TRITON_CACHE_DIR"/
+  else for t in .ci/gla_tune/*.tar.gz; do tar xzf "$t" -C "$TRITON_CACHE_DIR"; done; fi
+  echo "restored $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotuning results"
   PRESET=mhla-340m; BATCH=8; VOCAB=32000; BENCH_STEPS=${BENCH_STEPS:-30}; LOG_EVERY=5; DEV=""
   RUNS=${RUNS:-mhla mhla_eager transformer transformer_eager mhla_act_ckpt profile gla}; LIMIT=180; TOTAL_S=${TOTAL_S:-510}
   PROFILE_ARGS="--preset mhla-340m --vocab $VOCAB --batch $BATCH"
