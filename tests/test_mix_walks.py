@@ -85,3 +85,51 @@ def test_empty_ring_slots_are_not_read(walk, done):
     assert torch.isfinite(outs[1][0]).all()
     assert torch.equal(outs[0][0], outs[1][0])
     assert torch.equal(outs[0][1], outs[1][1])
+
+
+def _ragged_calls(seqs, m, plan, policy, state_dtype, poison):
+    """Calls on a batch whose rows take ``plan``'s own token counts (``lengths=``); before each call
+    the ring slots that hold no block yet are filled with NaN when ``poison``. Outputs per row."""
+    B, (_, H, K), V = len(seqs), seqs[0][0].shape, seqs[0][2].shape[-1]
+    pos, outs, state = [0] * B, [[] for _ in range(B)], None
+    for ns in plan:
+        T = max(ns)
+        q, k, v = (torch.zeros(B, T, H, d, device=DEV) for d in (K, K, V))
+        for b, (x, n) in enumerate(zip(seqs, ns)):
+            for dst, src in zip((q, k, v), x):
+                dst[b, :n] = src[pos[b]:pos[b] + n]
+        if state is not None and poison:
+            for b in range(B):
+                state.ring[b, :, pos[b] // C:].fill_(float("nan"))   # empty slots (none once pos // C >= W)
+        o, state = mhla_attention(q, k, v, m, block_size=C, state=state, return_state=True, backend="triton",
+                                  policy=policy, state_dtype=state_dtype, lengths=torch.tensor(ns, device=DEV))
+        for b, n in enumerate(ns):
+            outs[b].append(o[b, :n])
+            pos[b] += n
+    return [torch.cat(x) for x in outs]
+
+
+@pytest.mark.parametrize("policy, variant, state_dtype", [("window+far", "lean", torch.bfloat16),
+                                                          ("window", "base", torch.float32)])
+def test_walks_rows_at_different_positions(walk, policy, variant, state_dtype, monkeypatch):
+    """One batch whose rows carry states at different places (fresh, young i0 < W, i0 == W mid-block,
+    past the trained edge) and take calls of their own lengths: 0 tokens, one token that completes a
+    block (r0 = C - 1), a few that complete none, several blocks. The per-row choices of the pass
+    (ring read only when i0 > 0 and only filled slots; no coefficient for targets past a row's nc)
+    must not leak between rows; empty slots hold NaN."""
+    from mhla_stream.kernels import triton_chunk
+    monkeypatch.setattr(triton_chunk, "_variant", variant)
+    H, K, V, L = SHAPE
+    W = L - 1
+    plan = [[0, 2 * C - 1, W * C + 3, (L + 2) * C + 5],
+            [1, 1, C + 2, 2 * C],
+            [2 * C + 2, C // 2, 1, C - 1]]
+    g = torch.Generator().manual_seed(11)
+    seqs = [(torch.rand(n, H, K, generator=g), torch.rand(n, H, K, generator=g), torch.randn(n, H, V, generator=g))
+            for n in (sum(col) for col in zip(*plan))]
+    seqs = [tuple(x.to(DEV) for x in s) for s in seqs]
+    m = (torch.rand(L, L, generator=g) * 1.2 - 0.1).to(DEV)
+    outs = _ragged_calls(seqs, m, plan, policy, state_dtype, poison=True)
+    for b, (q, k, v) in enumerate(seqs):
+        ref = mhla_reference(q[None], k[None], v[None], m, block_size=C, policy=policy, state_dtype=state_dtype)
+        assert rel_err(outs[b][None], ref) < TOL[torch.float32], b
