@@ -87,9 +87,9 @@ def test_empty_ring_slots_are_not_read(walk, done):
     assert torch.equal(outs[0][1], outs[1][1])
 
 
-def _ragged_calls(seqs, m, plan, policy, state_dtype, poison):
+def _ragged_calls(seqs, m, plan, policy, state_dtype):
     """Calls on a batch whose rows take ``plan``'s own token counts (``lengths=``); before each call
-    the ring slots that hold no block yet are filled with NaN when ``poison``. Outputs per row."""
+    the ring slots that hold no block yet are filled with NaN. Outputs per row."""
     B, (_, H, K), V = len(seqs), seqs[0][0].shape, seqs[0][2].shape[-1]
     pos, outs, state = [0] * B, [[] for _ in range(B)], None
     for ns in plan:
@@ -98,7 +98,7 @@ def _ragged_calls(seqs, m, plan, policy, state_dtype, poison):
         for b, (x, n) in enumerate(zip(seqs, ns)):
             for dst, src in zip((q, k, v), x):
                 dst[b, :n] = src[pos[b]:pos[b] + n]
-        if state is not None and poison:
+        if state is not None:
             for b in range(B):
                 state.ring[b, :, pos[b] // C:].fill_(float("nan"))   # empty slots (none once pos // C >= W)
         o, state = mhla_attention(q, k, v, m, block_size=C, state=state, return_state=True, backend="triton",
@@ -129,7 +129,7 @@ def test_walks_rows_at_different_positions(walk, policy, variant, state_dtype, m
             for n in (sum(col) for col in zip(*plan))]
     seqs = [tuple(x.to(DEV) for x in s) for s in seqs]
     m = (torch.rand(L, L, generator=g) * 1.2 - 0.1).to(DEV)
-    outs = _ragged_calls(seqs, m, plan, policy, state_dtype, poison=True)
+    outs = _ragged_calls(seqs, m, plan, policy, state_dtype)
     for b, (q, k, v) in enumerate(seqs):
         ref = mhla_reference(q[None], k[None], v[None], m, block_size=C, policy=policy, state_dtype=state_dtype)
         assert rel_err(outs[b][None], ref) < TOL[torch.float32], b
