@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from admit_util import drain
 
 from mhla_stream.sampling import SamplingParams
 
@@ -66,13 +67,6 @@ class Outcomes:
                 return "error", payload.status, payload.code
         return "unfinished", text
 
-
-def drain(engine, turns=3000):
-    for _ in range(turns):
-        if not engine.seqs and not engine.waiting:
-            return
-        engine._turn()
-    raise AssertionError("the engine did not finish")
 
 
 def together(engine, jobs):

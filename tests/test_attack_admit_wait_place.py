@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mhla_stream.sampling import SamplingParams
-from admit_util import admit_alone as _alone, slot_tensors as _slot, stored_session as _stored
+from admit_util import admit_alone as _alone, drain, slot_tensors as _slot, stored_session as _stored
 
 CHUNK, PIECE = 64, 16
 LONG_WAIT = 10_000  # ms: a held prompt's wait never runs out inside a test
@@ -82,13 +82,6 @@ def _ops(runner, start=0):
     return [c for c in runner.calls[start:] if c[0] in ("admit", "feed")]
 
 
-def _drain(engine, turns=500):
-    for _ in range(turns):
-        if not engine.seqs and not engine.waiting:
-            return
-        engine._turn()
-    raise AssertionError("the engine did not finish")
-
 
 def _streaming(ref, tmp_path, **kw):
     """An engine with one stream decoding (the condition for holding)."""
@@ -118,7 +111,7 @@ def test_a_held_request_cancelled_by_its_client_ends_cleanly(ref, tmp_path):
     kept.submitted -= 60.0
     engine._turn()
     assert _ops(runner, start) == [("admit", 3)]      # only the one left
-    _drain(engine)
+    drain(engine)
     assert kept_events.kinds[-1] == "done" and stream_events.kinds[-1] == "done"
     assert len(stream_events.text) == 40 and sorted(engine.free) == list(range(8))
 
@@ -172,7 +165,7 @@ def test_held_prompts_are_admitted_at_once_when_the_last_stream_finishes(ref, tm
     start = len(runner.calls)
     engine._turn()                                   # nothing decodes: no wait, although 10 s are left
     assert _ops(runner, start) == [("admit", 2)] and _seq(engine, held).staged
-    _drain(engine)
+    drain(engine)
     assert held_events.kinds[-1] == "done"
 
 
@@ -195,7 +188,7 @@ def test_prompt_lengths_at_the_piece_edge(ref, tmp_path, length, held):
     engine._turn()
     assert _ops(runner, start) == ([] if held else [("feed", PIECE)])
     job.submitted -= 60.0
-    _drain(engine)
+    drain(engine)
 
 
 @pytest.mark.parametrize("wait_ms", [0, LONG_WAIT])
@@ -222,7 +215,7 @@ def test_a_short_prompt_is_not_kept_out_by_long_prompts_admitted_after_it_was_a_
             break
     assert _seq(engine, short) is None or _seq(engine, short).staged
     assert _seq(engine, longs[1]).fed == 0 and _seq(engine, longs[2]).fed == 0
-    _drain(engine)
+    drain(engine)
 
 
 def test_a_held_short_prompt_does_not_stall_long_prompts(ref, tmp_path):
@@ -270,7 +263,7 @@ def test_a_held_session_request_and_a_held_fork_give_one_streams_text(ref, tmp_p
     a, b, c = tok.encode("The little cat sat on the"), tok.encode(" Then the dog ran"), tok.encode(" A bird")
     first, first_events = _job(a, 5, session="s")
     engine.submit(first)
-    _drain(engine)
+    drain(engine)
     stream, stream_events = _job(tok.encode("One day a fox"), 30)
     engine.submit(stream)
     engine._turn()
@@ -282,7 +275,7 @@ def test_a_held_session_request_and_a_held_fork_give_one_streams_text(ref, tmp_p
         assert not _seq(engine, job).staged and _seq(engine, job).stored is not None  # held, a stored state
     for job in (second, fork):
         job.submitted -= 60.0
-    _drain(engine)
+    drain(engine)
 
     def alone(*prompts):
         ref.reset()
@@ -299,7 +292,7 @@ def test_a_held_session_request_cancelled_leaves_the_session_as_it_was(ref, tmp_
     tok = ref.tokenizer
     a, b = tok.encode("The little cat sat on the"), tok.encode(" Then the dog ran")
     engine.submit(_job(a, 5, session="s")[0])
-    _drain(engine)
+    drain(engine)
     stream, _ = _job(tok.encode("One day a fox"), 30)
     engine.submit(stream)
     engine._turn()
@@ -313,7 +306,7 @@ def test_a_held_session_request_cancelled_leaves_the_session_as_it_was(ref, tmp_
     again, again_events = _job(b, 5, session="s")   # not busy: the cancelled request released it unchanged
     engine.submit(again)
     again.submitted -= 60.0
-    _drain(engine)
+    drain(engine)
     ref.reset()
     want = [("".join(ref.stream(p, max_new_tokens=5, temperature=0, stop_at_eos=False))) for p in (a, b)][1]
     assert "".join(again_events.text) == want
@@ -326,7 +319,7 @@ def test_held_prompts_of_1_piece_and_piece_plus_1_tokens_give_their_alone_text(r
     words = ref.tokenizer.encode("Once upon a time there was a little dog who liked to run in the park every day")
     for i in range(5):                               # slots 0-4 dirtied: 70 tokens in, one block in the ring
         engine.submit(_job((words * 5)[i:i + 70], 2)[0])
-    _drain(engine)
+    drain(engine)
     assert all(engine.runner.rows(i, i + 1)[0].ring.any() for i in range(5))
     prompts = [words[:1], words[:PIECE], words[:PIECE + 1], words[3:9]]
     stream, _ = _job(words[:4], 20)
@@ -339,7 +332,7 @@ def test_held_prompts_of_1_piece_and_piece_plus_1_tokens_give_their_alone_text(r
         engine._turn()
     for job, _ in jobs:
         job.submitted -= 60.0
-    _drain(engine)
+    drain(engine)
     for ids, (_, events) in zip(prompts, jobs):
         ref.reset()
         assert "".join(events.text) == "".join(ref.stream(ids, max_new_tokens=6, temperature=0, stop_at_eos=False))
