@@ -30,6 +30,19 @@ def rel_err(out, ref):
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
+def calls(q, k, v, m, cuts, backend, C, policy, state=None):
+    """The operator over consecutive calls of ``cuts`` tokens each, the state carried (from ``state``,
+    else a new one): the outputs concatenated, and the final state."""
+    from mhla_stream import mhla_attention
+    outs, t = [], 0
+    for n in cuts:
+        o, state = mhla_attention(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n], m, block_size=C, state=state,
+                                  return_state=True, backend=backend, policy=policy)
+        outs.append(o)
+        t += n
+    return torch.cat(outs, 1), state
+
+
 @pytest.fixture
 def shared_dir():
     if not os.path.isdir(SHARED):

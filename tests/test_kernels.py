@@ -2,7 +2,7 @@
 TRITON_INTERPRET=1 at small shapes; with CUDA the same sweep runs on the GPU at full shapes."""
 import pytest
 import torch
-from conftest import TOL, rand_qkv, rel_err
+from conftest import TOL, calls, rand_qkv, rel_err
 
 from mhla_stream import POLICIES, mhla_attention, mhla_reference
 
@@ -13,16 +13,6 @@ SHAPE = (4, 128, 256, 32) if GPU else (2, 16, 32, 3)
 C_SMALL = 64 if GPU else 16
 TS = (1, 63, 64, 65, 300) if not GPU else (1, 63, 64, 65, 300, 2100, 5000)
 DTYPES = (torch.float32, torch.bfloat16)
-
-
-def calls(q, k, v, m, cuts, backend, C, policy):
-    state, outs, t = None, [], 0
-    for n in cuts:
-        o, state = mhla_attention(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n], m, block_size=C, state=state,
-                                  return_state=True, backend=backend, policy=policy)
-        outs.append(o)
-        t += n
-    return torch.cat(outs, 1), state
 
 
 @pytest.mark.parametrize("T", TS)

@@ -4,7 +4,7 @@ case runs under both, against the definition, so neither is tested only by the s
 choose it. Also: the pass never reads a ring slot that holds no block (a fresh or young state)."""
 import pytest
 import torch
-from conftest import TOL, rand_qkv, rel_err
+from conftest import TOL, calls, rand_qkv, rel_err
 
 from mhla_stream import POLICIES, mhla_attention, mhla_reference
 from mhla_stream.kernels import triton_available
@@ -25,21 +25,11 @@ def walk(request, monkeypatch):
     return request.param
 
 
-def _calls(q, k, v, m, cuts, policy, state=None):
-    outs, t = [], 0
-    for n in cuts:
-        o, state = mhla_attention(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n], m, block_size=C, state=state,
-                                  return_state=True, backend="triton", policy=policy)
-        outs.append(o)
-        t += n
-    return torch.cat(outs, 1), state
-
-
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("policy", POLICIES)
 def test_walks_match_definition(walk, dtype, policy):
-    """Stateless (1, 63 and 300 tokens), then prefills carried across calls: from mid-block, across
-    the trained edge, a one-block call and a long one."""
+    """Stateless (1 token, one block less one, L + 4 blocks), then prefills carried across calls:
+    from mid-block, across the trained edge, a one-block call and a long one."""
     H, K, V, L = SHAPE
     for T in (1, C - 1, C * (L + 4) + 5):
         q, k, v, m = rand_qkv(2, T, H, K, V, L, dtype=dtype, seed=T, device=DEV)
@@ -51,7 +41,7 @@ def test_walks_match_definition(walk, dtype, policy):
     ref = mhla_reference(q, k, v, m, block_size=C, policy=policy)
     cuts = [C // 2 + 3, C, 2 * C + 1, 1, C * (L + 2)]
     cuts.append(T - sum(cuts))
-    out, _ = _calls(q, k, v, m, cuts, policy)
+    out, _ = calls(q, k, v, m, cuts, "triton", C, policy)
     assert rel_err(out, ref) < TOL[dtype]
 
 
@@ -77,10 +67,10 @@ def test_empty_ring_slots_are_not_read(walk, done):
     head = done * C + C // 2
     outs = []
     for poison in (False, True):
-        _, state = _calls(q, k, v, m, [head], None)
+        _, state = calls(q, k, v, m, [head], "triton", C, None)
         if poison:
             state.ring[:, :, done:].fill_(float("nan"))   # block j lives in slot j % W: slots >= done are empty
-        out, state = _calls(q, k, v, m, [T - head], None, state)
+        out, state = calls(q[:, head:], k[:, head:], v[:, head:], m, [T - head], "triton", C, None, state)
         outs.append((out, state.ring[:, :, :done + 4].clone()))
     assert torch.isfinite(outs[1][0]).all()
     assert torch.equal(outs[0][0], outs[1][0])
