@@ -53,19 +53,29 @@ def _mix_config(bi, bcol, warps, stages=1):
     return triton.Config({"BI": bi, "BCOL": bcol}, num_warps=warps, num_stages=stages)
 
 
-if INTERPRET:  # one tile per layout (no timing on the CPU): lean's 128-block tile is what the tests run
-    _MIX_CONFIGS = [_mix_config(64, 128, 4), _mix_config(128, 64, 4)]
-elif not TUNE:  # MHLA_STREAM_TUNE=0: the tile the H100 chose for both layouts at 32k
-    _MIX_CONFIGS = [_mix_config(64, 128, 4)]
+# Short calls (``SHORT``: at most SHORT_SIZE blocks, so one tile of BI = 16 targets holds them all) take
+# tiles of their own: 16 target rows (tl.dot's least) and wide column spans, since a 128-token prompt
+# has 2 live target rows, and a 64-row tile spends its coefficient gathers, dots and fp32 accumulator
+# on 62 dead ones (H100, 2026-11-23: the pass was 3.75 of 7.9 ms of kernel time in the forward of 8
+# such prompts, with 8,192 programs of 64 x 128).
+if INTERPRET:  # one tile per layout and walk (no timing on the CPU): lean's 128-block tile for long calls
+    _MIX_CONFIGS = [_mix_config(64, 128, 4), _mix_config(128, 64, 4), _mix_config(16, 64, 4)]
+elif not TUNE:  # MHLA_STREAM_TUNE=0: the tile the H100 chose for both layouts at 32k, and one short one
+    _MIX_CONFIGS = [_mix_config(64, 128, 4), _mix_config(16, 256, 4)]
 else:
     _MIX_CONFIGS = [_mix_config(64, 128, w, s) for w in (4, 8) for s in (1, 2, 3)] + \
-        [_mix_config(64, 256, 8), _mix_config(128, 128, 8), _mix_config(128, 64, 4), _mix_config(128, 64, 8, 2)]
+        [_mix_config(64, 256, 8), _mix_config(128, 128, 8), _mix_config(128, 64, 4), _mix_config(128, 64, 8, 2)] + \
+        [_mix_config(16, 256, 4), _mix_config(16, 512, 4), _mix_config(16, 512, 8), _mix_config(16, 1024, 8)]
 # lean tries fewer of the 64 x 128 configurations (each one compiles: the GPU tests' time)
 _LEAN_SKIPS = {(64, 128, 8, 3), (64, 128, 4, 3)}
+SHORT_BI = 16
 
 
 def _mix_tiles_of_layout(configs, named_args, **kwargs):
     shape = lambda c: (c.kwargs["BI"], c.kwargs["BCOL"], c.num_warps, c.num_stages)  # noqa: E731
+    if kwargs["SHORT"]:  # either layout: the short tiles
+        return [c for c in configs if shape(c)[0] == SHORT_BI]
+    configs = [c for c in configs if shape(c)[0] != SHORT_BI]
     if kwargs["TILES"] == "base":
         return [c for c in configs if shape(c)[:2] == (64, 128)]
     if INTERPRET:
@@ -299,7 +309,8 @@ def prefix_dtype(dtype):
 VARIANTS = ("lean", "base")
 _variant = "lean"
 # Calls of at most this many blocks (a power of two >= the blocks touched) take the mix pass's short
-# walk (SHORT): a 128-token prompt's mix pass was 1.2 of its 3.0 ms forward on the H100 (2026-11-23).
+# walk (SHORT): a 128-token prompt's mix pass was 1.2 of its 3.0 ms forward on the H100; the walk alone
+# took it to 0.52 ms at one prompt and from 8.8 to 3.75 ms at eight (2026-11-23), the short tiles then.
 # 16 blocks: the server's prompts and pieces (up to ~1k tokens); training's 2,048-token rows (32
 # blocks) and long prefills keep the unrolled walk their figures were measured with
 SHORT_SIZE = 16
@@ -387,12 +398,15 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
         # (with a state, no check; without one every sequence starts at 0: no device sync either)
         far = far and (has_state or NB > L)
         cum = torch.cumsum(S, 2, dtype=torch.float32) if far else S  # fp32 running sums of bf16 S too
-        # the tile (BI, BCOL) is tuned among the layout's (_MIX_CONFIGS)
+        # the tile (BI, BCOL) is tuned among the layout's (_MIX_CONFIGS), or the short walk's; short calls
+        # walk their sources 16 at a time (at most SHORT_SIZE of them)
+        short = size <= SHORT_SIZE
         grid = lambda meta: (triton.cdiv(NB, meta["BI"]), B * H, triton.cdiv(K * V, meta["BCOL"]))  # noqa: E731
         _mix_kernel[grid](
             S, cum, P, next_prefix, ring, far_sum, mc, seq, L, C, NB, size, H=H, KV=K * V, W=W, HAS_STATE=has_state,
-            FAR=far, TILES=_variant, LEAN=lean, SHORT=size <= SHORT_SIZE,
-            SPLIT16=lean and prec == "tf32" and S.dtype == torch.bfloat16, BJ=32, BW=pow2(W, 16), PREC=prec,
+            FAR=far, TILES=_variant, LEAN=lean, SHORT=short,
+            SPLIT16=lean and prec == "tf32" and S.dtype == torch.bfloat16, BJ=16 if short else 32, BW=pow2(W, 16),
+            PREC=prec,
             F32_DOT=f32_dot)
         del cum
     _output_kernel[(NB, B * H, triton.cdiv(V, vprog))](
@@ -428,11 +442,11 @@ def _advance_kernel(s_ptr, p_ptr, pn_ptr, ring_ptr, far_ptr, r_ptr, p0_ptr, pos_
                     else:
                         far += tl.load(sums + (j - i0) * KV, mask=mc, other=0.0)
                 tl.store(far_ptr + bh * KV + cols, far, mask=mc)
-            for w in range(0, W):
-                jw = ring_block(end - 1, w, W)   # newest block for slot w
-                if jw >= i0:
-                    summary = tl.load(sums + (jw - i0) * KV, mask=mc)  # rounded already (ROUND): exact in the ring
-                    tl.store(ring_ptr + (bh * W + w) * KV + cols, summary.to(ring_ptr.dtype.element_ty), mask=mc)
+            # the slots whose newest block is one this call completed: blocks [max(i0, end - W), end), not a
+            # check of all W slots (a short prompt completes 2 of 31)
+            for j in range(tl.maximum(i0, end - W), end):
+                summary = tl.load(sums + (j - i0) * KV, mask=mc)  # rounded already (ROUND): exact in the ring
+                tl.store(ring_ptr + (bh * W + j % W) * KV + cols, summary.to(ring_ptr.dtype.element_ty), mask=mc)
             if p_ptr.dtype.element_ty == tl.float32:
                 prefix = tl.load(p_ptr + (bh * NB + nc) * KV + cols, mask=mc)
             else:  # P was stored rounded: the mix kernel kept block nc's fp32 prefix apart

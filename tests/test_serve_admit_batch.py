@@ -93,6 +93,14 @@ def test_placement_over_dirty_slots_equals_alone_and_leaves_clean_rows(ref):
     _same(_slot(batched, 2), _slot(alone, 2))
     _same(_slot(batched, 0), _slot(alone, 0))
     assert clean()
+    # prompts of less than a block (they touch no ring slot: all of each slot's ring is cleared), over
+    # slots that hold 2 blocks now, then one block over a slot that held 2
+    for prompts in ({1: words[:20], 3: words[5:9]}, {2: words[:70]}):
+        got = batched.admit([(slot, None, ids) for slot, ids in prompts.items()])
+        for i, (slot, ids) in enumerate(prompts.items()):
+            torch.testing.assert_close(got[i], _alone(alone, slot, None, ids), rtol=1e-5, atol=1e-4)
+            _same(_slot(batched, slot), _slot(alone, slot))
+        assert clean()
 
 
 @torch.inference_mode()

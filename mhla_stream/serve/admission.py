@@ -13,8 +13,10 @@ prompt count. A fresh prompt of at most one piece completes at most piece // C b
 ring (~94% of a row) it writes only the first ``touched`` slots: then only those are copied, the
 rest of each slot's ring (an earlier stream's summaries, or junk from decode steps run over free
 rows) is zeroed in place, and only those are zeroed in the stager's rows. That is a third of the
-memory traffic of whole rows (at the 340M shape ~0.5 instead of ~1.2 GB a prompt). A batch with a
-stored session in it (a full ring loaded into its row) is placed whole. The stager's rows are
+memory traffic of whole rows (at the 340M shape ~0.5 instead of ~1.2 GB a prompt). "Touched" is per
+batch: prompts padded to ``s`` tokens complete at most ``s // C`` blocks, so a batch of 128-token prompts
+copies and clears 2 slots, not the 16 of a 1,024-token piece (on CUDA a placement graph per count). A
+batch with a stored session in it (a full ring loaded into its row) is placed whole. The stager's rows are
 separate tensors rather than more rows of the runner's, because a copy between rows of one tensor
 is refused by ``index_copy_``; and one graph replaces building ~1,000 row views and a foreach copy
 over them on the host (2-3 ms for 8 prompts on this project's CPU, the engine thread's time while
@@ -64,6 +66,7 @@ class BatchStager:
         # ring slots a fresh prompt of at most ``piece`` tokens can write: blocks 0 .. piece // C - 1
         first = self.states[0]
         self.touched = min(first.window, piece // model.config.block_size)
+        self._touch = lambda s: min(self.touched, s // model.config.block_size)  # noqa: E731 (padded length s)
         self.dirty = False  # rows left unplaced by a failed admission: zeroed before the next one
         self.plans = {kb: model.make_plan(kb, backend=backend, policy=policy, cuda_graphs=cuda_graphs)
                       for kb in self.buckets}
@@ -80,10 +83,12 @@ class BatchStager:
         if self.graphs:
             foreach_by_dtype(torch._foreach_zero_, [getattr(st, n) for st in self.states for n in MHLAState.TENSORS])
             for whole in (False, True):
-                self._place(rows, whole)
+                self._place(rows, whole, self.touched)
             torch.cuda.synchronize()
-        self._placers = {(k, whole): _captured(lambda k=k, whole=whole: self._place(k, whole), self.device)
-                         if self.graphs else None for k in range(1, rows + 1) for whole in (False, True)}
+        # (k, t) partial placements for each slot count t of a padded length, (k, None) whole ones
+        kinds = sorted({self._touch(s) for s in self.sizes}) + [None]
+        self._placers = {(k, t): _captured(lambda k=k, t=t: self._place(k, t is None, t or 0), self.device)
+                         for k in range(1, rows + 1) for t in kinds} if self.graphs else {}
 
     def describe(self) -> str:
         graphs = f", graphs for {len(self.graphs)} (rows, length) pairs" if self.graphs else ""
@@ -118,15 +123,17 @@ class BatchStager:
                 self.graphs[(kb, s)] = (graph, logits)
         self.lengths.zero_()
 
-    def _place(self, k: int, whole: bool) -> None:
+    def _place(self, k: int, whole: bool, t: int) -> None:
         """Rows [0, k) into the slots ``self.slots[:k]``, then rows [0, bucket(k)) zeroed (a padding row
         of the bucket's forward had length 0, but is cleared all the same). ``whole``: every ring slot
-        (a stored session's row); else the ``touched`` ones, the slots' other ring entries zeroed."""
-        to, t = self.slots[:k], self.touched
+        (a stored session's row); else the first ``t`` (those the batch's prompts can have written), the
+        slots' other ring entries zeroed."""
+        to = self.slots[:k]
         for full, own in zip(self._slot_states, self.states):
             for n in MHLAState.TENSORS:
                 if n == "ring" and not whole:
-                    full.ring[:, :, :t].index_copy_(0, to, own.ring[:k, :, :t])
+                    if t:
+                        full.ring[:, :, :t].index_copy_(0, to, own.ring[:k, :, :t])
                     full.ring[:, :, t:].index_fill_(0, to, 0)
                 else:
                     getattr(full, n).index_copy_(0, to, getattr(own, n)[:k])
@@ -136,7 +143,7 @@ class BatchStager:
         # the list would send every tensor to a launch of its own), the touched ring slots one a layer
         foreach_by_dtype(torch._foreach_zero_, [getattr(st, n) for st in views for n in MHLAState.TENSORS
                                                 if whole or n != "ring"])
-        if not whole:
+        if not whole and t:
             for st in views:
                 st.ring[:, :, :t].zero_()
 
@@ -181,10 +188,11 @@ class BatchStager:
             out = self._forward(kb, s)
         logits = out[:k].to(torch.float32, copy=True)
         whole = any(stored is not None for _, stored, _ in items)
-        placer = self._placers[(k, whole)]
+        t = None if whole else self._touch(s)
+        placer = self._placers.get((k, t))
         if placer is not None:
             placer.replay()
         else:
-            self._place(k, whole)
+            self._place(k, whole, t or 0)
         self.dirty = False
         return logits
