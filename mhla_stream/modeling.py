@@ -260,15 +260,18 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def new_state(self, batch_size: int = 1, policy: str | None = None, device=None,
-                  state_dtype=None) -> list[MHLAState]:
+                  state_dtype=None, stacked: bool = False) -> list[MHLAState]:
         """Fresh per-layer streaming states (preallocated) for ``batch_size`` sequences: fp32, except
-        the completed block summaries (the ring) in ``state_dtype`` (None = fp32, or bf16)."""
+        the completed block summaries (the ring) in ``state_dtype`` (None = fp32, or bf16). ``stacked``:
+        the layers' tensors are slices of one tensor per field (``MHLAState.empty_layers``)."""
         c = self.config
         device = device if device is not None else self.device
-        return [MHLAState.empty(batch_size, c.num_heads, c.head_k_dim, c.head_v_dim, block_size=c.block_size,
-                                num_blocks=c.num_blocks, policy=policy or c.mixing_policy, device=device,
-                                state_dtype=state_dtype)
-                for _ in range(c.num_hidden_layers)]
+        args = (c.num_heads, c.head_k_dim, c.head_v_dim)
+        kwargs = dict(block_size=c.block_size, num_blocks=c.num_blocks, policy=policy or c.mixing_policy,
+                      device=device, state_dtype=state_dtype)
+        if stacked:
+            return MHLAState.empty_layers(c.num_hidden_layers, batch_size, *args, **kwargs)
+        return [MHLAState.empty(batch_size, *args, **kwargs) for _ in range(c.num_hidden_layers)]
 
     def make_plan(self, batch_size: int = 1, **options) -> ExecutionPlan:
         """An execution plan for this model's device and dtype (options: see ``plan.make_plan``)."""

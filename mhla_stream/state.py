@@ -79,6 +79,29 @@ class MHLAState:
         return cls(ring, far, z(B, H, K, V), z(B, H, K, V),
                    torch.zeros(B, dtype=torch.int64, device=device), block_size, num_blocks, policy)
 
+    @classmethod
+    def empty_layers(cls, n_layers: int, batch_size: int, *args, **kwargs) -> list["MHLAState"]:
+        """``n_layers`` zeroed states (arguments as ``empty``) whose tensors are consecutive slices of one
+        tensor per field, so that ``stacked`` can see every layer's field as one [n_layers, B, ...] tensor:
+        an operation over all layers is then one launch, not one a layer (the server's placement)."""
+        big = cls.empty(n_layers * batch_size, *args, **kwargs)
+        return [big.select(slice(i * batch_size, (i + 1) * batch_size)) for i in range(n_layers)]
+
+    @staticmethod
+    def stacked(states: list["MHLAState"], name: str) -> torch.Tensor | None:
+        """Field ``name`` of every state as one [n_layers, B, ...] view, when the states come from
+        ``empty_layers`` (consecutive slices of one storage); None otherwise."""
+        ts = [getattr(st, name) for st in states]
+        first, step = ts[0], ts[0].numel()
+        if step == 0 and all(t.shape == first.shape for t in ts):  # a field with no elements (far of "window")
+            return first.new_empty((len(ts), *first.shape))
+        same = all(t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype
+                   and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                   and t.storage_offset() == first.storage_offset() + i * step for i, t in enumerate(ts))
+        if not same:
+            return None
+        return first.as_strided((len(ts), *first.shape), (step, *first.stride()), first.storage_offset())
+
     # -- shape facts ---------------------------------------------------------------------------
     @property
     def batch_size(self) -> int:

@@ -92,3 +92,29 @@ def test_hf_generate_batched_left_padding_equals_single():
     both = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     one_b = model.generate(b, max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert torch.equal(both[1, 30:], one_b[0, 18:])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_stacked_states_are_one_tensor_per_field_and_forward_as_separate_ones(policy):
+    """``new_state(stacked=True)``: each field of all layers is one [layers, B, ...] view (written through
+    both ways), and the model runs on such states exactly as on separately allocated ones."""
+    from mhla_stream import MHLAState
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny", mixing_policy=policy)).eval()
+    ids = torch.randint(3, 256, (3, 21))
+    plain, stacked = model.new_state(3), model.new_state(3, stacked=True)
+    assert all(MHLAState.stacked(plain, n) is None for n in ("ring", "prefix", "pos"))
+    with torch.no_grad():
+        a = model(input_ids=ids, past_key_values=MHLACache(plain), use_cache=True).logits
+        b = model(input_ids=ids, past_key_values=MHLACache(stacked), use_cache=True).logits
+    assert torch.equal(a, b)
+    for n in MHLAState.TENSORS:
+        view = MHLAState.stacked(stacked, n)
+        assert view.shape == (len(stacked), *getattr(stacked[0], n).shape)
+        for layer, st in enumerate(stacked):
+            assert torch.equal(view[layer], getattr(st, n)) and torch.equal(getattr(st, n), getattr(plain[layer], n))
+    ring = MHLAState.stacked(stacked, "ring")
+    ring[1, 2].fill_(7.0)                                         # through the stack into layer 1's state
+    assert bool((stacked[1].ring[2] == 7).all()) and not bool((stacked[0].ring == 7).any())
+    stacked[1].pos.fill_(5)                                       # and back
+    assert MHLAState.stacked(stacked, "pos")[1].tolist() == [5, 5, 5]

@@ -202,7 +202,7 @@ class StepRunner:
         admit_batch = self.admit_batch = min(admit_batch, max_batch)
         park = park_rows(async_snapshots, model.device)
         check_rows_fit(model, max_batch, admit_batch=admit_batch, park=park, policy=policy, state_dtype=state_dtype)
-        self.states = model.new_state(max_batch + 1 + park, policy, state_dtype=state_dtype)
+        self.states = model.new_state(max_batch + 1 + park, policy, state_dtype=state_dtype, stacked=True)
         self.snapshots = None
         if park:
             from .snapshots import AsyncSnapshots
