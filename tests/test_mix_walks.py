@@ -123,3 +123,23 @@ def test_walks_rows_at_different_positions(walk, policy, variant, state_dtype, m
     for b, (q, k, v) in enumerate(seqs):
         ref = mhla_reference(q[None], k[None], v[None], m, block_size=C, policy=policy, state_dtype=state_dtype)
         assert rel_err(outs[b][None], ref) < TOL[torch.float32], b
+
+
+def test_sequence_table_takes_any_integer_lengths_and_no_state():
+    """The one-launch [B, 3] table (offset in the first block, first block, tokens) from int32 or int64
+    lengths, with or without a state: the same outputs; a row of length 0 writes no output."""
+    H, K, V, L = SHAPE
+    q, k, v, m = rand_qkv(3, 2 * C + 3, H, K, V, L, seed=4, device=DEV)
+    outs = [mhla_attention(q, k, v, m, block_size=C, backend="triton",
+                           lengths=torch.tensor([2 * C + 3, 0, C + 1], dtype=dt, device=DEV))
+            for dt in (torch.int64, torch.int32)]
+    assert torch.equal(outs[0], outs[1])
+    assert not outs[0][1].any() and not outs[0][2, C + 1:].any()
+    ref = mhla_reference(q[2:, :C + 1], k[2:, :C + 1], v[2:, :C + 1], m, block_size=C)
+    assert rel_err(outs[0][2:, :C + 1], ref) < TOL[torch.float32]
+    from mhla_stream.kernels.triton_chunk import sequence_table
+    pos = torch.tensor([0, C - 1, 5 * C + 2], device=DEV)
+    table = sequence_table(pos, torch.tensor([3, 1, 0], dtype=torch.int32), 3, 7, C, torch.device(DEV))
+    assert table.dtype == torch.int32
+    assert table.tolist() == [[0, 0, 3], [C - 1, 0, 1], [2, 5, 0]]
+    assert sequence_table(None, None, 2, 7, C, torch.device(DEV)).tolist() == [[0, 0, 7], [0, 0, 7]]

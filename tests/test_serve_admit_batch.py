@@ -268,3 +268,11 @@ def test_short_arrivals_do_not_starve_a_long_prompt(ref, tmp_path):
         long_fed.append(sum(n for kind, n in runner.calls[start:] if kind == "feed"))
     assert long_fed[1:9] == [PIECE] * 8                   # one piece every turn once it is staging
     assert any(kind == "admit" for kind, _ in runner.calls)
+
+
+def test_stager_refuses_slot_states_not_allocated_stacked(ref):
+    """Placement copies each field over all layers at once: slot states from a plain ``new_state``
+    (one tensor a layer) are refused when the stager is built, before anything is allocated."""
+    from mhla_stream.serve.admission import BatchStager
+    with pytest.raises(ValueError, match="stacked"):
+        BatchStager(ref.model, ref.model.new_state(3), 2, PIECE, backend="auto", policy=None, cuda_graphs=False)
