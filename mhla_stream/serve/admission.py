@@ -88,7 +88,7 @@ class BatchStager:
         # eager warm-up outside any capture. The forward graphs' warm-ups advanced the rows: zeroed first,
         # so the warm-up places zeros (into slot 0) and the first batch starts from empty rows
         if self.graphs:
-            foreach_by_dtype(torch._foreach_zero_, [getattr(st, n) for st in self.states for n in MHLAState.TENSORS])
+            self._clear_rows()
             for whole in (False, True):
                 self._place(rows, whole, self.touched)
             torch.cuda.synchronize()
@@ -130,6 +130,10 @@ class BatchStager:
                 self.graphs[(kb, s)] = (graph, logits)
         self.lengths.zero_()
 
+    def _clear_rows(self) -> None:
+        for _, _, own in self._stacks:
+            own.zero_()
+
     def _place(self, k: int, whole: bool, t: int) -> None:
         """Rows [0, k) into the slots ``self.slots[:k]``, then rows [0, bucket(k)) zeroed (a padding row
         of the bucket's forward had length 0, but is cleared all the same). ``whole``: every ring slot
@@ -163,7 +167,7 @@ class BatchStager:
         s = next(n for n in self.sizes if n >= longest) if self.graphs else longest
         views = self._views[kb]
         if self.dirty:  # the last admission failed before placing its rows
-            foreach_by_dtype(torch._foreach_zero_, [getattr(st, n) for st in self.states for n in MHLAState.TENSORS])
+            self._clear_rows()
         self.dirty = True
         for i, (_, stored, _) in enumerate(items):
             if stored is not None:
