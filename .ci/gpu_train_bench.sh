@@ -3,7 +3,7 @@
 # mhla (default flags: compiled on CUDA), mhla --no-compile, mhla --activation-checkpointing, fla's GLA,
 # transformers' Llama compiled and not;
 # all at batch 8 x 2,048, the preset's shape, vocabulary 32,000, synthetic tokens, no checkpoints.
-# Then one profile of an MHLA training step (profile_train). One GPU command, < 9 minutes:
+# Then one profile of an MHLA training step (profile_train; compiled, as the timed step is). One GPU command, < 9 minutes:
 #     bash .ci/gpu_train_bench.sh            (carry .fla for GLA: fla + einops wheels)
 #     bash .ci/gpu_train_bench.sh --smoke    (CPU check of the plumbing: tiny preset, 2 steps)
 # Writes $OUT/train_bench.json (every run's summary.json, or why it has none), $OUT/train_profile.txt

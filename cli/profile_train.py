@@ -3,6 +3,7 @@
     python -m mhla_stream.cli.profile_train --preset mhla-340m --batch 8 --json train_profile.json
     python -m mhla_stream.cli.profile_train --preset mhla-tiny --device cpu      (CPU: op times, not kernels)
 
+The step is compiled as mhla-train's is (on CUDA by default; ``--no-compile`` for the eager one).
 A few warm-up steps (compilation, autotuning), then torch.profiler over --steps steps: the top kernels
 by CUDA time per step (on a CPU, the ops by their own CPU time), their share and count, and the
 totals: kernel time against wall time per step (wall well above the kernels: the host is the limit).
@@ -57,13 +58,15 @@ def print_table(title: str, table: list[dict], wall_us: float, top: int) -> None
 @click.option("--loss-chunk", default=4096, type=click.IntRange(1), show_default=True)
 @click.option("--attn-backend", default="auto", type=click.Choice(["auto", "triton", "torch"]), show_default=True)
 @click.option("--activation-checkpointing/--no-activation-checkpointing", default=False)
+@click.option("--compile/--no-compile", "compile_step", default=None,
+              help="torch.compile the step, as mhla-train does (default: on CUDA, except --arch gla)")
 @click.option("--warmup", default=3, type=click.IntRange(0, 1000), show_default=True)
 @click.option("--steps", default=3, type=click.IntRange(1, 1000), show_default=True, help="profiled steps")
 @click.option("--top", default=30, type=click.IntRange(1), show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False))
-def main(arch, preset, vocab, batch, context, fused_loss, loss_chunk, attn_backend, activation_checkpointing, warmup,
-         steps, top, device, json_path):
+def main(arch, preset, vocab, batch, context, fused_loss, loss_chunk, attn_backend, activation_checkpointing,
+         compile_step, warmup, steps, top, device, json_path):
     """Profile one training step of a model built like mhla-train's."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -94,13 +97,16 @@ def main(arch, preset, vocab, batch, context, fused_loss, loss_chunk, attn_backe
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     step_module = LossModule(model, fused_loss, loss_chunk, attn_backend)
+    if compile_step is None:  # mhla-train's default: the step it times is the compiled one on CUDA
+        compile_step = dev.type == "cuda" and arch != "gla"
+    run_step = torch.compile(step_module) if compile_step else step_module
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     windows = torch.randint(0, vocab, (batch, context + 1), device=dev)
     on_cuda = dev.type == "cuda"
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_cuda):
-            loss = step_module(windows)
+            loss = run_step(windows)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -127,7 +133,8 @@ def main(arch, preset, vocab, batch, context, fused_loss, loss_chunk, attn_backe
     n_params = sum(p.numel() for p in model.parameters())
     what = "kernels by CUDA time" if on_cuda else "ops by self CPU time"
     title = (f"{arch} {preset} ({n_params / 1e6:.1f}M), batch {batch} x {context}, "
-             f"{'fused' if fused_loss else 'plain'} loss{', act. ckpt' if activation_checkpointing else ''}, "
+             f"{'fused' if fused_loss else 'plain'} loss{', act. ckpt' if activation_checkpointing else ''}"
+             f"{', compiled' if compile_step else ''}, "
              f"{dev}: {what}, per training step")
     print_table(title, table, wall_us, top)
     click.echo(f"{batch * context / wall_us * 1e6:,.0f} tokens/s"
@@ -135,7 +142,7 @@ def main(arch, preset, vocab, batch, context, fused_loss, loss_chunk, attn_backe
     if json_path:
         report = {"arch": arch, "preset": preset, "params": n_params, "vocab": vocab, "batch": batch,
                   "context": context, "fused_loss": fused_loss, "attn_backend": attn_backend,
-                  "activation_checkpointing": activation_checkpointing, "device": str(dev),
+                  "activation_checkpointing": activation_checkpointing, "compile": compile_step, "device": str(dev),
                   "device_name": torch.cuda.get_device_name(dev) if on_cuda else "cpu",
                   "steps": steps, "wall_us_per_step": wall_us, "table_kind": "cuda_kernels" if on_cuda else "cpu_ops",
                   "total_us_per_step": sum(r["us_per_step"] for r in table), "rows": table}

@@ -202,6 +202,7 @@ def test_profile_train_tiny_on_the_cpu(tmp_path):
     assert "ops by self CPU time" in r.output and "ms wall per step" in r.output
     report = json.loads(path.read_text())
     assert report["table_kind"] == "cpu_ops" and report["context"] == 32 and report["rows"]
+    assert report["compile"] is False and "compiled" not in r.output  # as mhla-train: compiled on CUDA only
     assert report["rows"][0]["us_per_step"] >= report["rows"][-1]["us_per_step"] > 0
     assert any(row["name"].startswith("aten::mm") for row in report["rows"])
 
