@@ -35,6 +35,8 @@ than saved, because fp32 per-block tensors ([NB, B*H, K, V], 134 MB a layer at t
 batch 8) kept for 24 layers would cost 3+ GiB each; the recompute is one extra K^T V per block.
 The fp32 buffers of the backward (S, dP, P, dS) live only during one layer's backward.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -139,9 +141,10 @@ def dense_mixing(raw_mixing, num_blocks: int, policy: str):
     return coefficient(prepare_mixing(raw_mixing), idx[:, None], idx[None, :], policy)
 
 
-def chunk_backward(q, k, v, do, raw_mixing, scale: float, C: int, policy: str, lengths=None, mixing_grad=True):
-    """Gradients of ``chunk_prefill`` without a state: ``(dq, dk, dv, dmixing or None)``.
-    q, k [B, T, H, K]; v, do [B, T, H, V]; ``raw_mixing`` [L, L] as the forward read it."""
+def chunk_backward(q, k, v, do, m_ext, scale: float, C: int, lengths=None, mixing_grad=True):
+    """Gradients of ``chunk_prefill`` without a state: ``(dq, dk, dv, dM_ext or None)``.
+    q, k [B, T, H, K]; v, do [B, T, H, V]; ``m_ext`` [NB, NB] fp32: ``dense_mixing`` of the raw
+    parameter the forward read (its gradient reaches the parameter through autograd of that map)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NB, BH, dev = triton.cdiv(T, C), B * H, q.device
@@ -161,11 +164,8 @@ def chunk_backward(q, k, v, do, raw_mixing, scale: float, C: int, policy: str, l
         num_warps=4)
 
     # (2) the mixing and its transpose, and G off the diagonal, as GEMMs over the block axis
-    with torch.enable_grad():
-        raw = raw_mixing.detach().requires_grad_(mixing_grad)
-        m_ext = dense_mixing(raw, NB, policy)                                    # [NB, NB]
-    strict = m_ext.detach().tril(-1)
-    diag = m_ext.detach().diagonal().contiguous()
+    strict = m_ext.tril(-1)                                                      # [NB, NB]
+    diag = m_ext.diagonal().contiguous()
     with torch.autocast(dev.type, enabled=False):
         s2, dp2 = S.view(NB, -1), dP.view(NB, -1)
         P = (strict @ s2).view_as(S)                                             # P_i = sum_{j<i} M_ij S_j
@@ -184,34 +184,67 @@ def chunk_backward(q, k, v, do, raw_mixing, scale: float, C: int, policy: str, l
         BV=BV, DOT=dot_dtype, PREC=prec, num_warps=_WARPS,
         num_stages=1)  # unpipelined V walk (4 steps at V = 256): pipelined, the tiles need 254 KB of shared memory on an H100
     del P, dS
-    dmixing = None
-    if mixing_grad:
-        g = g + torch.diag(g_diag.sum(1))
-        dmixing, = torch.autograd.grad(m_ext, raw, g)
-    return dq, dk, dv, dmixing
+    return dq, dk, dv, (g + torch.diag(g_diag.sum(1)) if mixing_grad else None)
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd: the Triton prefill forward (nothing saved but the inputs), the backward above
+# Autograd: the Triton prefill forward (nothing saved but the inputs), the backward above.
+# Both are torch.library custom ops, so torch.compile keeps a training step in one graph around them
+# (as an autograd.Function they broke the graph at every layer, forward and backward: the compiled
+# 340M step ran 114 ms of kernels in 175 ms of wall time on an H100, the host the limit; 2026-11-24).
 # --------------------------------------------------------------------------------------------
-class MHLAChunkFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, raw_mixing, scale, block_size, policy, lengths):
-        o = chunk_prefill(q, k, v, raw_mixing, scale, block_size, has_far(policy), None, lengths)
-        ctx.save_for_backward(q, k, v, raw_mixing, lengths)
-        ctx.scale, ctx.block_size, ctx.policy = scale, block_size, policy
-        return o
+@torch.library.custom_op("mhla_stream::chunk_forward", mutates_args=())
+def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, raw_mixing: torch.Tensor, m_ext: torch.Tensor,
+                   scale: float, block_size: int, policy: str, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    return chunk_prefill(q, k, v, raw_mixing, scale, block_size, has_far(policy), None, lengths)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels record no graph: a second-order use raises
-    def backward(ctx, do):
-        q, k, v, raw, lengths = ctx.saved_tensors
-        dq, dk, dv, dm = chunk_backward(q, k, v, do, raw, ctx.scale, ctx.block_size, ctx.policy, lengths,
-                                        mixing_grad=ctx.needs_input_grad[3])
-        return dq, dk, dv, dm, None, None, None, None
+
+@_chunk_forward.register_fake
+def _(q, k, v, raw_mixing, m_ext, scale, block_size, policy, lengths):
+    B, T, H, _ = q.shape
+    return q.new_empty(B, T, H, v.shape[-1])
+
+
+@torch.library.custom_op("mhla_stream::chunk_backward", mutates_args=())
+def _chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, m_ext: torch.Tensor,
+                    scale: float, block_size: int, lengths: Optional[torch.Tensor],
+                    mixing_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dm = chunk_backward(q, k, v, do, m_ext, scale, block_size, lengths, mixing_grad=mixing_grad)
+    return dq, dk, dv, (dm if dm is not None else torch.zeros_like(m_ext))  # an op returns tensors only
+
+
+@_chunk_backward.register_fake
+def _(q, k, v, do, m_ext, scale, block_size, lengths, mixing_grad):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(m_ext)
+
+
+def _save_inputs(ctx, inputs, output):
+    q, k, v, _, m_ext, scale, block_size, _, lengths = inputs
+    ctx.save_for_backward(q, k, v, m_ext, lengths)
+    ctx.scale, ctx.block_size = scale, block_size
+
+
+def _forward_grad(ctx, do):
+    q, k, v, m_ext, lengths = ctx.saved_tensors
+    mixing_grad = ctx.needs_input_grad[4]
+    dq, dk, dv, dm = _chunk_backward(q, k, v, do, m_ext, ctx.scale, ctx.block_size, lengths, mixing_grad)
+    return dq, dk, dv, None, (dm if mixing_grad else None), None, None, None, None
+
+
+def _no_second_order(ctx, *grads):
+    # the kernels record no graph: a gradient of the gradient would silently be 0
+    raise RuntimeError("the Triton backward of mhla_attention records no graph: cannot differentiate twice "
+                       "through it (backend='torch' gives second-order gradients)")
+
+
+_chunk_forward.register_autograd(_forward_grad, setup_context=_save_inputs)
+_chunk_backward.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)
 
 
 def chunk_trainable(q, k, v, raw_mixing, scale: float, block_size: int, policy: str, lengths=None):
     """The stateless chunk form with gradients for q, k, v and the raw [L, L] mixing parameter
-    (``mhla_attention`` validated the inputs). Rows past ``lengths`` give 0 and get no gradient."""
-    return MHLAChunkFunction.apply(q, k, v, raw_mixing, scale, block_size, policy, lengths)
+    (``mhla_attention`` validated the inputs). Rows past ``lengths`` give 0 and get no gradient.
+    The forward kernels read the raw parameter (they clamp on load); its gradient goes through the
+    dense [NB, NB] map of the blocks touched (torch ops: clamp, tril, index map), built here."""
+    m_ext = dense_mixing(raw_mixing, triton.cdiv(q.shape[1], block_size), policy)
+    return _chunk_forward(q, k, v, raw_mixing.detach(), m_ext, float(scale), int(block_size), policy, lengths)
