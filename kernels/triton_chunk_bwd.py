@@ -1,5 +1,5 @@
-"""Backward of the stateless chunk form (training), and the autograd Function that pairs it with
-the Triton prefill (``triton_chunk.chunk_prefill``) as its forward. SPEC section 1.
+"""Backward of the stateless chunk form (training), and the custom ops (torch.library) that pair it
+with the Triton prefill (``triton_chunk.chunk_prefill``) as its forward. SPEC section 1.
 
 Training calls: no incoming state, every sequence starts at position 0, right padding through
 ``lengths``; any T and both policies (the mixing below uses the dense ``M_ext`` of the blocks
