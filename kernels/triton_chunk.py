@@ -367,7 +367,9 @@ def sequence_table(pos, lengths, B, T, C, device):
     tokens this call; ``pos`` None: 0, ``lengths`` None: T. One launch, not the five of the torch ops
     (H100, 2026-11-23: a short prompt's forward spent ~8% of its kernel time building this table)."""
     seq = torch.empty(B, 3, dtype=torch.int32, device=device)
-    lengths = lengths.to(device) if lengths is not None else None
+    # the kernel reads element b at offset b: a strided [B] view (a column of a table) must be made dense
+    lengths = lengths.to(device).contiguous() if lengths is not None else None
+    pos = pos.contiguous() if pos is not None else None
     _sequence_kernel[(1,)](pos if pos is not None else seq, lengths if lengths is not None else seq, seq, B, T, C,
                            HAS_POS=pos is not None, HAS_N=lengths is not None, BB=max(triton.next_power_of_2(B), 2))
     return seq

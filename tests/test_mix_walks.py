@@ -143,3 +143,16 @@ def test_sequence_table_takes_any_integer_lengths_and_no_state():
     assert table.dtype == torch.int32
     assert table.tolist() == [[0, 0, 3], [C - 1, 0, 1], [2, 5, 0]]
     assert sequence_table(None, None, 2, 7, C, torch.device(DEV)).tolist() == [[0, 0, 7], [0, 0, 7]]
+
+
+@pytest.mark.parametrize("dtype", (torch.int64, torch.int32))
+def test_sequence_table_reads_strided_lengths(dtype):
+    """``lengths`` a strided [B] view (a column of a [B, 2] table): the table kernel reads element b at
+    offset b, so the launcher makes it dense; the outputs are those of the same lengths given dense."""
+    H, K, V, L = SHAPE
+    q, k, v, m = rand_qkv(3, 2 * C + 3, H, K, V, L, seed=6, device=DEV)
+    table = torch.tensor([[2 * C + 3, 1], [0, 1], [C + 1, 1]], dtype=dtype, device=DEV)
+    assert not table[:, 0].is_contiguous()
+    strided = mhla_attention(q, k, v, m, block_size=C, backend="triton", lengths=table[:, 0])
+    dense = mhla_attention(q, k, v, m, block_size=C, backend="triton", lengths=table[:, 0].contiguous())
+    assert torch.equal(strided, dense)
