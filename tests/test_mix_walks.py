@@ -156,3 +156,19 @@ def test_sequence_table_reads_strided_lengths(dtype):
     strided = mhla_attention(q, k, v, m, block_size=C, backend="triton", lengths=table[:, 0])
     dense = mhla_attention(q, k, v, m, block_size=C, backend="triton", lengths=table[:, 0].contiguous())
     assert torch.equal(strided, dense)
+
+
+def test_each_walk_takes_its_own_tiles_at_one_size(monkeypatch):
+    """The same call (same autotune SIZE) under both walks: the short walk runs the short tiles (BI =
+    SHORT_BI), the unrolled one its layout's; a walk must not reuse the tile the other cached (the
+    autotuner's cache is looked up before the prune, so SHORT is in its key)."""
+    from mhla_stream.kernels import triton_chunk
+    H, K, V, L = SHAPE
+    q, k, v, m = rand_qkv(1, 3 * C, H, K, V, L, seed=7, device=DEV)
+    tiles = {}
+    for walk in ("short", "unrolled", "short"):
+        monkeypatch.setattr(triton_chunk, "SHORT_SIZE", WALKS[walk])
+        mhla_attention(q, k, v, m, block_size=C, backend="triton")
+        tiles.setdefault(walk, set()).add(triton_chunk._mix_kernel.best_config.kwargs["BI"])
+    assert tiles["short"] == {triton_chunk.SHORT_BI}
+    assert triton_chunk.SHORT_BI not in tiles["unrolled"]
