@@ -381,6 +381,13 @@ def chunk_prefill(q, k, v, raw_mixing, scale, C, far: bool, state=None, lengths=
     """The three passes above, then the state advance (``mhla_attention`` validated the inputs).
     ``raw_mixing``: the [L, L] parameter as it is (the kernels clamp on load); ``far``: the
     policy keeps a far sum (window+far)."""
+    if state is not None and not all(getattr(state, n).is_contiguous() for n in state.TENSORS):
+        # the kernels index a state's rows densely: a strided one (``select`` with a step) runs on a dense
+        # copy, written back after (it advanced the wrong rows and read the wrong prefixes before)
+        dense = state._map(lambda t: t.contiguous())
+        o = chunk_prefill(q, k, v, raw_mixing, scale, C, far, dense, lengths)
+        state.copy_(dense)
+        return o
     mc = raw_mixing
     B, T, H, K = q.shape
     V = v.shape[-1]

@@ -172,3 +172,24 @@ def test_each_walk_takes_its_own_tiles_at_one_size(monkeypatch):
         tiles.setdefault(walk, set()).add(triton_chunk._mix_kernel.best_config.kwargs["BI"])
     assert tiles["short"] == {triton_chunk.SHORT_BI}
     assert triton_chunk.SHORT_BI not in tiles["unrolled"]
+
+
+def test_prefill_into_a_strided_state_equals_the_torch_backend():
+    """A state that is every other row of a larger one (``select`` with a step): the Triton prefill
+    advances those rows (positions, ring, prefixes), not the first ones, and reads their own prefixes;
+    states and outputs as the torch backend's, the rows between untouched."""
+    from mhla_stream import MHLAState
+    H, K, V, L = SHAPE
+    q, k, v, m = rand_qkv(2, 3 * C + 1, H, K, V, L, seed=8, device=DEV)
+    got = {}
+    for backend in ("torch", "triton"):
+        big = MHLAState.empty(4, H, K, V, block_size=C, num_blocks=L, policy="window+far", device=DEV)
+        rows = big.select(slice(0, 4, 2))
+        outs = [mhla_attention(q[:, a:b], k[:, a:b], v[:, a:b], m, block_size=C, state=rows, backend=backend)
+                for a, b in ((0, C + 3), (C + 3, 3 * C + 1))]
+        got[backend] = (torch.cat(outs, 1), big)
+    (o_ref, s_ref), (o, s) = got["torch"], got["triton"]
+    assert rel_err(o, o_ref) < TOL[torch.float32]
+    assert s.pos.tolist() == s_ref.pos.tolist() == [3 * C + 1, 0, 3 * C + 1, 0]
+    for n in MHLAState.TENSORS:
+        torch.testing.assert_close(getattr(s, n), getattr(s_ref, n), rtol=1e-4, atol=1e-4)
