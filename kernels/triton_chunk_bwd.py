@@ -149,7 +149,9 @@ def chunk_backward(q, k, v, do, m_ext, scale: float, C: int, lengths=None, mixin
     V = v.shape[-1]
     NB, BH, dev = triton.cdiv(T, C), B * H, q.device
     q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
+    # dense: the kernels read sequence b's length at offset b (a strided [B] view would be read wrong)
     n = (lengths if lengths is not None else torch.full((B,), T, device=dev)).to(device=dev, dtype=torch.int32)
+    n = n.contiguous()
     f32 = q.dtype == torch.float32
     prec = "ieee" if f32 else "tf32"
     dot_dtype = tl.float32 if (f32 or INTERPRET) else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)

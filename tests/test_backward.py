@@ -197,3 +197,19 @@ def test_training_step_traces_as_one_graph():
             eager = grads
     for a, b in zip(eager, grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", (torch.int64, torch.int32))
+def test_triton_gradients_with_strided_lengths(dtype):
+    """``lengths`` a strided [B] view (a column of a table): the backward's kernels read sequence b's
+    length at offset b, so it is made dense first; the gradients are those of the same lengths dense."""
+    H, K, V, L, C = SMALL
+    q, k, v, m = rand_qkv(3, 2 * C + 3, H, K, V, L, seed=8, device=DEV)
+    do = torch.randn(3, 2 * C + 3, H, V, generator=torch.Generator().manual_seed(9)).to(DEV)
+    table = torch.tensor([[2 * C + 3, 1], [0, 1], [C + 1, 1]], dtype=dtype, device=DEV)
+    assert not table[:, 0].is_contiguous()
+    strided = operator_grads(q, k, v, m, do, C, "window", "triton", lengths=table[:, 0])
+    dense = operator_grads(q, k, v, m, do, C, "window", "triton", lengths=table[:, 0].contiguous())
+    assert torch.equal(strided[0], dense[0])
+    for a, b in zip(strided[1], dense[1]):
+        assert torch.equal(a, b)
