@@ -28,6 +28,7 @@ if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
     from .kernels.triton_features import relu_rope_qk
     from .kernels.triton_skinny import skinny_linear
+    from .kernels.triton_decode_layer import decode_layer
 
 
 def _version(w: torch.Tensor):
@@ -144,7 +145,7 @@ class MHLABlock(nn.Module):
         h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
         return h + self.mlp(self.mlp_norm(h), plan)
 
-    def decode_step(self, x, cos, sin, state: MHLAState):
+    def decode_step(self, x, cos, sin, state: MHLAState, persistent: bool = False):
         """One token per sequence through the block in five launches (CUDA inference, Triton):
 
             qkvg = RMSNorm(x) W_qkvg^T                         skinny product, norm in its prologue
@@ -156,7 +157,8 @@ class MHLABlock(nn.Module):
         against about 17 launches of ``forward``. x [B, 1, D] -> [B, 1, D]; cos, sin [B, K/2] fp32.
         ``state`` is advanced except its position: the caller moves every layer's at once
         (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
-        to the activation dtype; only summation order differs.
+        to the activation dtype; only summation order differs. ``persistent`` (batch 1): the five
+        steps in one launch, ``kernels/triton_decode_layer.py``.
         """
         attn, mlp = self.attn, self.mlp
         B = x.shape[0]
@@ -164,6 +166,8 @@ class MHLABlock(nn.Module):
         # the checks mhla_attention makes on the other path (host-side shapes only: no sync)
         state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
         x2 = x.reshape(B, -1)
+        if persistent and B == 1:
+            return decode_layer(x2, self, state, cos, sin).view(B, 1, -1)
         qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps)
         hk, hv = H * K, H * V
         q = qkvg[:, :hk].view(B, H, K)
@@ -223,7 +227,7 @@ class MHLAModel(MHLAPreTrainedModel):
         if plan.fused_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
             for layer, state in zip(self.layers, states):
-                x = layer.decode_step(x, cos, sin, state)
+                x = layer.decode_step(x, cos, sin, state, persistent=plan.persistent_decode)
             MHLAState.advance_positions(states)
             return self.norm(x)
         for i, layer in enumerate(self.layers):

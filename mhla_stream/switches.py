@@ -3,6 +3,8 @@
     TRITON_INTERPRET=1            Triton kernels run in the interpreter (CPU tests)
     MHLA_STREAM_FUSED_DECODE=0    no batch-1 fused decode and no Triton feature kernel in prefill
     MHLA_STREAM_PDL=0             no programmatic dependent launch between decode kernels
+    MHLA_STREAM_LAYER_KERNEL=0    batch-1 decode runs five launches a layer instead of one
+                                  persistent launch (``kernels/triton_decode_layer.py``)
     MHLA_STREAM_COMPILE=0         no torch.compile of the elementwise ops on CUDA
     MHLA_STREAM_TRITON_TRAIN=0    training keeps the differentiable torch chunk form on CUDA
                                   (default: the Triton forward + backward)
@@ -29,6 +31,7 @@ class Switches:
     compile: bool
     triton_train: bool = True
     tune: bool = True
+    layer_kernel: bool = True
 
 
 OFF = ("0", "false", "no", "off")  # what turns a switch off ("false" read as on would be a silent surprise)
@@ -45,4 +48,5 @@ def switches() -> Switches:
                     pdl=_on("MHLA_STREAM_PDL"),
                     compile=_on("MHLA_STREAM_COMPILE"),
                     triton_train=_on("MHLA_STREAM_TRITON_TRAIN"),
-                    tune=_on("MHLA_STREAM_TUNE"))
+                    tune=_on("MHLA_STREAM_TUNE"),
+                    layer_kernel=_on("MHLA_STREAM_LAYER_KERNEL"))
