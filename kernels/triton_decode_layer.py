@@ -98,7 +98,7 @@ def _layer_kernel(x_ptr, out_ptr, qkvg_ptr, o_ptr, h_ptr, a_ptr,
                   r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr, sync_ptr,
                   L, C, W, scale, eps1, eps_g, eps2, G, RPP1, RPP3, RPP4, RPP5,
                   D: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, I: tl.constexpr,
-                  FAR: tl.constexpr, ROUND: tl.constexpr, PHASE: tl.constexpr, PDL: tl.constexpr,
+                  FAR: tl.constexpr, ROUND: tl.constexpr, PHASE: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr,
                   BD: tl.constexpr, BHV: tl.constexpr, BI: tl.constexpr,
                   BN1: tl.constexpr, BN3: tl.constexpr, BN4: tl.constexpr, BN5: tl.constexpr,
                   BK2: tl.constexpr, BV: tl.constexpr):
@@ -123,7 +123,7 @@ def _layer_kernel(x_ptr, out_ptr, qkvg_ptr, o_ptr, h_ptr, a_ptr,
         acc = tl.sum(w1.to(F32) * x[None, :], axis=1)                                          # [BN1]
         _finish(acc, rn1, mn1, qkvg_ptr, x_ptr, False, DT)
     rn4, mn4 = _rows(pid, RPP4, I, BN4)
-    if ALL or PHASE == 4:  # gate/up rows stream in during phases 2 and 3
+    if (ALL and AHEAD) or PHASE == 4:  # gate/up rows stream in during phases 2 and 3
         w4g = _tile(wgu_ptr, rn4, mn4, D, BD)                                                  # [BN4, BD]
         w4u = _tile(wgu_ptr + I * D, rn4, mn4, D, BD)
     if ALL:
@@ -143,10 +143,13 @@ def _layer_kernel(x_ptr, out_ptr, qkvg_ptr, o_ptr, h_ptr, a_ptr,
         acc = tl.sum(w3.to(F32) * xo[None, :], axis=1)                                         # [BN3]
         _finish(acc, rn3, mn3, h_ptr, x_ptr, True, DT)
     rn5, mn5 = _rows(pid, RPP5, D, BN5)
-    if ALL or PHASE == 5:  # down rows stream in during barrier 3 and phase 4
+    if (ALL and AHEAD) or PHASE == 5:  # down rows stream in during barrier 3 and phase 4
         w5 = _tile(wd_ptr, rn5, mn5, I, BI)                                                    # [BN5, BI]
     if ALL:
         _grid_barrier(sync_ptr, G)
+    if ALL and not AHEAD:
+        w4g = _tile(wgu_ptr, rn4, mn4, D, BD)
+        w4u = _tile(wgu_ptr + I * D, rn4, mn4, D, BD)
 
     if ALL or PHASE == 4:  # a = silu(RMSNorm(h) W_gate^T) * (RMSNorm(h) W_up^T)
         xh = _prologue(h_ptr, D, n2_ptr, D, eps2, h_ptr, True, 1, False, DT, BD)              # [BD]
@@ -157,6 +160,8 @@ def _layer_kernel(x_ptr, out_ptr, qkvg_ptr, o_ptr, h_ptr, a_ptr,
         _grid_barrier(sync_ptr, G)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # every program is past its last barrier
+    if ALL and not AHEAD:
+        w5 = _tile(wd_ptr, rn5, mn5, I, BI)
 
     if ALL or PHASE == 5:  # out = h + a W_down^T
         xa = _prologue(a_ptr, I, a_ptr, I, 0.0, a_ptr, False, 1, False, DT, BI)                # [BI]
@@ -171,18 +176,13 @@ def _programs(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_layer(x, block, state, cos, sin, phases=None, programs=None):
-    """One decode token through ``block`` (an ``MHLABlock``) for a batch-1 ``state``: x [1, D] ->
-    out [1, D]; the state is advanced except its position (as ``MHLABlock.decode_step``).
-    ``phases`` (tests, and always under the interpreter): run phases 1..5 as separate launches
-    of ``programs`` programs, no barriers. Default: one launch of one program per SM."""
+def layer_launch(x, block, state, cos, sin, programs, ahead=True):
+    """(out, args, meta) of one ``_layer_kernel`` launch over ``programs`` programs."""
     attn, mlp = block.attn, block.mlp
     H, K, V = attn.num_heads, attn.head_k_dim, attn.head_v_dim
     D, I = x.shape[-1], mlp.down_proj.weight.shape[1]
     assert x.shape[0] == 1 and state.batch_size == 1
     dev, dt = x.device, x.dtype
-    wqkvg, wgu = attn.qkvg_weight.get(), mlp.gate_up_weight.get()
-    wo, wd = attn.o_proj.weight, mlp.down_proj.weight
     gn = attn.g_norm_swish_gate
     qkvg = torch.empty(2 * H * K + 2 * H * V, device=dev, dtype=dt)
     o = torch.empty(H * V, device=dev, dtype=dt)
@@ -190,23 +190,33 @@ def decode_layer(x, block, state, cos, sin, phases=None, programs=None):
     sync = getattr(state, "_grid_sync", None)  # per state: two streams never share a barrier
     if sync is None or sync.device != dev:
         sync = state._grid_sync = torch.zeros(2, dtype=torch.int32, device=dev)
-    if INTERPRET and phases is None:
-        phases = (1, 2, 3, 4, 5)
-    persistent = phases is None
-    G = (programs or _programs(dev)) if persistent else (programs or 4)
+    G = programs
     rpp = lambda n: triton.cdiv(n, G)  # noqa: E731
     N1 = 2 * H * K + 2 * H * V
-    BV = max(4, pow2(triton.cdiv(H * V, G), 1))
-    args = (x, out, qkvg, o, h, a, block.attn_norm.weight, wqkvg, gn.weight, wo, block.mlp_norm.weight, wgu, wd,
+    args = (x, out, qkvg, o, h, a, block.attn_norm.weight, attn.qkvg_weight.get(), gn.weight, attn.o_proj.weight,
+            block.mlp_norm.weight, mlp.gate_up_weight.get(), mlp.down_proj.weight,
             state.partial, state.prefix, state.ring, state.far, state.pos, attn.mixing_matrix, cos, sin, sync,
             attn.mixing_matrix.shape[0], state.block_size, state.window, K ** -0.5,
             block.attn_norm.eps, gn.eps, block.mlp_norm.eps, G, rpp(N1), rpp(D), rpp(I), rpp(D))
-    meta = dict(D=D, H=H, K=K, V=V, I=I, FAR=state.far.numel() > 0, ROUND=state.ring.dtype == torch.bfloat16,
+    meta = dict(AHEAD=ahead, D=D, H=H, K=K, V=V, I=I, FAR=state.far.numel() > 0, ROUND=state.ring.dtype == torch.bfloat16,
                 BD=pow2(D, 1), BHV=pow2(H * V, 1), BI=pow2(I, 1), BN1=pow2(rpp(N1), 1), BN3=pow2(rpp(D), 1),
-                BN4=pow2(rpp(I), 1), BN5=pow2(rpp(D), 1), BK2=pow2((K + 1) // 2), BV=BV)
-    if persistent:
-        _layer_kernel[(G,)](*args, PHASE=0, PDL=PDL, **meta, num_warps=16, launch_pdl=PDL)
+                BN4=pow2(rpp(I), 1), BN5=pow2(rpp(D), 1), BK2=pow2((K + 1) // 2),
+                BV=max(4, pow2(triton.cdiv(H * V, G), 1)))
+    return out, args, meta
+
+
+def decode_layer(x, block, state, cos, sin, phases=None, programs=None, num_warps=16):
+    """One decode token through ``block`` (an ``MHLABlock``) for a batch-1 ``state``: x [1, D] ->
+    out [1, D]; the state is advanced except its position (as ``MHLABlock.decode_step``).
+    ``phases`` (tests, and always under the interpreter): run phases 1..5 as separate launches
+    of ``programs`` programs, no barriers. Default: one launch of one program per SM."""
+    if INTERPRET and phases is None:
+        phases = (1, 2, 3, 4, 5)
+    if phases is None:
+        out, args, meta = layer_launch(x, block, state, cos, sin, programs or _programs(x.device))
+        _layer_kernel[(args[29],)](*args, PHASE=0, PDL=PDL, **meta, num_warps=num_warps, launch_pdl=PDL)
     else:
+        out, args, meta = layer_launch(x, block, state, cos, sin, programs or 4)
         for phase in phases:
-            _layer_kernel[(G,)](*args, PHASE=phase, PDL=False, **meta, num_warps=4)
+            _layer_kernel[(args[29],)](*args, PHASE=phase, PDL=False, **meta, num_warps=4)
     return out
