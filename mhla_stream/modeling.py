@@ -145,7 +145,7 @@ class MHLABlock(nn.Module):
         h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
         return h + self.mlp(self.mlp_norm(h), plan)
 
-    def decode_step(self, x, cos, sin, state: MHLAState, persistent: bool = False):
+    def decode_step(self, x, cos, sin, state: MHLAState, persistent: bool = False, next_weight=None):
         """One token per sequence through the block in five launches (CUDA inference, Triton):
 
             qkvg = RMSNorm(x) W_qkvg^T                         skinny product, norm in its prologue
@@ -159,6 +159,12 @@ class MHLABlock(nn.Module):
         (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
         to the activation dtype; only summation order differs. ``persistent`` (batch 1): the five
         steps in one launch, ``kernels/triton_decode_layer.py``.
+
+        At batch 1 each launch also hints a later launch's weight into L2 (the q/k/v/g product the
+        output projection's, the decode kernel the MLP's, the output projection the down
+        projection's, the MLP's first product ``next_weight``, the next layer's q/k/v/g weight), so
+        that it streams in while this one starts and drains: at batch 1 the step is bound by those
+        latencies, not by bandwidth.
         """
         attn, mlp = self.attn, self.mlp
         B = x.shape[0]
@@ -168,19 +174,22 @@ class MHLABlock(nn.Module):
         x2 = x.reshape(B, -1)
         if persistent and B == 1:
             return decode_layer(x2, self, state, cos, sin).view(B, 1, -1)
-        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps)
+        w_gu = mlp.gate_up_weight.get()
+        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps,
+                             prefetch=attn.o_proj.weight)
         hk, hv = H * K, H * V
         q = qkvg[:, :hk].view(B, H, K)
         k = qkvg[:, hk:2 * hk].view(B, H, K)
         v = qkvg[:, 2 * hk:2 * hk + hv].view(B, H, V)
         g = qkvg[:, 2 * hk + hv:]
         o = torch.empty(B, H, V, device=x.device, dtype=x.dtype)
-        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin))  # raw mixing: clamped in-kernel
+        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin),  # raw mixing: clamped in-kernel
+                    prefetch=w_gu)
         gn = attn.g_norm_swish_gate
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
-                          residual=x2)
-        a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
-                          swiglu=True)
+                          residual=x2, prefetch=mlp.down_proj.weight)
+        a = skinny_linear(h, w_gu, norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps, swiglu=True,
+                          prefetch=next_weight)
         return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1)
 
 
@@ -226,8 +235,10 @@ class MHLAModel(MHLAPreTrainedModel):
         rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
         if plan.fused_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
-            for layer, state in zip(self.layers, states):
-                x = layer.decode_step(x, cos, sin, state, persistent=plan.persistent_decode)
+            n = len(self.layers)
+            for i, (layer, state) in enumerate(zip(self.layers, states)):
+                nxt = self.layers[i + 1].attn.qkvg_weight.get() if i + 1 < n and B == 1 else None
+                x = layer.decode_step(x, cos, sin, state, persistent=plan.persistent_decode, next_weight=nxt)
             MHLAState.advance_positions(states)
             return self.norm(x)
         for i, layer in enumerate(self.layers):
