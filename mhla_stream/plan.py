@@ -102,8 +102,8 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
     creation, rather than at the first call). ``fused_decode``: None decides (CUDA, batch 1,
     Triton, MHLA_STREAM_FUSED_DECODE not 0); True forces it (tests under TRITON_INTERPRET).
     ``state_dtype``: the ring's storage dtype for the states made with this plan (None = fp32).
-    ``persistent_decode``: None decides (fused decode on CUDA at batch 1, MHLA_STREAM_LAYER_KERNEL=1;
-    not 0); True forces it wherever the decode is fused (tests run its phases under the interpreter).
+    ``persistent_decode``: None decides (fused decode on CUDA at batch 1 with MHLA_STREAM_LAYER_KERNEL=1);
+    True forces it wherever the decode is fused (tests run its phases under the interpreter).
     """
     device = torch.device(device)
     if policy is not None:
