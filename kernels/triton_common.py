@@ -101,7 +101,8 @@ def round_to(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
-LINE = tl.constexpr(128)  # bytes a prefetch hint covers (one L2 line)
+LINE_BYTES = 128  # what a prefetch hint covers (one L2 line)
+LINE = tl.constexpr(LINE_BYTES)
 
 
 @triton.jit
@@ -126,9 +127,9 @@ def prefetch_args(tensor, programs: int):
     if tensor is None or not PDL or not switches().prefetch:
         return None
     nbytes = tensor.numel() * tensor.element_size()
-    if nbytes % LINE or tensor.data_ptr() % LINE or not tensor.is_contiguous():
+    if nbytes % LINE_BYTES or tensor.data_ptr() % LINE_BYTES or not tensor.is_contiguous():
         return None
-    lines = nbytes // LINE
+    lines = nbytes // LINE_BYTES
     return tensor, lines, max(256, triton.next_power_of_2(triton.cdiv(lines, programs)))
 
 

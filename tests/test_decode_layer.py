@@ -99,3 +99,24 @@ def test_one_launch_equals_the_phases(dtype):
             tol = 1e-6 if dtype == torch.float32 else 1e-2
             assert rel_err(b, a) < tol, t
             assert rel_err(b_state.prefix, a_state.prefix) < 1e-6 and rel_err(b_state.partial, a_state.partial) < 1e-6
+
+
+def test_prefetch_hints_cover_whole_lines_only(monkeypatch):
+    """The L2 hints' launch arguments: every line of the next weight within the programs' reach,
+    and no hint where it cannot apply (off switch, no PDL, a size or address off the line grid)."""
+    from mhla_stream.kernels import triton_common as tc
+    from mhla_stream import switches as sw
+    monkeypatch.setattr(tc, "PDL", True)
+    buf = torch.zeros(3072 * 1024 + 64, dtype=torch.bfloat16)
+    off = (-buf.data_ptr() % 128) // 2  # a line-aligned start, as CUDA allocations are
+    w = buf[off:off + 3072 * 1024].view(3072, 1024)
+    assert tc.prefetch_args(buf[off + 1:off + 1 + 3072 * 1024].view(3072, 1024), 64) is None  # off the grid
+    t, lines, npf = tc.prefetch_args(w, 64)
+    assert t is w and lines == 3072 * 1024 * 2 // 128 and npf * 64 >= lines and npf >= 256
+    assert tc.prefetch_args(None, 64) is None
+    assert tc.prefetch_args(torch.zeros(3, 7, dtype=torch.bfloat16), 4) is None          # 42 bytes
+    assert tc.prefetch_args(w[:, 1:], 64) is None                                        # not contiguous
+    monkeypatch.setattr(tc, "switches", lambda: sw.Switches(interpret=False, fused_decode=True, pdl=True,
+                                                             compile=True, prefetch=False))
+    assert tc.prefetch_args(w, 64) is None
+    monkeypatch.setattr(tc, "PDL", False)
