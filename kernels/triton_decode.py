@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import PDL, far_coef, pow2, prefetch_args, prefetch_l2, ring_block, round_bf16, window_coef
+from .triton_common import PDL, far_coef, pow2, ring_block, round_bf16, window_coef
 
 
 @triton.jit
@@ -118,11 +118,9 @@ def decode_columns(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
-                   pf_ptr, pf_pieces, L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
+                   L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
-                   ROUND: tl.constexpr, PDL: tl.constexpr, NPF: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
-    if NPF > 0:  # the next kernel's weights, into L2 while this one runs
-        prefetch_l2(pf_ptr, pf_pieces, NPF)
+                   ROUND: tl.constexpr, PDL: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()  # everything read here comes from earlier kernels
     decode_columns(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
@@ -130,27 +128,23 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
                    H, K, V, FEATURES, FAR, ROUND, PDL, BK2, BV)
 
 
-def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, prefetch=None):
+def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None):
     """Launch the decode kernel. q, k: [B, H, K] views (any batch/head strides, unit last stride);
     v: [B, H, V]; o: [B, H, V] output; ``raw_mixing``: the [L, L] parameter (clamped on load).
     ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to the raw q, k in the kernel (the
-    model's fused decode); None takes q, k as features already. ``prefetch`` (batch 1): a weight a
-    later kernel reads, hinted into L2 at the start."""
+    model's fused decode); None takes q, k as features already."""
     B, H, K = q.shape
     V = v.shape[-1]
     assert q.stride() == k.stride() and q.stride(-1) == v.stride(-1) == o.stride(-1) == 1
     # without FEATURES the cos/sin loads are ignored: any fp32 buffer of K/2+ elements will do
     cos, sin = rope if rope is not None else (state.partial, state.partial)
     BV = min(pow2(V), 16)  # many small programs: at batch 1 the step is latency bound
-    grid = (B * H, triton.cdiv(V, BV))
-    pf = prefetch_args(prefetch, grid[0] * grid[1]) if B == 1 else None
-    _decode_kernel[grid](
+    _decode_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, v, o, state.partial, state.prefix, state.ring, state.far, state.pos, raw_mixing, cos, sin,
-        pf[0] if pf else o, pf[1] if pf else 0,
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
-        ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, NPF=pf[2] if pf else 0, BK2=pow2((K + 1) // 2), BV=BV,
+        ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, BK2=pow2((K + 1) // 2), BV=BV,
         num_warps=4, launch_pdl=PDL)
     return o
 

@@ -160,11 +160,10 @@ class MHLABlock(nn.Module):
         to the activation dtype; only summation order differs. ``persistent`` (batch 1): the five
         steps in one launch, ``kernels/triton_decode_layer.py``.
 
-        At batch 1 each launch also hints a later launch's weight into L2 (the q/k/v/g product the
-        output projection's, the decode kernel the MLP's, the output projection the down
-        projection's, the MLP's first product ``next_weight``, the next layer's q/k/v/g weight), so
-        that it streams in while this one starts and drains: at batch 1 the step is bound by those
-        latencies, not by bandwidth.
+        At batch 1 each product also hints the next product's weight into L2 (the last one
+        ``next_weight``, the next layer's q/k/v/g weight), so that it streams in while this one
+        starts and drains: at batch 1 the step is bound by those latencies, not by bandwidth. (The
+        decode kernel gives no hint: hinting there slowed it more than the products gained.)
         """
         attn, mlp = self.attn, self.mlp
         B = x.shape[0]
@@ -183,14 +182,13 @@ class MHLABlock(nn.Module):
         v = qkvg[:, 2 * hk:2 * hk + hv].view(B, H, V)
         g = qkvg[:, 2 * hk + hv:]
         o = torch.empty(B, H, V, device=x.device, dtype=x.dtype)
-        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin),  # raw mixing: clamped in-kernel
-                    prefetch=w_gu)
+        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin))  # raw mixing: clamped in-kernel
         gn = attn.g_norm_swish_gate
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
-                          residual=x2, prefetch=mlp.down_proj.weight)
+                          residual=x2, prefetch=w_gu)
         a = skinny_linear(h, w_gu, norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps, swiglu=True,
-                          prefetch=next_weight)
-        return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1)
+                          prefetch=mlp.down_proj.weight)
+        return skinny_linear(a, mlp.down_proj.weight, residual=h, prefetch=next_weight).view(B, 1, -1)
 
 
 class MHLAPreTrainedModel(PreTrainedModel):

@@ -49,8 +49,10 @@ def test_layer_phases_equal_the_five_launches(programs, policy, dtype, state_dty
             assert rel_err(b, a) < tol, t
             for name in ("prefix", "partial", "ring", "far"):
                 # a bf16 ring: summation order can move a summary across a rounding boundary
-                t_ring = 4e-3 if name == "ring" and state_dtype == "bf16" else tol
-                assert rel_err(getattr(new, name).float(), getattr(ref, name).float()) < t_ring, (t, name)
+                # (and the prefixes mixed from it)
+                t_ring = 4e-3 if name in ("ring", "prefix") and state_dtype == "bf16" else tol
+                err = rel_err(getattr(new, name).float(), getattr(ref, name).float())
+                assert err < t_ring, (t, name, err)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
