@@ -101,38 +101,6 @@ def round_to(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
-LINE_BYTES = 128  # what a prefetch hint covers (one L2 line)
-LINE = tl.constexpr(LINE_BYTES)
-
-
-@triton.jit
-def prefetch_l2(base_ptr, lines, NPF: tl.constexpr):
-    """Hint (never waits, never faults): bring lines ``pid * NPF + [0, NPF)`` of the ``lines``
-    128-byte lines from ``base_ptr`` on into L2. The batch-1 decode kernels call it for a later
-    kernel's weights, so that they stream in during this kernel's start-up and drain instead of
-    after it; NPF at least the thread count keeps the threads on distinct lines."""
-    pid = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
-    idx = pid * NPF + tl.arange(0, NPF)                                                      # [NPF]
-    ELEMS: tl.constexpr = LINE // (base_ptr.dtype.element_ty.primitive_bitwidth // 8)
-    ok = (idx < lines).to(tl.int32)
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                              "=r,l,r", [base_ptr + idx.to(tl.int64) * ELEMS, ok], dtype=tl.int32, is_pure=False,
-                              pack=1)
-
-
-def prefetch_args(tensor, programs: int):
-    """(tensor, lines, NPF) for ``prefetch_l2`` over at least ``programs`` programs, or None where no
-    hint applies: no tensor, no PDL (the interpreter, pre-Hopper GPUs), MHLA_STREAM_PREFETCH=0, or
-    a tensor that is not contiguous whole lines (the 340M weights are)."""
-    if tensor is None or not PDL or not switches().prefetch:
-        return None
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes % LINE_BYTES or tensor.data_ptr() % LINE_BYTES or not tensor.is_contiguous():
-        return None
-    lines = nbytes // LINE_BYTES
-    return tensor, lines, max(256, triton.next_power_of_2(triton.cdiv(lines, programs)))
-
-
 def graph_bench(fn, quantiles=None):
     """The autotuners' timer: CUDA-graph replays, so that a slow host's launch overhead (100+ us
     a launch seen on the GPU machine) does not drown the difference between configurations."""

@@ -38,18 +38,18 @@ def _features(x1, x2, c, s, FEATURES: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def decode_columns(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
-                   L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b, bh, vb,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
+                   L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
-                   ROUND: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
-    """One decode token of sequence ``bh // H``, head ``bh % H``, value columns ``vb * BV + [0, BV)``:
-    the whole update of those columns (the decode kernel runs one per program; the persistent
-    layer kernel, ``triton_decode_layer``, loops over them)."""
+                   ROUND: tl.constexpr, PDL: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # everything read here comes from earlier kernels
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
     K2: tl.constexpr = (K + 1) // 2
     j = tl.arange(0, BK2)
     m1, m2 = j < K2, j < K - K2                       # rows j and K2 + j of the two halves
-    ov = vb * BV + tl.arange(0, BV)
+    ov = tl.program_id(1) * BV + tl.arange(0, BV)
     mv = ov < V
     DT: tl.constexpr = q_ptr.dtype.element_ty
     qh, kh = q_ptr + b * sq_b + h * sq_h, k_ptr + b * sq_b + h * sq_h
@@ -74,7 +74,7 @@ def decode_columns(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
     diag = window_coef(m_ptr, L, i, i)
     o = tl.sum(q1[:, None] * (p1 + diag * r1), axis=0) + tl.sum(q2[:, None] * (p2 + diag * r2), axis=0)  # [BV]
     tl.store(o_ptr + b * so_b + h * so_h + ov, (o * scale).to(o_ptr.dtype.element_ty), mask=mv)
-    if LAUNCH_DEPENDENTS:
+    if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
     if (pos + 1) % C == 0:  # block i is full: store it in the ring and mix the prefix of block i + 1
@@ -116,23 +116,10 @@ def decode_columns(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
     tl.store(r_ptr + head + t2, r2, mask=mt2)
 
 
-@triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
-                   L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
-                   ROUND: tl.constexpr, PDL: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # everything read here comes from earlier kernels
-    decode_columns(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
-                   L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b, tl.program_id(0), tl.program_id(1),
-                   H, K, V, FEATURES, FAR, ROUND, PDL, BK2, BV)
-
-
 def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None):
     """Launch the decode kernel. q, k: [B, H, K] views (any batch/head strides, unit last stride);
-    v: [B, H, V]; o: [B, H, V] output; ``raw_mixing``: the [L, L] parameter (clamped on load).
-    ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to the raw q, k in the kernel (the
-    model's fused decode); None takes q, k as features already."""
+    v: [B, H, V]; o: [B, H, V] output; ``raw_mixing``: the [L, L] parameter (clamped on load). ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to
+    the raw q, k in the kernel (the model's fused decode); None takes q, k as features already."""
     B, H, K = q.shape
     V = v.shape[-1]
     assert q.stride() == k.stride() and q.stride(-1) == v.stride(-1) == o.stride(-1) == 1

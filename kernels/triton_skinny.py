@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, PDL, graph_bench, pow2, prefetch_args, prefetch_l2
+from .triton_common import INTERPRET, PDL, graph_bench, pow2
 
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
 # few configurations: each costs a compile at the first decode step of a new model shape
@@ -29,10 +29,10 @@ _DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3) for bn in
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, pf_ptr, pf_pieces, M, N, K, GS, eps, sx, sg, sr, sy,
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps, sx, sg, sr, sy,
                    NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                    DOT: tl.constexpr, F32_DOT: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, BGS: tl.constexpr,
-                   PDL: tl.constexpr, NPF: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   PDL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     DT: tl.constexpr = y_ptr.dtype.element_ty
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -43,8 +43,6 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, pf_ptr, pf_piece
     w0 = tl.load(w_ptr + rn[:, None] * K + ck[None, :], mask=wmask0, other=0.0)                 # [BN, BK]
     if SWIGLU:
         wu0 = tl.load(w_ptr + (N + rn[:, None]) * K + ck[None, :], mask=wmask0, other=0.0)
-    if NPF > 0:  # the next kernel's weights, into L2 while this one waits and drains
-        prefetch_l2(pf_ptr, pf_pieces, NPF)
     if PDL:
         tl.extra.cuda.gdc_wait()  # x, g and res come from the previous kernels
     grp = tl.arange(0, NG)
@@ -113,12 +111,10 @@ _gemv = triton.autotune(configs=_GEMV, key=_KEY, do_bench=graph_bench)(_skinny_k
 _gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
 
 
-def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None,
-                  prefetch=None):
+def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None):
     """x [M, K] -> y [M, N] in x's dtype. ``weight`` [N, K] (or [2N, K] = [gate; up] with ``swiglu``).
     ``norm_weight`` [group] applies RMSNorm per group of ``group`` columns (default K) first;
-    ``gate`` [M, K] multiplies by silu(gate) after it; ``residual`` [M, N] is added at the end.
-    ``prefetch``: a tensor the next kernel reads (its weight), hinted into L2 at this one's start."""
+    ``gate`` [M, K] multiplies by silu(gate) after it; ``residual`` [M, N] is added at the end."""
     M, K = x.shape
     N = weight.shape[0] // (2 if swiglu else 1)
     assert weight.shape[1] == K and weight.is_contiguous() and x.stride(-1) == 1
@@ -133,12 +129,11 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     if INTERPRET:  # no tuning; few programs, since the interpreter runs them one by one
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 64}
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, bm))  # noqa: E731
-    pf = prefetch_args(prefetch, triton.cdiv(N, 16) * triton.cdiv(M, bm)) if small else None  # (16: the widest BN)
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
-                 residual if residual is not None else dummy, pf[0] if pf else dummy, pf[1] if pf else 0, M, N, K, gs, eps,
+                 residual if residual is not None else dummy, M, N, K, gs, eps,
                  x.stride(0), gate.stride(0) if gate is not None else 0,
                  residual.stride(0) if residual is not None else 0, y.stride(0),
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
                  DOT=not small, F32_DOT=INTERPRET or x.dtype == torch.float32, BM=bm,
-                 NG=pow2(K // gs, 1), BGS=pow2(gs, 1), PDL=PDL, NPF=pf[2] if pf else 0, launch_pdl=PDL, **fixed)
+                 NG=pow2(K // gs, 1), BGS=pow2(gs, 1), PDL=PDL, launch_pdl=PDL, **fixed)
     return y

@@ -28,7 +28,6 @@ if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
     from .kernels.triton_features import relu_rope_qk
     from .kernels.triton_skinny import skinny_linear
-    from .kernels.triton_decode_layer import decode_layer
 
 
 def _version(w: torch.Tensor):
@@ -145,7 +144,7 @@ class MHLABlock(nn.Module):
         h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
         return h + self.mlp(self.mlp_norm(h), plan)
 
-    def decode_step(self, x, cos, sin, state: MHLAState, persistent: bool = False, next_weight=None):
+    def decode_step(self, x, cos, sin, state: MHLAState):
         """One token per sequence through the block in five launches (CUDA inference, Triton):
 
             qkvg = RMSNorm(x) W_qkvg^T                         skinny product, norm in its prologue
@@ -157,13 +156,7 @@ class MHLABlock(nn.Module):
         against about 17 launches of ``forward``. x [B, 1, D] -> [B, 1, D]; cos, sin [B, K/2] fp32.
         ``state`` is advanced except its position: the caller moves every layer's at once
         (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
-        to the activation dtype; only summation order differs. ``persistent`` (batch 1): the five
-        steps in one launch, ``kernels/triton_decode_layer.py``.
-
-        At batch 1 each product also hints the next product's weight into L2 (the last one
-        ``next_weight``, the next layer's q/k/v/g weight), so that it streams in while this one
-        starts and drains: at batch 1 the step is bound by those latencies, not by bandwidth. (The
-        decode kernel gives no hint: hinting there slowed it more than the products gained.)
+        to the activation dtype; only summation order differs.
         """
         attn, mlp = self.attn, self.mlp
         B = x.shape[0]
@@ -171,11 +164,7 @@ class MHLABlock(nn.Module):
         # the checks mhla_attention makes on the other path (host-side shapes only: no sync)
         state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
         x2 = x.reshape(B, -1)
-        if persistent and B == 1:
-            return decode_layer(x2, self, state, cos, sin).view(B, 1, -1)
-        w_gu = mlp.gate_up_weight.get()
-        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps,
-                             prefetch=attn.o_proj.weight)
+        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps)
         hk, hv = H * K, H * V
         q = qkvg[:, :hk].view(B, H, K)
         k = qkvg[:, hk:2 * hk].view(B, H, K)
@@ -185,10 +174,10 @@ class MHLABlock(nn.Module):
         decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin))  # raw mixing: clamped in-kernel
         gn = attn.g_norm_swish_gate
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
-                          residual=x2, prefetch=w_gu)
-        a = skinny_linear(h, w_gu, norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps, swiglu=True,
-                          prefetch=mlp.down_proj.weight)
-        return skinny_linear(a, mlp.down_proj.weight, residual=h, prefetch=next_weight).view(B, 1, -1)
+                          residual=x2)
+        a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
+                          swiglu=True)
+        return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1)
 
 
 class MHLAPreTrainedModel(PreTrainedModel):
@@ -233,10 +222,8 @@ class MHLAModel(MHLAPreTrainedModel):
         rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
         if plan.fused_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
-            n = len(self.layers)
-            for i, (layer, state) in enumerate(zip(self.layers, states)):
-                nxt = self.layers[i + 1].attn.qkvg_weight.get() if i + 1 < n and B == 1 else None
-                x = layer.decode_step(x, cos, sin, state, persistent=plan.persistent_decode, next_weight=nxt)
+            for layer, state in zip(self.layers, states):
+                x = layer.decode_step(x, cos, sin, state)
             MHLAState.advance_positions(states)
             return self.norm(x)
         for i, layer in enumerate(self.layers):

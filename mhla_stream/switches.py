@@ -3,18 +3,13 @@
     TRITON_INTERPRET=1            Triton kernels run in the interpreter (CPU tests)
     MHLA_STREAM_FUSED_DECODE=0    no batch-1 fused decode and no Triton feature kernel in prefill
     MHLA_STREAM_PDL=0             no programmatic dependent launch between decode kernels
-    MHLA_STREAM_PREFETCH=0        no L2 prefetch hints for the next kernel's weights at batch-1 decode
-    MHLA_STREAM_LAYER_KERNEL=1    batch-1 decode runs one persistent launch a layer instead of
-                                  five (``kernels/triton_decode_layer.py``; off by default: slower
-                                  on an H100, see that file)
     MHLA_STREAM_COMPILE=0         no torch.compile of the elementwise ops on CUDA
     MHLA_STREAM_TRITON_TRAIN=0    training keeps the differentiable torch chunk form on CUDA
                                   (default: the Triton forward + backward)
     MHLA_STREAM_TUNE=0            the prefill kernels take one launch configuration each instead of
                                   timing several per shape (the GPU test sweep: minutes of compiling)
 
-Each MHLA_STREAM_* switch is off for 0, false, no or off (any case), on otherwise; all are on
-when unset except MHLA_STREAM_LAYER_KERNEL.
+Each MHLA_STREAM_* switch is off for 0, false, no or off (any case), on otherwise.
 
 Kept apart from ``plan.py`` so that the kernels can read the same switches without importing
 library policy.
@@ -34,15 +29,13 @@ class Switches:
     compile: bool
     triton_train: bool = True
     tune: bool = True
-    layer_kernel: bool = False
-    prefetch: bool = True
 
 
 OFF = ("0", "false", "no", "off")  # what turns a switch off ("false" read as on would be a silent surprise)
 
 
-def _on(name: str, default: str = "1") -> bool:
-    return os.environ.get(name, default).strip().lower() not in OFF
+def _on(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in OFF
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +45,4 @@ def switches() -> Switches:
                     pdl=_on("MHLA_STREAM_PDL"),
                     compile=_on("MHLA_STREAM_COMPILE"),
                     triton_train=_on("MHLA_STREAM_TRITON_TRAIN"),
-                    tune=_on("MHLA_STREAM_TUNE"),
-                    layer_kernel=_on("MHLA_STREAM_LAYER_KERNEL", "0"),
-                    prefetch=_on("MHLA_STREAM_PREFETCH"))
+                    tune=_on("MHLA_STREAM_TUNE"))
