@@ -116,7 +116,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
     tl.store(r_ptr + head + t2, r2, mask=mt2)
 
 
-def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None):
+def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, num_warps=4):
     """Launch the decode kernel. q, k: [B, H, K] views (any batch/head strides, unit last stride);
     v: [B, H, V]; o: [B, H, V] output; ``raw_mixing``: the [L, L] parameter (clamped on load). ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to
     the raw q, k in the kernel (the model's fused decode); None takes q, k as features already."""
@@ -125,14 +125,14 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None):
     assert q.stride() == k.stride() and q.stride(-1) == v.stride(-1) == o.stride(-1) == 1
     # without FEATURES the cos/sin loads are ignored: any fp32 buffer of K/2+ elements will do
     cos, sin = rope if rope is not None else (state.partial, state.partial)
-    BV = min(pow2(V), 16)  # many small programs: at batch 1 the step is latency bound
+    BV = block_v or min(pow2(V), 16)  # many small programs: at batch 1 the step is latency bound
     _decode_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, v, o, state.partial, state.prefix, state.ring, state.far, state.pos, raw_mixing, cos, sin,
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
         ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, BK2=pow2((K + 1) // 2), BV=BV,
-        num_warps=4, launch_pdl=PDL)
+        num_warps=num_warps, launch_pdl=PDL)
     return o
 
 

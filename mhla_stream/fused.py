@@ -3,7 +3,7 @@ can run as one fused kernel (``torch.compile``); on the CPU, and whenever gradie
 plain eager code runs. ``MHLA_STREAM_COMPILE=0`` turns compilation off.
 
 Fusing matters for prefill and for batched decode (batch 1 decode has its own five-launch path,
-``MHLABlock.decode_step``). The execution plan reports the choice (``compile_elementwise``).
+``MHLABlock.decode_step``; batched decode ``MHLABlock.decode_step_batched``). The execution plan reports the choice (``compile_elementwise``).
 """
 from __future__ import annotations
 
@@ -74,6 +74,13 @@ def swiglu(gate, up):
     return F.silu(gate) * up
 
 
+def add_rms_norm(x, y, weight, eps: float):
+    """The residual sum ``h = x + y`` and ``rms_norm(h)``, as the block computes them in turn: one
+    kernel on CUDA (batched decode, where each elementwise launch costs about what its work does)."""
+    h = x + y
+    return h, rms_norm(h, weight, eps)
+
+
 _COMPILED: dict = {}
 
 
@@ -95,3 +102,4 @@ rope_at_fast = fast(rope_at)
 relu_rope_fast = fast(relu_rope)
 gated_norm_fast = fast(gated_norm)
 swiglu_fast = fast(swiglu)
+add_rms_norm_fast = fast(add_rms_norm)

@@ -49,6 +49,9 @@ class ExecutionPlan:
 
     prefill_backend / decode_backend   operator backend for calls of several tokens / one token
     fused_decode        one-token steps run ``MHLABlock.decode_step`` (five Triton launches a layer)
+    batched_decode      one-token steps without fused_decode run ``MHLABlock.decode_step_batched``
+                        (cuBLAS products, features in the decode kernel, residual + norm fused,
+                        positions moved once a step): CUDA batches > 1
     fused_projections   q/k/v/g and gate/up as one product each (CUDA inference)
     triton_features     relu + RoPE of q and k in one Triton launch during prefill
     compile_elementwise torch.compile of norms, RoPE tables and SwiGLU (CUDA inference)
@@ -74,6 +77,7 @@ class ExecutionPlan:
     policy: str | None
     train_backend: str = "torch"
     state_dtype: str = "float32"
+    batched_decode: bool = False
 
     def backend_for(self, tokens: int, stateful: bool) -> str:
         """The operator backend for one call: the decode backend for one token with a state."""
@@ -83,7 +87,7 @@ class ExecutionPlan:
         """The plan for a call with gradients enabled: no fused or compiled inference paths, and
         while training the training backend (Triton forward + backward, or the torch form)."""
         backends = dict(prefill_backend=self.train_backend, decode_backend=self.train_backend) if training else {}
-        return replace(self, fused_decode=False, fused_projections=False, triton_features=False,
+        return replace(self, fused_decode=False, batched_decode=False, fused_projections=False, triton_features=False,
                        compile_elementwise=False, **backends)
 
     def describe(self) -> str:
@@ -92,13 +96,16 @@ class ExecutionPlan:
 
 @functools.lru_cache(maxsize=256)  # deterministic (the environment is read once): the model asks per call
 def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "auto", policy: str | None = None,
-              cuda_graphs: bool = True, fused_decode: bool | None = None, state_dtype=None) -> ExecutionPlan:
+              cuda_graphs: bool = True, fused_decode: bool | None = None, state_dtype=None,
+              batched_decode: bool | None = None) -> ExecutionPlan:
     """The one place where execution paths are chosen.
 
     ``backend``: "auto" or a named operator backend (an unavailable one is an error here, at
     creation, rather than at the first call). ``fused_decode``: None decides (CUDA, batch 1,
     Triton, MHLA_STREAM_FUSED_DECODE not 0); True forces it (tests under TRITON_INTERPRET).
     ``state_dtype``: the ring's storage dtype for the states made with this plan (None = fp32).
+    ``batched_decode``: None decides (CUDA, Triton, no fused decode, MHLA_STREAM_FUSED_DECODE not
+    0); True forces it where the operator is Triton and the decode is not fused (CPU tests).
     """
     device = torch.device(device)
     if policy is not None:
@@ -113,6 +120,10 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
         fused_decode = cuda and triton_path and env.fused_decode and batch == 1
     else:  # forced (tests run it on the CPU under TRITON_INTERPRET); only where the operator is Triton
         fused_decode = bool(fused_decode) and triton_path
+    if batched_decode is None:
+        batched_decode = cuda and triton_path and env.fused_decode and not fused_decode
+    else:
+        batched_decode = bool(batched_decode) and triton_path and not fused_decode
     return ExecutionPlan(
         device=str(device), dtype=str(dtype).replace("torch.", ""), batch=batch,
         prefill_backend="torch" if chosen == "numba" else chosen,  # numba has a decode form only
@@ -120,4 +131,5 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
         triton_features=cuda and triton_available() and env.fused_decode,
         compile_elementwise=cuda and env.compile, cuda_graphs=cuda and cuda_graphs and backend in ("auto", "triton"),
         pdl=cuda and triton_path and pdl_supported(), policy=policy, state_dtype=ring_dtype,
-        train_backend="triton" if chosen == "triton" and env.triton_train else "torch")
+        train_backend="triton" if chosen == "triton" and env.triton_train else "torch",
+        batched_decode=batched_decode)

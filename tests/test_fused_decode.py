@@ -75,14 +75,21 @@ def test_decode_kernel_boundaries_and_lengths(policy):
     assert state.pos.tolist() == [T, T]
 
 
-@pytest.mark.parametrize("policy, dtype", [("window", torch.float32), ("window+far", torch.float32),
-                                           ("window", torch.bfloat16)])
-def test_fused_decode_gives_the_unfused_logits(policy, dtype):
+@pytest.mark.parametrize("policy, dtype, path", [("window", torch.float32, "fused"),
+                                                 ("window+far", torch.float32, "fused"),
+                                                 ("window", torch.bfloat16, "fused"),
+                                                 ("window+far", torch.float32, "batched"),
+                                                 ("window", torch.bfloat16, "batched")])
+def test_fused_decode_gives_the_unfused_logits(policy, dtype, path):
+    """Both one-token paths: ``decode_step`` (fused) and ``decode_step_batched``."""
     torch.manual_seed(0)
     cfg = preset_config("mhla-tiny", mixing_policy=policy)
     model = MHLAForCausalLM(cfg).to(DEV, dtype).eval()
-    unfused = model.make_plan(2, backend="triton", fused_decode=False)
-    fused = model.make_plan(2, backend="triton", fused_decode=True)
+    unfused = model.make_plan(2, backend="triton", fused_decode=False, batched_decode=False)
+    fused = (model.make_plan(2, backend="triton", fused_decode=True) if path == "fused" else
+             model.make_plan(2, backend="triton", fused_decode=False, batched_decode=True))
+    assert not (unfused.fused_decode or unfused.batched_decode)
+    assert fused.fused_decode == (path == "fused") and fused.batched_decode == (path == "batched")
     ids = torch.randint(3, 256, (2, 44), device=DEV)
     with torch.inference_mode():
         ref_cache, fused_cache = MHLACache(model.new_state(2)), MHLACache(model.new_state(2))
