@@ -105,3 +105,25 @@ def test_fused_decode_gives_the_unfused_logits(policy, dtype, path):
             assert torch.equal(s_ref.pos, s_fused.pos)
             if dtype == torch.float32:  # (in bf16 the projections round differently: the logits check suffices)
                 assert rel_err(s_fused.prefix, s_ref.prefix) < 1e-5
+
+
+@pytest.mark.parametrize("B", (8, 64))
+def test_decode_kernel_wide_column_blocks_at_large_batches(B):
+    """Batches of 8+ take column blocks of 32, 64+ of 64 (state-traffic bound): the same tokens as
+    the torch decode, through two block closes."""
+    H, K, V, L, C = 2, 16, 128, 3, 4
+    q, k, v, m = rand_qkv(B, 2 * C + 1, H, K, V, L, seed=B, device=DEV)
+    pre = 3
+    o1, got_state = mhla_attention(q[:, :pre], k[:, :pre], v[:, :pre], m, block_size=C, return_state=True,
+                                   backend="triton")
+    o2, ref_state = mhla_attention(q[:, :pre], k[:, :pre], v[:, :pre], m, block_size=C, return_state=True,
+                                   backend="torch")
+    for t in range(pre, q.shape[1]):
+        sl = slice(t, t + 1)
+        a, got_state = mhla_attention(q[:, sl], k[:, sl], v[:, sl], m, block_size=C, state=got_state,
+                                      return_state=True, backend="triton")
+        b, ref_state = mhla_attention(q[:, sl], k[:, sl], v[:, sl], m, block_size=C, state=ref_state,
+                                      return_state=True, backend="torch")
+        assert rel_err(a, b) < TOL[torch.float32], t
+    assert rel_err(got_state.prefix, ref_state.prefix) < TOL[torch.float32]
+    assert torch.equal(got_state.pos, ref_state.pos)
