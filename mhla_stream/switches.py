@@ -1,7 +1,8 @@
 """The environment variables that steer execution, read once per process (``switches()``).
 
     TRITON_INTERPRET=1            Triton kernels run in the interpreter (CPU tests)
-    MHLA_STREAM_FUSED_DECODE=0    no batch-1 fused decode and no Triton feature kernel in prefill
+    MHLA_STREAM_FUSED_DECODE=0    no batch-1 fused decode, no batched decode step and no Triton
+                                  feature kernel in prefill
     MHLA_STREAM_PDL=0             no programmatic dependent launch between decode kernels
     MHLA_STREAM_COMPILE=0         no torch.compile of the elementwise ops on CUDA
     MHLA_STREAM_TRITON_TRAIN=0    training keeps the differentiable torch chunk form on CUDA
