@@ -118,8 +118,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
 
 def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, num_warps=4):
     """Launch the decode kernel. q, k: [B, H, K] views (any batch/head strides, unit last stride);
-    v: [B, H, V]; o: [B, H, V] output; ``raw_mixing``: the [L, L] parameter (clamped on load). ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to
-    the raw q, k in the kernel (the model's fused decode); None takes q, k as features already."""
+    v: [B, H, V]; o: [B, H, V] output; ``raw_mixing``: the [L, L] parameter (clamped on load).
+    ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to the raw q, k in the kernel (the
+    model's fused and batched decode steps); None takes q, k as features already. ``block_v`` /
+    ``num_warps``: the launch shape (default: by batch, below)."""
     B, H, K = q.shape
     V = v.shape[-1]
     assert q.stride() == k.stride() and q.stride(-1) == v.stride(-1) == o.stride(-1) == 1
@@ -129,6 +131,7 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
     # wider column blocks move it faster (H100, 340M shape, per layer: batch 32 20.4 us at BV 32
     # against 25.2 at 16; batch 128 72.6 us at 64 against 124.8, 2.77 TB/s; .ci/gpu_decode_probe.py)
     BV = block_v or min(pow2(V), 16 if B < 8 else 32 if B < 64 else 64)
+    assert BV & (BV - 1) == 0, "block_v must be a power of two"
     _decode_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, v, o, state.partial, state.prefix, state.ring, state.far, state.pos, raw_mixing, cos, sin,
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),

@@ -84,13 +84,14 @@ def add_rms_norm(x, y, weight, eps: float):
 _COMPILED: dict = {}
 
 
-def fast(fn):
-    """``fn`` or its compiled form: compiled only for CUDA tensors with gradients off."""
+def fast(fn, **options):
+    """``fn`` or its compiled form: compiled only for CUDA tensors with gradients off. ``options``:
+    inductor settings for this function alone."""
     def call(x, *args):
         if x.is_cuda and not torch.is_grad_enabled() and switches().compile:
             compiled = _COMPILED.get(fn)
             if compiled is None:
-                compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+                compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=options or None)
             return compiled(x, *args)
         return fn(x, *args)
     call.__name__ = fn.__name__
@@ -102,4 +103,8 @@ rope_at_fast = fast(rope_at)
 relu_rope_fast = fast(relu_rope)
 gated_norm_fast = fast(gated_norm)
 swiglu_fast = fast(swiglu)
-add_rms_norm_fast = fast(add_rms_norm)
+# inductor keeps an intermediate in fp32 unless told to round it as eager does: h is rounded to the
+# activation dtype before its norm, as in the block (and in the batch-1 fused decode)
+_ROUND_AS_EAGER = ({"emulate_precision_casts": True}
+                   if hasattr(torch._inductor.config, "emulate_precision_casts") else {})
+add_rms_norm_fast = fast(add_rms_norm, **_ROUND_AS_EAGER)

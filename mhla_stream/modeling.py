@@ -181,12 +181,13 @@ class MHLABlock(nn.Module):
 
 
     def decode_step_batched(self, x, xn, cos, sin, state: MHLAState, next_norm):
-        """One token per sequence, batch > 1: x [B, D] and xn = its attention norm -> (out, out
-        normed by ``next_norm``, the next block's attention norm or the final one). The products
-        stay cuBLAS's (faster than the skinny kernels' tensor-core form at batch 8 and 32); around
-        them, relu + RoPE run inside the decode kernel and each residual sum shares its launch with
-        the norm after it, so a layer takes 9 launches instead of 14. The state is advanced except
-        its position (the caller moves every layer's at once)."""
+        """One token per sequence where the decode is not fused (CUDA batches > 1 by default):
+        x [B, D] and xn = its attention norm -> (out, out normed by ``next_norm``, the next block's
+        attention norm or the final one). The products stay cuBLAS's (faster than the skinny
+        kernels' tensor-core form at batch 8 and 32); around them, relu + RoPE run inside the
+        decode kernel and each residual sum shares its launch with the norm after it, so a layer
+        takes 10 launches instead of 14 (counting cuBLAS's split-K reduction). The state is
+        advanced except its position (the caller moves every layer's at once)."""
         attn, mlp = self.attn, self.mlp
         B = x.shape[0]
         H, K, V = attn.num_heads, attn.head_k_dim, attn.head_v_dim

@@ -51,7 +51,7 @@ class ExecutionPlan:
     fused_decode        one-token steps run ``MHLABlock.decode_step`` (five Triton launches a layer)
     batched_decode      one-token steps without fused_decode run ``MHLABlock.decode_step_batched``
                         (cuBLAS products, features in the decode kernel, residual + norm fused,
-                        positions moved once a step): CUDA batches > 1
+                        positions moved once a step): CUDA, wherever the decode is not fused
     fused_projections   q/k/v/g and gate/up as one product each (CUDA inference)
     triton_features     relu + RoPE of q and k in one Triton launch during prefill
     compile_elementwise torch.compile of norms, RoPE tables and SwiGLU (CUDA inference)

@@ -133,9 +133,12 @@ def test_state_path_keeps_fp32_summaries(chunk, dtype, state_dtype, monkeypatch)
     (lean, st), (base, st_b) = res["lean"], res["base"]
     for o, o_b, r in zip(lean, base, refs):
         assert rel_err(o, r) < tol and rel_err(o, o_b) < ORDER_TOL[dtype]
-    for name in ("ring", "far", "partial"):  # from S alone: the same values (on a GPU the two layouts'
-        a, b = getattr(st, name), getattr(st_b, name)  # tuned launch configurations may differ: fp32 rounding)
-        assert (rel_err(a, b) < ORDER_TOL[torch.float32] if GPU else torch.equal(a, b)) or a.numel() == 0, name
+    # from S alone: the same values up to fp32 summation order (on a GPU the two layouts' tuned launch
+    # configurations may differ; under the interpreter numpy's reductions over the two layouts may
+    # sum in another order on another CPU: 1e-8 apart on one machine, bit-equal on another)
+    for name in ("ring", "far", "partial"):
+        a, b = getattr(st, name), getattr(st_b, name)
+        assert rel_err(a, b) < ORDER_TOL[torch.float32] or a.numel() == 0, (name, rel_err(a, b))
     assert rel_err(st.prefix, st_b.prefix) < ORDER_TOL[torch.float32] and torch.equal(st.pos, st_b.pos)
 
 

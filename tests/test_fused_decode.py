@@ -127,3 +127,24 @@ def test_decode_kernel_wide_column_blocks_at_large_batches(B):
         assert rel_err(a, b) < TOL[torch.float32], t
     assert rel_err(got_state.prefix, ref_state.prefix) < TOL[torch.float32]
     assert torch.equal(got_state.pos, ref_state.pos)
+
+
+def test_batched_decode_at_batch_8_with_a_partial_value_block():
+    """The batched step at batch 8 (value blocks of 32) with V = 48: the second block is half
+    masked. fp32, through block closes and past the trained edge, against the unfused path."""
+    torch.manual_seed(1)
+    model = MHLAForCausalLM(preset_config("mhla-tiny", hidden_size=96)).to(DEV).eval()
+    assert model.config.head_v_dim == 48
+    unfused = model.make_plan(8, backend="triton", fused_decode=False, batched_decode=False)
+    batched = model.make_plan(8, backend="triton", fused_decode=False, batched_decode=True)
+    ids = torch.randint(3, 256, (8, 36), device=DEV)
+    with torch.inference_mode():
+        ref_cache, cache = MHLACache(model.new_state(8)), MHLACache(model.new_state(8))
+        model(ids[:, :6], past_key_values=ref_cache, plan=unfused)
+        model(ids[:, :6], past_key_values=cache, plan=batched)
+        for t in range(6, 36):
+            a = model(ids[:, t:t + 1], past_key_values=ref_cache, plan=unfused).logits
+            b = model(ids[:, t:t + 1], past_key_values=cache, plan=batched).logits
+            assert rel_err(b, a) < 1e-5, t
+    for s_ref, s in zip(ref_cache.states, cache.states):
+        assert torch.equal(s_ref.pos, s.pos) and rel_err(s.prefix, s_ref.prefix) < 1e-5

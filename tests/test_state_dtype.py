@@ -183,7 +183,7 @@ def test_fused_decode_with_a_bf16_ring_gives_the_unfused_logits():
     from mhla_stream import MHLACache, MHLAForCausalLM, preset_config
     torch.manual_seed(0)
     model = MHLAForCausalLM(preset_config("mhla-tiny", mixing_policy="window+far")).to(DEV).eval()
-    unfused = model.make_plan(1, backend="triton", fused_decode=False, state_dtype="bf16")
+    unfused = model.make_plan(1, backend="triton", fused_decode=False, batched_decode=False, state_dtype="bf16")
     fused = model.make_plan(1, backend="triton", fused_decode=True, state_dtype="bf16")
     ids = torch.randint(3, 256, (1, 34), device=DEV)
     with torch.inference_mode():
