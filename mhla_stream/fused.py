@@ -3,7 +3,8 @@ can run as one fused kernel (``torch.compile``); on the CPU, and whenever gradie
 plain eager code runs. ``MHLA_STREAM_COMPILE=0`` turns compilation off.
 
 Fusing matters for prefill and for batched decode (batch 1 decode has its own five-launch path,
-``MHLABlock.decode_step``; batched decode ``MHLABlock.decode_step_batched``). The execution plan reports the choice (``compile_elementwise``).
+``MHLABlock.decode_step``; batched decode ``MHLABlock.decode_step_batched``). The execution plan
+reports the choice (``compile_elementwise``).
 """
 from __future__ import annotations
 

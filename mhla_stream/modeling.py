@@ -179,7 +179,6 @@ class MHLABlock(nn.Module):
                           swiglu=True)
         return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1)
 
-
     def decode_step_batched(self, x, xn, cos, sin, state: MHLAState, next_norm):
         """One token per sequence where the decode is not fused (CUDA batches > 1 by default):
         x [B, D] and xn = its attention norm -> (out, out normed by ``next_norm``, the next block's
