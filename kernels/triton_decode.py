@@ -122,6 +122,13 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
     ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to the raw q, k in the kernel (the
     model's fused and batched decode steps); None takes q, k as features already. ``block_v`` /
     ``num_warps``: the launch shape (default: by batch, below)."""
+    if not all(getattr(state, n).is_contiguous() for n in state.TENSORS):
+        # the kernel indexes a state's rows densely: a strided one (``select`` with a step) runs on a
+        # dense copy, written back after (it updated the wrong rows before, as the prefill did)
+        dense = state._map(lambda t: t.contiguous())
+        decode_into(o, q, k, v, raw_mixing, dense, scale, rope, block_v, num_warps)
+        state.copy_(dense)
+        return o
     B, H, K = q.shape
     V = v.shape[-1]
     assert q.stride() == k.stride() and q.stride(-1) == v.stride(-1) == o.stride(-1) == 1

@@ -148,3 +148,26 @@ def test_batched_decode_at_batch_8_with_a_partial_value_block():
             assert rel_err(b, a) < 1e-5, t
     for s_ref, s in zip(ref_cache.states, cache.states):
         assert torch.equal(s_ref.pos, s.pos) and rel_err(s.prefix, s_ref.prefix) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ("triton", "numba"))
+def test_decode_into_a_strided_state(backend):
+    """A state viewed with a step (``select(slice(0, 4, 2))``): one token through a block close
+    updates exactly the selected rows, as the torch decode does, and leaves the others alone."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+        if GPU:
+            pytest.skip("numba decodes CPU states")
+    H, K, V, L, C = 2, 16, 32, 3, 4
+    q, k, v, m = rand_qkv(4, 8, H, K, V, L, seed=3, device=DEV)
+    _, st = mhla_attention(q[:, :7], k[:, :7], v[:, :7], m, block_size=C, return_state=True, backend="torch")
+    got, ref = st.clone(), st.clone()
+    sel = slice(0, 4, 2)
+    o = mhla_attention(q[sel, 7:], k[sel, 7:], v[sel, 7:], m, block_size=C, state=got.select(sel), backend=backend)
+    o_ref = mhla_attention(q[sel, 7:], k[sel, 7:], v[sel, 7:], m, block_size=C, state=ref.select(sel),
+                           backend="torch")
+    assert rel_err(o, o_ref) < TOL[torch.float32]
+    for name in ("ring", "prefix", "partial"):
+        assert rel_err(getattr(got, name), getattr(ref, name)) < TOL[torch.float32], name
+        assert torch.equal(getattr(got, name)[1::2], getattr(st, name)[1::2]), name  # rows not selected
+    assert got.pos.tolist() == ref.pos.tolist() == [8, 7, 8, 7]
