@@ -29,6 +29,10 @@ def _pdl_supported() -> bool:
 
 
 PDL = _pdl_supported()
+# where a decode kernel triggers its successor's launch: at its first instruction (the successor's
+# programs then load their weights while this kernel runs; their reads of this kernel's outputs
+# still wait for its completion in gdc_wait), or after its main loop (MHLA_STREAM_PDL_EARLY=0)
+PDL_EARLY = PDL and switches().pdl_early
 
 
 @triton.jit

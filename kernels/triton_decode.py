@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import PDL, far_coef, pow2, ring_block, round_bf16, window_coef
+from .triton_common import PDL, PDL_EARLY, far_coef, pow2, ring_block, round_bf16, window_coef
 
 
 @triton.jit
@@ -41,7 +41,9 @@ def _features(x1, x2, c, s, FEATURES: tl.constexpr, DT: tl.constexpr):
 def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
                    L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
-                   ROUND: tl.constexpr, PDL: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
+                   ROUND: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
+    if EARLY:  # the next kernel may start now and load its weights while this one runs
+        tl.extra.cuda.gdc_launch_dependents()
     if PDL:
         tl.extra.cuda.gdc_wait()  # everything read here comes from earlier kernels
     bh = tl.program_id(0)
@@ -74,7 +76,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
     diag = window_coef(m_ptr, L, i, i)
     o = tl.sum(q1[:, None] * (p1 + diag * r1), axis=0) + tl.sum(q2[:, None] * (p2 + diag * r2), axis=0)  # [BV]
     tl.store(o_ptr + b * so_b + h * so_h + ov, (o * scale).to(o_ptr.dtype.element_ty), mask=mv)
-    if PDL:
+    if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()
 
     if (pos + 1) % C == 0:  # block i is full: store it in the ring and mix the prefix of block i + 1
@@ -144,7 +146,7 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
-        ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, BK2=pow2((K + 1) // 2), BV=BV,
+        ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, EARLY=PDL_EARLY, BK2=pow2((K + 1) // 2), BV=BV,
         num_warps=num_warps, launch_pdl=PDL)
     return o
 

@@ -15,11 +15,13 @@ Rounding follows the unfused model: each value that the eager code stores in the
 dtype is rounded to it here too. One row (M = 1) multiplies and row-sums [BN, BK] weight tiles;
 more rows use ``tl.dot`` tiles of 16+ rows.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, PDL, graph_bench, pow2
+from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2
 
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
 # few configurations: each costs a compile at the first decode step of a new model shape
@@ -32,7 +34,9 @@ _DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3) for bn in
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps, sx, sg, sr, sy,
                    NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                    DOT: tl.constexpr, F32_DOT: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, BGS: tl.constexpr,
-                   PDL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   PDL: tl.constexpr, EARLY: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    if EARLY:  # the next kernel may start now and load its weights while this one runs
+        tl.extra.cuda.gdc_launch_dependents()
     DT: tl.constexpr = y_ptr.dtype.element_ty
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -96,7 +100,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps
             acc += tl.sum(w.to(tl.float32) * x, axis=1)[None, :]
             if SWIGLU:
                 acc_up += tl.sum(wu.to(tl.float32) * x, axis=1)[None, :]
-    if PDL:
+    if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start and fetch its weights
     y = acc.to(DT).to(tl.float32)
     if SWIGLU:
@@ -107,8 +111,17 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps
     tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y.to(DT), mask=om)
 
 
-_gemv = triton.autotune(configs=_GEMV, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
 _gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemv(kp: int):
+    """The one-row tuner for rows of ``kp`` (a power of two) columns: the row-tile configurations
+    plus whole-row ones, whose programs load their entire weight slice before waiting on the
+    previous kernel (with the early trigger that load overlaps the previous kernel's run)."""
+    whole = [triton.Config({"BN": bn, "BK": kp}, num_warps=w, num_stages=1)
+             for bn in (1, 2, 4, 8) for w in (4, 8) if kp > 1024 and bn * kp <= 16384]
+    return triton.autotune(configs=_GEMV + whole, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
 
 
 def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None):
@@ -125,7 +138,7 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     small = M == 1
     bm = 1 if small else min(pow2(M, 16), 64)
     dummy = x
-    launch, fixed = (_gemv if small else _gemm), {}
+    launch, fixed = (_gemv(pow2(K)) if small else _gemm), {}
     if INTERPRET:  # no tuning; few programs, since the interpreter runs them one by one
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 64}
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, bm))  # noqa: E731
@@ -135,5 +148,5 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
                  residual.stride(0) if residual is not None else 0, y.stride(0),
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
                  DOT=not small, F32_DOT=INTERPRET or x.dtype == torch.float32, BM=bm,
-                 NG=pow2(K // gs, 1), BGS=pow2(gs, 1), PDL=PDL, launch_pdl=PDL, **fixed)
+                 NG=pow2(K // gs, 1), BGS=pow2(gs, 1), PDL=PDL, EARLY=PDL_EARLY, launch_pdl=PDL, **fixed)
     return y

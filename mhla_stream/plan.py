@@ -57,6 +57,8 @@ class ExecutionPlan:
     compile_elementwise torch.compile of norms, RoPE tables and SwiGLU (CUDA inference)
     cuda_graphs         StreamingMHLA replays captured decode steps and full prefill chunks
     pdl                 decode kernels overlap through programmatic dependent launch
+    splitk_products     the batched decode step's products run the split-K Triton kernel (2 to 64
+                        rows; cuBLAS otherwise): with batched_decode and MHLA_STREAM_SPLITK=1
     policy              mixing policy for new states (None: the model's)
     train_backend       operator backend while training: "triton" (Triton forward + backward, on
                         CUDA or with an explicit backend="triton") or "torch" (the differentiable
@@ -78,6 +80,7 @@ class ExecutionPlan:
     train_backend: str = "torch"
     state_dtype: str = "float32"
     batched_decode: bool = False
+    splitk_products: bool = False
 
     def backend_for(self, tokens: int, stateful: bool) -> str:
         """The operator backend for one call: the decode backend for one token with a state."""
@@ -87,8 +90,8 @@ class ExecutionPlan:
         """The plan for a call with gradients enabled: no fused or compiled inference paths, and
         while training the training backend (Triton forward + backward, or the torch form)."""
         backends = dict(prefill_backend=self.train_backend, decode_backend=self.train_backend) if training else {}
-        return replace(self, fused_decode=False, batched_decode=False, fused_projections=False, triton_features=False,
-                       compile_elementwise=False, **backends)
+        return replace(self, fused_decode=False, batched_decode=False, splitk_products=False,
+                       fused_projections=False, triton_features=False, compile_elementwise=False, **backends)
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
@@ -132,4 +135,4 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
         compile_elementwise=cuda and env.compile, cuda_graphs=cuda and cuda_graphs and backend in ("auto", "triton"),
         pdl=cuda and triton_path and pdl_supported(), policy=policy, state_dtype=ring_dtype,
         train_backend="triton" if chosen == "triton" and env.triton_train else "torch",
-        batched_decode=batched_decode)
+        batched_decode=batched_decode, splitk_products=batched_decode and env.splitk)

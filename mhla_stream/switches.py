@@ -4,6 +4,11 @@
     MHLA_STREAM_FUSED_DECODE=0    no batch-1 fused decode, no batched decode step and no Triton
                                   feature kernel in prefill
     MHLA_STREAM_PDL=0             no programmatic dependent launch between decode kernels
+    MHLA_STREAM_PDL_EARLY=0       a decode kernel lets its successor start only after its main loop
+                                  (default: at its first instruction, so the successor's weight
+                                  loads overlap this kernel's whole run)
+    MHLA_STREAM_SPLITK=1          batched decode runs its products with the split-K Triton kernel
+                                  (default off: cuBLAS's measured as fast or faster, H100 2026-11-24)
     MHLA_STREAM_COMPILE=0         no torch.compile of the elementwise ops on CUDA
     MHLA_STREAM_TRITON_TRAIN=0    training keeps the differentiable torch chunk form on CUDA
                                   (default: the Triton forward + backward)
@@ -30,6 +35,8 @@ class Switches:
     compile: bool
     triton_train: bool = True
     tune: bool = True
+    pdl_early: bool = True
+    splitk: bool = False
 
 
 OFF = ("0", "false", "no", "off")  # what turns a switch off ("false" read as on would be a silent surprise)
@@ -46,4 +53,6 @@ def switches() -> Switches:
                     pdl=_on("MHLA_STREAM_PDL"),
                     compile=_on("MHLA_STREAM_COMPILE"),
                     triton_train=_on("MHLA_STREAM_TRITON_TRAIN"),
-                    tune=_on("MHLA_STREAM_TUNE"))
+                    tune=_on("MHLA_STREAM_TUNE"),
+                    pdl_early=_on("MHLA_STREAM_PDL_EARLY"),
+                    splitk=os.environ.get("MHLA_STREAM_SPLITK", "0").strip().lower() not in OFF)

@@ -1,6 +1,8 @@
 """The fused decode path (skinny products with folded norms, in-kernel feature map, block close
 folded into the decode kernel) and the prefill feature-map kernel, against the unfused model.
 Runs under TRITON_INTERPRET=1 on a CPU, natively on a GPU."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from mhla_stream import MHLACache, MHLAForCausalLM, POLICIES, mhla_attention, mh
 from mhla_stream.fused import gated_norm, relu_rope, rms_norm, rope_tables, swiglu
 from mhla_stream.kernels.triton_features import relu_rope_qk
 from mhla_stream.kernels.triton_skinny import skinny_linear
+from mhla_stream.switches import switches
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -129,14 +132,18 @@ def test_decode_kernel_wide_column_blocks_at_large_batches(B):
     assert torch.equal(got_state.pos, ref_state.pos)
 
 
-def test_batched_decode_at_batch_8_with_a_partial_value_block():
+@pytest.mark.parametrize("splitk", (True, False))
+def test_batched_decode_at_batch_8_with_a_partial_value_block(splitk):
     """The batched step at batch 8 (value blocks of 32) with V = 48: the second block is half
-    masked. fp32, through block closes and past the trained edge, against the unfused path."""
+    masked. fp32, through block closes and past the trained edge, against the unfused path; the
+    products split-K (the default) or cuBLAS's."""
     torch.manual_seed(1)
     model = MHLAForCausalLM(preset_config("mhla-tiny", hidden_size=96)).to(DEV).eval()
     assert model.config.head_v_dim == 48
     unfused = model.make_plan(8, backend="triton", fused_decode=False, batched_decode=False)
     batched = model.make_plan(8, backend="triton", fused_decode=False, batched_decode=True)
+    assert batched.splitk_products == switches().splitk and not unfused.splitk_products
+    batched = dataclasses.replace(batched, splitk_products=splitk)
     ids = torch.randint(3, 256, (8, 36), device=DEV)
     with torch.inference_mode():
         ref_cache, cache = MHLACache(model.new_state(8)), MHLACache(model.new_state(8))
