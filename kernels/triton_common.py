@@ -114,3 +114,27 @@ def graph_bench(fn, quantiles=None):
 
 def pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
+
+
+_workspaces: dict = {}
+
+
+def splitk_workspace(device, parts: int, counters: int):
+    """(fp32 partials, int32 tile counters) of at least these sizes for the split-K products,
+    shared by every launch on ``device`` (launches on one stream are ordered; the library
+    decodes on one stream per device). Grown on demand; None when growing would happen inside a
+    CUDA-graph capture (a buffer made there is zeroed only when the graph replays): the caller
+    then launches without a split."""
+    key = (device.type, device.index)
+    have = _workspaces.get(key)
+    if have is not None and have[0].numel() >= parts and have[1].numel() >= counters:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if have is not None:  # keep the old pair alive: a captured graph may still point at it
+        _workspaces.setdefault("retired", []).append(have)
+        parts, counters = max(parts, have[0].numel()), max(counters, have[1].numel())
+    made = (torch.empty(parts, device=device, dtype=torch.float32),
+            torch.zeros(counters, device=device, dtype=torch.int32))
+    _workspaces[key] = made
+    return made

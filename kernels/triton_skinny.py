@@ -12,8 +12,16 @@ shapes (README), and fold that work in:
     RESIDUAL  epilogue: y = res + x W^T
 
 Rounding follows the unfused model: each value that the eager code stores in the activation
-dtype is rounded to it here too. One row (M = 1) multiplies and row-sums [BN, BK] weight tiles;
-more rows use ``tl.dot`` tiles of 16+ rows.
+dtype is rounded to it here too. One row (M = 1) multiplies and row-sums [BN, BK] weight tiles.
+More rows (2..64 a row block) use ``tl.dot`` with the weight as the left operand ("swap AB": its
+rows fill the 64-row MMA tile, the batch rows are the narrow side), and split K over SPLIT
+programs so that an output of 1024 columns still spreads over 128+ programs. Their partial sums
+meet without a second launch: each program writes its fp32 partial to a workspace and takes a
+ticket from its tile's counter; the program that draws the last ticket adds the partials in split
+order (deterministic whichever program finished last), runs the epilogue, and resets the counter.
+
+Every program loads its first weight tile before waiting on the previous kernel (programmatic
+dependent launch), and lets the next kernel launch at its first instruction (``PDL_EARLY``).
 """
 import functools
 
@@ -21,46 +29,80 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2
+from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_to, splitk_workspace
 
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
 # few configurations: each costs a compile at the first decode step of a new model shape
-_GEMV = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=3)
+_GEMV = [triton.Config({"BN": bn, "BK": bk, "SPLIT": 1}, num_warps=w, num_stages=3)
          for bn in (2, 4, 8, 16) for bk, w in ((512, 4), (1024, 8))]
-_DOT = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3) for bn in (16, 32, 64) for bk in (128, 256)]
+_DOT = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=3)
+        for bn in (64, 128) for bk in (64, 128) for sp in (1, 2, 4, 8)]
+_MAX_SPLIT, _MAX_BN = 8, 128
+
+
+def _waves(configs, named_args, **kwargs):
+    """The tensor-core launch shapes that give about one to four waves of programs on an H100."""
+    N, K, M, bm = named_args["N"], named_args["K"], named_args["M"], kwargs.get("BM", 16)
+    progs = lambda c: triton.cdiv(N, c.kwargs["BN"]) * c.kwargs["SPLIT"] * triton.cdiv(M, bm)  # noqa: E731
+    keep = [c for c in configs if 96 <= progs(c) <= 640 and c.kwargs["BK"] * c.kwargs["SPLIT"] <= max(K, c.kwargs["BK"])]
+    return keep or [min(configs, key=lambda c: abs(progs(c) - 132))]
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps, sx, sg, sr, sy,
+def _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Epilogue on the full sums acc [BM, BN]: SwiGLU, residual, one rounding to the output dtype."""
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    y = round_to(acc, DT).to(tl.float32)
+    if SWIGLU:
+        y = round_to(y * tl.sigmoid(y) * round_to(acc_up, DT).to(tl.float32), DT).to(tl.float32)
+    om = mm[:, None] & mn[None, :]
+    if RESIDUAL:
+        y += tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=om, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rm[:, None] * sy + rn[None, :], round_to(y, DT), mask=om)
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, GS, eps, sx, sg, sr, sy,
                    NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                    DOT: tl.constexpr, F32_DOT: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, BGS: tl.constexpr,
-                   PDL: tl.constexpr, EARLY: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   CH: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   SPLIT: tl.constexpr):
     if EARLY:  # the next kernel may start now and load its weights while this one runs
         tl.extra.cuda.gdc_launch_dependents()
     DT: tl.constexpr = y_ptr.dtype.element_ty
-    rm = tl.program_id(1) * BM + tl.arange(0, BM)
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
     mm, mn = rm < M, rn < N
     ck = tl.arange(0, BK)
+    ks = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK                                                   # K columns a split
+    k_lo = pid_s * ks
     # the first weight tile does not depend on the previous kernel: request it before waiting
-    wmask0 = mn[:, None] & (ck < K)[None, :]
-    w0 = tl.load(w_ptr + rn[:, None] * K + ck[None, :], mask=wmask0, other=0.0)                 # [BN, BK]
+    wmask0 = mn[:, None] & (k_lo + ck < K)[None, :]
+    w0 = tl.load(w_ptr + rn[:, None] * K + k_lo + ck[None, :], mask=wmask0, other=0.0)         # [BN, BK]
     if SWIGLU:
-        wu0 = tl.load(w_ptr + (N + rn[:, None]) * K + ck[None, :], mask=wmask0, other=0.0)
+        wu0 = tl.load(w_ptr + (N + rn[:, None]) * K + k_lo + ck[None, :], mask=wmask0, other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()  # x, g and res come from the previous kernels
     grp = tl.arange(0, NG)
-    if NORM:  # prologue: 1/rms of each of the NG groups of every row (x is small and stays in cache)
+    if NORM:  # prologue: 1/rms of each of the NG groups of every row, CH columns at a time
         rstds = tl.zeros([BM, NG], dtype=tl.float32)
-        cg = tl.arange(0, BGS)
         for gi in range(0, K // GS):
-            xg = tl.load(x_ptr + rm[:, None] * sx + gi * GS + cg[None, :], mask=mm[:, None] & (cg < GS)[None, :],
-                         other=0.0).to(tl.float32)                                              # [BM, BGS]
-            r = tl.rsqrt(tl.sum(xg * xg, axis=1) / GS + eps)                                    # [BM]
+            ss = tl.zeros([BM], dtype=tl.float32)
+            for c0 in range(0, BGS, CH):
+                cg = c0 + tl.arange(0, CH)
+                xg = tl.load(x_ptr + rm[:, None] * sx + gi * GS + cg[None, :], mask=mm[:, None] & (cg < GS)[None, :],
+                             other=0.0).to(tl.float32)                                          # [BM, CH]
+                ss += tl.sum(xg * xg, axis=1)
+            r = tl.rsqrt(ss / GS + eps)                                                         # [BM]
             rstds = tl.where(grp[None, :] == gi, r[:, None], rstds)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    acc_up = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    if DOT:  # transposed accumulators: the weight rows are the MMA's long side
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        acc_up = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_up = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + ks, BK):
         rk = k0 + ck
         mk = rk < K
         x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
@@ -72,12 +114,12 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps
                 sel = grp[None, None, :] == (rk // GS)[None, :, None]                            # [1, BK, NG]
                 rstd = tl.sum(tl.where(sel, rstds[:, None, :], 0.0), axis=2)                    # [BM, BK]
             nw = tl.load(nw_ptr + (rk % GS), mask=mk, other=0.0).to(tl.float32)                 # [BK]
-            x = (x * rstd * nw[None, :]).to(DT).to(tl.float32)
+            x = round_to(x * rstd * nw[None, :], DT).to(tl.float32)
         if GATE:
             g = tl.load(g_ptr + rm[:, None] * sg + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
             g = g.to(tl.float32)
-            x = (x * (g * tl.sigmoid(g))).to(DT).to(tl.float32)
-        if k0 == 0:
+            x = round_to(x * (g * tl.sigmoid(g)), DT).to(tl.float32)
+        if k0 == k_lo:
             w = w0
             if SWIGLU:
                 wu = wu0
@@ -88,30 +130,49 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, M, N, K, GS, eps
                 wu = tl.load(w_ptr + (N + rn[:, None]) * K + rk[None, :], mask=wmask, other=0.0)
         if DOT:
             if F32_DOT:
-                acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
+                xt = tl.trans(x)                                                                 # [BK, BM]
+                acc += tl.dot(w.to(tl.float32), xt, input_precision="ieee")
                 if SWIGLU:
-                    acc_up += tl.dot(x, tl.trans(wu.to(tl.float32)), input_precision="ieee")
+                    acc_up += tl.dot(wu.to(tl.float32), xt, input_precision="ieee")
             else:
-                xd = x.to(w.dtype)
-                acc += tl.dot(xd, tl.trans(w))
+                xt = tl.trans(x.to(w.dtype))
+                acc += tl.dot(w, xt)
                 if SWIGLU:
-                    acc_up += tl.dot(xd, tl.trans(wu))
+                    acc_up += tl.dot(wu, xt)
         else:  # one row (BM == 1): a 2-D multiply and a row sum, loads contiguous along K
             acc += tl.sum(w.to(tl.float32) * x, axis=1)[None, :]
             if SWIGLU:
                 acc_up += tl.sum(wu.to(tl.float32) * x, axis=1)[None, :]
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start and fetch its weights
-    y = acc.to(DT).to(tl.float32)
-    if SWIGLU:
-        y = y * tl.sigmoid(y) * acc_up.to(DT).to(tl.float32)
-    om = mm[:, None] & mn[None, :]
-    if RESIDUAL:
-        y += tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=om, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y.to(DT), mask=om)
+    if DOT:
+        acc, acc_up = tl.trans(acc), tl.trans(acc_up)                                           # [BM, BN]
+    if SPLIT == 1:
+        _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL)
+    else:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        tiles = tl.num_programs(0) * tl.num_programs(2)
+        at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]                          # [BM, BN]
+        mine = part_ptr + (pid_s * tiles + tile) * 2 * BM * BN
+        tl.store(mine + at, acc)
+        if SWIGLU:
+            tl.store(mine + BM * BN + at, acc_up)
+        tl.debug_barrier()  # every thread's partial is written before the ticket releases them
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT - 1:  # the tile's last program: the others' partials are visible now
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            acc_up = tl.zeros([BM, BN], dtype=tl.float32)
+            for sp in range(SPLIT):  # split order, not arrival order: a deterministic sum
+                part = part_ptr + (sp * tiles + tile) * 2 * BM * BN
+                acc += tl.load(part + at, cache_modifier=".cg")
+                if SWIGLU:
+                    acc_up += tl.load(part + BM * BN + at, cache_modifier=".cg")
+            _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL)
+            tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
 
-_gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
+_gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=graph_bench,
+                        prune_configs_by={"early_config_prune": _waves})(_skinny_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,15 +180,17 @@ def _gemv(kp: int):
     """The one-row tuner for rows of ``kp`` (a power of two) columns: the row-tile configurations
     plus whole-row ones, whose programs load their entire weight slice before waiting on the
     previous kernel (with the early trigger that load overlaps the previous kernel's run)."""
-    whole = [triton.Config({"BN": bn, "BK": kp}, num_warps=w, num_stages=1)
+    whole = [triton.Config({"BN": bn, "BK": kp, "SPLIT": 1}, num_warps=w, num_stages=1)
              for bn in (1, 2, 4, 8) for w in (4, 8) if kp > 1024 and bn * kp <= 16384]
     return triton.autotune(configs=_GEMV + whole, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
 
 
-def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None):
+def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None,
+                  split=None):
     """x [M, K] -> y [M, N] in x's dtype. ``weight`` [N, K] (or [2N, K] = [gate; up] with ``swiglu``).
     ``norm_weight`` [group] applies RMSNorm per group of ``group`` columns (default K) first;
-    ``gate`` [M, K] multiplies by silu(gate) after it; ``residual`` [M, N] is added at the end."""
+    ``gate`` [M, K] multiplies by silu(gate) after it; ``residual`` [M, N] is added at the end.
+    ``split``: fix the number of K splits of the tensor-core form (tests); default: tuned."""
     M, K = x.shape
     N = weight.shape[0] // (2 if swiglu else 1)
     assert weight.shape[1] == K and weight.is_contiguous() and x.stride(-1) == 1
@@ -137,16 +200,23 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     assert K % gs == 0, "the norm groups must tile the row"
     small = M == 1
     bm = 1 if small else min(pow2(M, 16), 64)
+    mblocks = triton.cdiv(M, bm)
+    ws = None if small else splitk_workspace(x.device, _MAX_SPLIT * mblocks * (N + 2 * _MAX_BN) * 2 * bm,
+                                             mblocks * triton.cdiv(N, 64))
+    parts, counters = ws if ws is not None else (x, x)
     dummy = x
     launch, fixed = (_gemv(pow2(K)) if small else _gemm), {}
-    if INTERPRET:  # no tuning; few programs, since the interpreter runs them one by one
-        launch, fixed = _skinny_kernel, {"BN": 64, "BK": 64}
-    grid = lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, bm))  # noqa: E731
+    if INTERPRET or split is not None:  # no tuning; few programs, since the interpreter runs them one by one
+        launch, fixed = _skinny_kernel, {"BN": 64, "BK": 64, "SPLIT": 1 if small else (split or 2)}
+    if not small and ws is None:  # in a CUDA-graph capture before any eager call of this size: no split
+        launch, fixed = _skinny_kernel, {"BN": 64, "BK": 128, "SPLIT": 1}
+    grid = lambda meta: (triton.cdiv(N, meta["BN"]), meta["SPLIT"], mblocks)  # noqa: E731
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
-                 residual if residual is not None else dummy, M, N, K, gs, eps,
+                 residual if residual is not None else dummy, parts, counters, M, N, K, gs, eps,
                  x.stride(0), gate.stride(0) if gate is not None else 0,
                  residual.stride(0) if residual is not None else 0, y.stride(0),
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
                  DOT=not small, F32_DOT=INTERPRET or x.dtype == torch.float32, BM=bm,
-                 NG=pow2(K // gs, 1), BGS=pow2(gs, 1), PDL=PDL, EARLY=PDL_EARLY, launch_pdl=PDL, **fixed)
+                 NG=pow2(K // gs, 1), BGS=pow2(gs, 1), CH=pow2(gs, 1) if small else min(pow2(gs, 1), 4096 // bm),
+                 PDL=PDL, EARLY=PDL_EARLY, launch_pdl=PDL, **fixed)
     return y

@@ -8,6 +8,8 @@ reports the choice (``compile_elementwise``).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -83,17 +85,43 @@ def add_rms_norm(x, y, weight, eps: float):
 
 
 _COMPILED: dict = {}
+# signatures whose compile failed: they run eager from then on (a failure is reported once)
+_EAGER: set = set()
+# dynamo compiles a function again for each new rank, dtype or constant it meets; its default
+# limit (8) is reached by a process that serves several model shapes, and with fullgraph=True
+# reaching it raises in the middle of a forward pass: these functions may take more
+RECOMPILE_LIMIT = 64
+
+
+def _wants_compile(x) -> bool:
+    return x.is_cuda and not torch.is_grad_enabled() and switches().compile
+
+
+def _signature(fn, x, args):
+    return (fn, x.dim(), x.dtype, x.device) + tuple(
+        (a.dim(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def fast(fn, **options):
     """``fn`` or its compiled form: compiled only for CUDA tensors with gradients off. ``options``:
-    inductor settings for this function alone."""
+    inductor settings for this function alone. A signature whose compile fails (dynamo's
+    recompile limit, an inductor error) runs the eager code instead, which computes the same
+    function: a decode never stops on a compiler error."""
     def call(x, *args):
-        if x.is_cuda and not torch.is_grad_enabled() and switches().compile:
-            compiled = _COMPILED.get(fn)
-            if compiled is None:
-                compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=options or None)
-            return compiled(x, *args)
+        if _wants_compile(x):
+            sig = _signature(fn, x, args)
+            if sig not in _EAGER:
+                compiled = _COMPILED.get(fn)
+                if compiled is None:
+                    compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True,
+                                                             options=options or None)
+                try:
+                    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                        return compiled(x, *args)
+                except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
+                    _EAGER.add(sig)
+                    warnings.warn(f"mhla_stream: {fn.__name__} runs uncompiled for {sig[1:]} ({type(err).__name__})",
+                                  RuntimeWarning, stacklevel=2)
         return fn(x, *args)
     call.__name__ = fn.__name__
     return call

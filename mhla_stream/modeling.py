@@ -28,17 +28,6 @@ if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
     from .kernels.triton_features import relu_rope_qk
     from .kernels.triton_skinny import skinny_linear
-    from .kernels.triton_splitk import splitk_linear, splitk_supported
-
-
-def _decode_product(x, weight, splitk: bool):
-    """``F.linear`` of the batched decode step: the split-K kernel where the plan chose it and the
-    shape suits it (2 to 64 rows), cuBLAS otherwise."""
-    if splitk and splitk_supported(x, weight):
-        y = splitk_linear(x, weight)
-        if y is not None:
-            return y
-    return F.linear(x, weight)
 
 
 def _version(w: torch.Tensor):
@@ -190,19 +179,19 @@ class MHLABlock(nn.Module):
                           swiglu=True)
         return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1)
 
-    def decode_step_batched(self, x, xn, cos, sin, state: MHLAState, next_norm, splitk: bool = False):
+    def decode_step_batched(self, x, xn, cos, sin, state: MHLAState, next_norm):
         """One token per sequence where the decode is not fused (CUDA batches > 1 by default):
         x [B, D] and xn = its attention norm -> (out, out normed by ``next_norm``, the next block's
-        attention norm or the final one). The products are the split-K kernel's with ``splitk``
-        (2 to 64 rows), cuBLAS's otherwise; around them, relu + RoPE run inside the
-        decode kernel and each residual sum shares its launch with the norm after it, so a layer
-        takes 10 launches instead of 14 (counting cuBLAS's split-K reduction). The state is
+        attention norm or the final one). The products stay cuBLAS's (faster than the fused step's
+        split-K tensor-core products at batch 8 and 32: README, decode); around them, relu + RoPE
+        run inside the decode kernel and each residual sum shares its launch with the norm after
+        it, so a layer takes 10 launches instead of 14 (counting cuBLAS's split-K reduction). The state is
         advanced except its position (the caller moves every layer's at once)."""
         attn, mlp = self.attn, self.mlp
         B = x.shape[0]
         H, K, V = attn.num_heads, attn.head_k_dim, attn.head_v_dim
         state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
-        qkvg = _decode_product(xn, attn.qkvg_weight.get(), splitk)
+        qkvg = F.linear(xn, attn.qkvg_weight.get())
         hk, hv = H * K, H * V
         q = qkvg[:, :hk].view(B, H, K)
         k = qkvg[:, hk:2 * hk].view(B, H, K)
@@ -212,10 +201,10 @@ class MHLABlock(nn.Module):
         decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin))  # raw mixing: clamped in-kernel
         gn = attn.g_norm_swish_gate
         o = gated_norm_fast(o, gn.weight, g, gn.eps)
-        attn_out = _decode_product(o.reshape(B, hv), attn.o_proj.weight, splitk)
+        attn_out = F.linear(o.reshape(B, hv), attn.o_proj.weight)
         h, hn = add_rms_norm_fast(x, attn_out, self.mlp_norm.weight, self.mlp_norm.eps)
-        gate, up = _decode_product(hn, mlp.gate_up_weight.get(), splitk).chunk(2, -1)
-        m = _decode_product(swiglu_fast(gate, up), mlp.down_proj.weight, splitk)
+        gate, up = F.linear(hn, mlp.gate_up_weight.get()).chunk(2, -1)
+        m = F.linear(swiglu_fast(gate, up), mlp.down_proj.weight)
         return add_rms_norm_fast(h, m, next_norm.weight, next_norm.eps)
 
 
@@ -271,7 +260,7 @@ class MHLAModel(MHLAPreTrainedModel):
             norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
             xn = rms_norm_fast(x, self.layers[0].attn_norm.weight, self.layers[0].attn_norm.eps)
             for layer, state, norm in zip(self.layers, states, norms):
-                x, xn = layer.decode_step_batched(x, xn, cos, sin, state, norm, plan.splitk_products)
+                x, xn = layer.decode_step_batched(x, xn, cos, sin, state, norm)
             MHLAState.advance_positions(states)
             return xn.view(B, 1, -1)  # the last layer's sum went through the final norm
         for i, layer in enumerate(self.layers):

@@ -57,8 +57,6 @@ class ExecutionPlan:
     compile_elementwise torch.compile of norms, RoPE tables and SwiGLU (CUDA inference)
     cuda_graphs         StreamingMHLA replays captured decode steps and full prefill chunks
     pdl                 decode kernels overlap through programmatic dependent launch
-    splitk_products     the batched decode step's products run the split-K Triton kernel (2 to 64
-                        rows; cuBLAS otherwise): with batched_decode and MHLA_STREAM_SPLITK=1
     policy              mixing policy for new states (None: the model's)
     train_backend       operator backend while training: "triton" (Triton forward + backward, on
                         CUDA or with an explicit backend="triton") or "torch" (the differentiable
@@ -80,7 +78,6 @@ class ExecutionPlan:
     train_backend: str = "torch"
     state_dtype: str = "float32"
     batched_decode: bool = False
-    splitk_products: bool = False
 
     def backend_for(self, tokens: int, stateful: bool) -> str:
         """The operator backend for one call: the decode backend for one token with a state."""
@@ -90,7 +87,7 @@ class ExecutionPlan:
         """The plan for a call with gradients enabled: no fused or compiled inference paths, and
         while training the training backend (Triton forward + backward, or the torch form)."""
         backends = dict(prefill_backend=self.train_backend, decode_backend=self.train_backend) if training else {}
-        return replace(self, fused_decode=False, batched_decode=False, splitk_products=False,
+        return replace(self, fused_decode=False, batched_decode=False,
                        fused_projections=False, triton_features=False, compile_elementwise=False, **backends)
 
     def describe(self) -> str:
@@ -104,8 +101,8 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
     """The one place where execution paths are chosen.
 
     ``backend``: "auto" or a named operator backend (an unavailable one is an error here, at
-    creation, rather than at the first call). ``fused_decode``: None decides (CUDA, batch 1,
-    Triton, MHLA_STREAM_FUSED_DECODE not 0); True forces it (tests under TRITON_INTERPRET).
+    creation, rather than at the first call). ``fused_decode``: None decides (CUDA, batches up
+    to MHLA_STREAM_FUSED_BATCH, Triton, MHLA_STREAM_FUSED_DECODE not 0); True forces it (tests under TRITON_INTERPRET).
     ``state_dtype``: the ring's storage dtype for the states made with this plan (None = fp32).
     ``batched_decode``: None decides (CUDA, Triton, no fused decode, MHLA_STREAM_FUSED_DECODE not
     0); True forces it where the operator is Triton and the decode is not fused (CPU tests).
@@ -119,8 +116,8 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
     cuda = device.type == "cuda"
     triton_path = chosen == "triton" and backend in ("auto", "triton")
     if fused_decode is None:
-        # batch 1 only: at batch 8 and 32 cuBLAS's products beat the tl.dot form (H100, 2026-11-22)
-        fused_decode = cuda and triton_path and env.fused_decode and batch == 1
+        # up to MHLA_STREAM_FUSED_BATCH sequences (default: switches.FUSED_BATCH, measured)
+        fused_decode = cuda and triton_path and env.fused_decode and batch <= env.fused_batch
     else:  # forced (tests run it on the CPU under TRITON_INTERPRET); only where the operator is Triton
         fused_decode = bool(fused_decode) and triton_path
     if batched_decode is None:
@@ -135,4 +132,4 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
         compile_elementwise=cuda and env.compile, cuda_graphs=cuda and cuda_graphs and backend in ("auto", "triton"),
         pdl=cuda and triton_path and pdl_supported(), policy=policy, state_dtype=ring_dtype,
         train_backend="triton" if chosen == "triton" and env.triton_train else "torch",
-        batched_decode=batched_decode, splitk_products=batched_decode and env.splitk)
+        batched_decode=batched_decode)

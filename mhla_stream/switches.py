@@ -3,12 +3,12 @@
     TRITON_INTERPRET=1            Triton kernels run in the interpreter (CPU tests)
     MHLA_STREAM_FUSED_DECODE=0    no batch-1 fused decode, no batched decode step and no Triton
                                   feature kernel in prefill
+    MHLA_STREAM_FUSED_BATCH=N     the largest batch that decodes with the fused step (five Triton
+                                  launches a layer); larger batches take the batched step
     MHLA_STREAM_PDL=0             no programmatic dependent launch between decode kernels
     MHLA_STREAM_PDL_EARLY=0       a decode kernel lets its successor start only after its main loop
                                   (default: at its first instruction, so the successor's weight
                                   loads overlap this kernel's whole run)
-    MHLA_STREAM_SPLITK=1          batched decode runs its products with the split-K Triton kernel
-                                  (default off: cuBLAS's measured as fast or faster, H100 2026-11-24)
     MHLA_STREAM_COMPILE=0         no torch.compile of the elementwise ops on CUDA
     MHLA_STREAM_TRITON_TRAIN=0    training keeps the differentiable torch chunk form on CUDA
                                   (default: the Triton forward + backward)
@@ -27,6 +27,9 @@ import os
 from dataclasses import dataclass
 
 
+FUSED_BATCH = 1  # the default largest fused-decode batch (measured: README, decode)
+
+
 @dataclass(frozen=True)
 class Switches:
     interpret: bool
@@ -36,7 +39,7 @@ class Switches:
     triton_train: bool = True
     tune: bool = True
     pdl_early: bool = True
-    splitk: bool = False
+    fused_batch: int = FUSED_BATCH
 
 
 OFF = ("0", "false", "no", "off")  # what turns a switch off ("false" read as on would be a silent surprise)
@@ -55,4 +58,17 @@ def switches() -> Switches:
                     triton_train=_on("MHLA_STREAM_TRITON_TRAIN"),
                     tune=_on("MHLA_STREAM_TUNE"),
                     pdl_early=_on("MHLA_STREAM_PDL_EARLY"),
-                    splitk=os.environ.get("MHLA_STREAM_SPLITK", "0").strip().lower() not in OFF)
+                    fused_batch=_count("MHLA_STREAM_FUSED_BATCH", FUSED_BATCH))
+
+
+def _count(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name} must be a whole number >= 0 (0: no fused decode), got {raw!r}")
+    return value

@@ -1,7 +1,7 @@
 """The fused decode path (skinny products with folded norms, in-kernel feature map, block close
 folded into the decode kernel) and the prefill feature-map kernel, against the unfused model.
 Runs under TRITON_INTERPRET=1 on a CPU, natively on a GPU."""
-import dataclasses
+import functools
 
 import pytest
 import torch
@@ -10,9 +10,9 @@ from conftest import TOL, rand_qkv, rel_err
 
 from mhla_stream import MHLACache, MHLAForCausalLM, POLICIES, mhla_attention, mhla_reference, preset_config
 from mhla_stream.fused import gated_norm, relu_rope, rms_norm, rope_tables, swiglu
+from mhla_stream.kernels import triton_common
 from mhla_stream.kernels.triton_features import relu_rope_qk
 from mhla_stream.kernels.triton_skinny import skinny_linear
-from mhla_stream.switches import switches
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -23,27 +23,34 @@ def _rand(*shape, dtype, seed):
     return torch.randn(*shape, generator=g).to(device=DEV, dtype=dtype)
 
 
-@pytest.mark.parametrize("M", (1, 2, 3, 17))
+@pytest.mark.parametrize("M,split", ((1, None), (2, 1), (3, 2), (17, 3), (70, 2)))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_skinny_products_match_unfused(M, dtype):
+def test_skinny_products_match_unfused(M, split, dtype):
+    """Every prologue and epilogue; from 2 rows the tensor-core form with K split over 1-3 programs
+    (3 splits of 96 columns in steps of 64: one split is empty), 70 rows in two row blocks."""
     K, N, V, eps = 96, 40, 32, 1e-6
     x, w = _rand(M, K, dtype=dtype, seed=M), _rand(N, K, dtype=dtype, seed=1) / K ** 0.5
     nw, res = _rand(K, dtype=dtype, seed=2), _rand(M, N, dtype=dtype, seed=3)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
-    assert rel_err(skinny_linear(x, w), F.linear(x, w)) < tol
+    lin = functools.partial(skinny_linear, split=split)
+    assert rel_err(lin(x, w), F.linear(x, w)) < tol
     ref = F.linear(rms_norm(x, nw, eps), w)
-    assert rel_err(skinny_linear(x, w, norm_weight=nw, eps=eps), ref) < tol
+    assert rel_err(lin(x, w, norm_weight=nw, eps=eps), ref) < tol
     # gated per-head norm (groups of V columns) plus the residual: the attention output projection
     g, gw = _rand(M, K, dtype=dtype, seed=4), _rand(V, dtype=dtype, seed=5)
     o = x.view(M, K // V, V)
     ref = res + F.linear(gated_norm(o, gw, g.view(M, K // V, V), eps).reshape(M, K), w)
-    out = skinny_linear(x, w, norm_weight=gw, group=V, eps=eps, gate=g, residual=res)
+    out = lin(x, w, norm_weight=gw, group=V, eps=eps, gate=g, residual=res)
     assert rel_err(out, ref) < tol
     # SwiGLU over [gate; up] rows with the layer norm in front: the MLP's first product
     wgu = _rand(2 * N, K, dtype=dtype, seed=6) / K ** 0.5
     xn = rms_norm(x, nw, eps)
     ref = swiglu(F.linear(xn, wgu[:N]), F.linear(xn, wgu[N:]))
-    assert rel_err(skinny_linear(x, wgu, norm_weight=nw, eps=eps, swiglu=True), ref) < tol
+    out = lin(x, wgu, norm_weight=nw, eps=eps, swiglu=True)
+    assert rel_err(out, ref) < tol
+    assert torch.equal(lin(x, wgu, norm_weight=nw, eps=eps, swiglu=True), out)  # counters reset: same bits
+    if M > 1:
+        assert int(triton_common._workspaces[(x.device.type, x.device.index)][1].abs().sum()) == 0
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
@@ -132,18 +139,14 @@ def test_decode_kernel_wide_column_blocks_at_large_batches(B):
     assert torch.equal(got_state.pos, ref_state.pos)
 
 
-@pytest.mark.parametrize("splitk", (True, False))
-def test_batched_decode_at_batch_8_with_a_partial_value_block(splitk):
+def test_batched_decode_at_batch_8_with_a_partial_value_block():
     """The batched step at batch 8 (value blocks of 32) with V = 48: the second block is half
-    masked. fp32, through block closes and past the trained edge, against the unfused path; the
-    products split-K (the default) or cuBLAS's."""
+    masked. fp32, through block closes and past the trained edge, against the unfused path."""
     torch.manual_seed(1)
     model = MHLAForCausalLM(preset_config("mhla-tiny", hidden_size=96)).to(DEV).eval()
     assert model.config.head_v_dim == 48
     unfused = model.make_plan(8, backend="triton", fused_decode=False, batched_decode=False)
     batched = model.make_plan(8, backend="triton", fused_decode=False, batched_decode=True)
-    assert batched.splitk_products == switches().splitk and not unfused.splitk_products
-    batched = dataclasses.replace(batched, splitk_products=splitk)
     ids = torch.randint(3, 256, (8, 36), device=DEV)
     with torch.inference_mode():
         ref_cache, cache = MHLACache(model.new_state(8)), MHLACache(model.new_state(8))

@@ -115,3 +115,43 @@ def test_concatenated_weights_follow_weight_changes():
     assert attn.qkvg_weight.get().dtype == torch.float64
     ws = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.g_proj.weight]
     assert torch.equal(attn.qkvg_weight.get(), torch.cat(ws, 0))
+
+
+@pytest.mark.parametrize("raw", ("abc", "-1", "2.5"))
+def test_fused_batch_switch_refuses_what_is_not_a_count(raw, monkeypatch):
+    from mhla_stream import switches as sw
+    monkeypatch.setenv("MHLA_STREAM_FUSED_BATCH", raw)
+    with pytest.raises(ValueError, match="MHLA_STREAM_FUSED_BATCH must be a whole number"):
+        sw._count("MHLA_STREAM_FUSED_BATCH", 1)
+    monkeypatch.setenv("MHLA_STREAM_FUSED_BATCH", " 16 ")
+    assert sw._count("MHLA_STREAM_FUSED_BATCH", 1) == 16
+
+
+def test_a_compile_failure_runs_the_eager_code(monkeypatch):
+    """Dynamo's recompile limit (hit by a process that meets many shapes; with fullgraph it
+    raises) or any compiler error: the call computes the eager result and that signature stays
+    eager, with one warning. Simulated on the CPU by a compiler that always fails."""
+    import torch._dynamo
+    from mhla_stream import fused
+
+    calls = []
+
+    def failing_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(fn.__name__)
+            raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile limit")
+        return run
+
+    monkeypatch.setattr(fused, "_wants_compile", lambda x: True)
+    monkeypatch.setattr(fused.torch, "compile", failing_compile)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "_EAGER", set())
+    norm = fused.fast(fused.rms_norm)
+    x, w = torch.randn(3, 8), torch.rand(8)
+    with pytest.warns(RuntimeWarning, match="rms_norm runs uncompiled"):
+        out = norm(x, w, 1e-6)
+    assert torch.equal(out, fused.rms_norm(x, w, 1e-6))
+    assert torch.equal(norm(x, w, 1e-6), out) and calls == ["rms_norm"]  # not tried again
+    with pytest.warns(RuntimeWarning):
+        norm(x[None], w, 1e-6)  # another rank: tried once more (and falls back again)
+    assert calls == ["rms_norm", "rms_norm"]
