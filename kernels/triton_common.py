@@ -88,9 +88,12 @@ def ext_coef(m_ptr, L, i, j, FAR: tl.constexpr):
 def round_bf16(x):
     """fp32 ``x`` rounded to the nearest bf16 value (ties to even), kept in fp32: what a bf16 ring
     stores. Done on the bits because the interpreter's fp32 -> bf16 cast truncates (triton 3.9);
-    the result converts to bf16 exactly on every backend. Finite x and +-inf (state values)."""
+    the result converts to bf16 exactly on every backend. A NaN stays a NaN (quiet, sign kept):
+    adding the rounding bias to the GPU's canonical NaN 0x7FFFFFFF would carry into the sign
+    and give -0.0, hiding an overflow in the activations that round_to rounds."""
     bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    bits = tl.where(x != x, (bits | 0x00400000) & 0xFFFF0000, rounded)
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -109,6 +112,10 @@ def graph_bench(fn, quantiles=None):
     """The autotuners' timer: CUDA-graph replays, so that a slow host's launch overhead (100+ us
     a launch seen on the GPU machine) does not drown the difference between configurations."""
     from triton.testing import do_bench_cudagraph  # the testing module is needed only when tuning
+    # do_bench_cudagraph launches on a fresh stream that is not ordered after the caller's: wait for
+    # the kernels in flight there first, since the split-K products share their workspace and tile
+    # counters (a launch racing another one on a counter leaves it off zero for every later launch)
+    torch.cuda.synchronize()
     return do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 

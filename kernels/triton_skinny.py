@@ -193,6 +193,7 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     ``split``: fix the number of K splits of the tensor-core form (tests); default: tuned."""
     M, K = x.shape
     N = weight.shape[0] // (2 if swiglu else 1)
+    assert split is None or 1 <= split <= _MAX_SPLIT, "the workspace holds at most _MAX_SPLIT partials a tile"
     assert weight.shape[1] == K and weight.is_contiguous() and x.stride(-1) == 1
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     norm = norm_weight is not None

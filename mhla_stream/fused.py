@@ -89,7 +89,7 @@ _COMPILED: dict = {}
 _EAGER: set = set()
 # dynamo compiles a function again for each new rank, dtype or constant it meets; its default
 # limit (8) is reached by a process that serves several model shapes, and with fullgraph=True
-# reaching it raises in the middle of a forward pass: these functions may take more
+# reaching it raises in the middle of a forward pass: these functions may take more (_run_compiled)
 RECOMPILE_LIMIT = 64
 
 
@@ -100,6 +100,19 @@ def _wants_compile(x) -> bool:
 def _signature(fn, x, args):
     return (fn, x.dim(), x.dtype, x.device) + tuple(
         (a.dim(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+_COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
+
+
+def _run_compiled(compiled, x, args):
+    """The compiled call; past dynamo's own recompile limit, once more under ours (patching the
+    config costs tens of microseconds, so only a call that needs a new graph pays it)."""
+    try:
+        return compiled(x, *args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(x, *args)
 
 
 def fast(fn, **options):
@@ -116,12 +129,15 @@ def fast(fn, **options):
                     compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True,
                                                              options=options or None)
                 try:
-                    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                        return compiled(x, *args)
-                except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
+                    return _run_compiled(compiled, x, args)
+                except _COMPILE_ERRORS as err:
+                    # an error of the call itself (dynamo raises it while tracing) raises here as it
+                    # would uncompiled, and leaves the signature compiled for the valid calls after it
+                    out = fn(x, *args)
                     _EAGER.add(sig)
                     warnings.warn(f"mhla_stream: {fn.__name__} runs uncompiled for {sig[1:]} ({type(err).__name__})",
                                   RuntimeWarning, stacklevel=2)
+                    return out
         return fn(x, *args)
     call.__name__ = fn.__name__
     return call

@@ -151,7 +151,71 @@ def test_a_compile_failure_runs_the_eager_code(monkeypatch):
     with pytest.warns(RuntimeWarning, match="rms_norm runs uncompiled"):
         out = norm(x, w, 1e-6)
     assert torch.equal(out, fused.rms_norm(x, w, 1e-6))
-    assert torch.equal(norm(x, w, 1e-6), out) and calls == ["rms_norm"]  # not tried again
+    # tried twice (again under the raised limit), then not again
+    assert torch.equal(norm(x, w, 1e-6), out) and calls == ["rms_norm"] * 2
     with pytest.warns(RuntimeWarning):
         norm(x[None], w, 1e-6)  # another rank: tried once more (and falls back again)
-    assert calls == ["rms_norm", "rms_norm"]
+    assert calls == ["rms_norm"] * 4
+
+
+def test_the_recompile_limit_is_raised_for_the_retry(monkeypatch):
+    """Past dynamo's limit the call is compiled again under ours (RECOMPILE_LIMIT): it succeeds,
+    stays compiled and warns nothing."""
+    import warnings
+    import torch._dynamo
+    from mhla_stream import fused
+
+    limits = []
+
+    def limited_compile(fn, **kwargs):
+        def run(*args):
+            limits.append(torch._dynamo.config.recompile_limit)
+            if torch._dynamo.config.recompile_limit < fused.RECOMPILE_LIMIT:
+                raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile limit")
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(fused, "_wants_compile", lambda x: True)
+    monkeypatch.setattr(fused.torch, "compile", limited_compile)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "_EAGER", set())
+    norm = fused.fast(fused.rms_norm)
+    x, w = torch.randn(3, 8), torch.rand(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(norm(x, w, 1e-6), fused.rms_norm(x, w, 1e-6))
+    default = torch._dynamo.config.recompile_limit
+    assert limits == [default, fused.RECOMPILE_LIMIT] and not fused._EAGER
+
+
+def test_a_user_error_does_not_turn_compilation_off(monkeypatch):
+    """A call that fails in eager too (shapes that do not broadcast: dynamo raises it while
+    tracing, wrapped in TorchRuntimeError) raises the eager error, and that signature stays
+    compiled for the valid calls after it: no 'runs uncompiled' warning."""
+    import warnings
+    import torch._dynamo
+    from mhla_stream import fused
+
+    calls = []
+
+    def tracing_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(fn.__name__)
+            try:
+                return fn(*args)
+            except RuntimeError as err:  # what dynamo does with an error met while tracing
+                raise torch._dynamo.exc.TorchRuntimeError(str(err)) from err
+        return run
+
+    monkeypatch.setattr(fused, "_wants_compile", lambda x: True)
+    monkeypatch.setattr(fused.torch, "compile", tracing_compile)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "_EAGER", set())
+    add_norm = fused.fast(fused.add_rms_norm)
+    x, w = torch.randn(3, 8), torch.rand(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="must match"):
+            add_norm(x, torch.randn(3, 7), w, 1e-6)
+        add_norm(x, torch.randn(3, 8), w, 1e-6)
+    assert calls == ["add_rms_norm", "add_rms_norm"] and not fused._EAGER
