@@ -127,6 +127,16 @@ def test_fused_batch_switch_refuses_what_is_not_a_count(raw, monkeypatch):
     assert sw._count("MHLA_STREAM_FUSED_BATCH", 1) == 16
 
 
+def _use_compiler(monkeypatch, compile_fn):
+    """``fused.fast`` compiles (on the CPU too) with ``compile_fn`` standing in for torch.compile,
+    from an empty cache."""
+    from mhla_stream import fused
+    monkeypatch.setattr(fused, "_wants_compile", lambda x: True)
+    monkeypatch.setattr(fused.torch, "compile", compile_fn)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "_EAGER", set())
+
+
 def test_a_compile_failure_runs_the_eager_code(monkeypatch):
     """Dynamo's recompile limit (hit by a process that meets many shapes; with fullgraph it
     raises) or any compiler error: the call computes the eager result and that signature stays
@@ -142,10 +152,7 @@ def test_a_compile_failure_runs_the_eager_code(monkeypatch):
             raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile limit")
         return run
 
-    monkeypatch.setattr(fused, "_wants_compile", lambda x: True)
-    monkeypatch.setattr(fused.torch, "compile", failing_compile)
-    monkeypatch.setattr(fused, "_COMPILED", {})
-    monkeypatch.setattr(fused, "_EAGER", set())
+    _use_compiler(monkeypatch, failing_compile)
     norm = fused.fast(fused.rms_norm)
     x, w = torch.randn(3, 8), torch.rand(8)
     with pytest.warns(RuntimeWarning, match="rms_norm runs uncompiled"):
@@ -175,10 +182,7 @@ def test_the_recompile_limit_is_raised_for_the_retry(monkeypatch):
             return fn(*args)
         return run
 
-    monkeypatch.setattr(fused, "_wants_compile", lambda x: True)
-    monkeypatch.setattr(fused.torch, "compile", limited_compile)
-    monkeypatch.setattr(fused, "_COMPILED", {})
-    monkeypatch.setattr(fused, "_EAGER", set())
+    _use_compiler(monkeypatch, limited_compile)
     norm = fused.fast(fused.rms_norm)
     x, w = torch.randn(3, 8), torch.rand(8)
     with warnings.catch_warnings():
@@ -207,10 +211,7 @@ def test_a_user_error_does_not_turn_compilation_off(monkeypatch):
                 raise torch._dynamo.exc.TorchRuntimeError(str(err)) from err
         return run
 
-    monkeypatch.setattr(fused, "_wants_compile", lambda x: True)
-    monkeypatch.setattr(fused.torch, "compile", tracing_compile)
-    monkeypatch.setattr(fused, "_COMPILED", {})
-    monkeypatch.setattr(fused, "_EAGER", set())
+    _use_compiler(monkeypatch, tracing_compile)
     add_norm = fused.fast(fused.add_rms_norm)
     x, w = torch.randn(3, 8), torch.rand(8)
     with warnings.catch_warnings():
