@@ -123,7 +123,8 @@ def pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-_workspaces: dict = {}
+_workspaces: dict = {}  # (device type, index) -> (partials, counters)
+_retired: list = []     # outgrown pairs, kept alive: a captured graph may still point at them
 
 
 def splitk_workspace(device, parts: int, counters: int):
@@ -138,8 +139,8 @@ def splitk_workspace(device, parts: int, counters: int):
         return have
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
-    if have is not None:  # keep the old pair alive: a captured graph may still point at it
-        _workspaces.setdefault("retired", []).append(have)
+    if have is not None:
+        _retired.append(have)
         parts, counters = max(parts, have[0].numel()), max(counters, have[1].numel())
     made = (torch.empty(parts, device=device, dtype=torch.float32),
             torch.zeros(counters, device=device, dtype=torch.int32))

@@ -102,7 +102,10 @@ def _signature(fn, x, args):
         (a.dim(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-_COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
+def _is_compile_error(err: Exception) -> bool:
+    # torch._dynamo is looked up only here, after a compile (see _compile)
+    exc = torch._dynamo.exc
+    return isinstance(err, (exc.TorchDynamoException, exc.FailOnRecompileLimitHit))
 
 
 def _run_compiled(compiled, x, args):
@@ -115,6 +118,15 @@ def _run_compiled(compiled, x, args):
             return compiled(x, *args)
 
 
+def _compile(fn, options):
+    """torch.compile of ``fn`` with the inductor ``options`` this torch knows. Looked up here, at
+    the first compile: importing torch._inductor (and dynamo with it) costs about a second, which
+    every CPU user and every command's start-up would otherwise pay."""
+    import torch._inductor.config as inductor_config
+    known = {k: v for k, v in options.items() if hasattr(inductor_config, k)}
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=known or None)
+
+
 def fast(fn, **options):
     """``fn`` or its compiled form: compiled only for CUDA tensors with gradients off. ``options``:
     inductor settings for this function alone. A signature whose compile fails (dynamo's
@@ -122,18 +134,20 @@ def fast(fn, **options):
     function: a decode never stops on a compiler error."""
     def call(x, *args):
         if _wants_compile(x):
-            sig = _signature(fn, x, args)
-            if sig not in _EAGER:
+            # the signature is built only once some compile has failed (the decode's hot path)
+            if not (_EAGER and _signature(fn, x, args) in _EAGER):
                 compiled = _COMPILED.get(fn)
                 if compiled is None:
-                    compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True,
-                                                             options=options or None)
+                    compiled = _COMPILED[fn] = _compile(fn, options)
                 try:
                     return _run_compiled(compiled, x, args)
-                except _COMPILE_ERRORS as err:
+                except Exception as err:
+                    if not _is_compile_error(err):
+                        raise
                     # an error of the call itself (dynamo raises it while tracing) raises here as it
                     # would uncompiled, and leaves the signature compiled for the valid calls after it
                     out = fn(x, *args)
+                    sig = _signature(fn, x, args)
                     _EAGER.add(sig)
                     warnings.warn(f"mhla_stream: {fn.__name__} runs uncompiled for {sig[1:]} ({type(err).__name__})",
                                   RuntimeWarning, stacklevel=2)
@@ -150,6 +164,4 @@ gated_norm_fast = fast(gated_norm)
 swiglu_fast = fast(swiglu)
 # inductor keeps an intermediate in fp32 unless told to round it as eager does: h is rounded to the
 # activation dtype before its norm, as in the block (and in the batch-1 fused decode)
-_ROUND_AS_EAGER = ({"emulate_precision_casts": True}
-                   if hasattr(torch._inductor.config, "emulate_precision_casts") else {})
-add_rms_norm_fast = fast(add_rms_norm, **_ROUND_AS_EAGER)
+add_rms_norm_fast = fast(add_rms_norm, emulate_precision_casts=True)
