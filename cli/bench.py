@@ -38,7 +38,8 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
         if not mine:
             continue
         for ax, (key, label) in zip(axes, panels):
-            ax.plot([r["prompt_len"] for r in mine], [r[key] for r in mine], style,
+            have = [r for r in mine if key in r]  # --decode-only rows have no prefill figures
+            ax.plot([r["prompt_len"] for r in have], [r[key] for r in have], style,
                     label="MHLA" if kind == "mhla" else "Transformer (SDPA)")
             ax.set(xscale="log", yscale="log", xlabel="prompt tokens", title=label)
             ax.grid(alpha=0.3, which="both")
@@ -60,6 +61,10 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
               help="prompt tokens per prefill step, over the whole batch (at least 64 per sequence)")
 @click.option("--fused-decode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="the five-launch Triton decode step (auto: batch 1 on CUDA)")
+@click.option("--decode-only", is_flag=True,
+              help="time decode alone: prefill one prompt (untimed) and copy its state into every sequence of the "
+                   "batch; a step costs the same whatever the tokens, and it keeps batch 128 at 128k tokens to "
+                   "seconds instead of minutes of prefill (no prefill columns)")
 @click.option("--compare", type=click.Choice(["transformer"]), default=None)
 @click.option("--device", default=None)
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
@@ -70,8 +75,8 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 @click.option("--json", "json_path", default=None, type=click.Path(), help="also write the rows here")
 @click.option("--plot", "plot_path", default=None, type=click.Path(),
               help="draw tokens/s and memory against prompt length into this PNG (matplotlib)")
-def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_chunk, fused_decode, compare, device,
-         dtype, backend, cuda_graph, state_dtype, json_path, plot_path):
+def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_chunk, fused_decode, decode_only, compare,
+         device, dtype, backend, cuda_graph, state_dtype, json_path, plot_path):
     """Measure prefill and decode speed of an MHLA model on long prompts."""
     try:
         lengths = [int(x) for x in prompt_len.split(",")]
@@ -114,7 +119,7 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
         kinds.append(("transformer", same_size_transformer(m.config, device, dtype)))
     meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": str(dtype),
             "date": time.strftime("%Y-%m-%d"), "model": model, "random_weights": random_weights,
-            "params": sum(p.numel() for p in m.parameters()), "new_tokens": new_tokens,
+            "params": sum(p.numel() for p in m.parameters()), "new_tokens": new_tokens, "decode_only": decode_only,
             "state_dtype": m.make_plan(1, **plan_options).state_dtype,
             "plans": {b: m.make_plan(b, **plan_options).describe() for b in batches}}
     bandwidth = None
@@ -133,10 +138,12 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
         graphs = cuda_graph and device.startswith("cuda")
         # warm-up at the timed chunk shape: kernels compiled and tuned, graphs captured once before timing
         chunk = max(64, prefill_chunk // b)  # per sequence: the step's activations stay bounded at any batch
-        run_one(kind, mod, min(L, chunk), 2, b, chunk, device, graphs, backend, state_dtype, fused_decode=fused)
+        only = decode_only and kind == "mhla"
+        run_one(kind, mod, min(L, chunk), 2, b, chunk, device, graphs, backend, state_dtype, fused_decode=fused,
+                decode_only=only)
         try:
             rows.append(run_one(kind, mod, L, new_tokens, b, chunk, device, graphs, backend, state_dtype, bandwidth,
-                                fused))
+                                fused, only))
         except torch.OutOfMemoryError:
             rows.append({"model": kind, "prompt_len": L, "batch": b, "error": "out of memory"})
             reset_peak(device)

@@ -43,10 +43,13 @@ def same_size_transformer(cfg, device, dtype):
 
 @torch.inference_mode()
 def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=False, backend="auto", state_dtype=None,
-            bandwidth=None, fused_decode=None):
+            bandwidth=None, fused_decode=None, decode_only=False):
     """One timed prefill + decode. The MHLA model runs with its own plan for this batch;
     ``state_dtype``: storage of its block summaries (None = fp32). With a measured ``bandwidth``
-    (bytes/s) an MHLA row also gets the decode step's memory-traffic floor."""
+    (bytes/s) an MHLA row also gets the decode step's memory-traffic floor. ``decode_only`` (MHLA):
+    prefill the first sequence alone and copy its state into every row, untimed: a decode step
+    costs the same whatever its tokens, and the full batch's prefill at 128k tokens would take
+    minutes; the row then has no prefill figures."""
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
     reset_peak(device)
@@ -63,19 +66,29 @@ def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=Fa
     chunk = chunk if kind == "mhla" else prompt_len  # the Transformer prefills whole (flash attention)
     if kind == "mhla" and plan.cuda_graphs:  # captured once before timing, as a server does at start-up
         t = time.perf_counter()
-        if prompt_len >= chunk:
+        if prompt_len >= chunk and not decode_only:
             prefill_graph = GraphStep(model, cache, chunk, plan=plan)
         decoder = GraphDecoder(model, cache, plan=plan)
         sync(device)
         capture_s = time.perf_counter() - t
+    if kind == "mhla" and decode_only:
+        one = MHLACache(model.new_state(1, device=device, state_dtype=plan.state_dtype))
+        plan1 = model.make_plan(1, backend=backend, cuda_graphs=False, state_dtype=state_dtype)
+        logits = prefill(model, one, ids[:1], chunk * batch, plan1)  # the whole-batch chunk, in one row
+        for live, src in zip(cache.states, one.states):
+            live.copy_(src)  # broadcast over the batch
+        del one
     sync(device)
     t0 = time.perf_counter()
-    if kind == "mhla":
+    if kind == "mhla" and decode_only:
+        nxt = torch.randint(3, vocab, (batch, 1), device=device)  # a different token in each row
+    elif kind == "mhla":
         logits = prefill(model, cache, ids, chunk, plan, prefill_graph)
     else:
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache, logits = out.past_key_values, out.logits[:, -1]
-    nxt = logits.argmax(-1, keepdim=True)
+    if not (kind == "mhla" and decode_only):
+        nxt = logits.argmax(-1, keepdim=True)
     sync(device)
     t1 = time.perf_counter()
     if decoder is not None:
@@ -93,6 +106,9 @@ def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=Fa
            "prefill_tok_s": batch * prompt_len / (t1 - t0), "decode_tok_s": batch * new_tokens / max(t2 - t1, 1e-9),
            "decode_ms_per_step": (t2 - t1) / new_tokens * 1e3, "graph_capture_s": capture_s,
            "peak_mem_GiB": peak_bytes(device) / 2**30, "state_MiB": state / 2**20}
+    if kind == "mhla" and decode_only:  # no prefill was timed
+        del row["ttft_s"], row["prefill_tok_s"]
+        row["decode_only"] = True
     if kind == "mhla" and bandwidth:
         floor = decode_floor(model, cache.states, batch, bandwidth)
         step_s = (t2 - t1) / new_tokens

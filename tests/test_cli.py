@@ -68,6 +68,38 @@ def test_bench_cpu_with_transformer_compare(tmp_path):
     assert r.exit_code != 0 and "comma-separated" in r.output
 
 
+def test_bench_decode_only_copies_one_prefill_into_the_batch(tmp_path):
+    """--decode-only: no prefill figures, decode timed at every batch, and the batch really decodes
+    from the prompt's state (the decode floor counts the same state bytes as a full prefill would)."""
+    out = tmp_path / "d.json"
+    r = run(bench, ["--model", "mhla-stories-17m", "--prompt-len", "130", "--batch", "1,3", "--new-tokens", "3",
+                    "--decode-only", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["meta"]["decode_only"] is True
+    rows = data["rows"]
+    assert [row["batch"] for row in rows] == [1, 3]
+    assert all("prefill_tok_s" not in row and row["decode_only"] and row["decode_tok_s"] > 0 for row in rows)
+    assert rows[1]["state_MiB"] == pytest.approx(3 * rows[0]["state_MiB"])
+
+
+def test_bench_decode_only_state_is_the_prompts_in_every_row():
+    import torch
+    from mhla_stream import MHLACache, MHLAForCausalLM
+    from mhla_stream.graphs import prefill
+    m = MHLAForCausalLM.from_pretrained("mhla-stories-17m")
+    ids = torch.randint(3, m.config.vocab_size, (1, 130))
+    one = MHLACache(m.new_state(1))
+    prefill(m, one, ids, 64, m.make_plan(1))
+    many = MHLACache(m.new_state(3))
+    for live, src in zip(many.states, one.states):
+        live.copy_(src)  # what run_one(decode_only=True) does
+    for live, src in zip(many.states, one.states):
+        for b in range(3):
+            for n in live.TENSORS:
+                assert torch.equal(getattr(live, n)[b], getattr(src, n)[0])
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
 def test_chat_in_a_real_terminal(tmp_path):
     """Type into mhla-chat under tmux, read the screen: reply, /stats, /save, /load, Ctrl-C, quit."""
