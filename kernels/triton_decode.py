@@ -41,10 +41,11 @@ def _features(x1, x2, c, s, FEATURES: tl.constexpr, DT: tl.constexpr):
 def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
                    L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
-                   ROUND: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr):
+                   ROUND: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, STATE_EARLY: tl.constexpr,
+                   BK2: tl.constexpr, BV: tl.constexpr):
     if EARLY:  # the next kernel may start now and load its weights while this one runs
         tl.extra.cuda.gdc_launch_dependents()
-    if PDL:
+    if PDL and not STATE_EARLY:
         tl.extra.cuda.gdc_wait()  # everything read here comes from earlier kernels
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
@@ -54,6 +55,19 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
     ov = tl.program_id(1) * BV + tl.arange(0, BV)
     mv = ov < V
     DT: tl.constexpr = q_ptr.dtype.element_ty
+    t1 = j[:, None] * V + ov[None, :]                                                       # [BK2, BV]
+    t2 = (K2 + j[:, None]) * V + ov[None, :]
+    mt1, mt2 = m1[:, None] & mv[None, :], m2[:, None] & mv[None, :]
+    head = bh * K * V
+    r1 = tl.load(r_ptr + head + t1, mask=mt1, other=0.0)                                    # [BK2, BV]
+    r2 = tl.load(r_ptr + head + t2, mask=mt2, other=0.0)
+    p1 = tl.load(p_ptr + head + t1, mask=mt1, other=0.0)
+    p2 = tl.load(p_ptr + head + t2, mask=mt2, other=0.0)
+    pos = tl.load(pos_ptr + b)
+    i = pos // C
+    diag = window_coef(m_ptr, L, i, i)
+    if PDL and STATE_EARLY:  # the state and the mixing coefficient are in flight: now q, k, v
+        tl.extra.cuda.gdc_wait()
     qh, kh = q_ptr + b * sq_b + h * sq_h, k_ptr + b * sq_b + h * sq_h
     c = tl.load(cos_ptr + b * sc_b + j, mask=m1, other=1.0)                      # [BK2]
     s = tl.load(sin_ptr + b * sc_b + j, mask=m1, other=0.0)                      # [BK2]
@@ -62,18 +76,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
     k1, k2 = _features(tl.load(kh + j, mask=m1, other=0.0).to(tl.float32),
                        tl.load(kh + K2 + j, mask=m2, other=0.0).to(tl.float32), c, s, FEATURES, DT)
     v = tl.load(v_ptr + b * sv_b + h * sv_h + ov, mask=mv, other=0.0).to(tl.float32)        # [BV]
-
-    t1 = j[:, None] * V + ov[None, :]                                                       # [BK2, BV]
-    t2 = (K2 + j[:, None]) * V + ov[None, :]
-    mt1, mt2 = m1[:, None] & mv[None, :], m2[:, None] & mv[None, :]
-    head = bh * K * V
-    r1 = tl.load(r_ptr + head + t1, mask=mt1, other=0.0) + k1[:, None] * v[None, :]         # [BK2, BV]
-    r2 = tl.load(r_ptr + head + t2, mask=mt2, other=0.0) + k2[:, None] * v[None, :]
-    p1 = tl.load(p_ptr + head + t1, mask=mt1, other=0.0)
-    p2 = tl.load(p_ptr + head + t2, mask=mt2, other=0.0)
-    pos = tl.load(pos_ptr + b)
-    i = pos // C
-    diag = window_coef(m_ptr, L, i, i)
+    r1 += k1[:, None] * v[None, :]
+    r2 += k2[:, None] * v[None, :]
     o = tl.sum(q1[:, None] * (p1 + diag * r1), axis=0) + tl.sum(q2[:, None] * (p2 + diag * r2), axis=0)  # [BV]
     tl.store(o_ptr + b * so_b + h * so_h + ov, (o * scale).to(o_ptr.dtype.element_ty), mask=mv)
     if PDL and not EARLY:
@@ -118,16 +122,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, ring_ptr, far_ptr, 
     tl.store(r_ptr + head + t2, r2, mask=mt2)
 
 
-def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, num_warps=4):
+def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, num_warps=4, state_early=False):
     """Launch the decode kernel. q, k: [B, H, K] views (any batch/head strides, unit last stride);
     v: [B, H, V]; o: [B, H, V] output; ``raw_mixing``: the [L, L] parameter (clamped on load).
     ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to the raw q, k in the kernel (the
     model's fused and batched decode steps); None takes q, k as features already. ``block_v`` /
-    ``num_warps``: the launch shape (default: by batch, below)."""
+    ``num_warps``: the launch shape (default: by batch, below). ``state_early``: read the state (and
+    the position) before waiting on the previous kernel. Only for a launch that no kernel still
+    running can precede with a write to this state, its position or the mixing parameter: the
+    model's fused step, where since the last ordinary kernel (which waits for everything before
+    it) only other layers' kernels ran."""
     if not all(getattr(state, n).is_contiguous() for n in state.TENSORS):
         # the kernel indexes a state's rows densely: a strided one (``select`` with a step) runs on a
         # dense copy, written back after (it updated the wrong rows before, as the prefill did)
         dense = state._map(lambda t: t.contiguous())
+        # (not early: the copy just made is the previous kernel's output)
         decode_into(o, q, k, v, raw_mixing, dense, scale, rope, block_v, num_warps)
         state.copy_(dense)
         return o
@@ -146,7 +155,7 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
-        ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, EARLY=PDL_EARLY, BK2=pow2((K + 1) // 2), BV=BV,
+        ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, EARLY=PDL_EARLY, STATE_EARLY=state_early, BK2=pow2((K + 1) // 2), BV=BV,
         num_warps=num_warps, launch_pdl=PDL)
     return o
 

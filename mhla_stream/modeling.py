@@ -171,7 +171,8 @@ class MHLABlock(nn.Module):
         v = qkvg[:, 2 * hk:2 * hk + hv].view(B, H, V)
         g = qkvg[:, 2 * hk + hv:]
         o = torch.empty(B, H, V, device=x.device, dtype=x.dtype)
-        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin))  # raw mixing: clamped in-kernel
+        # raw mixing: clamped in-kernel; the state is read before the wait (no kernel of this step writes it)
+        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
         gn = attn.g_norm_swish_gate
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
                           residual=x2)
