@@ -33,6 +33,9 @@ for step in ${STEPS:-}; do
     table) echo "## table"; timeout ${GRID_S:-400} mhla-bench --model mhla-340m --random-weights \
         --prompt-len 2048,32768,131072 --batch 1,8,32,64,128 --new-tokens 128 --decode-only \
         --json $OUT/decode_table.json 2>&1 | clean | tee $OUT/decode_table.log | grep -v "^# plan" ;;
+    baseline) echo "## baseline"; timeout ${BASE_S:-150} mhla-bench --model mhla-340m --random-weights \
+        --prompt-len 2048,32768,131072 --batch 1 --new-tokens 128 --compare transformer \
+        --json $OUT/baseline_b1.json 2>&1 | clean | tee $OUT/baseline_b1.log | grep -v "^# plan" ;;
   esac
 done
 for b in ${PROFILE_BATCH:-}; do
