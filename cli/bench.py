@@ -43,7 +43,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
                     label="MHLA" if kind == "mhla" else "Transformer (SDPA)")
             ax.set(xscale="log", yscale="log", xlabel="prompt tokens", title=label)
             ax.grid(alpha=0.3, which="both")
-    axes[0].legend()
+    axes[1].legend()  # the decode panel always has both models' series (--decode-only: no prefill ones)
     fig.suptitle(f"{meta.get('model')} on {meta.get('device')}, {meta.get('dtype', '').replace('torch.', '')}, "
                  f"{meta.get('date')}")
     fig.tight_layout()
@@ -75,8 +75,8 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 @click.option("--json", "json_path", default=None, type=click.Path(), help="also write the rows here")
 @click.option("--plot", "plot_path", default=None, type=click.Path(),
               help="draw tokens/s and memory against prompt length into this PNG (matplotlib)")
-def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_chunk, fused_decode, decode_only, compare,
-         device, dtype, backend, cuda_graph, state_dtype, json_path, plot_path):
+def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_chunk, fused_decode, decode_only,
+         compare, device, dtype, backend, cuda_graph, state_dtype, json_path, plot_path):
     """Measure prefill and decode speed of an MHLA model on long prompts."""
     try:
         lengths = [int(x) for x in prompt_len.split(",")]

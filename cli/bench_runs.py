@@ -51,7 +51,8 @@ def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=Fa
     costs the same whatever its tokens, and the full batch's prefill at 128k tokens would take
     minutes; the row then has no prefill figures."""
     vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
+    only_one = kind == "mhla" and decode_only  # only the first prompt is fed
+    ids = torch.randint(3, vocab, (1 if only_one else batch, prompt_len), device=device)
     reset_peak(device)
     plan = None
     if kind == "mhla":
@@ -73,11 +74,14 @@ def run_one(kind, model, prompt_len, new_tokens, batch, chunk, device, graphs=Fa
         capture_s = time.perf_counter() - t
     if kind == "mhla" and decode_only:
         one = MHLACache(model.new_state(1, device=device, state_dtype=plan.state_dtype))
-        plan1 = model.make_plan(1, backend=backend, cuda_graphs=False, state_dtype=state_dtype)
-        logits = prefill(model, one, ids[:1], chunk * batch, plan1)  # the whole-batch chunk, in one row
+        plan1 = model.make_plan(1, backend=backend, cuda_graphs=False, state_dtype=plan.state_dtype)
+        prefill(model, one, ids, chunk * batch, plan1)  # the whole-batch chunk, in one row
         for live, src in zip(cache.states, one.states):
             live.copy_(src)  # broadcast over the batch
-        del one
+        del one, src, live
+        sync(device)
+        if str(device).startswith("cuda"):  # peak memory: the decode's, not the one-row prefill's
+            torch.cuda.reset_peak_memory_stats()
     sync(device)
     t0 = time.perf_counter()
     if kind == "mhla" and decode_only:

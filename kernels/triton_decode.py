@@ -155,7 +155,8 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
-        ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, EARLY=PDL_EARLY, STATE_EARLY=state_early, BK2=pow2((K + 1) // 2), BV=BV,
+        ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, EARLY=PDL_EARLY, STATE_EARLY=state_early,
+        BK2=pow2((K + 1) // 2), BV=BV,
         num_warps=num_warps, launch_pdl=PDL)
     return o
 

@@ -69,18 +69,20 @@ def test_bench_cpu_with_transformer_compare(tmp_path):
 
 
 def test_bench_decode_only_copies_one_prefill_into_the_batch(tmp_path):
-    """--decode-only: no prefill figures, decode timed at every batch, and the batch really decodes
-    from the prompt's state (the decode floor counts the same state bytes as a full prefill would)."""
+    """--decode-only: MHLA rows have no prefill figures and decode at every batch, with a state the
+    size of the batch's; the Transformer rows of the same run are measured in full."""
     out = tmp_path / "d.json"
     r = run(bench, ["--model", "mhla-stories-17m", "--prompt-len", "130", "--batch", "1,3", "--new-tokens", "3",
-                    "--decode-only", "--json", str(out)])
+                    "--decode-only", "--compare", "transformer", "--json", str(out)])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert data["meta"]["decode_only"] is True
-    rows = data["rows"]
-    assert [row["batch"] for row in rows] == [1, 3]
-    assert all("prefill_tok_s" not in row and row["decode_only"] and row["decode_tok_s"] > 0 for row in rows)
-    assert rows[1]["state_MiB"] == pytest.approx(3 * rows[0]["state_MiB"])
+    mhla = [row for row in data["rows"] if row["model"] == "mhla"]
+    other = [row for row in data["rows"] if row["model"] == "transformer"]
+    assert [row["batch"] for row in mhla] == [1, 3] and [row["batch"] for row in other] == [1, 3]
+    assert all("prefill_tok_s" not in row and row["decode_only"] and row["decode_tok_s"] > 0 for row in mhla)
+    assert all(row["prefill_tok_s"] > 0 and "decode_only" not in row for row in other)
+    assert mhla[1]["state_MiB"] == pytest.approx(3 * mhla[0]["state_MiB"])
 
 
 def test_bench_decode_only_state_is_the_prompts_in_every_row():
