@@ -100,6 +100,9 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
     # A stateless Triton call that needs gradients (training) runs the Triton forward + backward;
     # calls with a state (updated in place) keep their inference paths.
     decode = state is not None and T == 1 and lengths is None
+    buffered = chosen == "triton" and decode  # the Triton decode kernel keeps the open block's tokens
+    if state is not None and not buffered:
+        state.settle_()  # every other form reads the open block as R
     if chosen == "triton" and state is None and _needs_grad(q, k, v, mixing):
         o = triton_chunk_trainable(q, k, v, mixing, scale, block_size, policy, lengths)
     elif chosen == "triton" and decode:
@@ -110,6 +113,8 @@ def mhla_attention(q, k, v, mixing, *, block_size: int = 64, scale=None, state: 
         o = numba_decode(q, k, v, mixing, scale=scale, block_size=block_size, state=state)
     else:
         o = torch_mhla(q, k, v, mixing, scale, block_size, policy, state, lengths)
+    if state is not None and not buffered:
+        state.mark_settled_()
     if chosen == "triton" and state is not None and _needs_grad(q, k, v, mixing):
         o = _NoGradientThroughState.apply(o, q, k, v, mixing)
     return (o, state) if return_state else o

@@ -7,8 +7,22 @@ Preallocated tensors with explicit positions, so a decode step only writes in pl
                              stored in ``state_dtype`` (fp32 by default, or bf16)
     far     [B, H, K, V]     sum of the summaries evicted from the ring (policy window+far only)
     prefix  [B, H, K, V]     P_i, the mixed prefix of the current block i
-    partial [B, H, K, V]     R, sum of k v^T over the tokens of block i seen so far
+    partial [B, H, K, V]     R: sum of k v^T over the tokens of block i before ``partial_end``
+    open_keys   [B, H, C, K] the later tokens of block i (features of k, and v), each at slot
+    open_values [B, H, C, V] position % C (the "token form" of the open block, below)
+    partial_end [B, 2] int64 the position up to which R holds block i, at column pos % 2
     pos     [B] int64        tokens seen by each sequence (its current block is pos // C)
+
+Why two forms of the open block: R is [K, V] per head, so updating it costs a read and a write
+of 2 * K * V * 4 bytes per token, the largest traffic of a decode step at large batches. There
+the Triton decode kernel appends the token's k and v to the open buffers instead (1.5 KB a head),
+reads only the slots filled so far, and forms ``R + sum_s k_s v_s^T`` once, when the block
+closes. At small batches (latency bound) it keeps R, and first folds in any tokens left in the
+buffers (a stream that moved between batch sizes). The open block is, with ``lo = partial_end -
+i * C`` clamped to [0, C]: R if ``lo > 0`` (else zero) plus the buffered slots [lo, pos - i * C).
+``partial_end`` has two columns so that a kernel reads the one of this step's parity and writes
+the other: no program reads a value another program of the same launch writes. Every other form
+(prefill, the torch and numba decode) works on R alone: ``settle_`` folds the buffer in first.
 
 The number of far blocks is derived from ``pos`` (``completed - W``), so it is not stored.
 Memory is O(L * K * V) per head per sequence however long the stream runs.
@@ -54,6 +68,9 @@ class MHLAState:
     far: torch.Tensor
     prefix: torch.Tensor
     partial: torch.Tensor
+    open_keys: torch.Tensor
+    open_values: torch.Tensor
+    partial_end: torch.Tensor
     pos: torch.Tensor
     block_size: int
     num_blocks: int  # L, the trained blocks of the mixing matrix
@@ -61,7 +78,9 @@ class MHLAState:
 
     # the tensors that make up the state, in this order: what clone/copy_/nbytes and the state
     # files (``StreamingMHLA.save_state``) iterate over
-    TENSORS = ("ring", "far", "prefix", "partial", "pos")
+    TENSORS = ("ring", "far", "prefix", "partial", "open_keys", "open_values", "partial_end", "pos")
+    # the fields added with the open-block buffers (state files of version 2 lack them)
+    BUFFER_TENSORS = ("open_keys", "open_values", "partial_end")
 
     @classmethod
     def empty(cls, batch_size: int, num_heads: int, key_dim: int, value_dim: int, *, block_size: int = 64,
@@ -76,8 +95,10 @@ class MHLAState:
         z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
         far = z(B, H, K, V) if has_far(policy) else z(B, H, 0, V)
         ring = torch.zeros(B, H, W, K, V, dtype=ring_dtype, device=device)
-        return cls(ring, far, z(B, H, K, V), z(B, H, K, V),
-                   torch.zeros(B, dtype=torch.int64, device=device), block_size, num_blocks, policy)
+        C = block_size
+        pos = lambda *s: torch.zeros(B, *s, dtype=torch.int64, device=device)  # noqa: E731
+        return cls(ring, far, z(B, H, K, V), z(B, H, K, V), z(B, H, C, K), z(B, H, C, V), pos(2), pos(),
+                   block_size, num_blocks, policy)
 
     @classmethod
     def empty_layers(cls, n_layers: int, batch_size: int, *args, **kwargs) -> list["MHLAState"]:
@@ -166,6 +187,46 @@ class MHLAState:
     def zero_(self) -> "MHLAState":
         for n in self.TENSORS:
             getattr(self, n).zero_()
+        return self
+
+    # -- the open block's two forms --------------------------------------------------------------
+    def buffered_slots(self) -> torch.Tensor:
+        """[B, C] bool: the open-buffer slots that hold tokens of the current block not in R,
+        [partial_end - i * C, pos - i * C) for the current block i (no host sync)."""
+        C = self.block_size
+        start = self.pos - self.pos % C
+        end = self.partial_end.gather(1, (self.pos % 2)[:, None])[:, 0]
+        lo = (end - start).clamp(0, C)
+        s = torch.arange(C, device=self.pos.device)
+        return (s[None, :] >= lo[:, None]) & (s[None, :] < (self.pos - start)[:, None])
+
+    def settle_(self) -> "MHLAState":
+        """Folds the buffered tokens into R (``partial += sum_s k_s v_s^T``, slots in order) and
+        marks R complete up to ``pos``: the form every path but the Triton decode kernel reads.
+        The same stream either way; no host sync, so a captured forward may call it."""
+        C = self.block_size
+        slots = self.buffered_slots()
+        end = self.partial_end.gather(1, (self.pos % 2)[:, None])[:, 0]
+        live = (end > self.pos - self.pos % C).to(torch.float32)[:, None, None, None]  # R holds tokens of block i
+        capturing = slots.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or bool(slots.any()):  # (a host check: the CPU decode skips the einsum)
+            mask = slots[:, None, :, None].to(torch.float32)  # [B, 1, C, 1]
+            self.partial.copy_(self.partial * live + torch.einsum("bhck,bhcv->bhkv", self.open_keys * mask,
+                                                                  self.open_values))
+        return self.mark_settled_()
+        return self
+
+    def settled(self) -> "MHLAState":
+        """A settled copy with the open buffers zeroed: equal for two states of the same stream
+        whichever form their open blocks took (tests compare states with it)."""
+        out = self.clone().settle_()
+        out.open_keys.zero_()
+        out.open_values.zero_()
+        return out
+
+    def mark_settled_(self) -> "MHLAState":
+        """After a path that kept the open block in R: R holds everything up to ``pos``."""
+        self.partial_end.copy_(self.pos[:, None].expand(-1, 2))
         return self
 
     @staticmethod

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 FORMAT = "mhla-stream-state"
-VERSION = "2"  # 2: the checksum covers the metadata; 1 (unchecked metadata) is refused
+VERSION = "3"  # 3: the open-block buffers; 2 (without them) is read; 1 (unchecked metadata) is refused
+_READS = ("2", VERSION)
 STALE_TMP_SECONDS = 10 * 60  # a temporary file this old was left by a killed save
-_FLOAT_FIELDS = ("ring", "far", "prefix", "partial")
+_FLOAT_FIELDS = ("ring", "far", "prefix", "partial", "open_keys", "open_values")
+_BUFFER_FIELDS = ("open_keys", "open_values", "partial_end")  # added in version 3
 # config fields that define the network; library versions, dtype and names are left out
 _ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "expand_k", "expand_v", "hidden_ratio",
               "intermediate_size", "norm_eps", "block_size", "num_blocks", "rope_theta", "tie_word_embeddings",
@@ -179,9 +181,9 @@ def read_state_file(path, layout: StateLayout) -> ValidState:
     if meta.get("version") == "1":
         raise StateFileError(f"{path}: state file version '1' was written by an older release whose metadata is not "
                              f"checksummed; it cannot be trusted, save the stream again (this release reads {VERSION})")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in _READS:
         raise StateFileError(f"{path}: state file version {str(meta.get('version'))[:20]!r} is not known to this "
-                             f"release (it reads version {VERSION})")
+                             f"release (it reads versions {', '.join(_READS)})")
     if meta.get("model") != layout.fingerprint:
         raise StateFileError(f"{path}: this state was made by another model ({str(meta.get('model_name', '?'))[:80]}, "
                              f"fingerprint {str(meta.get('model'))[:40]}); the loaded model's fingerprint is "
@@ -198,12 +200,24 @@ def read_state_file(path, layout: StateLayout) -> ValidState:
     position = meta.get("position", "")
     if not re.fullmatch(r"[0-9]{1,19}", position) or int(position) >= 2 ** 63:
         raise StateFileError(f"{path}: position {position[:40]!r} is not an int >= 0")
+    if meta["version"] == "2":
+        tensors = _with_empty_buffers(layout, tensors, int(position))
     try:
         valid = validate_state(layout, tensors, int(position))
     except StateFileError as e:
         raise StateFileError(f"{path}: {e}") from None
     valid.meta = meta
     return valid
+
+
+def _with_empty_buffers(layout: StateLayout, tensors: dict, position: int) -> dict:
+    """A version-2 state (its open block all in R) in the current layout: empty open buffers and
+    R complete up to the position. Tensors the file already has are kept (and so refused below)."""
+    out = dict(tensors)
+    for name, (shape, dtype) in layout.tensors.items():
+        if name.rsplit(".", 1)[1] in _BUFFER_FIELDS and name not in out:
+            out[name] = torch.full(shape, position, dtype=dtype) if dtype == torch.int64 else torch.zeros(shape, dtype=dtype)
+    return out
 
 
 def validate_state(layout: StateLayout, tensors: dict[str, torch.Tensor], position: int) -> ValidState:
@@ -230,6 +244,9 @@ def validate_state(layout: StateLayout, tensors: dict[str, torch.Tensor], positi
         if field in _FLOAT_FIELDS and not bool(torch.isfinite(t).all()):
             raise StateFileError(f"tensor {name} holds NaN or infinite values")
         layers[name] = t
+    for name, t in layers.items():  # (after every pos check: a wrong position is reported as such)
+        if name.endswith(".partial_end") and bool(((t < 0) | (t > position)).any()):
+            raise StateFileError(f"tensor {name} says {t.tolist()[:4]}, outside [0, position {position}]")
     logits = tensors.get("logits")
     if (logits is None) != (position == 0):
         raise StateFileError(f"logits are {'missing' if logits is None else 'present'} at position {position}")

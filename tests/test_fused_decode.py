@@ -177,6 +177,7 @@ def test_decode_into_a_strided_state(backend):
     o_ref = mhla_attention(q[sel, 7:], k[sel, 7:], v[sel, 7:], m, block_size=C, state=ref.select(sel),
                            backend="torch")
     assert rel_err(o, o_ref) < TOL[torch.float32]
+    got, ref, st = got.settled(), ref.settled(), st.settled()  # the decode kernel keeps its open block as tokens
     for name in ("ring", "prefix", "partial"):
         assert rel_err(getattr(got, name), getattr(ref, name)) < TOL[torch.float32], name
         assert torch.equal(getattr(got, name)[1::2], getattr(st, name)[1::2]), name  # rows not selected

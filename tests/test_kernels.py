@@ -46,6 +46,7 @@ def test_triton_prefill_then_decode_with_state(dtype, policy):
     out, state = calls(q, k, v, m, cuts, "triton", C, policy)
     assert rel_err(out, ref) < TOL[dtype]
     out_t, state_t = calls(q, k, v, m, cuts, "torch", C, policy)
+    state, state_t = state.settled(), state_t.settled()  # the decode kernel keeps its open block as tokens
     for name in ("ring", "far", "prefix", "partial"):
         assert rel_err(getattr(state, name), getattr(state_t, name)) < TOL[dtype] or getattr(state, name).numel() == 0
     assert torch.equal(state.pos, state_t.pos)

@@ -165,6 +165,7 @@ def test_triton_prefill_and_decode_follow_the_rounding_rule(policy):
     assert rel_err(out, ref) < TOL_RING
     assert rel_err(out, mhla_reference(q, k, v, m, block_size=C, policy=policy)) > 10 * rel_err(out, ref)
     _, state_t = calls(q, k, v, m, cuts, "torch", policy)
+    state, state_t = state.settled(), state_t.settled()  # the decode kernel keeps its open block as tokens
     assert state.state_dtype == torch.bfloat16
     same_stored_values(state.ring.cpu(), state_t.ring.cpu())
     for name in ("far", "prefix", "partial"):
