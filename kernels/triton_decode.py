@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, PDL, PDL_EARLY, far_coef, pow2, ring_block, round_bf16, window_coef
+from .triton_common import PDL, PDL_EARLY, far_coef, pow2, ring_block, round_bf16, window_coef
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_
                    m_ptr, cos_ptr, sin_ptr, L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
                    ROUND: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, STATE_EARLY: tl.constexpr,
-                   TOKENS: tl.constexpr, INTERPRETED: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, SC: tl.constexpr):
+                   TOKENS: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, SC: tl.constexpr):
     if EARLY:  # the next kernel may start now and load its weights while this one runs
         tl.extra.cuda.gdc_launch_dependents()
     if PDL and not STATE_EARLY:
@@ -66,9 +66,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_
     ov = tl.program_id(1) * BV + tl.arange(0, BV)
     mv = ov < V
     DT: tl.constexpr = q_ptr.dtype.element_ty
-    # (the interpreter's bf16 product is wrong, triton 3.6: it takes the exact fp32 one there)
-    DOT: tl.constexpr = tl.bfloat16 if (DT == tl.bfloat16 and not INTERPRETED) else tl.float32
-    PREC: tl.constexpr = "tf32" if DT == tl.bfloat16 else "ieee"  # (not used by bf16 operands)
     t1 = j[:, None] * V + ov[None, :]                                                       # [BK2, BV]
     t2 = (K2 + j[:, None]) * V + ov[None, :]
     mt1, mt2 = m1[:, None] & mv[None, :], m2[:, None] & mv[None, :]
@@ -86,20 +83,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_
     p1 = tl.load(p_ptr + head + t1, mask=mt1, other=0.0)
     p2 = tl.load(p_ptr + head + t2, mask=mt2, other=0.0)
     closing = c == C - 1
-    if TOKENS and closing:  # A from the buffered tokens, SC slots a product
-        for s0 in range((lo // SC) * SC, c, SC):
-            sl = s0 + tl.arange(0, SC)
-            ok = (sl >= lo) & (sl < c)
-            kt1 = tl.load(kbh + sl[None, :] * K + j[:, None], mask=m1[:, None] & ok[None, :], other=0.0)  # [BK2, SC]
-            kt2 = tl.load(kbh + sl[None, :] * K + K2 + j[:, None], mask=m2[:, None] & ok[None, :], other=0.0)
-            vc = tl.load(vbh + sl[:, None] * V + ov[None, :], mask=ok[:, None] & mv[None, :], other=0.0)  # [SC, BV]
-            # a bf16 model's buffered k and v are bf16 values: its products are exact on tensor cores
-            # (only the fp32 sum order differs); an fp32 model's take the exact fp32 product
-            r1 = tl.dot(kt1.to(DOT), vc.to(DOT), acc=r1, input_precision=PREC)
-            r2 = tl.dot(kt2.to(DOT), vc.to(DOT), acc=r2, input_precision=PREC)
-    if not TOKENS:
-        # R after token-form steps (a stream whose batch shrank): fold their tokens in once
-        # (otherwise lo == c and this runs no iteration)
+    if (not TOKENS) or closing:
+        # A needs the buffered tokens themselves: the token form once a block, the R form after
+        # token-form steps (a stream whose batch shrank; otherwise lo == c: no iteration). One slot
+        # at a time: a tensor-core product here measured slower (its shared memory, reserved for
+        # every launch, lowers occupancy: batch 128 43,540 against 47,500 tokens/s, session 14)
         for s in range(lo, c):
             ks1 = tl.load(kbh + s * K + j, mask=m1, other=0.0)                                   # [BK2]
             ks2 = tl.load(kbh + s * K + K2 + j, mask=m2, other=0.0)
@@ -231,7 +219,7 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
         ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, EARLY=PDL_EARLY, STATE_EARLY=state_early,
-        TOKENS=tokens, INTERPRETED=INTERPRET, BK2=pow2((K + 1) // 2), BV=BV, SC=16,
+        TOKENS=tokens, BK2=pow2((K + 1) // 2), BV=BV, SC=16,
         num_warps=num_warps, launch_pdl=PDL)
     return o
 
