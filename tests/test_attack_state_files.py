@@ -255,3 +255,31 @@ def test_weights_rewritten_after_loading_are_not_vouched_for(tiny_dir, tmp_path)
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
     os.utime(d / "model.safetensors", ns=(1, 1))
     assert stored.digest() is None  # falls back to hashing the live values
+
+
+def test_version_2_files_without_the_open_buffers_continue_the_stream(stream, saved, tmp_path):
+    """Files written before the open block's token form (version 2) hold R alone: they load with
+    empty buffers and R complete up to the position, and the stream goes on as the saved one."""
+    meta, tensors = saved
+    old = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in ("open_keys", "open_values", "partial_end")}
+    assert len(old) < len(tensors)
+    path = craft(tmp_path / "v2.mhla", {**meta, "version": "2"}, old)
+    other = StreamingMHLA(stream.model, stream.tokenizer)
+    other.load_state(path)
+    assert other.position == stream.position
+    for st in other.cache.states:
+        assert st.partial_end.tolist() == [[stream.position] * 2] and not bool(st.buffered_slots().any())
+    assert other.generate(max_new_tokens=6, do_sample=False) == stream.generate(max_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.parametrize("value", [-1, 10 ** 9])
+def test_a_crafted_partial_end_is_refused(stream, saved, tmp_path, value):
+    meta, tensors = saved
+    bad = edit(tensors, layers__0__partial_end=torch.full_like(tensors["layers.0.partial_end"], value))
+    refused(stream, craft(tmp_path / "pe", meta, bad), "partial_end says")
+
+
+def test_a_version_3_file_missing_its_buffers_is_refused(stream, saved, tmp_path):
+    meta, tensors = saved
+    refused(stream, craft(tmp_path / "nob", meta, edit(tensors, layers__0__open_keys=None)),
+            "tensor layers.0.open_keys is missing")

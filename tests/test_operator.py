@@ -130,7 +130,8 @@ def test_extended_matrix_is_exact_inside_trained_blocks():
 
 def test_state_memory_is_bounded():
     st = MHLAState.empty(1, 4, 128, 256, num_blocks=32, policy="window+far")
-    assert st.nbytes == 8 + 4 * (31 + 3) * 128 * 256 * 4
+    # ring, far, prefix, partial; the open buffers (64 slots of keys and values); pos and partial_end
+    assert st.nbytes == 4 * (31 + 3) * 128 * 256 * 4 + 4 * 64 * (128 + 256) * 4 + 3 * 8
     q, k, v, m = rand_qkv(1, 64 * 40, 1, 4, 4, 3, seed=0)
     _, state = run_in_calls(q, k, v, m, [64 * 40], backend="torch")
     assert state.nbytes == MHLAState.empty(1, 1, 4, 4, num_blocks=3, policy=state.policy).nbytes

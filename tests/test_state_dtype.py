@@ -79,7 +79,8 @@ def test_nbytes_and_whole_state_operations_keep_the_ring_dtype():
     fp32 = MHLAState.empty(1, 4, 128, 256, num_blocks=32, policy="window+far")
     bf16 = MHLAState.empty(1, 4, 128, 256, num_blocks=32, policy="window+far", state_dtype="bf16")
     kv = 4 * 128 * 256
-    assert fp32.nbytes == 8 + kv * (31 + 3) * 4 and bf16.nbytes == 8 + kv * (31 * 2 + 3 * 4)
+    rest = 4 * 64 * (128 + 256) * 4 + 3 * 8  # the open buffers (fp32), pos and partial_end
+    assert fp32.nbytes == rest + kv * (31 + 3) * 4 and bf16.nbytes == rest + kv * (31 * 2 + 3 * 4)
     st = MHLAState.empty(3, 2, 4, 4, num_blocks=3, policy="window+far", state_dtype="bf16")
     st.ring.normal_()
     for other in (st.clone(), st.to("cpu"), st.select(slice(1, 3))):

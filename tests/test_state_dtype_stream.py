@@ -161,7 +161,7 @@ def test_generate_and_chat_take_state_dtype():
     full = json.loads(runner.invoke(generate.main, args).output)
     half = json.loads(runner.invoke(generate.main, args + ["--state-dtype", "bf16"]).output)
     assert full["state_dtype"] == "float32" and half["state_dtype"] == "bfloat16"
-    assert half["state_bytes"] < 0.6 * full["state_bytes"]
+    assert half["state_bytes"] < 0.65 * full["state_bytes"]  # the ring is 78% of this small model's state
     r = runner.invoke(generate.main, ["hi", "--state-dtype", "fp16"])
     assert r.exit_code == 2 and "--state-dtype" in r.output and "bf16" in r.output
     r = runner.invoke(chat.main, ["--state-dtype", "bfloat16", "-n", "3", "--seed", "0"],

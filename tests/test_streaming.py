@@ -156,7 +156,8 @@ def test_long_stream_has_constant_state_bytes(tiny_dir):
     s = StreamingMHLA.from_pretrained(tiny_dir, prefill_chunk=2048)
     c = s.model.config
     tiles = (c.num_blocks - 1) + 2 + (s.policy == "window+far")  # ring, prefix, partial (+ far sum)
-    per_layer = 8 + 4 * c.num_heads * c.head_k_dim * c.head_v_dim * tiles
+    buffers = c.num_heads * c.block_size * (c.head_k_dim + c.head_v_dim)  # the open block's keys and values
+    per_layer = 3 * 8 + 4 * c.num_heads * c.head_k_dim * c.head_v_dim * tiles + 4 * buffers
     assert s.state_bytes == c.num_hidden_layers * per_layer
     sizes = []
     ids = torch.randint(3, 300, (20_000,)).tolist()
