@@ -182,3 +182,26 @@ def test_decode_into_a_strided_state(backend):
         assert rel_err(getattr(got, name), getattr(ref, name)) < TOL[torch.float32], name
         assert torch.equal(getattr(got, name)[1::2], getattr(st, name)[1::2]), name  # rows not selected
     assert got.pos.tolist() == ref.pos.tolist() == [8, 7, 8, 7]
+
+
+def test_batched_decode_at_batch_32_token_form_gives_the_full_forward():
+    """From 32 sequences the decode kernel keeps the open block as its tokens: incremental logits,
+    from a prefill that ends mid-block through block closes and past the trained edge, equal one
+    full forward's (fp32); then a prefill continues the stream from the buffered state."""
+    from mhla_stream.kernels.triton_decode import TOKENS_FROM
+    torch.manual_seed(2)
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).to(DEV).eval()
+    B = TOKENS_FROM
+    batched = model.make_plan(B, backend="triton", fused_decode=False, batched_decode=True)
+    full = model.make_plan(B, backend="torch")
+    ids = torch.randint(3, 256, (B, 48), device=DEV)
+    with torch.inference_mode():
+        ref = model(ids, plan=full).logits
+        cache = MHLACache(model.new_state(B))
+        model(ids[:, :30], past_key_values=cache, plan=batched)  # ends mid-block: R holds 6 tokens
+        for t in range(30, 38):  # the close at 32 (the trained edge), then 6 tokens buffered
+            out = model(ids[:, t:t + 1], past_key_values=cache, plan=batched).logits
+            assert rel_err(out[:, 0], ref[:, t]) < 1e-5, t
+        assert bool(cache.states[0].buffered_slots()[:, :6].all())  # the token form ran
+        out = model(ids[:, 38:], past_key_values=cache, plan=batched).logits
+    assert rel_err(out, ref[:, 38:]) < 1e-5
