@@ -59,8 +59,10 @@ class MHLAConfig(PretrainedConfig):
         return embeddings + self.num_hidden_layers * per_layer
 
     def estimated_state_bytes(self) -> int:
-        """fp32 streaming state of one sequence (ring of L-1 summaries plus three more)."""
-        return 4 * self.num_hidden_layers * self.num_heads * self.head_k_dim * self.head_v_dim * (self.num_blocks + 3)
+        """fp32 streaming state of one sequence (ring of L-1 summaries plus three more, and the open
+        block's key and value buffers, which grow with the block size)."""
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        return 4 * self.num_hidden_layers * H * (K * V * (self.num_blocks + 3) + self.block_size * (K + V))
 
     def check_size(self) -> None:
         """Absurd sizes are refused here, before anything is allocated."""

@@ -203,18 +203,18 @@ class MHLAState:
     def settle_(self) -> "MHLAState":
         """Folds the buffered tokens into R (``partial += sum_s k_s v_s^T``, slots in order) and
         marks R complete up to ``pos``: the form every path but the Triton decode kernel reads.
-        The same stream either way; no host sync, so a captured forward may call it."""
+        The same stream either way. An R that holds no token of the current block is read as zero
+        by the kernel, so it is zeroed here too (only a crafted state has one: the loader refuses
+        it). No host sync on CUDA, so a captured forward may call it."""
         C = self.block_size
         slots = self.buffered_slots()
         end = self.partial_end.gather(1, (self.pos % 2)[:, None])[:, 0]
         live = (end > self.pos - self.pos % C).to(torch.float32)[:, None, None, None]  # R holds tokens of block i
-        capturing = slots.is_cuda and torch.cuda.is_current_stream_capturing()
-        if capturing or bool(slots.any()):  # (a host check: the CPU decode skips the einsum)
+        self.partial.mul_(live)
+        if slots.is_cuda or bool(slots.any()):  # (a host check on the CPU: its decode skips the einsum)
             mask = slots[:, None, :, None].to(torch.float32)  # [B, 1, C, 1]
-            self.partial.copy_(self.partial * live + torch.einsum("bhck,bhcv->bhkv", self.open_keys * mask,
-                                                                  self.open_values))
+            self.partial += torch.einsum("bhck,bhcv->bhkv", self.open_keys * mask, self.open_values)
         return self.mark_settled_()
-        return self
 
     def settled(self) -> "MHLAState":
         """A settled copy with the open buffers zeroed: equal for two states of the same stream

@@ -212,10 +212,12 @@ def read_state_file(path, layout: StateLayout) -> ValidState:
 
 def _with_empty_buffers(layout: StateLayout, tensors: dict, position: int) -> dict:
     """A version-2 state (its open block all in R) in the current layout: empty open buffers and
-    R complete up to the position. Tensors the file already has are kept (and so refused below)."""
+    R complete up to the position. A version-2 file holding one of them was not written by a release."""
     out = dict(tensors)
     for name, (shape, dtype) in layout.tensors.items():
-        if name.rsplit(".", 1)[1] in _BUFFER_FIELDS and name not in out:
+        if name.rsplit(".", 1)[1] in _BUFFER_FIELDS:
+            if name in out:
+                raise StateFileError(f"a version-2 state file holds tensor {name}, which version 2 does not have")
             out[name] = torch.full(shape, position, dtype=dtype) if dtype == torch.int64 else torch.zeros(shape, dtype=dtype)
     return out
 
@@ -245,8 +247,16 @@ def validate_state(layout: StateLayout, tensors: dict[str, torch.Tensor], positi
             raise StateFileError(f"tensor {name} holds NaN or infinite values")
         layers[name] = t
     for name, t in layers.items():  # (after every pos check: a wrong position is reported as such)
-        if name.endswith(".partial_end") and bool(((t < 0) | (t > position)).any()):
-            raise StateFileError(f"tensor {name} says {t.tolist()[:4]}, outside [0, position {position}]")
+        if name.endswith(".partial_end"):
+            if bool(((t < 0) | (t > position)).any()):
+                raise StateFileError(f"tensor {name} says {t.tolist()[:4]}, outside [0, position {position}]")
+            # R must be zero unless it holds tokens of the current block: the decode kernel would
+            # ignore it and the other forms not (a crafted file, or a version-2 one at a block start)
+            layer = name[:-len(".partial_end")]
+            C = layers[layer + ".open_keys"].shape[2]
+            live = t[:, position % 2] > position - position % C
+            if bool((layers[layer + ".partial"][~live] != 0).any()):
+                raise StateFileError(f"tensor {layer}.partial is not zero though it holds no token of the current block")
     logits = tensors.get("logits")
     if (logits is None) != (position == 0):
         raise StateFileError(f"logits are {'missing' if logits is None else 'present'} at position {position}")

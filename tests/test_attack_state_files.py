@@ -283,3 +283,15 @@ def test_a_version_3_file_missing_its_buffers_is_refused(stream, saved, tmp_path
     meta, tensors = saved
     refused(stream, craft(tmp_path / "nob", meta, edit(tensors, layers__0__open_keys=None)),
             "tensor layers.0.open_keys is missing")
+
+
+def test_a_nonzero_r_outside_its_block_and_a_version_2_file_with_buffers_are_refused(stream, saved, tmp_path):
+    """R that holds no token of the current block (partial_end at or before the block start) must
+    be zero: the decode kernel ignores it, the other forms would not. And a version-2 file has no
+    open buffers."""
+    meta, tensors = saved
+    pos = int(meta["position"])
+    start = torch.full_like(tensors["layers.0.partial_end"], pos - pos % 8)  # the tiny model's block size
+    refused(stream, craft(tmp_path / "dead", meta, edit(tensors, layers__0__partial_end=start)),
+            "layers.0.partial is not zero though it holds no token")
+    refused(stream, craft(tmp_path / "v2b", {**meta, "version": "2"}, tensors), "version-2 state file holds tensor")
