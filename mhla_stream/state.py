@@ -207,6 +207,8 @@ class MHLAState:
         by the kernel, so it is zeroed here too (only a crafted state has one: the loader refuses
         it). No host sync on CUDA, so a captured forward may call it."""
         C = self.block_size
+        if not self.pos.is_cuda and self._settled_on_host():
+            return self  # (the CPU decode calls this every token: a dozen small ops a layer spared)
         slots = self.buffered_slots()
         end = self.partial_end.gather(1, (self.pos % 2)[:, None])[:, 0]
         live = (end > self.pos - self.pos % C).to(torch.float32)[:, None, None, None]  # R holds tokens of block i
@@ -215,6 +217,11 @@ class MHLAState:
             mask = slots[:, None, :, None].to(torch.float32)  # [B, 1, C, 1]
             self.partial += torch.einsum("bhck,bhcv->bhkv", self.open_keys * mask, self.open_values)
         return self.mark_settled_()
+
+    def _settled_on_host(self) -> bool:
+        """True when every row's R already holds its block up to ``pos`` (both columns of
+        ``partial_end`` equal to it: nothing buffered, R live or at a block start); host reads."""
+        return all(e[0] == e[1] == p for p, e in zip(self.pos.tolist(), self.partial_end.tolist()))
 
     def settled(self) -> "MHLAState":
         """A settled copy with the open buffers zeroed: equal for two states of the same stream
