@@ -79,8 +79,6 @@ class MHLAState:
     # the tensors that make up the state, in this order: what clone/copy_/nbytes and the state
     # files (``StreamingMHLA.save_state``) iterate over
     TENSORS = ("ring", "far", "prefix", "partial", "open_keys", "open_values", "partial_end", "pos")
-    # the fields added with the open-block buffers (state files of version 2 lack them)
-    BUFFER_TENSORS = ("open_keys", "open_values", "partial_end")
 
     @classmethod
     def empty(cls, batch_size: int, num_heads: int, key_dim: int, value_dim: int, *, block_size: int = 64,
@@ -190,12 +188,17 @@ class MHLAState:
         return self
 
     # -- the open block's two forms --------------------------------------------------------------
+    def _open_block(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] start of each row's current block and the position up to which R holds it (the
+        column of ``partial_end`` a kernel reads at this position's parity)."""
+        start = self.pos - self.pos % self.block_size
+        return start, self.partial_end.gather(1, (self.pos % 2)[:, None])[:, 0]
+
     def buffered_slots(self) -> torch.Tensor:
         """[B, C] bool: the open-buffer slots that hold tokens of the current block not in R,
         [partial_end - i * C, pos - i * C) for the current block i (no host sync)."""
         C = self.block_size
-        start = self.pos - self.pos % C
-        end = self.partial_end.gather(1, (self.pos % 2)[:, None])[:, 0]
+        start, end = self._open_block()
         lo = (end - start).clamp(0, C)
         s = torch.arange(C, device=self.pos.device)
         return (s[None, :] >= lo[:, None]) & (s[None, :] < (self.pos - start)[:, None])
@@ -206,12 +209,11 @@ class MHLAState:
         The same stream either way. An R that holds no token of the current block is read as zero
         by the kernel, so it is zeroed here too (only a crafted state has one: the loader refuses
         it). No host sync on CUDA, so a captured forward may call it."""
-        C = self.block_size
         if not self.pos.is_cuda and self._settled_on_host():
             return self  # (the CPU decode calls this every token: a dozen small ops a layer spared)
         slots = self.buffered_slots()
-        end = self.partial_end.gather(1, (self.pos % 2)[:, None])[:, 0]
-        live = (end > self.pos - self.pos % C).to(torch.float32)[:, None, None, None]  # R holds tokens of block i
+        start, end = self._open_block()
+        live = (end > start).to(torch.float32)[:, None, None, None]  # R holds tokens of block i
         self.partial.mul_(live)
         if slots.is_cuda or bool(slots.any()):  # (a host check on the CPU: its decode skips the einsum)
             mask = slots[:, None, :, None].to(torch.float32)  # [B, 1, C, 1]
