@@ -12,13 +12,22 @@ shapes (README), and fold that work in:
     RESIDUAL  epilogue: y = res + x W^T
 
 Rounding follows the unfused model: each value that the eager code stores in the activation
-dtype is rounded to it here too. One row (M = 1) multiplies and row-sums [BN, BK] weight tiles.
+dtype is rounded to it here too, with one exception (LATE). One row (M = 1) multiplies and
+row-sums [BN, BK] weight tiles.
 More rows (2..64 a row block) use ``tl.dot`` with the weight as the left operand ("swap AB": its
 rows fill the 64-row MMA tile, the batch rows are the narrow side), and split K over SPLIT
 programs so that an output of 1024 columns still spreads over 128+ programs. Their partial sums
 meet without a second launch: each program writes its fp32 partial to a workspace and takes a
 ticket from its tile's counter; the program that draws the last ticket adds the partials in split
 order (deterministic whichever program finished last), runs the epilogue, and resets the counter.
+
+LATE (more rows): the norm as a row scale after the product, RMSNorm(x) W^T = diag(1/rms) (x * w)
+W^T. A prologue must read each whole row (32 rows of 1024: eight dependent L2 round trips a
+program) before its first product; the late form sums squares over the columns each program
+loads anyway and scales its sum, each split by its own group's 1/rms when the groups are heads.
+It needs every split inside one norm group (or one group a row); otherwise the prologue runs.
+The difference to the unfused model: x * w is rounded to the activation dtype instead of the
+normed x (the same size of error; fp32 is unaffected).
 
 Every program loads its first weight tile before waiting on the previous kernel (programmatic
 dependent launch), and lets the next kernel launch at its first instruction (``PDL_EARLY``).
@@ -37,14 +46,38 @@ _GEMV = [triton.Config({"BN": bn, "BK": bk, "SPLIT": 1}, num_warps=w, num_stages
          for bn in (2, 4, 8, 16) for bk, w in ((512, 4), (1024, 8))]
 _DOT = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=3)
         for bn in (64, 128) for bk in (64, 128) for sp in (1, 2, 4, 8)]
+# narrow weight tiles (the MMA's 16-row form): more programs without splitting K
+_DOT += [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=3)
+         for bn in (16, 32) for bk in (128, 256) for sp in (1, 2, 4)]
 _MAX_SPLIT, _MAX_BN = 8, 128
+MAX_SPLIT: tl.constexpr = tl.constexpr(_MAX_SPLIT)
+# the late norm (module doc) in the tensor-core form; False: the prologue everywhere (A/B runs)
+LATE_NORM = True
+
+
+# the launch shape without tuning (the interpreter, or a fixed ``split``)
+_FIXED_SHAPE = {"BN": 64, "BK": 64}
+
+
+def _split_cols(K: int, BK: int, split: int) -> int:
+    """The K columns of each split (a multiple of BK); the kernel's ``ks``."""
+    return triton.cdiv(triton.cdiv(K, split), BK) * BK
+
+
+def _late_fits(K: int, GS: int, BK: int, split: int) -> bool:
+    """Whether the late norm can run: every split lies inside one norm group, or holds whole
+    groups whose ends fall on tile ends (or the row is one group)."""
+    ks = _split_cols(K, BK, split)
+    return GS == K or GS % ks == 0 or ((ks % GS == 0 or ks >= K) and GS % BK == 0)
 
 
 def _waves(configs, named_args, **kwargs):
     """The tensor-core launch shapes that give about one to four waves of programs on an H100."""
     N, K, M, bm = named_args["N"], named_args["K"], named_args["M"], kwargs.get("BM", 16)
     progs = lambda c: triton.cdiv(N, c.kwargs["BN"]) * c.kwargs["SPLIT"] * triton.cdiv(M, bm)  # noqa: E731
-    keep = [c for c in configs if 96 <= progs(c) <= 640 and c.kwargs["BK"] * c.kwargs["SPLIT"] <= max(K, c.kwargs["BK"])]
+    if kwargs.get("LATE"):  # only the shapes whose splits each lie in one norm group
+        configs = [c for c in configs if _late_fits(K, named_args["GS"], c.kwargs["BK"], c.kwargs["SPLIT"])]
+    keep = [c for c in configs if 48 <= progs(c) <= 640 and c.kwargs["BK"] * c.kwargs["SPLIT"] <= max(K, c.kwargs["BK"])]
     return keep or [min(configs, key=lambda c: abs(progs(c) - 132))]
 
 
@@ -62,11 +95,72 @@ def _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU: tl.cons
 
 
 @triton.jit
+def _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM: tl.constexpr,
+             GATE: tl.constexpr, LATE: tl.constexpr, NG: tl.constexpr, DT: tl.constexpr):
+    """The x tile [BM, BK] as the product takes it (fp32 holding DT values), and its rows' square
+    sums [BM] (used by the late norm)."""
+    x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    sq = tl.sum(x * x, axis=1)
+    if NORM:
+        nw = tl.load(nw_ptr + (rk % GS), mask=mk, other=0.0).to(tl.float32)                     # [BK]
+        if LATE:  # x * w: 1/rms scales the product's sum
+            x = x * nw[None, :]
+        else:
+            if NG == 1:
+                rstd = rstds                                                                     # [BM, 1]
+            else:  # each column's group
+                sel = grp[None, None, :] == (rk // GS)[None, :, None]                            # [1, BK, NG]
+                rstd = tl.sum(tl.where(sel, rstds[:, None, :], 0.0), axis=2)                    # [BM, BK]
+            x = round_to(x * rstd * nw[None, :], DT).to(tl.float32)
+    if GATE:
+        g = tl.load(g_ptr + rm[:, None] * sg + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        x = x * (g * tl.sigmoid(g))
+        if not LATE:
+            x = round_to(x, DT).to(tl.float32)
+    if NORM and LATE:  # one rounding of x * w (* silu(g))
+        x = round_to(x, DT).to(tl.float32)
+    return x, sq
+
+
+@triton.jit
+def _mma(acc, acc_up, w, wu, x, DOT: tl.constexpr, F32_DOT: tl.constexpr, SWIGLU: tl.constexpr):
+    """acc += the tile's product: [BN, BM] (transposed) with tensor cores, else [BM, BN] (one row)."""
+    if DOT:
+        if F32_DOT:
+            xt = tl.trans(x)                                                                     # [BK, BM]
+            acc += tl.dot(w.to(tl.float32), xt, input_precision="ieee")
+            if SWIGLU:
+                acc_up += tl.dot(wu.to(tl.float32), xt, input_precision="ieee")
+        else:
+            xt = tl.trans(x.to(w.dtype))
+            acc += tl.dot(w, xt)
+            if SWIGLU:
+                acc_up += tl.dot(wu, xt)
+    else:  # one row (BM == 1): a 2-D multiply and a row sum, loads contiguous along K
+        acc += tl.sum(w.to(tl.float32) * x, axis=1)[None, :]
+        if SWIGLU:
+            acc_up += tl.sum(wu.to(tl.float32) * x, axis=1)[None, :]
+    return acc, acc_up
+
+
+@triton.jit
+def _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU: tl.constexpr):
+    """The late norm inside a split that holds whole groups: at a group's ``end``, its sum [BN, BM]
+    scaled by its rows' 1/rms joins acc, and the group's sums restart."""
+    f = tl.where(end, tl.rsqrt(ss / GS + eps), 0.0)[None, :]                                    # [1, BM]
+    acc += accg * f
+    if SWIGLU:
+        acc_up += accg_up * f
+    keep = tl.where(end, 0.0, 1.0)
+    return acc, acc_up, accg * keep, accg_up * keep, ss * keep
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, GS, eps, sx, sg, sr, sy,
                    NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                   DOT: tl.constexpr, F32_DOT: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, BGS: tl.constexpr,
-                   CH: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   SPLIT: tl.constexpr):
+                   DOT: tl.constexpr, F32_DOT: tl.constexpr, LATE: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr,
+                   BGS: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, SPLIT: tl.constexpr):
     if EARLY:  # the next kernel may start now and load its weights while this one runs
         tl.extra.cuda.gdc_launch_dependents()
     DT: tl.constexpr = y_ptr.dtype.element_ty
@@ -77,96 +171,112 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     ck = tl.arange(0, BK)
     ks = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK                                                   # K columns a split
     k_lo = pid_s * ks
+    k_hi = tl.minimum(k_lo + ks, K)
     # the first weight tile does not depend on the previous kernel: request it before waiting
     wmask0 = mn[:, None] & (k_lo + ck < K)[None, :]
     w0 = tl.load(w_ptr + rn[:, None] * K + k_lo + ck[None, :], mask=wmask0, other=0.0)         # [BN, BK]
+    wu0 = w0
     if SWIGLU:
         wu0 = tl.load(w_ptr + (N + rn[:, None]) * K + k_lo + ck[None, :], mask=wmask0, other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()  # x, g and res come from the previous kernels
     grp = tl.arange(0, NG)
-    if NORM:  # prologue: 1/rms of each of the NG groups of every row, CH columns at a time
-        rstds = tl.zeros([BM, NG], dtype=tl.float32)
+    rstds = tl.zeros([BM, NG], dtype=tl.float32)
+    if NORM and not LATE:  # prologue: 1/rms of each of the NG groups of every row, CH columns at a time
         for gi in range(0, K // GS):
-            ss = tl.zeros([BM], dtype=tl.float32)
+            sg2 = tl.zeros([BM], dtype=tl.float32)
             for c0 in range(0, BGS, CH):
                 cg = c0 + tl.arange(0, CH)
                 xg = tl.load(x_ptr + rm[:, None] * sx + gi * GS + cg[None, :], mask=mm[:, None] & (cg < GS)[None, :],
                              other=0.0).to(tl.float32)                                          # [BM, CH]
-                ss += tl.sum(xg * xg, axis=1)
-            r = tl.rsqrt(ss / GS + eps)                                                         # [BM]
+                sg2 += tl.sum(xg * xg, axis=1)
+            r = tl.rsqrt(sg2 / GS + eps)                                                        # [BM]
             rstds = tl.where(grp[None, :] == gi, r[:, None], rstds)
     if DOT:  # transposed accumulators: the weight rows are the MMA's long side
         acc = tl.zeros([BN, BM], dtype=tl.float32)
-        acc_up = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        acc_up = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(k_lo, k_lo + ks, BK):
+    acc_up = acc
+    # LATE: accg holds the current norm group's sums, ss its rows' square sums. A split holding
+    # whole groups (or the whole row) folds each group into acc at its end; a split inside a
+    # group hands its sums and ss to the tile's last program, which scales them.
+    accg, accg_up = acc, acc
+    ss = tl.zeros([BM], dtype=tl.float32)
+    whole = (ks >= K) | (ks % GS == 0)
+    # the first tile, peeled so that the loop's loads are unconditional (software-pipelined)
+    rk = k_lo + ck
+    x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, rk < K, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT)
+    if NORM and LATE:
+        accg, accg_up = _mma(accg, accg_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
+        ss += sq
+        end = whole & (((k_lo + BK) % GS == 0) | (k_lo + BK >= k_hi))
+        acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
+    else:
+        acc, acc_up = _mma(acc, acc_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
+    for k0 in range(k_lo + BK, k_hi, BK):
         rk = k0 + ck
         mk = rk < K
-        x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-        x = x.to(tl.float32)                                                                     # [BM, BK]
-        if NORM:
-            if NG == 1:
-                rstd = rstds                                                                     # [BM, 1]
-            else:  # each column's group
-                sel = grp[None, None, :] == (rk // GS)[None, :, None]                            # [1, BK, NG]
-                rstd = tl.sum(tl.where(sel, rstds[:, None, :], 0.0), axis=2)                    # [BM, BK]
-            nw = tl.load(nw_ptr + (rk % GS), mask=mk, other=0.0).to(tl.float32)                 # [BK]
-            x = round_to(x * rstd * nw[None, :], DT).to(tl.float32)
-        if GATE:
-            g = tl.load(g_ptr + rm[:, None] * sg + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-            g = g.to(tl.float32)
-            x = round_to(x * (g * tl.sigmoid(g)), DT).to(tl.float32)
-        if k0 == k_lo:
-            w = w0
-            if SWIGLU:
-                wu = wu0
+        wmask = mn[:, None] & mk[None, :]
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0.0)              # [BN, BK]
+        wu = w
+        if SWIGLU:
+            wu = tl.load(w_ptr + (N + rn[:, None]) * K + rk[None, :], mask=wmask, other=0.0)
+        x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT)
+        if NORM and LATE:
+            accg, accg_up = _mma(accg, accg_up, w, wu, x, DOT, F32_DOT, SWIGLU)
+            ss += sq
+            end = whole & (((k0 + BK) % GS == 0) | (k0 + BK >= k_hi))
+            acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
         else:
-            wmask = mn[:, None] & mk[None, :]
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0.0)          # [BN, BK]
-            if SWIGLU:
-                wu = tl.load(w_ptr + (N + rn[:, None]) * K + rk[None, :], mask=wmask, other=0.0)
-        if DOT:
-            if F32_DOT:
-                xt = tl.trans(x)                                                                 # [BK, BM]
-                acc += tl.dot(w.to(tl.float32), xt, input_precision="ieee")
-                if SWIGLU:
-                    acc_up += tl.dot(wu.to(tl.float32), xt, input_precision="ieee")
-            else:
-                xt = tl.trans(x.to(w.dtype))
-                acc += tl.dot(w, xt)
-                if SWIGLU:
-                    acc_up += tl.dot(wu, xt)
-        else:  # one row (BM == 1): a 2-D multiply and a row sum, loads contiguous along K
-            acc += tl.sum(w.to(tl.float32) * x, axis=1)[None, :]
-            if SWIGLU:
-                acc_up += tl.sum(wu.to(tl.float32) * x, axis=1)[None, :]
+            acc, acc_up = _mma(acc, acc_up, w, wu, x, DOT, F32_DOT, SWIGLU)
+    if NORM and LATE:  # a split inside a group: its unscaled sums (accg is zero otherwise)
+        acc += accg
+        acc_up += accg_up
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start and fetch its weights
     if DOT:
         acc, acc_up = tl.trans(acc), tl.trans(acc_up)                                           # [BM, BN]
-    if SPLIT == 1:
+    if SPLIT == 1:  # (the late norm's one split holds whole groups: already scaled)
         _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         tiles = tl.num_programs(0) * tl.num_programs(2)
         at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]                          # [BM, BN]
         mine = part_ptr + (pid_s * tiles + tile) * 2 * BM * BN
+        squares = part_ptr + SPLIT * tiles * 2 * BM * BN + tile * SPLIT * BM                   # [SPLIT, BM] of this tile
         tl.store(mine + at, acc)
         if SWIGLU:
             tl.store(mine + BM * BN + at, acc_up)
+        if NORM and LATE:
+            tl.store(squares + pid_s * BM + tl.arange(0, BM), ss)
         tl.debug_barrier()  # every thread's partial is written before the ticket releases them
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT - 1:  # the tile's last program: the others' partials are visible now
+            scaled = NORM and LATE
+            if scaled:  # splits inside a group: 1/rms of each split's group (the square sums of its splits)
+                sp_i = tl.arange(0, MAX_SPLIT)
+                have = sp_i < SPLIT
+                sq = tl.load(squares + sp_i[:, None] * BM + tl.arange(0, BM)[None, :], mask=have[:, None],
+                             other=0.0, cache_modifier=".cg")                                   # [MAX_SPLIT, BM]
+                group = sp_i * ks // GS
+                same = (group[:, None] == group[None, :]) & have[None, :]                       # [S, S]
+                gss = tl.sum(tl.where(same[:, :, None], sq[None, :, :], 0.0), axis=1)            # [S, BM]
+                scales = tl.where(whole, 1.0, tl.rsqrt(gss / GS + eps))  # whole groups: already scaled
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             acc_up = tl.zeros([BM, BN], dtype=tl.float32)
             for sp in range(SPLIT):  # split order, not arrival order: a deterministic sum
                 part = part_ptr + (sp * tiles + tile) * 2 * BM * BN
-                acc += tl.load(part + at, cache_modifier=".cg")
+                p = tl.load(part + at, cache_modifier=".cg")
                 if SWIGLU:
-                    acc_up += tl.load(part + BM * BN + at, cache_modifier=".cg")
+                    pu = tl.load(part + BM * BN + at, cache_modifier=".cg")
+                if scaled:
+                    r = tl.sum(tl.where(sp_i[:, None] == sp, scales, 0.0), axis=0)[:, None]     # [BM, 1]
+                    p = p * r
+                    if SWIGLU:
+                        pu = pu * r
+                acc += p
+                if SWIGLU:
+                    acc_up += pu
             _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL)
             tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
@@ -202,22 +312,27 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     small = M == 1
     bm = 1 if small else min(pow2(M, 16), 64)
     mblocks = triton.cdiv(M, bm)
-    ws = None if small else splitk_workspace(x.device, _MAX_SPLIT * mblocks * (N + 2 * _MAX_BN) * 2 * bm,
-                                             mblocks * triton.cdiv(N, 64))
+    # per split and tile: the fp32 partials of [BM, BN] (two with SwiGLU) and the late norm's square sums
+    ws = None if small else splitk_workspace(x.device, _MAX_SPLIT * mblocks * (N + 2 * _MAX_BN) * 3 * bm,
+                                             mblocks * triton.cdiv(N, 16))  # a counter a tile (BN >= 16)
     parts, counters = ws if ws is not None else (x, x)
     dummy = x
     launch, fixed = (_gemv(pow2(K)) if small else _gemm), {}
+    late = norm and not small and LATE_NORM
     if INTERPRET or split is not None:  # no tuning; few programs, since the interpreter runs them one by one
-        launch, fixed = _skinny_kernel, {"BN": 64, "BK": 64, "SPLIT": 1 if small else (split or 2)}
+        launch, fixed = _skinny_kernel, dict(_FIXED_SHAPE, SPLIT=1 if small else (split or 2))
     if not small and ws is None:  # in a CUDA-graph capture before any eager call of this size: no split
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 128, "SPLIT": 1}
+    if late:  # a fixed shape must fit the norm groups; the tuner keeps only the shapes that do
+        late = (_late_fits(K, gs, fixed["BK"], fixed["SPLIT"]) if fixed else
+                any(_late_fits(K, gs, c.kwargs["BK"], c.kwargs["SPLIT"]) for c in _DOT))
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), meta["SPLIT"], mblocks)  # noqa: E731
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
                  residual if residual is not None else dummy, parts, counters, M, N, K, gs, eps,
                  x.stride(0), gate.stride(0) if gate is not None else 0,
                  residual.stride(0) if residual is not None else 0, y.stride(0),
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-                 DOT=not small, F32_DOT=INTERPRET or x.dtype == torch.float32, BM=bm,
+                 DOT=not small, F32_DOT=INTERPRET or x.dtype == torch.float32, LATE=late, BM=bm,
                  NG=pow2(K // gs, 1), BGS=pow2(gs, 1), CH=pow2(gs, 1) if small else min(pow2(gs, 1), 4096 // bm),
                  PDL=PDL, EARLY=PDL_EARLY, launch_pdl=PDL, **fixed)
     return y

@@ -1,6 +1,8 @@
 """Hostile shapes for the split-K tensor-core skinny form: BN=128, SPLIT=8 (empty splits), two row
 blocks, K not a power of two, group norm with GS = V. Launch shapes forced through the
 interpreter's fixed-shape launch, so CPU only (the GPU tunes its own)."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,4 +47,49 @@ def test_split_edges(cfg, M, K, N, monkeypatch):
     ref = swiglu(F.linear(xn, wgu[:N]), F.linear(xn, wgu[N:]))
     out = skinny_linear(x, wgu, norm_weight=nw, eps=eps, swiglu=True)
     assert rel_err(out, ref) < 2e-5
+    assert int(triton_common._workspaces[("cpu", None)][1].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("cfg, K, V, late", [(dict(BN=64, BK=32, SPLIT=8), 256, 64, True),    # two splits a head
+                                             (dict(BN=64, BK=64, SPLIT=4), 256, 64, True),    # one split a head
+                                             (dict(BN=128, BK=32, SPLIT=8), 160, 32, True),   # three empty splits
+                                             (dict(BN=64, BK=64, SPLIT=1), 256, 64, True),    # all heads in one split
+                                             (dict(BN=16, BK=32, SPLIT=2), 256, 64, True),    # two heads a split
+                                             (dict(BN=64, BK=64, SPLIT=2), 96, 32, False)])   # tiles across heads
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_late_norm_matches_the_prologue(cfg, K, V, late, dtype, monkeypatch):
+    """The norm as a row scale after the product (LATE): per-head gated norm and the layer norm,
+    70 rows in two row blocks, a zero row; checked against the unfused model and the prologue."""
+    seen = []
+
+    class _Record(_Forced):
+        def __getitem__(self, grid):
+            go = super().__getitem__(grid)
+            return lambda *a, **kw: (seen.append(kw["LATE"]), go(*a, **kw))[1]
+
+    monkeypatch.setattr(triton_skinny, "_skinny_kernel", _Record(triton_skinny._skinny_kernel, {}))
+    monkeypatch.setattr(triton_skinny, "_FIXED_SHAPE", dict(BN=cfg["BN"], BK=cfg["BK"]))
+    M, N, eps = 70, 48, 1e-6
+    x = _r(M, K, seed=11).to(dtype)
+    x[3] = 0
+    w, wgu = (_r(N, K, seed=12) / K ** 0.5).to(dtype), (_r(2 * N, K, seed=13) / K ** 0.5).to(dtype)
+    nw, gw, g, res = (_r(*s, seed=14 + i).to(dtype) for i, s in enumerate([(K,), (V,), (M, K), (M, N)]))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+
+    def both():
+        lin = functools.partial(skinny_linear, split=cfg["SPLIT"])
+        gated = lin(x, w, norm_weight=gw, group=V, eps=eps, gate=g, residual=res)
+        return gated, lin(x, wgu, norm_weight=nw, eps=eps, swiglu=True)
+
+    fused = both()
+    assert seen == [late, True]
+    monkeypatch.setattr(triton_skinny, "LATE_NORM", False)
+    early = both()
+    assert seen[2:] == [False, False]
+    ref_g = res + F.linear(gated_norm(x.view(M, K // V, V), gw, g.view(M, K // V, V), eps).reshape(M, K), w)
+    xn = rms_norm(x, nw, eps)
+    ref_s = swiglu(F.linear(xn, wgu[:N]), F.linear(xn, wgu[N:]))
+    for out, ref, other in zip(fused, (ref_g, ref_s), early):
+        assert rel_err(out, ref) < tol and rel_err(other, ref) < tol
+        assert out.dtype == dtype and torch.equal(out[3], other[3])  # the zero row: residual / zeros alike
     assert int(triton_common._workspaces[("cpu", None)][1].abs().sum()) == 0
