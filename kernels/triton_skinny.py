@@ -253,14 +253,15 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT - 1:  # the tile's last program: the others' partials are visible now
             scaled = NORM and LATE
+            sp_i = tl.arange(0, MAX_SPLIT)
+            scales = tl.full([MAX_SPLIT, BM], 1.0, dtype=tl.float32)
             if scaled:  # splits inside a group: 1/rms of each split's group (the square sums of its splits)
-                sp_i = tl.arange(0, MAX_SPLIT)
                 have = sp_i < SPLIT
-                sq = tl.load(squares + sp_i[:, None] * BM + tl.arange(0, BM)[None, :], mask=have[:, None],
-                             other=0.0, cache_modifier=".cg")                                   # [MAX_SPLIT, BM]
+                sqs = tl.load(squares + sp_i[:, None] * BM + tl.arange(0, BM)[None, :], mask=have[:, None],
+                              other=0.0, cache_modifier=".cg")                                  # [MAX_SPLIT, BM]
                 group = sp_i * ks // GS
                 same = (group[:, None] == group[None, :]) & have[None, :]                       # [S, S]
-                gss = tl.sum(tl.where(same[:, :, None], sq[None, :, :], 0.0), axis=1)            # [S, BM]
+                gss = tl.sum(tl.where(same[:, :, None], sqs[None, :, :], 0.0), axis=1)            # [S, BM]
                 scales = tl.where(whole, 1.0, tl.rsqrt(gss / GS + eps))  # whole groups: already scaled
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             acc_up = tl.zeros([BM, BN], dtype=tl.float32)
