@@ -37,6 +37,15 @@ def main():
                 x = skinny_linear(a, w["down"], residual=h)
             return x
 
+        def plain():  # the same products without the norms and the gate (where their cost shows)
+            x = x0
+            for w in layers:
+                qkvg = skinny_linear(x, w["qkvg"])
+                h = skinny_linear(o_in, w["o"], residual=x)
+                a = skinny_linear(h, w["gu"], swiglu=True)
+                x = skinny_linear(a, w["down"], residual=h)
+            return x
+
         def cublas():
             x = x0
             for w in layers:
@@ -46,7 +55,8 @@ def main():
                 x = F.linear(gate * up, w["down"])
             return x
 
-        for name, fn, late in (("late", fused, True), ("prologue", fused, False), ("cublas", cublas, None)):
+        for name, fn, late in (("late", fused, True), ("prologue", fused, False), ("plain", plain, None),
+                               ("cublas", cublas, None)):
             triton_skinny.LATE_NORM = bool(late)
             fn()
             torch.cuda.synchronize()

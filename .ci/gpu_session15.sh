@@ -27,6 +27,7 @@ for step in ${STEPS:-}; do
     sweep) stamp "## skinny launch-shape sweep"; timeout ${SWEEP_S:-300} python3 .ci/gpu_skinny_sweep.py 2>&1 | tee $OUT/sweep.log | tail -20 ;;
     products) stamp "## products probe"; timeout ${PROBE_S:-200} python3 .ci/gpu_products_probe.py 2>&1 | tee $OUT/products.log | tail -20 ;;
     batched) bench batched X=1 mhla-bench ;;
+    cross) bench cross_batched X=1 mhla-bench; bench cross_fused MHLA_STREAM_FUSED_BATCH=128 mhla-bench ;;
     late) bench fused_late MHLA_STREAM_FUSED_BATCH=128 mhla-bench ;;
     prologue) bench fused_prologue MHLA_STREAM_FUSED_BATCH=128 python3 -c "$PROLOGUE" ;;
     table) stamp "## table"; timeout ${GRID_S:-400} mhla-bench --model mhla-340m --random-weights \

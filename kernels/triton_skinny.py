@@ -97,10 +97,10 @@ def _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU: tl.cons
 @triton.jit
 def _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM: tl.constexpr,
              GATE: tl.constexpr, LATE: tl.constexpr, NG: tl.constexpr, DT: tl.constexpr):
-    """The x tile [BM, BK] as the product takes it (fp32 holding DT values), and its rows' square
-    sums [BM] (used by the late norm)."""
+    """The x tile [BM, BK] as the product takes it (fp32 holding DT values), and its squares [BM, BK]
+    (the late norm sums them across the row only at a group's end: no reduction every tile)."""
     x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
-    sq = tl.sum(x * x, axis=1)
+    sq = x * x
     if NORM:
         nw = tl.load(nw_ptr + (rk % GS), mask=mk, other=0.0).to(tl.float32)                     # [BK]
         if LATE:  # x * w: 1/rms scales the product's sum
@@ -144,15 +144,19 @@ def _mma(acc, acc_up, w, wu, x, DOT: tl.constexpr, F32_DOT: tl.constexpr, SWIGLU
 
 
 @triton.jit
-def _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU: tl.constexpr):
+def _fold(acc, acc_up, accg, accg_up, sqa, end, eps, GS, SWIGLU: tl.constexpr):
     """The late norm inside a split that holds whole groups: at a group's ``end``, its sum [BN, BM]
-    scaled by its rows' 1/rms joins acc, and the group's sums restart."""
-    f = tl.where(end, tl.rsqrt(ss / GS + eps), 0.0)[None, :]                                    # [1, BM]
-    acc += accg * f
-    if SWIGLU:
-        acc_up += accg_up * f
-    keep = tl.where(end, 0.0, 1.0)
-    return acc, acc_up, accg * keep, accg_up * keep, ss * keep
+    scaled by its rows' 1/rms (from the squares sqa [BM, BK]) joins acc, and the group restarts.
+    A branch, not a select: between group ends the product's accumulator is left alone."""
+    if end:
+        f = tl.rsqrt(tl.sum(sqa, axis=1) / GS + eps)[None, :]                                    # [1, BM]
+        acc += accg * f
+        accg = tl.zeros_like(accg)
+        if SWIGLU:
+            acc_up += accg_up * f
+            accg_up = tl.zeros_like(accg_up)
+        sqa = tl.zeros_like(sqa)
+    return acc, acc_up, accg, accg_up, sqa
 
 
 @triton.jit
@@ -201,16 +205,16 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     # whole groups (or the whole row) folds each group into acc at its end; a split inside a
     # group hands its sums and ss to the tile's last program, which scales them.
     accg, accg_up = acc, acc
-    ss = tl.zeros([BM], dtype=tl.float32)
+    sqa = tl.zeros([BM, BK], dtype=tl.float32)  # squares of the group so far, summed at its end
     whole = (ks >= K) | (ks % GS == 0)
     # the first tile, peeled so that the loop's loads are unconditional (software-pipelined)
     rk = k_lo + ck
     x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, rk < K, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT)
     if NORM and LATE:
         accg, accg_up = _mma(accg, accg_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
-        ss += sq
+        sqa += sq
         end = whole & (((k_lo + BK) % GS == 0) | (k_lo + BK >= k_hi))
-        acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
+        acc, acc_up, accg, accg_up, sqa = _fold(acc, acc_up, accg, accg_up, sqa, end, eps, GS, SWIGLU)
     else:
         acc, acc_up = _mma(acc, acc_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
     for k0 in range(k_lo + BK, k_hi, BK):
@@ -224,14 +228,16 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT)
         if NORM and LATE:
             accg, accg_up = _mma(accg, accg_up, w, wu, x, DOT, F32_DOT, SWIGLU)
-            ss += sq
+            sqa += sq
             end = whole & (((k0 + BK) % GS == 0) | (k0 + BK >= k_hi))
-            acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
+            acc, acc_up, accg, accg_up, sqa = _fold(acc, acc_up, accg, accg_up, sqa, end, eps, GS, SWIGLU)
         else:
             acc, acc_up = _mma(acc, acc_up, w, wu, x, DOT, F32_DOT, SWIGLU)
-    if NORM and LATE:  # a split inside a group: its unscaled sums (accg is zero otherwise)
+    ss = tl.zeros([BM], dtype=tl.float32)
+    if NORM and LATE:  # a split inside a group: its unscaled sums and square sums (zero otherwise)
         acc += accg
         acc_up += accg_up
+        ss = tl.sum(sqa, axis=1)
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start and fetch its weights
     if DOT:
