@@ -55,8 +55,8 @@ def main():
                 x = F.linear(gate * up, w["down"])
             return x
 
-        for name, fn, late in (("late", fused, True), ("prologue", fused, False), ("plain", plain, None),
-                               ("cublas", cublas, None)):
+        forms = (("late", fused, True), ("prologue", fused, False), ("plain", plain, None), ("cublas", cublas, None))
+        for name, fn, late in (f for f in forms if f[0] in os.environ.get("FORMS", "late,prologue,plain,cublas")):
             triton_skinny.LATE_NORM = bool(late)
             fn()
             torch.cuda.synchronize()

@@ -44,11 +44,11 @@ _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
 # few configurations: each costs a compile at the first decode step of a new model shape
 _GEMV = [triton.Config({"BN": bn, "BK": bk, "SPLIT": 1}, num_warps=w, num_stages=3)
          for bn in (2, 4, 8, 16) for bk, w in ((512, 4), (1024, 8))]
+# the shapes that won on the 340M shapes at 32 rows, timed over 24 weights from HBM (session 15,
+# .ci/gpu_skinny_sweep.py; 16-row tiles of 256 columns won the output projection once)
 _DOT = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=3)
-        for bn in (64, 128) for bk in (64, 128) for sp in (1, 2, 4, 8)]
-# narrow weight tiles (the MMA's 16-row form): more programs without splitting K
-_DOT += [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=3)
-         for bn in (16, 32) for bk in (128, 256) for sp in (1, 2, 4)]
+        for bn, bk, sp in [(64, 64, 1), (64, 64, 2), (64, 64, 4), (64, 64, 8), (64, 128, 1), (64, 128, 2),
+                           (64, 128, 4), (64, 128, 8), (128, 128, 4), (128, 128, 8), (16, 256, 4)]]
 _MAX_SPLIT, _MAX_BN = 8, 128
 MAX_SPLIT: tl.constexpr = tl.constexpr(_MAX_SPLIT)
 # the late norm (module doc) in the tensor-core form; False: the prologue everywhere (A/B runs)
@@ -96,11 +96,11 @@ def _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU: tl.cons
 
 @triton.jit
 def _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM: tl.constexpr,
-             GATE: tl.constexpr, LATE: tl.constexpr, NG: tl.constexpr, DT: tl.constexpr):
-    """The x tile [BM, BK] as the product takes it (fp32 holding DT values), and its squares [BM, BK]
-    (the late norm sums them across the row only at a group's end: no reduction every tile)."""
+             GATE: tl.constexpr, LATE: tl.constexpr, NG: tl.constexpr, DT: tl.constexpr, F32_DOT: tl.constexpr):
+    """The x tile [BM, BK] as the product takes it (fp32 holding DT values), and its rows' square
+    sums [BM] (used by the late norm)."""
     x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
-    sq = x * x
+    sq = tl.sum(x * x, axis=1)
     if NORM:
         nw = tl.load(nw_ptr + (rk % GS), mask=mk, other=0.0).to(tl.float32)                     # [BK]
         if LATE:  # x * w: 1/rms scales the product's sum
@@ -117,8 +117,8 @@ def _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM:
         x = x * (g * tl.sigmoid(g))
         if not LATE:
             x = round_to(x, DT).to(tl.float32)
-    if NORM and LATE:  # one rounding of x * w (* silu(g))
-        x = round_to(x, DT).to(tl.float32)
+    if NORM and LATE and F32_DOT:  # one rounding of x * w (* silu(g)); a 16-bit dot's operand cast
+        x = round_to(x, DT).to(tl.float32)  # rounds it the same way on the GPU, in one instruction
     return x, sq
 
 
@@ -144,19 +144,15 @@ def _mma(acc, acc_up, w, wu, x, DOT: tl.constexpr, F32_DOT: tl.constexpr, SWIGLU
 
 
 @triton.jit
-def _fold(acc, acc_up, accg, accg_up, sqa, end, eps, GS, SWIGLU: tl.constexpr):
+def _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU: tl.constexpr):
     """The late norm inside a split that holds whole groups: at a group's ``end``, its sum [BN, BM]
-    scaled by its rows' 1/rms (from the squares sqa [BM, BK]) joins acc, and the group restarts.
-    A branch, not a select: between group ends the product's accumulator is left alone."""
-    if end:
-        f = tl.rsqrt(tl.sum(sqa, axis=1) / GS + eps)[None, :]                                    # [1, BM]
-        acc += accg * f
-        accg = tl.zeros_like(accg)
-        if SWIGLU:
-            acc_up += accg_up * f
-            accg_up = tl.zeros_like(accg_up)
-        sqa = tl.zeros_like(sqa)
-    return acc, acc_up, accg, accg_up, sqa
+    scaled by its rows' 1/rms joins acc, and the group's sums restart."""
+    f = tl.where(end, tl.rsqrt(ss / GS + eps), 0.0)[None, :]                                    # [1, BM]
+    acc += accg * f
+    if SWIGLU:
+        acc_up += accg_up * f
+    keep = tl.where(end, 0.0, 1.0)
+    return acc, acc_up, accg * keep, accg_up * keep, ss * keep
 
 
 @triton.jit
@@ -205,16 +201,16 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     # whole groups (or the whole row) folds each group into acc at its end; a split inside a
     # group hands its sums and ss to the tile's last program, which scales them.
     accg, accg_up = acc, acc
-    sqa = tl.zeros([BM, BK], dtype=tl.float32)  # squares of the group so far, summed at its end
+    ss = tl.zeros([BM], dtype=tl.float32)
     whole = (ks >= K) | (ks % GS == 0)
     # the first tile, peeled so that the loop's loads are unconditional (software-pipelined)
     rk = k_lo + ck
-    x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, rk < K, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT)
+    x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, rk < K, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT)
     if NORM and LATE:
         accg, accg_up = _mma(accg, accg_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
-        sqa += sq
+        ss += sq
         end = whole & (((k_lo + BK) % GS == 0) | (k_lo + BK >= k_hi))
-        acc, acc_up, accg, accg_up, sqa = _fold(acc, acc_up, accg, accg_up, sqa, end, eps, GS, SWIGLU)
+        acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
     else:
         acc, acc_up = _mma(acc, acc_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
     for k0 in range(k_lo + BK, k_hi, BK):
@@ -225,19 +221,17 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         wu = w
         if SWIGLU:
             wu = tl.load(w_ptr + (N + rn[:, None]) * K + rk[None, :], mask=wmask, other=0.0)
-        x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT)
+        x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT)
         if NORM and LATE:
             accg, accg_up = _mma(accg, accg_up, w, wu, x, DOT, F32_DOT, SWIGLU)
-            sqa += sq
+            ss += sq
             end = whole & (((k0 + BK) % GS == 0) | (k0 + BK >= k_hi))
-            acc, acc_up, accg, accg_up, sqa = _fold(acc, acc_up, accg, accg_up, sqa, end, eps, GS, SWIGLU)
+            acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
         else:
             acc, acc_up = _mma(acc, acc_up, w, wu, x, DOT, F32_DOT, SWIGLU)
-    ss = tl.zeros([BM], dtype=tl.float32)
-    if NORM and LATE:  # a split inside a group: its unscaled sums and square sums (zero otherwise)
+    if NORM and LATE:  # a split inside a group: its unscaled sums (accg is zero otherwise)
         acc += accg
         acc_up += accg_up
-        ss = tl.sum(sqa, axis=1)
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start and fetch its weights
     if DOT:
