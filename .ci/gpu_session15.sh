@@ -13,6 +13,11 @@ import mhla_stream.kernels.triton_skinny as s
 s.LATE_NORM = False
 from mhla_stream.cli.bench import main
 main()'
+CUBLAS='
+import mhla_stream.modeling as m
+m.BATCHED_SKINNY_ROWS = 0
+from mhla_stream.cli.bench import main
+main()'
 clean() { tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$\|^ *$"; }
 ARGS="--model mhla-340m --random-weights --prompt-len ${PROMPT:-2048} --new-tokens ${NEW:-128} --decode-only"
 bench() {  # name, env, command...
@@ -27,6 +32,8 @@ for step in ${STEPS:-}; do
     sweep) stamp "## skinny launch-shape sweep"; timeout ${SWEEP_S:-300} python3 .ci/gpu_skinny_sweep.py 2>&1 | tee $OUT/sweep.log | tail -20 ;;
     products) stamp "## products probe"; timeout ${PROBE_S:-200} python3 .ci/gpu_products_probe.py 2>&1 | tee $OUT/products.log | tail -20 ;;
     batched) bench batched X=1 mhla-bench ;;
+    three) bench fused MHLA_STREAM_FUSED_BATCH=128 mhla-bench; bench batched_skinny X=1 mhla-bench
+        bench batched_cublas X=1 python3 -c "$CUBLAS" ;;
     cross) bench cross_batched X=1 mhla-bench; bench cross_fused MHLA_STREAM_FUSED_BATCH=128 mhla-bench ;;
     late) bench fused_late MHLA_STREAM_FUSED_BATCH=128 mhla-bench ;;
     prologue) bench fused_prologue MHLA_STREAM_FUSED_BATCH=128 python3 -c "$PROLOGUE" ;;
