@@ -24,10 +24,6 @@ from .mixing import init_mixing
 from .plan import ExecutionPlan, make_plan
 from .state import MHLAState
 
-# the batched step's products: the skinny kernels up to this many sequences, cuBLAS above (where
-# a second row block would read every weight twice); measured, README (decode)
-BATCHED_SKINNY_ROWS = 64
-
 if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
     from .kernels.triton_features import relu_rope_qk
@@ -196,8 +192,6 @@ class MHLABlock(nn.Module):
         B = x.shape[0]
         H, K, V = attn.num_heads, attn.head_k_dim, attn.head_v_dim
         state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
-        if B <= BATCHED_SKINNY_ROWS:
-            return self._decode_step_skinny(x, xn, cos, sin, state, next_norm)
         qkvg = F.linear(xn, attn.qkvg_weight.get())
         hk, hv = H * K, H * V
         q = qkvg[:, :hk].view(B, H, K)
@@ -213,33 +207,6 @@ class MHLABlock(nn.Module):
         gate, up = F.linear(hn, mlp.gate_up_weight.get()).chunk(2, -1)
         m = F.linear(swiglu_fast(gate, up), mlp.down_proj.weight)
         return add_rms_norm_fast(h, m, next_norm.weight, next_norm.eps)
-
-
-    def _decode_step_skinny(self, x, xn, cos, sin, state: MHLAState, next_norm):
-        """``decode_step_batched`` with the skinny products (their norm-free form, which beats cuBLAS
-        at these rows: README, decode): SwiGLU and both residual sums run in the products'
-        epilogues, so a layer takes 8 launches instead of 10, and the decode kernel reads its
-        state while the q/k/v/g product runs (programmatic dependent launch). The norms stay
-        elementwise kernels: folded into a product they cost more than a launch from 8 rows."""
-        attn, mlp = self.attn, self.mlp
-        B = x.shape[0]
-        H, K, V = attn.num_heads, attn.head_k_dim, attn.head_v_dim
-        qkvg = skinny_linear(xn, attn.qkvg_weight.get())
-        hk, hv = H * K, H * V
-        q = qkvg[:, :hk].view(B, H, K)
-        k = qkvg[:, hk:2 * hk].view(B, H, K)
-        v = qkvg[:, 2 * hk:2 * hk + hv].view(B, H, V)
-        g = qkvg[:, 2 * hk + hv:].view(B, H, V)
-        o = torch.empty(B, H, V, device=x.device, dtype=x.dtype)
-        # the state is read before the wait: no kernel in flight writes it (as in decode_step)
-        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
-        gn = attn.g_norm_swish_gate
-        o = gated_norm_fast(o, gn.weight, g, gn.eps)
-        h = skinny_linear(o.reshape(B, hv), attn.o_proj.weight, residual=x)
-        a = skinny_linear(rms_norm_fast(h, self.mlp_norm.weight, self.mlp_norm.eps), mlp.gate_up_weight.get(),
-                          swiglu=True)
-        out = skinny_linear(a, mlp.down_proj.weight, residual=h)
-        return out, rms_norm_fast(out, next_norm.weight, next_norm.eps)
 
 
 class MHLAPreTrainedModel(PreTrainedModel):

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from conftest import TOL, rand_qkv, rel_err
 
 from mhla_stream import MHLACache, MHLAForCausalLM, POLICIES, mhla_attention, mhla_reference, preset_config
-from mhla_stream import modeling
 from mhla_stream.fused import gated_norm, relu_rope, rms_norm, rope_tables, swiglu
 from mhla_stream.kernels import triton_common
 from mhla_stream.kernels.triton_features import relu_rope_qk
@@ -90,15 +89,9 @@ def test_decode_kernel_boundaries_and_lengths(policy):
                                                  ("window+far", torch.float32, "fused"),
                                                  ("window", torch.bfloat16, "fused"),
                                                  ("window+far", torch.float32, "batched"),
-                                                 ("window", torch.bfloat16, "batched"),
-                                                 ("window", torch.float32, "batched-cublas"),
-                                                 ("window", torch.bfloat16, "batched-cublas")])
-def test_fused_decode_gives_the_unfused_logits(policy, dtype, path, monkeypatch):
-    """Both one-token paths: ``decode_step`` (fused) and ``decode_step_batched``, the latter with
-    the skinny products (its form up to 64 sequences) and with cuBLAS's (above)."""
-    if path == "batched-cublas":
-        monkeypatch.setattr(modeling, "BATCHED_SKINNY_ROWS", 0)
-        path = "batched"
+                                                 ("window", torch.bfloat16, "batched")])
+def test_fused_decode_gives_the_unfused_logits(policy, dtype, path):
+    """Both one-token paths: ``decode_step`` (fused) and ``decode_step_batched``."""
     torch.manual_seed(0)
     cfg = preset_config("mhla-tiny", mixing_policy=policy)
     model = MHLAForCausalLM(cfg).to(DEV, dtype).eval()
