@@ -25,9 +25,10 @@ LATE (more rows): the norm as a row scale after the product, RMSNorm(x) W^T = di
 W^T. A prologue must read each whole row (32 rows of 1024: eight dependent L2 round trips a
 program) before its first product; the late form sums squares over the columns each program
 loads anyway and scales its sum, each split by its own group's 1/rms when the groups are heads.
-It needs every split inside one norm group (or one group a row); otherwise the prologue runs.
-The difference to the unfused model: x * w is rounded to the activation dtype instead of the
-normed x (the same size of error; fp32 is unaffected).
+It needs every split inside one norm group, or whole groups a split with group ends on tile
+ends (or one group a row); otherwise the prologue runs. The difference to the unfused model:
+x * w is rounded to the activation dtype instead of the normed x (the same size of error in
+bf16; fp32 is unaffected). Not for fp16, whose range the unnormed x * w could leave.
 
 Every program loads its first weight tile before waiting on the previous kernel (programmatic
 dependent launch), and lets the next kernel launch at its first instruction (``PDL_EARLY``).
@@ -40,7 +41,8 @@ import triton.language as tl
 
 from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_to, splitk_workspace
 
-_KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL"]
+# LATE is part of the key: a shape tuned without it may not fit the late norm's groups
+_KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL", "LATE"]
 # few configurations: each costs a compile at the first decode step of a new model shape
 _GEMV = [triton.Config({"BN": bn, "BK": bk, "SPLIT": 1}, num_warps=w, num_stages=3)
          for bn in (2, 4, 8, 16) for bk, w in ((512, 4), (1024, 8))]
@@ -53,6 +55,12 @@ _MAX_SPLIT, _MAX_BN = 8, 128
 MAX_SPLIT: tl.constexpr = tl.constexpr(_MAX_SPLIT)
 # the late norm (module doc) in the tensor-core form; False: the prologue everywhere (A/B runs)
 LATE_NORM = True
+
+
+@functools.lru_cache(maxsize=None)
+def _some_late_fits(K: int, GS: int) -> bool:
+    """Whether any tuned tensor-core shape fits the late norm (asked every tuned call: cached)."""
+    return any(_late_fits(K, GS, c.kwargs["BK"], c.kwargs["SPLIT"]) for c in _DOT)
 
 
 # the launch shape without tuning (the interpreter, or a fixed ``split``)
@@ -72,7 +80,8 @@ def _late_fits(K: int, GS: int, BK: int, split: int) -> bool:
 
 
 def _waves(configs, named_args, **kwargs):
-    """The tensor-core launch shapes that give about one to four waves of programs on an H100."""
+    """The tensor-core launch shapes that give 48-640 programs (a third of a wave to about five on
+    an H100), and with LATE only those that fit the norm groups."""
     N, K, M, bm = named_args["N"], named_args["K"], named_args["M"], kwargs.get("BM", 16)
     progs = lambda c: triton.cdiv(N, c.kwargs["BN"]) * c.kwargs["SPLIT"] * triton.cdiv(M, bm)  # noqa: E731
     if kwargs.get("LATE"):  # only the shapes whose splits each lie in one norm group
@@ -209,7 +218,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     if NORM and LATE:
         accg, accg_up = _mma(accg, accg_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
         ss += sq
-        end = whole & (((k_lo + BK) % GS == 0) | (k_lo + BK >= k_hi))
+        end = whole & (k_lo < K) & (((k_lo + BK) % GS == 0) | (k_lo + BK >= k_hi))  # (an empty split: no group)
         acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
     else:
         acc, acc_up = _mma(acc, acc_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
@@ -256,13 +265,13 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
             sp_i = tl.arange(0, MAX_SPLIT)
             scales = tl.full([MAX_SPLIT, BM], 1.0, dtype=tl.float32)
             if scaled:  # splits inside a group: 1/rms of each split's group (the square sums of its splits)
-                have = sp_i < SPLIT
+                have = (sp_i < SPLIT) & (sp_i * ks < K)  # an empty split has no group: 1/rms of nothing
                 sqs = tl.load(squares + sp_i[:, None] * BM + tl.arange(0, BM)[None, :], mask=have[:, None],
                               other=0.0, cache_modifier=".cg")                                  # [MAX_SPLIT, BM]
                 group = sp_i * ks // GS
                 same = (group[:, None] == group[None, :]) & have[None, :]                       # [S, S]
                 gss = tl.sum(tl.where(same[:, :, None], sqs[None, :, :], 0.0), axis=1)            # [S, BM]
-                scales = tl.where(whole, 1.0, tl.rsqrt(gss / GS + eps))  # whole groups: already scaled
+                scales = tl.where(whole | ~have[:, None], 1.0, tl.rsqrt(gss / GS + eps))  # whole groups: scaled
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             acc_up = tl.zeros([BM, BN], dtype=tl.float32)
             for sp in range(SPLIT):  # split order, not arrival order: a deterministic sum
@@ -319,14 +328,13 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     parts, counters = ws if ws is not None else (x, x)
     dummy = x
     launch, fixed = (_gemv(pow2(K)) if small else _gemm), {}
-    late = norm and not small and LATE_NORM
+    late = norm and not small and LATE_NORM and x.dtype != torch.float16
     if INTERPRET or split is not None:  # no tuning; few programs, since the interpreter runs them one by one
         launch, fixed = _skinny_kernel, dict(_FIXED_SHAPE, SPLIT=1 if small else (split or 2))
     if not small and ws is None:  # in a CUDA-graph capture before any eager call of this size: no split
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 128, "SPLIT": 1}
     if late:  # a fixed shape must fit the norm groups; the tuner keeps only the shapes that do
-        late = (_late_fits(K, gs, fixed["BK"], fixed["SPLIT"]) if fixed else
-                any(_late_fits(K, gs, c.kwargs["BK"], c.kwargs["SPLIT"]) for c in _DOT))
+        late = _late_fits(K, gs, fixed["BK"], fixed["SPLIT"]) if fixed else _some_late_fits(K, gs)
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), meta["SPLIT"], mblocks)  # noqa: E731
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
                  residual if residual is not None else dummy, parts, counters, M, N, K, gs, eps,
