@@ -27,6 +27,17 @@ class _Forced:
         return go
 
 
+class _Record(_Forced):
+    """The kernel as launched, noting each launch's LATE flag in ``seen``."""
+    def __init__(self, kern, seen):
+        super().__init__(kern, {})
+        self.seen = seen
+
+    def __getitem__(self, grid):
+        go = super().__getitem__(grid)
+        return lambda *a, **kw: (self.seen.append(kw["LATE"]), go(*a, **kw))[1]
+
+
 def _r(*s, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*s, generator=g)
@@ -61,13 +72,7 @@ def test_late_norm_matches_the_prologue(cfg, K, V, late, dtype, monkeypatch):
     """The norm as a row scale after the product (LATE): per-head gated norm and the layer norm,
     70 rows in two row blocks, a zero row; checked against the unfused model and the prologue."""
     seen = []
-
-    class _Record(_Forced):
-        def __getitem__(self, grid):
-            go = super().__getitem__(grid)
-            return lambda *a, **kw: (seen.append(kw["LATE"]), go(*a, **kw))[1]
-
-    monkeypatch.setattr(triton_skinny, "_skinny_kernel", _Record(triton_skinny._skinny_kernel, {}))
+    monkeypatch.setattr(triton_skinny, "_skinny_kernel", _Record(triton_skinny._skinny_kernel, seen))
     monkeypatch.setattr(triton_skinny, "_FIXED_SHAPE", dict(BN=cfg["BN"], BK=cfg["BK"]))
     M, N, eps = 70, 48, 1e-6
     x = _r(M, K, seed=11).to(dtype)
@@ -111,13 +116,7 @@ def test_late_norm_with_eps_zero_and_empty_splits(cfg, K, V, monkeypatch):
 def test_late_norm_leaves_fp16_to_the_prologue(monkeypatch):
     """fp16's range: x * w unnormed (2e4 * 4) would overflow where the normed value does not."""
     seen = []
-
-    class _Record(_Forced):
-        def __getitem__(self, grid):
-            go = super().__getitem__(grid)
-            return lambda *a, **kw: (seen.append(kw["LATE"]), go(*a, **kw))[1]
-
-    monkeypatch.setattr(triton_skinny, "_skinny_kernel", _Record(triton_skinny._skinny_kernel, {}))
+    monkeypatch.setattr(triton_skinny, "_skinny_kernel", _Record(triton_skinny._skinny_kernel, seen))
     x = torch.full((4, 64), 2e4, dtype=torch.float16)
     w, nw = (_r(16, 64, seed=41) / 8).half(), torch.full((64,), 4.0, dtype=torch.float16)
     out = skinny_linear(x, w, norm_weight=nw, eps=1e-6, split=2)
