@@ -91,8 +91,12 @@ def _waves(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
-    """Epilogue on the full sums acc [BM, BN]: SwiGLU, residual, one rounding to the output dtype."""
+def _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU: tl.constexpr,
+            RESIDUAL: tl.constexpr, STATS_OUT: tl.constexpr, BN: tl.constexpr):
+    """Epilogue on the full sums acc [BM, BN]: SwiGLU, residual, one rounding to the output dtype.
+    STATS_OUT: the output rows' square sums over this tile's columns, for the next product's norm,
+    in slot pid_n * BN / 16 of so [N / 16, M] (this tile's other slots get zeros, so the sum over
+    all slots is the row's whatever launch shape wrote them)."""
     DT: tl.constexpr = y_ptr.dtype.element_ty
     y = round_to(acc, DT).to(tl.float32)
     if SWIGLU:
@@ -100,7 +104,15 @@ def _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU: tl.cons
     om = mm[:, None] & mn[None, :]
     if RESIDUAL:
         y += tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=om, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rm[:, None] * sy + rn[None, :], round_to(y, DT), mask=om)
+    out = round_to(y, DT)
+    tl.store(y_ptr + rm[:, None] * sy + rn[None, :], out, mask=om)
+    if STATS_OUT:
+        yo = tl.where(om, out.to(tl.float32), 0.0)
+        part = tl.sum(yo * yo, axis=1)                                                           # [BM]
+        slot = tl.arange(0, BN // 16)
+        vals = tl.where(slot[:, None] == 0, part[None, :], 0.0)                                  # [BN / 16, BM]
+        row = pid_n * (BN // 16) + slot                                                          # [BN / 16]
+        tl.store(so_ptr + row[:, None] * M + rm[None, :], vals, mask=(row * 16 < N)[:, None] & mm[None, :])
 
 
 @triton.jit
@@ -165,7 +177,8 @@ def _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_ptr, M, N, K, GS, eps, sx, sg, sr, sy,
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_ptr, so_ptr, si_ptr,
+                   M, N, K, GS, eps, sx, sg, sr, sy, STATS_OUT: tl.constexpr, STATS_IN: tl.constexpr, SI: tl.constexpr,
                    NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                    DOT: tl.constexpr, F32_DOT: tl.constexpr, LATE: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr,
                    BGS: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, BN: tl.constexpr,
@@ -215,7 +228,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     # the first tile, peeled so that the loop's loads are unconditional (software-pipelined)
     rk = k_lo + ck
     x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, rk < K, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT)
-    if NORM and LATE:
+    if NORM and LATE and not STATS_IN:
         accg, accg_up = _mma(accg, accg_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
         ss += sq
         end = whole & (k_lo < K) & (((k_lo + BK) % GS == 0) | (k_lo + BK >= k_hi))  # (an empty split: no group)
@@ -231,22 +244,28 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         if SWIGLU:
             wu = tl.load(w_ptr + (N + rn[:, None]) * K + rk[None, :], mask=wmask, other=0.0)
         x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT)
-        if NORM and LATE:
+        if NORM and LATE and not STATS_IN:
             accg, accg_up = _mma(accg, accg_up, w, wu, x, DOT, F32_DOT, SWIGLU)
             ss += sq
             end = whole & (((k0 + BK) % GS == 0) | (k0 + BK >= k_hi))
             acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
         else:
             acc, acc_up = _mma(acc, acc_up, w, wu, x, DOT, F32_DOT, SWIGLU)
-    if NORM and LATE:  # a split inside a group: its unscaled sums (accg is zero otherwise)
+    if NORM and LATE and not STATS_IN:  # a split inside a group: its unscaled sums (accg is zero otherwise)
         acc += accg
         acc_up += accg_up
+    if NORM and STATS_IN:  # the row's square sum from the previous product's epilogue: [SI, BM] slots
+        sl = tl.arange(0, SI)
+        sums = tl.load(si_ptr + sl[:, None] * M + rm[None, :], mask=(sl < tl.cdiv(K, 16))[:, None] & mm[None, :],
+                       other=0.0)
+        rstat = tl.rsqrt(tl.sum(sums, axis=0) / GS + eps)                                        # [BM]
+        acc, acc_up = acc * rstat[None, :], acc_up * rstat[None, :]                             # (DOT: [BN, BM])
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start and fetch its weights
     if DOT:
         acc, acc_up = tl.trans(acc), tl.trans(acc_up)                                           # [BM, BN]
     if SPLIT == 1:  # (the late norm's one split holds whole groups: already scaled)
-        _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL)
+        _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL, STATS_OUT, BN)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         tiles = tl.num_programs(0) * tl.num_programs(2)
@@ -256,12 +275,12 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         tl.store(mine + at, acc)
         if SWIGLU:
             tl.store(mine + BM * BN + at, acc_up)
-        if NORM and LATE:
+        if NORM and LATE and not STATS_IN:
             tl.store(squares + pid_s * BM + tl.arange(0, BM), ss)
         tl.debug_barrier()  # every thread's partial is written before the ticket releases them
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT - 1:  # the tile's last program: the others' partials are visible now
-            scaled = NORM and LATE
+            scaled = NORM and LATE and not STATS_IN
             sp_i = tl.arange(0, MAX_SPLIT)
             scales = tl.full([MAX_SPLIT, BM], 1.0, dtype=tl.float32)
             if scaled:  # splits inside a group: 1/rms of each split's group (the square sums of its splits)
@@ -287,7 +306,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
                 acc += p
                 if SWIGLU:
                     acc_up += pu
-            _finish(acc, acc_up, y_ptr, res_ptr, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL)
+            _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL, STATS_OUT, BN)
             tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
 
@@ -306,11 +325,14 @@ def _gemv(kp: int):
 
 
 def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None,
-                  split=None):
+                  split=None, stats_out=None, stats_in=None):
     """x [M, K] -> y [M, N] in x's dtype. ``weight`` [N, K] (or [2N, K] = [gate; up] with ``swiglu``).
     ``norm_weight`` [group] applies RMSNorm per group of ``group`` columns (default K) first;
     ``gate`` [M, K] multiplies by silu(gate) after it; ``residual`` [M, N] is added at the end.
-    ``split``: fix the number of K splits of the tensor-core form (tests); default: tuned."""
+    ``split``: fix the number of K splits of the tensor-core form (tests); default: tuned.
+    More than one row only: ``stats_out`` (``norm_stats(M, N)``) receives y's row square sums in
+    16-column slots, and ``stats_in`` (x's, filled so by the product that wrote x) spares the
+    layer norm its own pass over x."""
     M, K = x.shape
     N = weight.shape[0] // (2 if swiglu else 1)
     assert split is None or 1 <= split <= _MAX_SPLIT, "the workspace holds at most _MAX_SPLIT partials a tile"
@@ -335,13 +357,26 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 128, "SPLIT": 1}
     if late:  # a fixed shape must fit the norm groups; the tuner keeps only the shapes that do
         late = _late_fits(K, gs, fixed["BK"], fixed["SPLIT"]) if fixed else _some_late_fits(K, gs)
+    for st, cols in ((stats_out, N), (stats_in, K)):
+        assert st is None or (not small and st.shape == (triton.cdiv(cols, 16), M) and st.dtype == torch.float32
+                              and st.is_contiguous()), "norm statistics: norm_stats(rows, columns), from 2 rows"
+    assert stats_in is None or (norm and gs == K), "statistics serve the layer norm (one group a row)"
+    stats_in = stats_in if late else None  # the prologue computes its own
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), meta["SPLIT"], mblocks)  # noqa: E731
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
-                 residual if residual is not None else dummy, parts, counters, M, N, K, gs, eps,
+                 residual if residual is not None else dummy, parts, counters,
+                 stats_out if stats_out is not None else parts, stats_in if stats_in is not None else parts,
+                 M, N, K, gs, eps,
                  x.stride(0), gate.stride(0) if gate is not None else 0,
                  residual.stride(0) if residual is not None else 0, y.stride(0),
+                 STATS_OUT=stats_out is not None, STATS_IN=stats_in is not None, SI=pow2(triton.cdiv(K, 16), 1),
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
                  DOT=not small, F32_DOT=INTERPRET or x.dtype == torch.float32, LATE=late, BM=bm,
                  NG=pow2(K // gs, 1), BGS=pow2(gs, 1), CH=pow2(gs, 1) if small else min(pow2(gs, 1), 4096 // bm),
                  PDL=PDL, EARLY=PDL_EARLY, launch_pdl=PDL, **fixed)
     return y
+
+
+def norm_stats(rows: int, columns: int, device) -> torch.Tensor:
+    """The buffer a product's ``stats_out`` fills for ``rows`` outputs of ``columns``: fp32 [columns / 16, rows]."""
+    return torch.empty(triton.cdiv(columns, 16), rows, device=device, dtype=torch.float32)

@@ -27,7 +27,7 @@ from .state import MHLAState
 if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
     from .kernels.triton_features import relu_rope_qk
-    from .kernels.triton_skinny import skinny_linear
+    from .kernels.triton_skinny import norm_stats, skinny_linear
 
 
 def _version(w: torch.Tensor):
@@ -144,7 +144,7 @@ class MHLABlock(nn.Module):
         h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
         return h + self.mlp(self.mlp_norm(h), plan)
 
-    def decode_step(self, x, cos, sin, state: MHLAState):
+    def decode_step(self, x, cos, sin, state: MHLAState, stats=None):
         """One token per sequence through the block in five launches (CUDA inference, Triton):
 
             qkvg = RMSNorm(x) W_qkvg^T                         skinny product, norm in its prologue
@@ -153,7 +153,10 @@ class MHLABlock(nn.Module):
             a    = silu(RMSNorm(h) W_gate^T) * (RMSNorm(h) W_up^T)
             out  = h + a W_down^T
 
-        against about 17 launches of ``forward``. x [B, 1, D] -> [B, 1, D]; cos, sin [B, K/2] fp32.
+        against about 17 launches of ``forward``. x [B, 1, D] -> ([B, 1, D], stats); cos, sin [B, K/2]
+        fp32. From two rows each residual product also writes its output rows' square sums
+        (``stats``), and the next product's layer norm reads them instead of summing its own:
+        ``stats`` in are x's (None: the norm sums them itself), out are the block output's.
         ``state`` is advanced except its position: the caller moves every layer's at once
         (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
         to the activation dtype; only summation order differs.
@@ -164,7 +167,9 @@ class MHLABlock(nn.Module):
         # the checks mhla_attention makes on the other path (host-side shapes only: no sync)
         state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
         x2 = x.reshape(B, -1)
-        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps)
+        rows = B > 1  # (one row: the norm is one load, nothing to spare)
+        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps,
+                             stats_in=stats if rows else None)
         hk, hv = H * K, H * V
         q = qkvg[:, :hk].view(B, H, K)
         k = qkvg[:, hk:2 * hk].view(B, H, K)
@@ -174,11 +179,14 @@ class MHLABlock(nn.Module):
         # raw mixing: clamped in-kernel; the state is read before the wait (no kernel of this step writes it)
         decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
         gn = attn.g_norm_swish_gate
+        D = x2.shape[1]
+        h_stats, out_stats = (norm_stats(B, D, x.device), norm_stats(B, D, x.device)) if rows else (None, None)
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
-                          residual=x2)
+                          residual=x2, stats_out=h_stats)
         a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
-                          swiglu=True)
-        return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1)
+                          swiglu=True, stats_in=h_stats)
+        out = skinny_linear(a, mlp.down_proj.weight, residual=h, stats_out=out_stats)
+        return out.view(B, 1, -1), out_stats
 
     def decode_step_batched(self, x, xn, cos, sin, state: MHLAState, next_norm):
         """One token per sequence where the decode is not fused (CUDA batches > 1 by default):
@@ -251,8 +259,9 @@ class MHLAModel(MHLAPreTrainedModel):
         rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
         if plan.fused_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
+            stats = None
             for layer, state in zip(self.layers, states):
-                x = layer.decode_step(x, cos, sin, state)
+                x, stats = layer.decode_step(x, cos, sin, state, stats)
             MHLAState.advance_positions(states)
             return self.norm(x)
         if plan.batched_decode and states is not None and lengths is None and T == 1:

@@ -122,3 +122,35 @@ def test_late_norm_leaves_fp16_to_the_prologue(monkeypatch):
     out = skinny_linear(x, w, norm_weight=nw, eps=1e-6, split=2)
     assert seen == [False] and torch.isfinite(out).all()
     assert rel_err(out.float(), F.linear(rms_norm(x.float(), nw.float(), 1e-6), w.float())) < 2e-3
+@pytest.mark.parametrize("cfg", [dict(BN=64, BK=64, SPLIT=2), dict(BN=16, BK=32, SPLIT=1), dict(BN=128, BK=32, SPLIT=8)])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_norm_statistics_from_the_previous_product(cfg, dtype, monkeypatch):
+    """A residual product writes its output rows' square sums (``stats_out``: 16-column slots, the
+    tile's unused slots zeroed, N = 130 leaving a partial slot and a last tile past the buffer);
+    the next product's layer norm reads them (``stats_in``) and gives what it gives alone."""
+    monkeypatch.setattr(triton_skinny, "_FIXED_SHAPE", dict(BN=cfg["BN"], BK=cfg["BK"]))
+    lin = functools.partial(skinny_linear, split=cfg["SPLIT"])
+    M, K, N, eps = 70, 96, 130, 1e-6
+    x, res = _r(M, K, seed=21).to(dtype), _r(M, N, seed=22).to(dtype)
+    w, w2 = (_r(N, K, seed=23) / K ** 0.5).to(dtype), (_r(2 * 48, N, seed=24) / N ** 0.5).to(dtype)
+    nw = _r(N, seed=25).to(dtype)
+    stats = triton_skinny.norm_stats(M, N, x.device).fill_(float("nan"))  # every slot must be written
+    h = lin(x, w, residual=res, stats_out=stats)
+    assert torch.equal(h, lin(x, w, residual=res))
+    assert rel_err(stats.sum(0), h.float().pow(2).sum(1)) < 1e-6
+    with_stats = lin(h, w2, norm_weight=nw, eps=eps, swiglu=True, stats_in=stats)
+    alone = lin(h, w2, norm_weight=nw, eps=eps, swiglu=True)
+    hn = rms_norm(h, nw, eps)
+    ref = swiglu(F.linear(hn, w2[:48]), F.linear(hn, w2[48:]))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(with_stats, ref) < tol and rel_err(with_stats, alone) < (2e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_norm_statistics_refuse_what_does_not_fit():
+    x, w = _r(4, 32, seed=1), _r(48, 32, seed=2)
+    with pytest.raises(AssertionError, match="norm_stats"):
+        skinny_linear(x, w, residual=_r(4, 48, seed=3), stats_out=torch.zeros(2, 4))
+    with pytest.raises(AssertionError, match="norm_stats"):
+        skinny_linear(x[:1], w, residual=_r(1, 48, seed=3), stats_out=triton_skinny.norm_stats(1, 48, "cpu"))
+    with pytest.raises(AssertionError, match="layer norm"):
+        skinny_linear(x, w, norm_weight=_r(16, seed=4), group=16, stats_in=triton_skinny.norm_stats(4, 32, "cpu"))
