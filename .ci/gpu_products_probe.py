@@ -13,7 +13,7 @@ from triton.testing import do_bench_cudagraph
 
 from mhla_stream import preset_config
 from mhla_stream.kernels import triton_skinny
-from mhla_stream.kernels.triton_skinny import norm_stats, skinny_linear
+from mhla_stream.kernels.triton_skinny import norm_stats, row_stats, skinny_linear
 
 
 def main():
@@ -37,14 +37,15 @@ def main():
                 x = skinny_linear(a, w["down"], residual=h)
             return x
 
-        def stats():  # the layer norms' square sums from the previous residual product's epilogue
-            x, st = x0, None
+        o_st = row_stats(o_in)
+
+        def scaled():  # the fused step's form from two rows: norms as scales of the sums, from statistics
+            x, st = x0, row_stats(x0)  # (norm weights of ones: the folded weights are the weights)
             for w in layers:
-                qkvg = skinny_linear(x, w["qkvg"], norm_weight=w["n1"], stats_in=st)
+                skinny_linear(x, w["qkvg"], stats_in=st)  # (its gate goes to the decode kernel)
                 h_st, st = norm_stats(M, D, dev), norm_stats(M, D, dev)
-                h = skinny_linear(o_in, w["o"], norm_weight=w["gn"], group=V, gate=qkvg[:, 2 * hk + hv:], residual=x,
-                                  stats_out=h_st)
-                a = skinny_linear(h, w["gu"], norm_weight=w["n2"], swiglu=True, stats_in=h_st)
+                h = skinny_linear(o_in, w["o"], group=V, stats_in=o_st, residual=x, stats_out=h_st)
+                a = skinny_linear(h, w["gu"], swiglu=True, stats_in=h_st)
                 x = skinny_linear(a, w["down"], residual=h, stats_out=st)
             return x
 
@@ -75,8 +76,8 @@ def main():
                 x = F.linear(gate * up, w["down"])
             return x
 
-        forms = (("late", fused, True), ("prologue", fused, False), ("stats", stats, True), ("ogate", ogate, True), ("plain", plain, None), ("cublas", cublas, None))
-        for name, fn, late in (f for f in forms if f[0] in os.environ.get("FORMS", "late,prologue,stats,ogate,plain,cublas")):
+        forms = (("late", fused, True), ("prologue", fused, False), ("scaled", scaled, True), ("ogate", ogate, True), ("plain", plain, None), ("cublas", cublas, None))
+        for name, fn, late in (f for f in forms if f[0] in os.environ.get("FORMS", "late,prologue,scaled,ogate,plain,cublas")):
             triton_skinny.LATE_NORM = bool(late)
             fn()
             torch.cuda.synchronize()

@@ -50,8 +50,8 @@ def _features(x1, x2, c, s, FEATURES: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr, ring_ptr, far_ptr, pos_ptr,
-                   m_ptr, cos_ptr, sin_ptr, L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
+                   m_ptr, cos_ptr, sin_ptr, g_ptr, st_ptr, L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
+                   sg_b, sg_h, B, GATED: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
                    ROUND: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, STATE_EARLY: tl.constexpr,
                    TOKENS: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, SC: tl.constexpr):
     if EARLY:  # the next kernel may start now and load its weights while this one runs
@@ -117,7 +117,17 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_
             vc = tl.load(vbh + sl[:, None] * V + ov[None, :], mask=ok[:, None] & mv[None, :], other=0.0)  # [SC, BV]
             score = tl.sum(kb1 * q1[None, :], axis=1) + tl.sum(kb2 * q2[None, :], axis=1)               # [SC]
             o += diag * tl.sum(score[:, None] * vc, axis=0)
-    tl.store(o_ptr + b * so_b + h * so_h + ov, (o * scale).to(o_ptr.dtype.element_ty), mask=mv)
+    ob = (o * scale).to(o_ptr.dtype.element_ty)                                              # [BV]
+    if GATED:  # the gated output norm's share here: o * silu(g), and o's square sums (its 1/rms and
+        # weight are applied by the output projection, ``skinny_linear``'s stats_in)
+        of = ob.to(tl.float32)
+        part = tl.sum(tl.where(mv, of * of, 0.0), axis=0)
+        sl = tl.arange(0, BV // 16)  # 16-column slots (``norm_stats``): the sum in the first, zeros after
+        col = tl.program_id(1) * BV + sl * 16
+        tl.store(st_ptr + ((h * V + col) // 16) * B + b, tl.where(sl == 0, part, 0.0), mask=col < V)
+        g = tl.load(g_ptr + b * sg_b + h * sg_h + ov, mask=mv, other=0.0).to(tl.float32)
+        ob = (of * (g * tl.sigmoid(g))).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + b * so_b + h * so_h + ov, ob, mask=mv)
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()
     first = (h == 0) & (tl.program_id(1) == 0)
@@ -182,7 +192,7 @@ TOKENS_FROM = 32
 
 
 def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, num_warps=4, state_early=False,
-                tokens=None):
+                tokens=None, gate=None, stats=None):
     """Launch the decode kernel. q, k: [B, H, K] views (any batch/head strides, unit last stride);
     v: [B, H, V]; o: [B, H, V] output; ``raw_mixing``: the [L, L] parameter (clamped on load).
     ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to the raw q, k in the kernel (the
@@ -192,13 +202,16 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
     running can precede with a write to this state, its position or the mixing parameter: the
     model's fused step, where since the last ordinary kernel (which waits for everything before
     it) only other layers' kernels ran. ``tokens``: the open block's form (module docstring; None:
-    the token form from ``TOKENS_FROM`` sequences on); either form continues a state left by the other."""
+    the token form from ``TOKENS_FROM`` sequences on); either form continues a state left by the other.
+    ``gate`` [B, H, V] with ``stats`` (``norm_stats(B, H * V)``): o is written as o * silu(gate),
+    with the square sums of o itself in ``stats`` (the fused step's gated output norm)."""
     if not all(getattr(state, n).is_contiguous() for n in state.TENSORS):
         # the kernel indexes a state's rows densely: a strided one (``select`` with a step) runs on a
         # dense copy, written back after (it updated the wrong rows before, as the prefill did)
         dense = state._map(lambda t: t.contiguous())
         # (not early: the copy just made is the previous kernel's output)
-        decode_into(o, q, k, v, raw_mixing, dense, scale, rope, block_v, num_warps, tokens=tokens)
+        decode_into(o, q, k, v, raw_mixing, dense, scale, rope, block_v, num_warps, tokens=tokens, gate=gate,
+                    stats=stats)
         state.copy_(dense)
         return o
     B, H, K = q.shape
@@ -212,12 +225,17 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
     tokens = B >= TOKENS_FROM if tokens is None else tokens
     BV = block_v or min(pow2(V), 64 if tokens else 16 if B < 8 else 32 if B < 64 else 64)
     assert BV & (BV - 1) == 0, "block_v must be a power of two"
+    gated = gate is not None
+    assert gated == (stats is not None), "gate and stats go together"
+    if gated:
+        assert V % 16 == 0 and BV >= 16 and gate.shape == v.shape and gate.stride(-1) == 1
+        assert stats.shape == (H * V // 16, B) and stats.dtype == torch.float32 and stats.is_contiguous()
     _decode_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, v, o, state.partial, state.prefix, state.open_keys, state.open_values, state.partial_end, state.ring,
-        state.far, state.pos, raw_mixing, cos, sin,
+        state.far, state.pos, raw_mixing, cos, sin, gate if gated else o, stats if gated else cos,
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
-        H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
+        gate.stride(0) if gated else 0, gate.stride(1) if gated else 0, B, GATED=gated, H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
         ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, EARLY=PDL_EARLY, STATE_EARLY=state_early,
         TOKENS=tokens, BK2=pow2((K + 1) // 2), BV=BV, SC=16,
         num_warps=num_warps, launch_pdl=PDL)

@@ -36,6 +36,7 @@ dependent launch), and lets the next kernel launch at its first instruction (``P
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -138,7 +139,7 @@ def _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM:
         x = x * (g * tl.sigmoid(g))
         if not LATE:
             x = round_to(x, DT).to(tl.float32)
-    if NORM and LATE and F32_DOT:  # one rounding of x * w (* silu(g)); a 16-bit dot's operand cast
+    if LATE and F32_DOT:  # one rounding of x * w (* silu(g)); a 16-bit dot's operand cast
         x = round_to(x, DT).to(tl.float32)  # rounds it the same way on the GPU, in one instruction
     return x, sq
 
@@ -165,10 +166,19 @@ def _mma(acc, acc_up, w, wu, x, DOT: tl.constexpr, F32_DOT: tl.constexpr, SWIGLU
 
 
 @triton.jit
-def _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU: tl.constexpr):
+def _rstd(ss, rT, grp, g, eps, GS, STATS_IN: tl.constexpr):
+    """1/rms [BM] of norm group g: from the producer's statistics rT [NG, BM], else from ss [BM],
+    the square sums of the group's columns this program loaded."""
+    if STATS_IN:
+        return tl.sum(tl.where(grp[:, None] == g, rT, 0.0), axis=0)
+    return tl.rsqrt(ss / GS + eps)
+
+
+@triton.jit
+def _fold(acc, acc_up, accg, accg_up, ss, end, r, SWIGLU: tl.constexpr):
     """The late norm inside a split that holds whole groups: at a group's ``end``, its sum [BN, BM]
-    scaled by its rows' 1/rms joins acc, and the group's sums restart."""
-    f = tl.where(end, tl.rsqrt(ss / GS + eps), 0.0)[None, :]                                    # [1, BM]
+    scaled by its rows' 1/rms ``r`` [BM] joins acc, and the group's sums restart."""
+    f = tl.where(end, r, 0.0)[None, :]                                                          # [1, BM]
     acc += accg * f
     if SWIGLU:
         acc_up += accg_up * f
@@ -204,6 +214,13 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         tl.extra.cuda.gdc_wait()  # x, g and res come from the previous kernels
     grp = tl.arange(0, NG)
     rstds = tl.zeros([BM, NG], dtype=tl.float32)
+    rT = tl.zeros([NG, BM], dtype=tl.float32)
+    if STATS_IN:  # each row's 1/rms a norm group, from the square sums x's producer wrote in 16-column slots
+        sl = tl.arange(0, SI)
+        sums = tl.load(si_ptr + sl[:, None] * M + rm[None, :], mask=(sl * 16 < K)[:, None] & mm[None, :],
+                       other=0.0)                                                                # [SI, BM]
+        ingrp = ((sl * 16) // GS)[None, :, None] == grp[:, None, None]                          # [NG, SI, 1]
+        rT = tl.rsqrt(tl.sum(tl.where(ingrp, sums[None, :, :], 0.0), axis=1) / GS + eps)        # [NG, BM]
     if NORM and not LATE:  # prologue: 1/rms of each of the NG groups of every row, CH columns at a time
         for gi in range(0, K // GS):
             sg2 = tl.zeros([BM], dtype=tl.float32)
@@ -228,11 +245,13 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     # the first tile, peeled so that the loop's loads are unconditional (software-pipelined)
     rk = k_lo + ck
     x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, rk < K, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT)
-    if NORM and LATE and not STATS_IN:
+    if LATE:
         accg, accg_up = _mma(accg, accg_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
-        ss += sq
+        if not STATS_IN:  # (with statistics x's squares are not summed here)
+            ss += sq
         end = whole & (k_lo < K) & (((k_lo + BK) % GS == 0) | (k_lo + BK >= k_hi))  # (an empty split: no group)
-        acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
+        rg = _rstd(ss, rT, grp, k_lo // GS, eps, GS, STATS_IN)
+        acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, rg, SWIGLU)
     else:
         acc, acc_up = _mma(acc, acc_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
     for k0 in range(k_lo + BK, k_hi, BK):
@@ -244,22 +263,18 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         if SWIGLU:
             wu = tl.load(w_ptr + (N + rn[:, None]) * K + rk[None, :], mask=wmask, other=0.0)
         x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT)
-        if NORM and LATE and not STATS_IN:
+        if LATE:
             accg, accg_up = _mma(accg, accg_up, w, wu, x, DOT, F32_DOT, SWIGLU)
-            ss += sq
+            if not STATS_IN:
+                ss += sq
             end = whole & (((k0 + BK) % GS == 0) | (k0 + BK >= k_hi))
-            acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
+            rg = _rstd(ss, rT, grp, k0 // GS, eps, GS, STATS_IN)
+            acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, rg, SWIGLU)
         else:
             acc, acc_up = _mma(acc, acc_up, w, wu, x, DOT, F32_DOT, SWIGLU)
-    if NORM and LATE and not STATS_IN:  # a split inside a group: its unscaled sums (accg is zero otherwise)
+    if LATE:  # a split inside a group: its unscaled sums (accg is zero otherwise)
         acc += accg
         acc_up += accg_up
-    if NORM and STATS_IN:  # the row's square sum from the previous product's epilogue: [SI, BM] slots
-        sl = tl.arange(0, SI)
-        sums = tl.load(si_ptr + sl[:, None] * M + rm[None, :], mask=(sl < tl.cdiv(K, 16))[:, None] & mm[None, :],
-                       other=0.0)
-        rstat = tl.rsqrt(tl.sum(sums, axis=0) / GS + eps)                                        # [BM]
-        acc, acc_up = acc * rstat[None, :], acc_up * rstat[None, :]                             # (DOT: [BN, BM])
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start and fetch its weights
     if DOT:
@@ -275,22 +290,26 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         tl.store(mine + at, acc)
         if SWIGLU:
             tl.store(mine + BM * BN + at, acc_up)
-        if NORM and LATE and not STATS_IN:
+        if LATE and not STATS_IN:
             tl.store(squares + pid_s * BM + tl.arange(0, BM), ss)
         tl.debug_barrier()  # every thread's partial is written before the ticket releases them
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT - 1:  # the tile's last program: the others' partials are visible now
-            scaled = NORM and LATE and not STATS_IN
+            scaled = LATE
             sp_i = tl.arange(0, MAX_SPLIT)
             scales = tl.full([MAX_SPLIT, BM], 1.0, dtype=tl.float32)
-            if scaled:  # splits inside a group: 1/rms of each split's group (the square sums of its splits)
+            if scaled:  # splits inside a group: 1/rms of each split's group
                 have = (sp_i < SPLIT) & (sp_i * ks < K)  # an empty split has no group: 1/rms of nothing
-                sqs = tl.load(squares + sp_i[:, None] * BM + tl.arange(0, BM)[None, :], mask=have[:, None],
-                              other=0.0, cache_modifier=".cg")                                  # [MAX_SPLIT, BM]
                 group = sp_i * ks // GS
-                same = (group[:, None] == group[None, :]) & have[None, :]                       # [S, S]
-                gss = tl.sum(tl.where(same[:, :, None], sqs[None, :, :], 0.0), axis=1)            # [S, BM]
-                scales = tl.where(whole | ~have[:, None], 1.0, tl.rsqrt(gss / GS + eps))  # whole groups: scaled
+                if STATS_IN:
+                    gr = tl.sum(tl.where(group[:, None, None] == grp[None, :, None], rT[None, :, :], 0.0), axis=1)
+                else:  # the square sums of the group's splits
+                    sqs = tl.load(squares + sp_i[:, None] * BM + tl.arange(0, BM)[None, :], mask=have[:, None],
+                                  other=0.0, cache_modifier=".cg")                              # [MAX_SPLIT, BM]
+                    same = (group[:, None] == group[None, :]) & have[None, :]                   # [S, S]
+                    gss = tl.sum(tl.where(same[:, :, None], sqs[None, :, :], 0.0), axis=1)        # [S, BM]
+                    gr = tl.rsqrt(gss / GS + eps)
+                scales = tl.where(whole | ~have[:, None], 1.0, gr)  # whole groups: already scaled
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             acc_up = tl.zeros([BM, BN], dtype=tl.float32)
             for sp in range(SPLIT):  # split order, not arrival order: a deterministic sum
@@ -330,9 +349,11 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     ``norm_weight`` [group] applies RMSNorm per group of ``group`` columns (default K) first;
     ``gate`` [M, K] multiplies by silu(gate) after it; ``residual`` [M, N] is added at the end.
     ``split``: fix the number of K splits of the tensor-core form (tests); default: tuned.
-    More than one row only: ``stats_out`` (``norm_stats(M, N)``) receives y's row square sums in
-    16-column slots, and ``stats_in`` (x's, filled so by the product that wrote x) spares the
-    layer norm its own pass over x."""
+    More than one row only (the tensor-core form): ``stats_out`` (``norm_stats(M, N)``) receives
+    y's square sums in 16-column slots (``norm_stats``). ``stats_in`` (x's, so filled by x's
+    producer or ``row_stats``) applies RMSNorm per group of ``group`` columns with the norm weight
+    already folded into ``weight``'s columns (``norm_weight`` stays None): y = sum over groups of
+    1/rms(x_g) * x_g W_g^T, a scale of the fp32 sums, so x enters the product as it is."""
     M, K = x.shape
     N = weight.shape[0] // (2 if swiglu else 1)
     assert split is None or 1 <= split <= _MAX_SPLIT, "the workspace holds at most _MAX_SPLIT partials a tile"
@@ -350,18 +371,25 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     parts, counters = ws if ws is not None else (x, x)
     dummy = x
     launch, fixed = (_gemv(pow2(K)) if small else _gemm), {}
-    late = norm and not small and LATE_NORM and x.dtype != torch.float16
+    if stats_in is not None:
+        assert not norm and not small, "stats_in: the norm weight folded into the weight, from 2 rows"
+        gs = group or K
+        assert K % gs == 0 and (gs == K or gs % 16 == 0), "stats_in: groups of a multiple of 16 columns that tile the row"
+    late = (norm and not small and LATE_NORM and x.dtype != torch.float16) or stats_in is not None
     if INTERPRET or split is not None:  # no tuning; few programs, since the interpreter runs them one by one
         launch, fixed = _skinny_kernel, dict(_FIXED_SHAPE, SPLIT=1 if small else (split or 2))
     if not small and ws is None:  # in a CUDA-graph capture before any eager call of this size: no split
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 128, "SPLIT": 1}
-    if late:  # a fixed shape must fit the norm groups; the tuner keeps only the shapes that do
-        late = _late_fits(K, gs, fixed["BK"], fixed["SPLIT"]) if fixed else _some_late_fits(K, gs)
+    if late and fixed:  # a fixed shape must fit the norm groups (narrower tiles may: small test models)
+        bk = next((b for b in (fixed["BK"], 32, 16) if b <= fixed["BK"] and _late_fits(K, gs, b, fixed["SPLIT"])), None)
+        late, fixed = bk is not None, dict(fixed, BK=bk or fixed["BK"])
+    elif late:  # the tuner keeps only the shapes that fit
+        late = _some_late_fits(K, gs)
+    # (with statistics there is no prologue to fall back on: the caller checks ``stats_fit``)
+    assert late or stats_in is None, "stats_in: no launch shape fits these norm groups (stats_fit)"
     for st, cols in ((stats_out, N), (stats_in, K)):
         assert st is None or (not small and st.shape == (triton.cdiv(cols, 16), M) and st.dtype == torch.float32
                               and st.is_contiguous()), "norm statistics: norm_stats(rows, columns), from 2 rows"
-    assert stats_in is None or (norm and gs == K), "statistics serve the layer norm (one group a row)"
-    stats_in = stats_in if late else None  # the prologue computes its own
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), meta["SPLIT"], mblocks)  # noqa: E731
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
                  residual if residual is not None else dummy, parts, counters,
@@ -378,5 +406,20 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
 
 
 def norm_stats(rows: int, columns: int, device) -> torch.Tensor:
-    """The buffer a product's ``stats_out`` fills for ``rows`` outputs of ``columns``: fp32 [columns / 16, rows]."""
+    """The buffer a product's ``stats_out`` fills for ``rows`` outputs of ``columns``: fp32
+    [columns / 16, rows]. Slot s holds a partial square sum of some of the columns [16 s, 16 s +
+    16) and on: a producer writes its tile's sum in the tile's first slot and zeros in the rest, so
+    a group's square sum is the sum of its slots, whatever launch shape wrote them."""
     return torch.empty(triton.cdiv(columns, 16), rows, device=device, dtype=torch.float32)
+
+
+def row_stats(x: torch.Tensor) -> torch.Tensor:
+    """``norm_stats`` of x [M, K] computed here (for an x no product wrote: the embeddings)."""
+    M, K = x.shape
+    sq = F.pad(x.float().square(), (0, -K % 16))
+    return sq.view(M, -1, 16).sum(-1).t().contiguous()
+
+
+def stats_fit(K: int, group: int) -> bool:
+    """Whether the tensor-core form can scale sums by norm statistics for rows of K in ``group``s."""
+    return K % group == 0 and (group == K or group % 16 == 0) and (INTERPRET or _some_late_fits(K, group))

@@ -5,6 +5,7 @@ except for the mixing matrix's shape ([L, L] here, [L, L, 1, 1, 1, 1] there).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,7 +28,7 @@ from .state import MHLAState
 if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
     from .kernels.triton_features import relu_rope_qk
-    from .kernels.triton_skinny import norm_stats, skinny_linear
+    from .kernels.triton_skinny import norm_stats, row_stats, skinny_linear, stats_fit
 
 
 def _version(w: torch.Tensor):
@@ -43,10 +44,14 @@ class ConcatenatedWeight:
     GPU they run as one matrix product (fewer launches per decoded token). A real tensor, made
     on first use (``MHLAForCausalLM.prepare_inference`` makes them all up front) and made again
     whenever a source weight is replaced, moved or cast (``to()``), or changed in place
-    (``load_state_dict``, an optimizer step: its version counter moves)."""
+    (``load_state_dict``, an optimizer step: its version counter moves).
 
-    def __init__(self, *linears: nn.Linear):
+    ``norm``: an RMSNorm whose weight is folded into the columns (tiled ``repeat`` times), W diag(w),
+    for products that take the norm as a scale of their sums (the fused step from two rows)."""
+
+    def __init__(self, *linears: nn.Linear, norm: "RMSNorm | None" = None, repeat: int = 1):
         self._linears = linears  # a plain tuple: the modules stay registered on their owner only
+        self._norm, self._repeat = (norm,) if norm is not None else (), repeat
         self._made_from, self.tensor = None, None
 
     def _source_key(self, ws):
@@ -54,11 +59,15 @@ class ConcatenatedWeight:
 
     def get(self) -> torch.Tensor:
         ws = [lin.weight for lin in self._linears]
-        key = self._source_key(ws)
+        key = self._source_key(ws + [n.weight for n in self._norm])
         stale = self._made_from is None or any(
             a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(key, self._made_from))
         if stale:
-            self.tensor, self._made_from = torch.cat(ws, 0), key
+            tensor = torch.cat(ws, 0) if len(ws) > 1 else ws[0].detach().clone()
+            if self._norm:  # (in fp32, one rounding to the weight's dtype)
+                scale = self._norm[0].weight.detach().float().repeat(self._repeat)
+                tensor = (tensor.float() * scale).to(ws[0].dtype)
+            self.tensor, self._made_from = tensor.detach(), key
             if self.tensor.is_cuda and not torch.cuda.is_current_stream_capturing():
                 # the decode kernels read their first weight tile before waiting on the previous
                 # kernel (programmatic dependent launch): the new copy must be complete by then
@@ -90,6 +99,8 @@ class MHLAAttention(nn.Module):
         self.g_norm_swish_gate = RMSNorm(V, config.norm_eps)
         self.mixing_matrix = nn.Parameter(init_mixing(config.num_blocks))  # raw: clamped where it is read
         self.qkvg_weight = ConcatenatedWeight(self.q_proj, self.k_proj, self.v_proj, self.g_proj)
+        # the fused step from two rows: the output norm's weight in the output projection's columns
+        self.o_normed_weight = ConcatenatedWeight(self.o_proj, norm=self.g_norm_swish_gate, repeat=H)
 
     def forward(self, x, rope, state: MHLAState | None, lengths, plan: ExecutionPlan):
         B, T, _ = x.shape
@@ -139,6 +150,10 @@ class MHLABlock(nn.Module):
         self.attn = MHLAAttention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MHLAMLP(config)
+        # the fused step from two rows: each layer norm's weight folded into the product after it
+        a, m = self.attn, self.mlp
+        self.qkvg_normed_weight = ConcatenatedWeight(a.q_proj, a.k_proj, a.v_proj, a.g_proj, norm=self.attn_norm)
+        self.gate_up_normed_weight = ConcatenatedWeight(m.gate_proj, m.up_proj, norm=self.mlp_norm)
 
     def forward(self, x, rope, state, lengths, plan: ExecutionPlan):
         h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
@@ -154,12 +169,17 @@ class MHLABlock(nn.Module):
             out  = h + a W_down^T
 
         against about 17 launches of ``forward``. x [B, 1, D] -> ([B, 1, D], stats); cos, sin [B, K/2]
-        fp32. From two rows each residual product also writes its output rows' square sums
-        (``stats``), and the next product's layer norm reads them instead of summing its own:
-        ``stats`` in are x's (None: the norm sums them itself), out are the block output's.
-        ``state`` is advanced except its position: the caller moves every layer's at once
+        fp32. ``state`` is advanced except its position: the caller moves every layer's at once
         (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
         to the activation dtype; only summation order differs.
+
+        From two rows (the tensor-core products) no product touches x element by element: the norms
+        become scales of the fp32 sums (``skinny_linear``'s stats_in), their weights are folded into
+        the weights (``*_normed_weight``), the decode kernel applies the gate and writes o's per-head
+        square sums, and each residual product writes its output's square sums for the next norm
+        (``stats`` in: x's, None: summed here; out: the block output's). The difference to
+        ``forward``: the norm weights are rounded into the weights and the gate applies before the
+        output norm's rounding (bf16-sized; fp32 unaffected).
         """
         attn, mlp = self.attn, self.mlp
         B = x.shape[0]
@@ -167,26 +187,43 @@ class MHLABlock(nn.Module):
         # the checks mhla_attention makes on the other path (host-side shapes only: no sync)
         state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
         x2 = x.reshape(B, -1)
-        rows = B > 1  # (one row: the norm is one load, nothing to spare)
-        qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight, eps=self.attn_norm.eps,
-                             stats_in=stats if rows else None)
-        hk, hv = H * K, H * V
+        hk, hv, D = H * K, H * V, x2.shape[1]
+        rows = B > 1 and self._scales_fit(D, hv, V)  # (one row: the norm is one load, nothing to spare)
+        if rows:
+            qkvg = skinny_linear(x2, self.qkvg_normed_weight.get(), eps=self.attn_norm.eps,
+                                 stats_in=stats if stats is not None else row_stats(x2))
+        else:
+            qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight,
+                                 eps=self.attn_norm.eps)
         q = qkvg[:, :hk].view(B, H, K)
         k = qkvg[:, hk:2 * hk].view(B, H, K)
         v = qkvg[:, 2 * hk:2 * hk + hv].view(B, H, V)
         g = qkvg[:, 2 * hk + hv:]
         o = torch.empty(B, H, V, device=x.device, dtype=x.dtype)
-        # raw mixing: clamped in-kernel; the state is read before the wait (no kernel of this step writes it)
-        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
         gn = attn.g_norm_swish_gate
-        D = x2.shape[1]
-        h_stats, out_stats = (norm_stats(B, D, x.device), norm_stats(B, D, x.device)) if rows else (None, None)
+        if rows:
+            o_stats, h_stats, out_stats = (norm_stats(B, n, x.device) for n in (hv, D, D))
+            # raw mixing: clamped in-kernel; the state is read before the wait (no kernel of this step writes it)
+            decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True,
+                        gate=g.view(B, H, V), stats=o_stats)
+            h = skinny_linear(o.view(B, hv), attn.o_normed_weight.get(), group=V, eps=gn.eps, stats_in=o_stats,
+                              residual=x2, stats_out=h_stats)
+            a = skinny_linear(h, self.gate_up_normed_weight.get(), eps=self.mlp_norm.eps, swiglu=True,
+                              stats_in=h_stats)
+            out = skinny_linear(a, mlp.down_proj.weight, residual=h, stats_out=out_stats)
+            return out.view(B, 1, -1), out_stats
+        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
-                          residual=x2, stats_out=h_stats)
+                          residual=x2)
         a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
-                          swiglu=True, stats_in=h_stats)
-        out = skinny_linear(a, mlp.down_proj.weight, residual=h, stats_out=out_stats)
-        return out.view(B, 1, -1), out_stats
+                          swiglu=True)
+        return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1), None
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _scales_fit(D: int, hv: int, V: int) -> bool:
+        """Whether the norms can run as scales of the sums at these widths (``stats_fit``)."""
+        return stats_fit(D, D) and stats_fit(hv, V)
 
     def decode_step_batched(self, x, xn, cos, sin, state: MHLAState, next_norm):
         """One token per sequence where the decode is not fused (CUDA batches > 1 by default):

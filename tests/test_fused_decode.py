@@ -139,14 +139,19 @@ def test_decode_kernel_wide_column_blocks_at_large_batches(B):
     assert torch.equal(got_state.pos, ref_state.pos)
 
 
-def test_batched_decode_at_batch_8_with_a_partial_value_block():
-    """The batched step at batch 8 (value blocks of 32) with V = 48: the second block is half
-    masked. fp32, through block closes and past the trained edge, against the unfused path."""
+@pytest.mark.parametrize("path", ("batched", "fused"))
+def test_batched_decode_at_batch_8_with_a_partial_value_block(path):
+    """The batched step and the fused step (norms as scales from statistics) at batch 8 (value
+    blocks of 32) with V = 48: the second block is half masked. fp32, through block closes and past
+    the trained edge, against the unfused path."""
     torch.manual_seed(1)
     model = MHLAForCausalLM(preset_config("mhla-tiny", hidden_size=96)).to(DEV).eval()
+    for layer in model.model.layers:  # trained-looking norm weights, so that folding them shows
+        for norm in (layer.attn_norm, layer.mlp_norm, layer.attn.g_norm_swish_gate):
+            norm.weight.data.uniform_(0.5, 1.5)
     assert model.config.head_v_dim == 48
     unfused = model.make_plan(8, backend="triton", fused_decode=False, batched_decode=False)
-    batched = model.make_plan(8, backend="triton", fused_decode=False, batched_decode=True)
+    batched = model.make_plan(8, backend="triton", fused_decode=path == "fused", batched_decode=path == "batched")
     ids = torch.randint(3, 256, (8, 36), device=DEV)
     with torch.inference_mode():
         ref_cache, cache = MHLACache(model.new_state(8)), MHLACache(model.new_state(8))
@@ -158,6 +163,37 @@ def test_batched_decode_at_batch_8_with_a_partial_value_block():
             assert rel_err(b, a) < 1e-5, t
     for s_ref, s in zip(ref_cache.states, cache.states):
         assert torch.equal(s_ref.pos, s.pos) and rel_err(s.prefix, s_ref.prefix) < 1e-5
+
+
+@pytest.mark.parametrize("B, dtype", [(3, torch.float32), (3, torch.bfloat16), (32, torch.float32)])
+def test_decode_kernel_gate_and_output_statistics(B, dtype):
+    """The fused step's gated output norm, its decode-kernel share: o written as o * silu(g) and o's
+    square sums in 16-column slots (V = 48: three 16-column blocks at batch 3, one 64-column block
+    two-thirds masked at 32, whose slots must not reach the next head's), the state advanced as
+    without them. Through a block close, gate read from a wider projection (strided)."""
+    from mhla_stream.kernels.triton_decode import decode_into
+    from mhla_stream.kernels.triton_skinny import norm_stats
+    from mhla_stream.state import MHLAState
+    H, K, V, L, C = 2, 16, 48, 3, 4
+    q, k, v, m = rand_qkv(B, 2 * C + 1, H, K, V, L, seed=B, device=DEV, dtype=dtype)
+    states = [MHLAState.empty(B, H, K, V, block_size=C, num_blocks=L, policy="window", device=DEV)
+              for _ in range(2)]
+    for state in states:
+        mhla_attention(q[:, :3], k[:, :3], v[:, :3], m, block_size=C, state=state, backend="triton")
+    for t in range(3, q.shape[1]):
+        g = _rand(B, H, 2 * V, dtype=dtype, seed=t)[..., :V]
+        plain, gated = torch.empty(B, H, V, device=DEV, dtype=dtype), torch.empty(B, H, V, device=DEV, dtype=dtype)
+        stats = norm_stats(B, H * V, DEV).fill_(float("nan"))
+        decode_into(plain, q[:, t], k[:, t], v[:, t], m, states[0], K ** -0.5)
+        decode_into(gated, q[:, t], k[:, t], v[:, t], m, states[1], K ** -0.5, gate=g, stats=stats)
+        for state in states:
+            state.pos += 1
+        want = plain.float() * F.silu(g.float())
+        assert rel_err(gated.float(), want) < (1e-6 if dtype == torch.float32 else 8e-3), t
+        per_head = stats.view(H, V // 16, B).sum(1).t()                                            # [B, H]
+        assert rel_err(per_head, plain.float().pow(2).sum(-1)) < 1e-5, t
+    for name in MHLAState.TENSORS:
+        assert torch.equal(getattr(states[0], name), getattr(states[1], name)), name
 
 
 @pytest.mark.parametrize("backend", ("triton", "numba"))
