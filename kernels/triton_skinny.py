@@ -43,7 +43,7 @@ import triton.language as tl
 from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_to, splitk_workspace
 
 # LATE is part of the key: a shape tuned without it may not fit the late norm's groups
-_KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL", "LATE"]
+_KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL", "LATE", "STATS_IN"]
 # few configurations: each costs a compile at the first decode step of a new model shape
 _GEMV = [triton.Config({"BN": bn, "BK": bk, "SPLIT": 1}, num_warps=w, num_stages=3)
          for bn in (2, 4, 8, 16) for bk, w in ((512, 4), (1024, 8))]
@@ -59,9 +59,11 @@ LATE_NORM = True
 
 
 @functools.lru_cache(maxsize=None)
-def _some_late_fits(K: int, GS: int) -> bool:
-    """Whether any tuned tensor-core shape fits the late norm (asked every tuned call: cached)."""
-    return any(_late_fits(K, GS, c.kwargs["BK"], c.kwargs["SPLIT"]) for c in _DOT)
+def _some_late_fits(K: int, GS: int, stats: bool = False) -> bool:
+    """Whether any tuned tensor-core shape fits the late norm, or with ``stats`` the statistics'
+    scaling (asked every tuned call: cached)."""
+    fits = _stats_fit_shape if stats else _late_fits
+    return any(fits(K, GS, c.kwargs["BK"], c.kwargs["SPLIT"]) for c in _DOT)
 
 
 # the launch shape without tuning (the interpreter, or a fixed ``split``)
@@ -80,13 +82,19 @@ def _late_fits(K: int, GS: int, BK: int, split: int) -> bool:
     return GS == K or GS % ks == 0 or ((ks % GS == 0 or ks >= K) and GS % BK == 0)
 
 
+def _stats_fit_shape(K: int, GS: int, BK: int, split: int) -> bool:
+    """Whether norm statistics can scale this launch shape's sums: every split inside one group."""
+    return GS == K or GS % _split_cols(K, BK, split) == 0
+
+
 def _waves(configs, named_args, **kwargs):
     """The tensor-core launch shapes that give 48-640 programs (a third of a wave to about five on
     an H100), and with LATE only those that fit the norm groups."""
     N, K, M, bm = named_args["N"], named_args["K"], named_args["M"], kwargs.get("BM", 16)
     progs = lambda c: triton.cdiv(N, c.kwargs["BN"]) * c.kwargs["SPLIT"] * triton.cdiv(M, bm)  # noqa: E731
-    if kwargs.get("LATE"):  # only the shapes whose splits each lie in one norm group
-        configs = [c for c in configs if _late_fits(K, named_args["GS"], c.kwargs["BK"], c.kwargs["SPLIT"])]
+    fits = _stats_fit_shape if kwargs.get("STATS_IN") else _late_fits
+    if kwargs.get("LATE"):  # only the shapes that fit the norm groups
+        configs = [c for c in configs if fits(K, named_args["GS"], c.kwargs["BK"], c.kwargs["SPLIT"])]
     keep = [c for c in configs if 48 <= progs(c) <= 640 and c.kwargs["BK"] * c.kwargs["SPLIT"] <= max(K, c.kwargs["BK"])]
     return keep or [min(configs, key=lambda c: abs(progs(c) - 132))]
 
@@ -166,19 +174,10 @@ def _mma(acc, acc_up, w, wu, x, DOT: tl.constexpr, F32_DOT: tl.constexpr, SWIGLU
 
 
 @triton.jit
-def _rstd(ss, rT, grp, g, eps, GS, STATS_IN: tl.constexpr):
-    """1/rms [BM] of norm group g: from the producer's statistics rT [NG, BM], else from ss [BM],
-    the square sums of the group's columns this program loaded."""
-    if STATS_IN:
-        return tl.sum(tl.where(grp[:, None] == g, rT, 0.0), axis=0)
-    return tl.rsqrt(ss / GS + eps)
-
-
-@triton.jit
-def _fold(acc, acc_up, accg, accg_up, ss, end, r, SWIGLU: tl.constexpr):
+def _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU: tl.constexpr):
     """The late norm inside a split that holds whole groups: at a group's ``end``, its sum [BN, BM]
-    scaled by its rows' 1/rms ``r`` [BM] joins acc, and the group's sums restart."""
-    f = tl.where(end, r, 0.0)[None, :]                                                          # [1, BM]
+    scaled by its rows' 1/rms joins acc, and the group's sums restart."""
+    f = tl.where(end, tl.rsqrt(ss / GS + eps), 0.0)[None, :]                                    # [1, BM]
     acc += accg * f
     if SWIGLU:
         acc_up += accg_up * f
@@ -245,13 +244,13 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     # the first tile, peeled so that the loop's loads are unconditional (software-pipelined)
     rk = k_lo + ck
     x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, rk < K, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT)
-    if LATE:
+    # (with statistics each split lies in one group: its sums are scaled after the loop, which
+    # stays a plain chain of products; a fold in it measured as slow as the norm it replaced)
+    if LATE and not STATS_IN:
         accg, accg_up = _mma(accg, accg_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
-        if not STATS_IN:  # (with statistics x's squares are not summed here)
-            ss += sq
+        ss += sq
         end = whole & (k_lo < K) & (((k_lo + BK) % GS == 0) | (k_lo + BK >= k_hi))  # (an empty split: no group)
-        rg = _rstd(ss, rT, grp, k_lo // GS, eps, GS, STATS_IN)
-        acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, rg, SWIGLU)
+        acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
     else:
         acc, acc_up = _mma(acc, acc_up, w0, wu0, x, DOT, F32_DOT, SWIGLU)
     for k0 in range(k_lo + BK, k_hi, BK):
@@ -263,18 +262,19 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         if SWIGLU:
             wu = tl.load(w_ptr + (N + rn[:, None]) * K + rk[None, :], mask=wmask, other=0.0)
         x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT)
-        if LATE:
+        if LATE and not STATS_IN:
             accg, accg_up = _mma(accg, accg_up, w, wu, x, DOT, F32_DOT, SWIGLU)
-            if not STATS_IN:
-                ss += sq
+            ss += sq
             end = whole & (((k0 + BK) % GS == 0) | (k0 + BK >= k_hi))
-            rg = _rstd(ss, rT, grp, k0 // GS, eps, GS, STATS_IN)
-            acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, rg, SWIGLU)
+            acc, acc_up, accg, accg_up, ss = _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU)
         else:
             acc, acc_up = _mma(acc, acc_up, w, wu, x, DOT, F32_DOT, SWIGLU)
-    if LATE:  # a split inside a group: its unscaled sums (accg is zero otherwise)
+    if LATE and not STATS_IN:  # a split inside a group: its unscaled sums (accg is zero otherwise)
         acc += accg
         acc_up += accg_up
+    if STATS_IN and SPLIT == 1:  # one split, so one group: the row's 1/rms
+        r0 = tl.sum(tl.where(grp[:, None] == 0, rT, 0.0), axis=0)                               # [BM]
+        acc, acc_up = acc * r0[None, :], acc_up * r0[None, :]                                   # (DOT: [BN, BM])
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start and fetch its weights
     if DOT:
@@ -309,7 +309,10 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
                     same = (group[:, None] == group[None, :]) & have[None, :]                   # [S, S]
                     gss = tl.sum(tl.where(same[:, :, None], sqs[None, :, :], 0.0), axis=1)        # [S, BM]
                     gr = tl.rsqrt(gss / GS + eps)
-                scales = tl.where(whole | ~have[:, None], 1.0, gr)  # whole groups: already scaled
+                if STATS_IN:
+                    scales = tl.where(~have[:, None], 1.0, gr)
+                else:  # (the late norm's splits of whole groups are scaled already)
+                    scales = tl.where(whole | ~have[:, None], 1.0, gr)
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             acc_up = tl.zeros([BM, BN], dtype=tl.float32)
             for sp in range(SPLIT):  # split order, not arrival order: a deterministic sum
@@ -380,11 +383,13 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
         launch, fixed = _skinny_kernel, dict(_FIXED_SHAPE, SPLIT=1 if small else (split or 2))
     if not small and ws is None:  # in a CUDA-graph capture before any eager call of this size: no split
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 128, "SPLIT": 1}
+    fits = _stats_fit_shape if stats_in is not None else _late_fits
     if late and fixed:  # a fixed shape must fit the norm groups (narrower tiles may: small test models)
-        bk = next((b for b in (fixed["BK"], 32, 16) if b <= fixed["BK"] and _late_fits(K, gs, b, fixed["SPLIT"])), None)
+        narrower = (32, 16) if stats_in is not None else ()  # (the late norm has the prologue to fall back on)
+        bk = next((b for b in (fixed["BK"], *narrower) if b <= fixed["BK"] and fits(K, gs, b, fixed["SPLIT"])), None)
         late, fixed = bk is not None, dict(fixed, BK=bk or fixed["BK"])
     elif late:  # the tuner keeps only the shapes that fit
-        late = _some_late_fits(K, gs)
+        late = _some_late_fits(K, gs, stats_in is not None)
     # (with statistics there is no prologue to fall back on: the caller checks ``stats_fit``)
     assert late or stats_in is None, "stats_in: no launch shape fits these norm groups (stats_fit)"
     for st, cols in ((stats_out, N), (stats_in, K)):
@@ -422,4 +427,4 @@ def row_stats(x: torch.Tensor) -> torch.Tensor:
 
 def stats_fit(K: int, group: int) -> bool:
     """Whether the tensor-core form can scale sums by norm statistics for rows of K in ``group``s."""
-    return K % group == 0 and (group == K or group % 16 == 0) and (INTERPRET or _some_late_fits(K, group))
+    return K % group == 0 and (group == K or group % 16 == 0) and (INTERPRET or _some_late_fits(K, group, True))

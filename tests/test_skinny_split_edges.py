@@ -146,21 +146,23 @@ def test_norm_statistics_from_the_previous_product(cfg, dtype, monkeypatch):
     assert rel_err(with_stats, ref) < (2e-5 if dtype == torch.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("cfg", [dict(BN=64, BK=64, SPLIT=8), dict(BN=16, BK=32, SPLIT=1), dict(BN=128, BK=16, SPLIT=4),
-                                 dict(BN=64, BK=32, SPLIT=3)])
+@pytest.mark.parametrize("cfg", [dict(BN=64, BK=64, SPLIT=8), dict(BN=16, BK=32, SPLIT=4), dict(BN=128, BK=16, SPLIT=8)])
 def test_norm_statistics_per_head_groups(cfg, monkeypatch):
-    """The output projection's per-head norm (groups of 32 of 128 columns) from statistics: splits
-    inside a group (scaled by the tile's last program), splits of whole groups (scaled at each
-    group's end), one split for the row, and splits across group ends (no launch shape fits: BK
-    narrows until one does), with a zero row."""
+    """The output projection's per-head norm (groups of 32 of 128 columns) from statistics: each
+    split inside one group, scaled by the tile's last program (a split a group, two a group, and a
+    shape that fits only with narrower tiles: BK 64 -> 32), with a zero row. One split over several
+    groups has nothing to scale it by: refused."""
     monkeypatch.setattr(triton_skinny, "_FIXED_SHAPE", dict(BN=cfg["BN"], BK=cfg["BK"]))
     M, K, N, V, eps = 19, 128, 72, 32, 1e-6
     x, w, gw, res = _r(M, K, seed=31), _r(N, K, seed=32) / K ** 0.5, _r(V, seed=33), _r(M, N, seed=34)
     x[3] = 0.0
     ref = res + F.linear(rms_norm(x.view(M, K // V, V), gw, eps).reshape(M, K), w)
-    out = skinny_linear(x, w * gw.repeat(K // V), group=V, eps=eps, residual=res, split=cfg["SPLIT"],
-                        stats_in=triton_skinny.row_stats(x))
+    lin = functools.partial(skinny_linear, x, w * gw.repeat(K // V), group=V, eps=eps, residual=res,
+                            stats_in=triton_skinny.row_stats(x))
+    out = lin(split=cfg["SPLIT"])
     assert rel_err(out, ref) < 2e-5 and torch.isfinite(out).all()
+    with pytest.raises(AssertionError, match="no launch shape fits"):
+        lin(split=1)
 
 
 def test_norm_statistics_refuse_what_does_not_fit():
