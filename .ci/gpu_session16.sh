@@ -35,6 +35,8 @@ for step in ${STEPS:-}; do
         bench batched_cublas X=1 python3 -c "$CUBLAS" ;;
     cross) bench cross_batched X=1 mhla-bench; bench cross_fused MHLA_STREAM_FUSED_BATCH=128 mhla-bench ;;
     fused) bench fused MHLA_STREAM_FUSED_BATCH=128 mhla-bench ;;
+    fused_no_pdl) bench fused_no_pdl "MHLA_STREAM_FUSED_BATCH=128 MHLA_STREAM_PDL=0" mhla-bench ;;
+    batched_no_pdl) bench batched_no_pdl MHLA_STREAM_PDL=0 mhla-bench ;;
     fused_late_trigger) bench fused_late_trigger "MHLA_STREAM_FUSED_BATCH=128 MHLA_STREAM_PDL_EARLY=0" mhla-bench ;;
     late) bench fused_late MHLA_STREAM_FUSED_BATCH=128 mhla-bench ;;
     prologue) bench fused_prologue MHLA_STREAM_FUSED_BATCH=128 python3 -c "$PROLOGUE" ;;
