@@ -179,7 +179,7 @@ class MHLABlock(nn.Module):
         square sums, and each residual product writes its output's square sums for the next norm
         (``stats`` in: x's, None: summed here; out: the block output's). The difference to
         ``forward``: the norm weights are rounded into the weights and the gate applies before the
-        output norm's rounding (bf16-sized; fp32 unaffected).
+        output norm's rounding (bf16-sized; fp32 unaffected). fp16 keeps the per-element norms.
         """
         attn, mlp = self.attn, self.mlp
         B = x.shape[0]
@@ -188,7 +188,8 @@ class MHLABlock(nn.Module):
         state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
         x2 = x.reshape(B, -1)
         hk, hv, D = H * K, H * V, x2.shape[1]
-        rows = B > 1 and self._scales_fit(D, hv, V)  # (one row: the norm is one load, nothing to spare)
+        # (one row: the norm is one load, nothing to spare; fp16: o * silu(g), unnormed, could overflow)
+        rows = B > 1 and x.dtype != torch.float16 and self._scales_fit(D, hv, V)
         if rows:
             qkvg = skinny_linear(x2, self.qkvg_normed_weight.get(), eps=self.attn_norm.eps,
                                  stats_in=stats if stats is not None else row_stats(x2))
