@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import PDL, PDL_EARLY, far_coef, pow2, ring_block, round_bf16, window_coef
+from .triton_common import PDL, PDL_EARLY, far_coef, pow2, ring_block, round_bf16, round_to, window_coef
 
 
 @triton.jit
@@ -117,16 +117,16 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_
             vc = tl.load(vbh + sl[:, None] * V + ov[None, :], mask=ok[:, None] & mv[None, :], other=0.0)  # [SC, BV]
             score = tl.sum(kb1 * q1[None, :], axis=1) + tl.sum(kb2 * q2[None, :], axis=1)               # [SC]
             o += diag * tl.sum(score[:, None] * vc, axis=0)
-    ob = (o * scale).to(o_ptr.dtype.element_ty)                                              # [BV]
+    OT: tl.constexpr = o_ptr.dtype.element_ty
+    ob = round_to(o * scale, OT)  # (round_to: the interpreter's plain cast to bf16 truncates)       # [BV]
     if GATED:  # the gated output norm's share here: o * silu(g), and o's square sums (its 1/rms and
         # weight are applied by the output projection, ``skinny_linear``'s stats_in)
-        of = ob.to(tl.float32)
-        part = tl.sum(tl.where(mv, of * of, 0.0), axis=0)
-        sl = tl.arange(0, BV // 16)  # 16-column slots (``norm_stats``): the sum in the first, zeros after
-        col = tl.program_id(1) * BV + sl * 16
-        tl.store(st_ptr + ((h * V + col) // 16) * B + b, tl.where(sl == 0, part, 0.0), mask=col < V)
+        of = tl.where(mv, ob.to(tl.float32), 0.0)
+        sums = tl.sum(tl.reshape(of * of, [BV // 16, 16]), axis=1)  # ``norm_stats`` slots: 16 columns each
+        col = tl.program_id(1) * BV + tl.arange(0, BV // 16) * 16
+        tl.store(st_ptr + ((h * V + col) // 16) * B + b, sums, mask=col < V)
         g = tl.load(g_ptr + b * sg_b + h * sg_h + ov, mask=mv, other=0.0).to(tl.float32)
-        ob = (of * (g * tl.sigmoid(g))).to(o_ptr.dtype.element_ty)
+        ob = round_to(of * (g * tl.sigmoid(g)), OT)
     tl.store(o_ptr + b * so_b + h * so_h + ov, ob, mask=mv)
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()
@@ -228,8 +228,11 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
     gated = gate is not None
     assert gated == (stats is not None), "gate and stats go together"
     if gated:
-        assert V % 16 == 0 and BV >= 16 and gate.shape == v.shape and gate.stride(-1) == 1
-        assert stats.shape == (H * V // 16, B) and stats.dtype == torch.float32 and stats.is_contiguous()
+        assert V % 16 == 0 and BV >= 16, "gate/stats: V and the column block must be multiples of 16"
+        assert gate.shape == v.shape and gate.stride(-1) == 1 and gate.dtype == o.dtype, "gate: like v, unit last stride"
+        assert o.dtype != torch.float16, "gate/stats: not fp16 (o * silu(g) before the norm could overflow)"
+        assert stats.shape == (H * V // 16, B) and stats.dtype == torch.float32 and stats.is_contiguous(), \
+            "stats: norm_stats(batch, H * V)"
     _decode_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, v, o, state.partial, state.prefix, state.open_keys, state.open_values, state.partial_end, state.ring,
         state.far, state.pos, raw_mixing, cos, sin, gate if gated else o, stats if gated else cos,

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import triton_common
 from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_to, splitk_workspace
 
 # LATE is part of the key: a shape tuned without it may not fit the late norm's groups
@@ -109,11 +110,10 @@ def _waves(configs, named_args, **kwargs):
 
 @triton.jit
 def _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU: tl.constexpr,
-            RESIDUAL: tl.constexpr, STATS_OUT: tl.constexpr, BN: tl.constexpr):
+            RESIDUAL: tl.constexpr, STATS_OUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Epilogue on the full sums acc [BM, BN]: SwiGLU, residual, one rounding to the output dtype.
-    STATS_OUT: the output rows' square sums over this tile's columns, for the next product's norm,
-    in slot pid_n * BN / 16 of so [N / 16, M] (this tile's other slots get zeros, so the sum over
-    all slots is the row's whatever launch shape wrote them)."""
+    STATS_OUT: the output rows' square sums of each 16 columns, for the next product's norm, in the
+    slots of so [N / 16, M] (exact per slot, so any grouping of them reads what it needs)."""
     DT: tl.constexpr = y_ptr.dtype.element_ty
     y = round_to(acc, DT).to(tl.float32)
     if SWIGLU:
@@ -125,10 +125,8 @@ def _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr
     tl.store(y_ptr + rm[:, None] * sy + rn[None, :], out, mask=om)
     if STATS_OUT:
         yo = tl.where(om, out.to(tl.float32), 0.0)
-        part = tl.sum(yo * yo, axis=1)                                                           # [BM]
-        slot = tl.arange(0, BN // 16)
-        vals = tl.where(slot[:, None] == 0, part[None, :], 0.0)                                  # [BN / 16, BM]
-        row = pid_n * (BN // 16) + slot                                                          # [BN / 16]
+        vals = tl.trans(tl.sum(tl.reshape(yo * yo, [BM, BN // 16, 16]), axis=2))                # [BN / 16, BM]
+        row = pid_n * (BN // 16) + tl.arange(0, BN // 16)                                        # [BN / 16]
         tl.store(so_ptr + row[:, None] * M + rm[None, :], vals, mask=(row * 16 < N)[:, None] & mm[None, :])
 
 
@@ -288,7 +286,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     if DOT:
         acc, acc_up = tl.trans(acc), tl.trans(acc_up)                                           # [BM, BN]
     if SPLIT == 1:  # (the late norm's one split holds whole groups: already scaled)
-        _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL, STATS_OUT, BN)
+        _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL, STATS_OUT, BM, BN)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         tiles = tl.num_programs(0) * tl.num_programs(2)
@@ -336,7 +334,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
                 acc += p
                 if SWIGLU:
                     acc_up += pu
-            _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL, STATS_OUT, BN)
+            _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL, STATS_OUT, BM, BN)
             tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
 
@@ -376,9 +374,7 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     small = M == 1
     bm = 1 if small else min(pow2(M, 16), 64)
     mblocks = triton.cdiv(M, bm)
-    # per split and tile: the fp32 partials of [BM, BN] (two with SwiGLU) and the late norm's square sums
-    ws = None if small else splitk_workspace(x.device, _MAX_SPLIT * mblocks * (N + 2 * _MAX_BN) * 3 * bm,
-                                             mblocks * triton.cdiv(N, 16))  # a counter a tile (BN >= 16)
+    ws = None if small else splitk_workspace(x.device, *_workspace_size(M, N))
     parts, counters = ws if ws is not None else (x, x)
     dummy = x
     launch, fixed = (_gemv(pow2(K)) if small else _gemm), {}
@@ -386,9 +382,12 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
         assert not norm and not small, "stats_in: the norm weight folded into the weight, from 2 rows"
         gs = group or K
         assert K % gs == 0 and (gs == K or gs % 16 == 0), "stats_in: groups of a multiple of 16 columns that tile the row"
+        assert x.dtype != torch.float16, "stats_in: not fp16 (the unnormed x could leave its range)"
+        assert ws is not None, "stats_in: in a CUDA-graph capture, run one step outside it first (stats_ready)"
+        assert stats_out is None or stats_out.data_ptr() != stats_in.data_ptr(), "stats_in and stats_out alias"
     late = (norm and not small and LATE_NORM and x.dtype != torch.float16) or stats_in is not None
     if INTERPRET or split is not None:  # no tuning; few programs, since the interpreter runs them one by one
-        launch, fixed = _skinny_kernel, dict(_FIXED_SHAPE, SPLIT=1 if small else (split or 2))
+        launch, fixed = _skinny_kernel, dict(_FIXED_SHAPE, SPLIT=1 if small else (split or _fixed_split(K, gs, stats_in)))
     if not small and ws is None:  # in a CUDA-graph capture before any eager call of this size: no split
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 128, "SPLIT": 1}
     fits = _stats_fit_shape if stats_in is not None else _late_fits
@@ -420,10 +419,33 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
 
 def norm_stats(rows: int, columns: int, device) -> torch.Tensor:
     """The buffer a product's ``stats_out`` fills for ``rows`` outputs of ``columns``: fp32
-    [columns / 16, rows]. Slot s holds a partial square sum of some of the columns [16 s, 16 s +
-    16) and on: a producer writes its tile's sum in the tile's first slot and zeros in the rest, so
-    a group's square sum is the sum of its slots, whatever launch shape wrote them."""
+    [columns / 16, rows]: slot s holds the square sum of columns [16 s, 16 s + 16), so a norm group
+    of a multiple of 16 columns (or the whole row) sums its own slots."""
     return torch.empty(triton.cdiv(columns, 16), rows, device=device, dtype=torch.float32)
+
+
+def _workspace_size(M: int, N: int):
+    """Split-K workspace for M rows of N outputs: per split and tile the fp32 partials of [BM, BN]
+    (two with SwiGLU) and the late norm's square sums; a counter a tile (BN >= 16)."""
+    bm = min(pow2(M, 16), 64)
+    mblocks = triton.cdiv(M, bm)
+    return _MAX_SPLIT * mblocks * (N + 2 * _MAX_BN) * 3 * bm, mblocks * triton.cdiv(N, 16)
+
+
+def _fixed_split(K: int, gs: int, stats_in) -> int:
+    """The split count without tuning: 2, or with statistics over several groups one a group."""
+    return min(K // gs, _MAX_SPLIT) if stats_in is not None and gs < K else 2
+
+
+def stats_ready(device, rows: int, columns: int) -> bool:
+    """Whether products with statistics can launch now for ``rows`` rows of up to ``columns``
+    outputs: not in a CUDA-graph capture that would have to grow the split-K workspace."""
+    d = torch.device(device)
+    if d.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        return True
+    have = triton_common._workspaces.get((d.type, d.index if d.index is not None else torch.cuda.current_device()))
+    need = _workspace_size(rows, columns)
+    return have is not None and have[0].numel() >= need[0] and have[1].numel() >= need[1]
 
 
 def row_stats(x: torch.Tensor) -> torch.Tensor:
@@ -435,4 +457,6 @@ def row_stats(x: torch.Tensor) -> torch.Tensor:
 
 def stats_fit(K: int, group: int) -> bool:
     """Whether the tensor-core form can scale sums by norm statistics for rows of K in ``group``s."""
-    return K % group == 0 and (group == K or group % 16 == 0) and (INTERPRET or _some_late_fits(K, group, True))
+    if group <= 0 or K % group or (group != K and group % 16):
+        return False
+    return K // group <= _MAX_SPLIT if INTERPRET else _some_late_fits(K, group, True)

@@ -28,7 +28,7 @@ from .state import MHLAState
 if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
     from .kernels.triton_features import relu_rope_qk
-    from .kernels.triton_skinny import norm_stats, row_stats, skinny_linear, stats_fit
+    from .kernels.triton_skinny import norm_stats, row_stats, skinny_linear, stats_fit, stats_ready
 
 
 def _version(w: torch.Tensor):
@@ -55,7 +55,8 @@ class ConcatenatedWeight:
         self._made_from, self.tensor = None, None
 
     def _source_key(self, ws):
-        return tuple((w, _version(w), w.device, w.dtype) for w in ws)
+        # (data_ptr: a ``.data =`` swap keeps the version; in-place writes through ``.data`` are not seen)
+        return tuple((w, _version(w), w.data_ptr(), w.device, w.dtype) for w in ws)
 
     def get(self) -> torch.Tensor:
         ws = [lin.weight for lin in self._linears]
@@ -189,7 +190,9 @@ class MHLABlock(nn.Module):
         x2 = x.reshape(B, -1)
         hk, hv, D = H * K, H * V, x2.shape[1]
         # (one row: the norm is one load, nothing to spare; fp16: o * silu(g), unnormed, could overflow)
-        rows = B > 1 and x.dtype != torch.float16 and self._scales_fit(D, hv, V)
+        # (a CUDA-graph capture before any eager step has no split-K workspace to scale in)
+        rows = (B > 1 and x.dtype != torch.float16 and self._scales_fit(D, hv, V)
+                and stats_ready(x.device, B, max(2 * hk + 2 * hv, mlp.gate_proj.out_features, D)))
         if rows:
             qkvg = skinny_linear(x2, self.qkvg_normed_weight.get(), eps=self.attn_norm.eps,
                                  stats_in=stats if stats is not None else row_stats(x2))
@@ -224,7 +227,7 @@ class MHLABlock(nn.Module):
     @functools.lru_cache(maxsize=None)
     def _scales_fit(D: int, hv: int, V: int) -> bool:
         """Whether the norms can run as scales of the sums at these widths (``stats_fit``)."""
-        return stats_fit(D, D) and stats_fit(hv, V)
+        return V % 16 == 0 and stats_fit(D, D) and stats_fit(hv, V)
 
     def decode_step_batched(self, x, xn, cos, sin, state: MHLAState, next_norm):
         """One token per sequence where the decode is not fused (CUDA batches > 1 by default):

@@ -197,6 +197,47 @@ def test_decode_kernel_gate_and_output_statistics(B, dtype):
         assert torch.equal(getattr(states[0], name), getattr(states[1], name)), name
 
 
+def test_fused_step_with_statistics_at_four_heads():
+    """The fused step's statistics path where it runs on the GPU too (4 heads of V = 64: the
+    output projection splits once a head), at batch 3, fp32, through block closes, against the
+    unfused logits; then the folded weights follow a norm weight swapped through ``.data``."""
+    from mhla_stream import modeling
+    torch.manual_seed(2)
+    model = MHLAForCausalLM(preset_config("mhla-tiny", hidden_size=256, num_heads=4)).to(DEV).eval()
+    for layer in model.model.layers:
+        for norm in (layer.attn_norm, layer.mlp_norm, layer.attn.g_norm_swish_gate):
+            norm.weight.data.uniform_(0.5, 1.5)
+    cfg = model.config
+    assert modeling.MHLABlock._scales_fit(256, cfg.num_heads * cfg.head_v_dim, cfg.head_v_dim)
+    unfused = model.make_plan(3, backend="triton", fused_decode=False, batched_decode=False)
+    fused = model.make_plan(3, backend="triton", fused_decode=True)
+    ids = torch.randint(3, 256, (3, 16), device=DEV)
+    calls = []
+    real = modeling.row_stats
+    modeling.row_stats = lambda x: (calls.append(1), real(x))[1]
+    try:
+        with torch.inference_mode():
+            ref_cache, cache = MHLACache(model.new_state(3)), MHLACache(model.new_state(3))
+            model(ids[:, :6], past_key_values=ref_cache, plan=unfused)
+            model(ids[:, :6], past_key_values=cache, plan=fused)
+            for t in range(6, 16):
+                a = model(ids[:, t:t + 1], past_key_values=ref_cache, plan=unfused).logits
+                b = model(ids[:, t:t + 1], past_key_values=cache, plan=fused).logits
+                assert rel_err(b, a) < 1e-5, t
+            assert len(calls) == 10  # every step took the statistics path (row_stats: its first layer)
+            block = model.model.layers[0]
+            before = block.qkvg_normed_weight.get()
+            block.attn_norm.weight.data = block.attn_norm.weight.data * 2
+            assert torch.allclose(block.qkvg_normed_weight.get(), before * 2)
+    finally:
+        modeling.row_stats = real
+
+
+def test_scales_fit_refuses_heads_not_of_16():
+    from mhla_stream.modeling import MHLABlock
+    assert not MHLABlock._scales_fit(40, 40, 40) and not MHLABlock._scales_fit(96, 96, 24)
+
+
 @pytest.mark.parametrize("backend", ("triton", "numba"))
 def test_decode_into_a_strided_state(backend):
     """A state viewed with a step (``select(slice(0, 4, 2))``): one token through a block close

@@ -138,7 +138,7 @@ def test_norm_statistics_from_the_previous_product(cfg, dtype, monkeypatch):
     stats = triton_skinny.norm_stats(M, N, x.device).fill_(float("nan"))  # every slot must be written
     h = lin(x, w, residual=res, stats_out=stats)
     assert torch.equal(h, lin(x, w, residual=res))
-    assert rel_err(stats.sum(0), h.float().pow(2).sum(1)) < 1e-6
+    assert rel_err(stats, triton_skinny.row_stats(h)) < 1e-6  # each slot its own 16 columns
     folded = (w2.float() * nw.float()).to(dtype)
     with_stats = lin(h, folded, eps=eps, swiglu=True, stats_in=stats)
     hn = rms_norm(h, nw, eps)
@@ -163,6 +163,12 @@ def test_norm_statistics_per_head_groups(cfg, monkeypatch):
     assert rel_err(out, ref) < 2e-5 and torch.isfinite(out).all()
     with pytest.raises(AssertionError, match="no launch shape fits"):
         lin(split=1)
+    # statistics from a product whose tiles (64 columns) are wider than the groups read them
+    st = triton_skinny.norm_stats(M, K, x.device).fill_(float("nan"))
+    x2 = skinny_linear(_r(M, 40, seed=35), _r(K, 40, seed=36), residual=x, stats_out=st, split=2)
+    ref = res + F.linear(rms_norm(x2.view(M, K // V, V), gw, eps).reshape(M, K), w)
+    out = skinny_linear(x2, w * gw.repeat(K // V), group=V, eps=eps, residual=res, split=cfg["SPLIT"], stats_in=st)
+    assert rel_err(out, ref) < 2e-5
 
 
 def test_norm_statistics_refuse_what_does_not_fit():
@@ -179,6 +185,13 @@ def test_norm_statistics_refuse_what_does_not_fit():
         skinny_linear(x, w, group=8, stats_in=triton_skinny.norm_stats(4, 32, "cpu"))
     with pytest.raises(AssertionError, match="norm_stats"):  # statistics of another width
         skinny_linear(x, w, stats_in=triton_skinny.norm_stats(4, 48, "cpu"))
+    with pytest.raises(AssertionError, match="alias"):
+        st = triton_skinny.norm_stats(4, 32, "cpu")
+        skinny_linear(x, _r(32, 32, seed=6), residual=x, stats_in=st, stats_out=st)
+    with pytest.raises(AssertionError, match="fp16"):
+        skinny_linear(x.half(), w.half(), stats_in=triton_skinny.norm_stats(4, 32, "cpu"))
+    assert not triton_skinny.stats_fit(160, 16) and not triton_skinny.stats_fit(64, 0)  # 10 groups > 8 splits
+    assert triton_skinny.stats_fit(1024, 256) and triton_skinny.stats_ready("cpu", 4, 32)
     x40 = _r(4, 40, seed=5)
     assert rel_err(triton_skinny.row_stats(x40).sum(0), x40.pow(2).sum(1)) < 1e-6
     assert not triton_skinny.stats_fit(40, 8) and triton_skinny.stats_fit(128, 32)
