@@ -51,7 +51,8 @@ def _features(x1, x2, c, s, FEATURES: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr, ring_ptr, far_ptr, pos_ptr,
                    m_ptr, cos_ptr, sin_ptr, g_ptr, st_ptr, L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b,
-                   sg_b, sg_h, B, GATED: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr,
+                   sg_b, sg_h, B, GATED: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   FEATURES: tl.constexpr, FAR: tl.constexpr,
                    ROUND: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, STATE_EARLY: tl.constexpr,
                    TOKENS: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, SC: tl.constexpr):
     if EARLY:  # the next kernel may start now and load its weights while this one runs
@@ -229,7 +230,8 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
     assert gated == (stats is not None), "gate and stats go together"
     if gated:
         assert V % 16 == 0 and BV >= 16, "gate/stats: V and the column block must be multiples of 16"
-        assert gate.shape == v.shape and gate.stride(-1) == 1 and gate.dtype == o.dtype, "gate: like v, unit last stride"
+        assert gate.shape == v.shape and gate.stride(-1) == 1 and gate.dtype == o.dtype, \
+            "gate: like v, unit last stride"
         assert o.dtype != torch.float16, "gate/stats: not fp16 (o * silu(g) before the norm could overflow)"
         assert stats.shape == (H * V // 16, B) and stats.dtype == torch.float32 and stats.is_contiguous(), \
             "stats: norm_stats(batch, H * V)"
@@ -238,7 +240,8 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
         state.far, state.pos, raw_mixing, cos, sin, gate if gated else o, stats if gated else cos,
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
-        gate.stride(0) if gated else 0, gate.stride(1) if gated else 0, B, GATED=gated, H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
+        gate.stride(0) if gated else 0, gate.stride(1) if gated else 0, B,
+        GATED=gated, H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
         ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, EARLY=PDL_EARLY, STATE_EARLY=state_early,
         TOKENS=tokens, BK2=pow2((K + 1) // 2), BV=BV, SC=16,
         num_warps=num_warps, launch_pdl=PDL)

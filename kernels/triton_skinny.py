@@ -286,7 +286,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     if DOT:
         acc, acc_up = tl.trans(acc), tl.trans(acc_up)                                           # [BM, BN]
     if SPLIT == 1:  # (the late norm's one split holds whole groups: already scaled)
-        _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL, STATS_OUT, BM, BN)
+        _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL,
+                STATS_OUT, BM, BN)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         tiles = tl.num_programs(0) * tl.num_programs(2)
@@ -307,18 +308,15 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
             if scaled:  # splits inside a group: 1/rms of each split's group
                 have = (sp_i < SPLIT) & (sp_i * ks < K)  # an empty split has no group: 1/rms of nothing
                 group = sp_i * ks // GS
-                if STATS_IN:
+                if STATS_IN:  # the statistics' 1/rms of each split's group
                     gr = tl.sum(tl.where(group[:, None, None] == grp[None, :, None], rT[None, :, :], 0.0), axis=1)
-                else:  # the square sums of the group's splits
+                    scales = tl.where(~have[:, None], 1.0, gr)                                  # [S, BM]
+                else:  # the square sums of the group's splits; splits of whole groups are scaled already
                     sqs = tl.load(squares + sp_i[:, None] * BM + tl.arange(0, BM)[None, :], mask=have[:, None],
                                   other=0.0, cache_modifier=".cg")                              # [MAX_SPLIT, BM]
                     same = (group[:, None] == group[None, :]) & have[None, :]                   # [S, S]
                     gss = tl.sum(tl.where(same[:, :, None], sqs[None, :, :], 0.0), axis=1)        # [S, BM]
-                    gr = tl.rsqrt(gss / GS + eps)
-                if STATS_IN:
-                    scales = tl.where(~have[:, None], 1.0, gr)
-                else:  # (the late norm's splits of whole groups are scaled already)
-                    scales = tl.where(whole | ~have[:, None], 1.0, gr)
+                    scales = tl.where(whole | ~have[:, None], 1.0, tl.rsqrt(gss / GS + eps))
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             acc_up = tl.zeros([BM, BN], dtype=tl.float32)
             for sp in range(SPLIT):  # split order, not arrival order: a deterministic sum
@@ -334,7 +332,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
                 acc += p
                 if SWIGLU:
                     acc_up += pu
-            _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL, STATS_OUT, BM, BN)
+            _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL,
+                    STATS_OUT, BM, BN)
             tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
 
@@ -381,13 +380,15 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     if stats_in is not None:
         assert not norm and not small, "stats_in: the norm weight folded into the weight, from 2 rows"
         gs = group or K
-        assert K % gs == 0 and (gs == K or gs % 16 == 0), "stats_in: groups of a multiple of 16 columns that tile the row"
+        assert K % gs == 0 and (gs == K or gs % 16 == 0), \
+            "stats_in: groups of a multiple of 16 columns that tile the row"
         assert x.dtype != torch.float16, "stats_in: not fp16 (the unnormed x could leave its range)"
         assert ws is not None, "stats_in: in a CUDA-graph capture, run one step outside it first (stats_ready)"
         assert stats_out is None or stats_out.data_ptr() != stats_in.data_ptr(), "stats_in and stats_out alias"
     late = (norm and not small and LATE_NORM and x.dtype != torch.float16) or stats_in is not None
     if INTERPRET or split is not None:  # no tuning; few programs, since the interpreter runs them one by one
-        launch, fixed = _skinny_kernel, dict(_FIXED_SHAPE, SPLIT=1 if small else (split or _fixed_split(K, gs, stats_in)))
+        fixed_split = 1 if small else (split or _fixed_split(K, gs, stats_in is not None))
+        launch, fixed = _skinny_kernel, dict(_FIXED_SHAPE, SPLIT=fixed_split)
     if not small and ws is None:  # in a CUDA-graph capture before any eager call of this size: no split
         launch, fixed = _skinny_kernel, {"BN": 64, "BK": 128, "SPLIT": 1}
     fits = _stats_fit_shape if stats_in is not None else _late_fits
@@ -432,9 +433,9 @@ def _workspace_size(M: int, N: int):
     return _MAX_SPLIT * mblocks * (N + 2 * _MAX_BN) * 3 * bm, mblocks * triton.cdiv(N, 16)
 
 
-def _fixed_split(K: int, gs: int, stats_in) -> int:
+def _fixed_split(K: int, gs: int, stats: bool) -> int:
     """The split count without tuning: 2, or with statistics over several groups one a group."""
-    return min(K // gs, _MAX_SPLIT) if stats_in is not None and gs < K else 2
+    return min(K // gs, _MAX_SPLIT) if stats and gs < K else 2
 
 
 def stats_ready(device, rows: int, columns: int) -> bool:
