@@ -380,11 +380,20 @@ def _close_workspace(device, shares: int, heads: int):
     return made
 
 
+def _close_shape(V: int, tokens: bool, state_early: bool) -> tuple[int, int]:
+    """Rows and columns of a close item: 16 x 32 in the token form and in the fused step (whose
+    launches start early and sit resident: 128 registers), else 16 x 64 (H100, 340M shape, a close of
+    every sequence: batch 32 251 against 321 us a layer at 64 columns; batch 8 77 against 98 at 32)."""
+    return 16, min(pow2(V), 32 if tokens or state_early else 64)
+
+
 @functools.lru_cache(maxsize=None)
 def _min_programs(device) -> int:
     """Programs a launch has at least: two an SM, so that a close at small batches (64 token programs
     at batch 1) spreads over more programs than the token work needs (the extra ones read the
-    positions and end when nothing closes). (Under the interpreter: one, so tests see it.)"""
+    positions and end when nothing closes). Not for the fused step's launches: they start early
+    and their programs wait resident, taking registers from the kernel still running (batch 1
+    1,751 against 1,776 tokens/s). Under the interpreter: one extra, so tests see it."""
     if device.type != "cuda":
         return 1
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -434,13 +443,11 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
         assert o.dtype != torch.float16, "gate/stats: not fp16 (o * silu(g) before the norm could overflow)"
         assert stats.shape == (H * V // 16, B) and stats.dtype == torch.float32 and stats.is_contiguous(), \
             "stats: norm_stats(batch, H * V)"
-    # close items: 16 rows of 32 columns in the token form, 64 in the R form (H100, 340M shape, a close of
-    # every sequence: batch 32 251 against 321 us a layer at 64 columns; batch 8 77 against 98 at 32)
-    RC, BVC = close_shape or (16, min(pow2(V), 32 if tokens else 64))
+    RC, BVC = close_shape or _close_shape(V, tokens, state_early)
     NS, NVC = triton.cdiv(K, RC), triton.cdiv(V, BVC)
     ws, counters = _close_workspace(q.device, B * H * NS * V, B * H)
     nt = B * H * triton.cdiv(V, BV)  # token programs
-    _decode_kernel[(nt + 1 if INTERPRET else max(nt, _min_programs(q.device)),)](
+    _decode_kernel[(nt + 1 if INTERPRET else nt if state_early else max(nt, _min_programs(q.device)),)](
         q, k, v, o, state.partial, state.prefix, state.open_keys, state.open_values, state.partial_end, state.ring,
         state.far, state.pos, raw_mixing, cos, sin, gate if gated else o, stats if gated else cos, ws, counters,
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
