@@ -380,20 +380,22 @@ def _close_workspace(device, shares: int, heads: int):
     return made
 
 
-def _close_shape(V: int, tokens: bool, state_early: bool) -> tuple[int, int]:
-    """Rows and columns of a close item: 16 x 32 in the token form and in the fused step (whose
-    launches start early and sit resident: 128 registers), else 16 x 64 (H100, 340M shape, a close of
-    every sequence: batch 32 251 against 321 us a layer at 64 columns; batch 8 77 against 98 at 32)."""
-    return 16, min(pow2(V), 32 if tokens or state_early else 64)
+def _close_shape(V: int, tokens: bool, block_v: int) -> tuple[int, int]:
+    """Rows and columns of a close item: 16 x 32 in the token form and with 16-column token programs
+    (64 columns would take the R form's launch from 128 to 154 registers: batch 1 1,727 against
+    1,784 tokens/s), else 16 x 64 (H100, 340M shape, a close of every sequence: batch 32 251
+    against 321 us a layer at 64 columns; batch 8 77 against 98 at 32, and 9,613 against 9,518
+    tokens/s)."""
+    return 16, min(pow2(V), 32 if tokens or block_v < 32 else 64)
 
 
 @functools.lru_cache(maxsize=None)
 def _min_programs(device) -> int:
     """Programs a launch has at least: two an SM, so that a close at small batches (64 token programs
     at batch 1) spreads over more programs than the token work needs (the extra ones read the
-    positions and end when nothing closes). Not for the fused step's launches: they start early
-    and their programs wait resident, taking registers from the kernel still running (batch 1
-    1,751 against 1,776 tokens/s). Under the interpreter: one extra, so tests see it."""
+    positions and end when nothing closes). Not for the fused step's launches, which start early:
+    their programs would sit resident, taking registers from the kernel still running. Under the
+    interpreter: one extra, so tests see it."""
     if device.type != "cuda":
         return 1
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -443,7 +445,7 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
         assert o.dtype != torch.float16, "gate/stats: not fp16 (o * silu(g) before the norm could overflow)"
         assert stats.shape == (H * V // 16, B) and stats.dtype == torch.float32 and stats.is_contiguous(), \
             "stats: norm_stats(batch, H * V)"
-    RC, BVC = close_shape or _close_shape(V, tokens, state_early)
+    RC, BVC = close_shape or _close_shape(V, tokens, BV)
     NS, NVC = triton.cdiv(K, RC), triton.cdiv(V, BVC)
     ws, counters = _close_workspace(q.device, B * H * NS * V, B * H)
     nt = B * H * triton.cdiv(V, BV)  # token programs
