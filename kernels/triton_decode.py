@@ -148,6 +148,8 @@ def _token(pid, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr
     first = (h == 0) & (cb == 0)
     if c == C - 1:  # closing: the close programs write o and the state; here the bookkeeping only
         if first:
+            if PDL and STATE_EARLY:  # a write: after the previous kernels, like every other one
+                tl.extra.cuda.gdc_wait()
             if TOKENS:
                 tl.store(pe_ptr + b * 2 + (pos + 1) % 2, end)
             else:
@@ -369,6 +371,8 @@ def _close_workspace(device, shares: int, heads: int):
     have = _workspaces.get(key)
     if have is not None and have[0].numel() >= shares and have[1].numel() >= heads:
         return have
+    if have is not None:  # grow both: shapes whose ratio differs (two models) would replace it every call
+        shares, heads = max(shares, have[0].numel()), max(heads, have[1].numel())
     made = (torch.empty(max(shares, 1), device=device, dtype=torch.float32),
             torch.zeros(max(heads, 1), device=device, dtype=torch.int32))
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -446,6 +450,7 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
         assert stats.shape == (H * V // 16, B) and stats.dtype == torch.float32 and stats.is_contiguous(), \
             "stats: norm_stats(batch, H * V)"
     RC, BVC = close_shape or _close_shape(V, tokens, BV)
+    assert RC & (RC - 1) == 0 and BVC & (BVC - 1) == 0, "close_shape: powers of two"
     NS, NVC = triton.cdiv(K, RC), triton.cdiv(V, BVC)
     ws, counters = _close_workspace(q.device, B * H * NS * V, B * H)
     nt = B * H * triton.cdiv(V, BV)  # token programs

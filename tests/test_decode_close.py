@@ -47,6 +47,9 @@ def test_a_close_split_into_items_gives_the_reference(form, close_shape):
     columns in items of 8 x 16 (3 x 3 a head) or 16 x 32 (2 x 2, the last ones partly masked)."""
     got, want = _run([3, 5, 8, 3], C * (L + 1) + 2, lambda n: form == "tokens", close_shape)
     assert rel_err(got, want) < TOL[torch.float32]
+    from mhla_stream.kernels import triton_decode as td
+    counters = td._workspaces[(torch.device(DEV).type, torch.device(DEV).index if DEV == "cpu" else 0)][1]
+    assert int(counters.abs().sum()) == 0  # every launch leaves the ticket counters at zero
 
 
 def test_items_across_forms_policies_and_a_bf16_ring():
@@ -93,3 +96,15 @@ def test_a_graph_whose_capture_makes_the_workspace_replays_the_eager_steps_exact
         replayed.append(o.clone())
     torch.cuda.synchronize()
     assert torch.equal(torch.stack(eager), torch.stack(replayed))
+
+
+def test_the_workspace_grows_in_both_sizes_and_is_not_replaced_back_and_forth():
+    """Launches whose shares-per-head differ (two models on one device) alternate: the workspace
+    grows to cover both, once, instead of being replaced (and the old one kept) at every call."""
+    from mhla_stream.kernels import triton_decode as td
+    dev = torch.device("cpu")
+    td._workspaces.pop((dev.type, dev.index), None)
+    kept = len(td._kept)
+    seen = {id(td._close_workspace(dev, *((8 * 4 * 8 * 256, 32) if n % 2 else (16 * 4 * 4 * 64, 64))))
+            for n in range(6)}
+    assert len(seen) <= 2 and len(td._kept) <= kept + 1
