@@ -365,7 +365,9 @@ def _close_workspace(device, shares: int, heads: int):
     """The close programs' workspace on ``device``: fp32 shares of o and one ticket counter a
     (sequence, head), zero between launches (the last program resets it). Shared by every decode
     launch on the device: launches on one stream are ordered, and a launch touches it only after
-    waiting for the kernels before it. Grown on demand; inside a CUDA-graph capture a workspace
+    waiting for the kernels before it. (Two decode launches running at once on two streams of one
+    device would leave a counter off zero, and every later close of that head would leave o
+    unwritten: the library decodes on one stream a device.) Grown on demand; inside a CUDA-graph capture a workspace
     too small is replaced by one made (and zeroed) in the capture, kept for the graph's lifetime."""
     key = (device.type, device.index)
     have = _workspaces.get(key)
