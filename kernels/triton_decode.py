@@ -110,7 +110,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_
                    BVF: tl.constexpr, WG: tl.constexpr, BB: tl.constexpr):
     if EARLY:  # the next kernel may start now and load its weights while this one runs
         tl.extra.cuda.gdc_launch_dependents()
-    NS: tl.constexpr = (K + RC - 1) // RC        # close programs a (sequence, head, column block of BVC)
+    NS: tl.constexpr = (K + RC - 1) // RC        # close items a head: NS row blocks of RC, NVC column blocks
     NVC: tl.constexpr = (V + BVC - 1) // BVC
     if PDL and not STATE_EARLY:
         tl.extra.cuda.gdc_wait()  # everything read here comes from earlier kernels
@@ -124,10 +124,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_
                H, K, V, FEATURES, PDL, EARLY, STATE_EARLY, TOKENS, DT, BK2, BV, SC)
     # then every program is a close worker: no program waits for work, and a step with no close pays
     # only for one load of the positions
-    _close(pid, tl.num_programs(0), bi, pv, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr, ring_ptr,
-           far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr, g_ptr, st_ptr, ws_ptr, cnt_ptr, L, C, W, scale, sq_b, sq_h,
-           sv_b, sv_h, so_b, so_h, sc_b, sg_b, sg_h, B, GATED, H, K, V, FEATURES, FAR, ROUND, PDL, STATE_EARLY,
-           TOKENS, DT, NS, NVC, RC, BVC, BVF, WG, BB)
+    _close(pid, tl.num_programs(0), bi, pv, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr,
+           ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr, g_ptr, st_ptr, ws_ptr, cnt_ptr, L, C, W, scale,
+           sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b, sg_b, sg_h, B, GATED, H, K, V, FEATURES, FAR, ROUND, PDL,
+           STATE_EARLY, TOKENS, DT, NS, NVC, RC, BVC, BVF, WG, BB)
 
 
 @triton.jit
@@ -146,7 +146,7 @@ def _token(pid, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr
     c = pos - i * C                                   # this token's slot in block i
     end = tl.load(pe_ptr + b * 2 + pos % 2)           # R holds block i up to here
     first = (h == 0) & (cb == 0)
-    if c == C - 1:  # closing: the close programs write o and the state; here the bookkeeping only
+    if c == C - 1:  # closing: the close items write o and the state; here the bookkeeping only
         if first:
             if PDL and STATE_EARLY:  # a write: after the previous kernels, like every other one
                 tl.extra.cuda.gdc_wait()
@@ -265,8 +265,7 @@ def _close_item(b, h, sp, cc, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, 
                 sv_h, so_b, so_h, sc_b, sg_b, sg_h, B, GATED: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr, ROUND: tl.constexpr,
                 TOKENS: tl.constexpr, DT: tl.constexpr, NS: tl.constexpr, NVC: tl.constexpr, RC: tl.constexpr,
-                BVC: tl.constexpr, BVF: tl.constexpr,
-                WG: tl.constexpr):
+                BVC: tl.constexpr, BVF: tl.constexpr, WG: tl.constexpr):
     """A close item: rows [s RC, (s + 1) RC) and BVC value columns of one head of a sequence whose
     block i fills with this token (c = C - 1).
 
@@ -275,10 +274,10 @@ def _close_item(b, h, sp, cc, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, 
         far += evicted slot (window+far), ring[i % W] = S_i
         P = sum_w M_ext[i+1, j_w] ring[w] + far_coef * far,  R = 0
 
-    Each row's work is independent of the others', so a close spreads over NS * NVC programs a head
+    Each row's work is independent of the others', so a close spreads over NS * NVC items a head
     instead of running in one program per column block while the rest of the grid waits (a close
-    reads the whole ring: 4 MB a head at the 340M shape). o needs all rows: each program writes its
-    share, takes a ticket, and the program that draws the last one sums the shares in program order
+    reads the whole ring: 4 MB a head at the 340M shape). o needs all rows: each item writes its
+    share, takes a ticket, and the item that draws the last one sums the shares in row order
     (deterministic), writes o and resets the counter."""
     bh = b * H + h
     pos = tl.load(pos_ptr + b)
