@@ -5,7 +5,8 @@
                                   feature kernel in prefill
     MHLA_STREAM_FUSED_BATCH=N     the largest batch that decodes with the fused step (five Triton
                                   launches a layer); larger batches take the batched step
-    MHLA_STREAM_PDL=0             no programmatic dependent launch between decode kernels
+    MHLA_STREAM_PDL=0             no programmatic dependent launch between decode kernels, nor for
+                                  the compiled elementwise kernels (inductor's triton.enable_pdl)
     MHLA_STREAM_PDL_EARLY=0       a decode kernel lets its successor start only after its main loop
                                   (default: at its first instruction, so the successor's weight
                                   loads overlap this kernel's whole run)

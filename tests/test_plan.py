@@ -137,6 +137,19 @@ def _use_compiler(monkeypatch, compile_fn):
     monkeypatch.setattr(fused, "_EAGER", set())
 
 
+@pytest.mark.parametrize("pdl", (True, False))
+def test_compiled_kernels_take_programmatic_dependent_launch_with_the_switch(pdl, monkeypatch):
+    """The compiled elementwise kernels launch with programmatic dependent launch when
+    MHLA_STREAM_PDL is on (inductor's dotted ``triton.enable_pdl``); a function's own options
+    stay, and a key this torch does not know is dropped instead of failing the compile."""
+    from mhla_stream import fused, switches as sw
+    seen = []
+    monkeypatch.setattr(fused.torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
+    monkeypatch.setattr(fused, "switches", lambda: dataclasses.replace(sw.switches(), pdl=pdl))
+    fused._compile(fused.rms_norm, {"emulate_precision_casts": True, "no_such.option": 1, "no_such_key": 2})
+    assert seen == [{"triton.enable_pdl": pdl, "emulate_precision_casts": True}]
+
+
 def test_a_compile_failure_runs_the_eager_code(monkeypatch):
     """Dynamo's recompile limit (hit by a process that meets many shapes; with fullgraph it
     raises) or any compiler error: the call computes the eager result and that signature stays

@@ -7,6 +7,8 @@ modeling.py.
     early  the decode kernel reads its state before waiting on the q/k/v/g product (state_early)
     bv32 / bv128 / nw8   the decode kernel's column block / warps
     gu     gate/up by the skinny tensor-core product with SwiGLU in its epilogue (no SwiGLU launch)
+    noindpdl  the compiled elementwise kernels without programmatic dependent launch (main's
+           default from session 18)
     down   down projection by the skinny product with the residual in its epilogue (no cuBLAS split-K
            reduction), then a plain norm
 (TORCHINDUCTOR_ENABLE_PDL=1, an environment variable, is the other variant: the compiled
@@ -60,6 +62,10 @@ def batched(self, x, xn, cos, sin, state, next_norm):
 
 
 m.MHLABlock.decode_step_batched = batched
+if "noindpdl" in X:  # the compiled elementwise kernels without programmatic dependent launch
+    import mhla_stream.fused as fused
+    _orig = fused._compile
+    fused._compile = lambda fn, options: _orig(fn, {**options, "triton.enable_pdl": False})
 if __name__ == "__main__":
     print(f"# variants18: {sorted(X)} TORCHINDUCTOR_ENABLE_PDL={os.environ.get('TORCHINDUCTOR_ENABLE_PDL', '0')}",
           flush=True)
