@@ -113,6 +113,39 @@ def test_cuda_graph_decode_matches_eager():
         assert torch.equal(eager.states[0].pos, graphed.states[0].pos)
 
 
+@pytest.mark.parametrize("ring", (torch.float32, torch.bfloat16))
+def test_capture_puts_back_fresh_states_by_zeroing_and_others_bit_for_bit(ring, monkeypatch):
+    """A capture's warm-up runs for real, so the state is saved and put back. Fresh states (all
+    zero bits: a server's or mhla-bench's captures) are not copied but zeroed after; a single set
+    bit anywhere (-0.0, a position, a far or buffered slot) makes it a copy, put back exactly. The
+    save/restore pair itself, on the CPU (host memory stands in for the device's)."""
+    from mhla_stream import MHLAForCausalLM, preset_config
+    from mhla_stream import graphs
+    model = MHLAForCausalLM(preset_config("mhla-tiny", mixing_policy="window+far"))
+    monkeypatch.setattr(graphs.torch.cuda, "mem_get_info", lambda device: (1 << 40, 1 << 40))
+    states = model.new_state(2, state_dtype=ring)
+    assert graphs._save(states) is None
+    for s in states:  # what a warm-up leaves
+        for n in s.TENSORS:
+            getattr(s, n).fill_(3)
+    graphs._restore(states, None)
+    assert all(not getattr(s, n).any() for s in states for n in s.TENSORS)
+    for name, fill in (("ring", -0.0), ("pos", 1), ("far", 1e-30), ("open_values", float("nan"))):
+        states = model.new_state(2, state_dtype=ring)
+        getattr(states[-1], name).view(-1)[-1] = fill
+        before = [s.clone() for s in states]
+        saved = graphs._save(states)
+        assert saved is not None, name
+        for s in states:
+            s.ring.fill_(5)
+            s.pos.fill_(7)
+        graphs._restore(states, saved)
+        for s, b in zip(states, before):
+            for n in s.TENSORS:
+                x, y = getattr(s, n), getattr(b, n)
+                assert torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8)), (name, n)
+
+
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("policy", POLICIES)
 def test_cuda_graph_prefill_chunks_match_eager(policy):
