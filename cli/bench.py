@@ -148,6 +148,9 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
             rows.append({"model": kind, "prompt_len": L, "batch": b, "error": "out of memory"})
             reset_peak(device)
         bar.write(format_row(rows[-1]))  # each row as soon as it is measured: a killed run keeps what it had
+    if device.startswith("cuda") and backend != "torch":
+        from ..kernels.triton_skinny import tuned_configs  # (imports Triton: CUDA runs only)
+        meta["tuned_products"] = tuned_configs()
     if json_path:
         try:
             with open(json_path, "w") as f:

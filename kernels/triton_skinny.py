@@ -341,14 +341,26 @@ _gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=graph_bench,
                         prune_configs_by={"early_config_prune": _waves})(_skinny_kernel)
 
 
+_gemv_sizes: set = set()  # the row sizes _gemv made a tuner for (tuned_configs)
+
+
 @functools.lru_cache(maxsize=None)
 def _gemv(kp: int):
     """The one-row tuner for rows of ``kp`` (a power of two) columns: the row-tile configurations
     plus whole-row ones, whose programs load their entire weight slice before waiting on the
     previous kernel (with the early trigger that load overlaps the previous kernel's run)."""
+    _gemv_sizes.add(kp)
     whole = [triton.Config({"BN": bn, "BK": kp, "SPLIT": 1}, num_warps=w, num_stages=1)
              for bn in (1, 2, 4, 8) for w in (4, 8) if kp > 1024 and bn * kp <= 16384]
     return triton.autotune(configs=_GEMV + whole, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
+
+
+def tuned_configs() -> dict[str, str]:
+    """The launch shapes the tuners picked in this process, by tuner and key. mhla-bench records
+    them: batch-1 decode measured 1,706-1,712 tokens/s in some processes and 1,785-1,796 in others
+    on the same build (H100, session 18), and the picks are the suspects."""
+    tuners = [("rows", _gemm)] + [(f"one row, K {kp}", _gemv(kp)) for kp in _gemv_sizes]
+    return {f"{name}: {key}": str(cfg) for name, tuner in tuners for key, cfg in getattr(tuner, "cache", {}).items()}
 
 
 def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None,

@@ -195,3 +195,16 @@ def test_norm_statistics_refuse_what_does_not_fit():
     x40 = _r(4, 40, seed=5)
     assert rel_err(triton_skinny.row_stats(x40).sum(0), x40.pow(2).sum(1)) < 1e-6
     assert not triton_skinny.stats_fit(40, 8) and triton_skinny.stats_fit(128, 32)
+
+
+def test_tuned_configs_reports_each_tuners_picks(monkeypatch):
+    """mhla-bench records the products' tuned launch shapes (``tuned_configs``): every tuner's
+    cache, the one-row tuners included, by tuner and key."""
+    import triton
+    from mhla_stream.kernels import triton_skinny as ts
+    monkeypatch.setattr(ts._gemm, "cache", {(32, 1024): triton.Config({"BN": 64, "BK": 128, "SPLIT": 2})})
+    one_row = ts._gemv(2048)
+    monkeypatch.setattr(one_row, "cache", {(1, 2048): triton.Config({"BN": 4, "BK": 2048, "SPLIT": 1})})
+    got = ts.tuned_configs()
+    assert "BN: 64" in got["rows: (32, 1024)"] and "SPLIT: 2" in got["rows: (32, 1024)"]
+    assert "BK: 2048" in got["one row, K 2048: (1, 2048)"]
