@@ -21,6 +21,8 @@ for step in ${STEPS:-}; do
     table) stamp "## table"; timeout ${GRID_S:-450} mhla-bench --model mhla-340m --random-weights \
         --prompt-len 2048,32768,131072 --batch 1,8,32,64,128 --new-tokens 128 --decode-only \
         --json $OUT/decode_table.json 2>&1 | clean | tee $OUT/decode_table.log | grep -v "^# plan" ;;
+    b1picks) for i in 1 2 3; do stamp "## batch 1, process $i (tuned picks in the JSON)"  # the tuner's process-to-process spread
+        timeout 120 mhla-bench $ARGS --batch 1 --json $OUT/b1_process$i.json 2>&1 | clean | grep "^mhla"; done ;;
     serve) stamp "## serve"; timeout ${SERVE_S:-200} bash .ci/gpu_serve.sh 2>&1 | tail -30 ;;
   esac
 done
