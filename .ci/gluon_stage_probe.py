@@ -1,0 +1,157 @@
+"""Probe (GPU, Hopper; triton >= 3.6): what a dependent stage costs when the weights are streamed
+ahead by TMA, against one kernel launch per stage (session 18's question for issue 15).
+
+Batch-1 decode is 24 layers x 5 dependent stages, each a launch of about 4.7 us while a layer's
+weights need 8.6 us at the copy rate. Two persistent forms were slower than kernel boundaries
+(session 11: grid barriers; session 13: counters in global memory), because the weights a
+program had loaded for the next stage were waited for at each release. Copies by TMA into shared
+memory are tracked by mbarriers, not by the release, so they can run ahead across stages.
+
+The chain: S stages y_{s+1} = W_s y_s, W_s [D, D] bf16 (stacked [S * D, D]), y fp32. One program
+per R rows (D / R programs, all resident); each keeps NB stages of its weight rows in flight
+(TMA boxes of [R, BOX] behind one mbarrier a slot), waits for stage s - 1 by polling a counter
+(acquire), computes its R outputs, stores them and adds one to stage s's counter (release).
+Baselines, same weights: S launches of the project's one-row product (``skinny_linear``, PDL,
+tuned) and S launches of F.linear (cuBLAS), each in a CUDA graph. Compiled offline for sm_90
+with triton 3.6 (65.7 KB of shared memory, 32 registers at R = 8, NB = 4); not yet run on a GPU.
+
+    python .ci/gluon_stage_probe.py [--stages 120] [--dim 1024] [--json OUT]
+Prints per-stage microseconds and the bandwidth, and checks the chain against torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+MAX_POLLS = gl.constexpr(1 << 22)  # a stage that never completes ends the poll (the check then fails) instead of hanging
+
+
+@gluon.jit
+def _chain_kernel(w_desc, y_ptr, cnt_ptr, S, P, D: gl.constexpr, R: gl.constexpr, BOX: gl.constexpr,
+                  NB: gl.constexpr, num_warps: gl.constexpr):
+    pid = gl.program_id(0)
+    NBOX: gl.constexpr = D // BOX
+    # registers: a [R, BOX] weight box, 8 contiguous bf16 a thread along the row
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+    col: gl.constexpr = gl.SliceLayout(0, blk)   # [BOX] slice of y_s
+    row: gl.constexpr = gl.SliceLayout(1, blk)   # [R] outputs
+    bufs = gl.allocate_shared_memory(gl.bfloat16, [NB * NBOX, R, BOX], w_desc.layout)  # NB stages in flight
+    bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NB):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    # prologue: the first NB stages' rows requested before anything waits
+    for i in gl.static_range(NB):
+        if i < S:
+            mbarrier.expect(bars.index(i), NBOX * R * BOX * 2)
+            for b in gl.static_range(NBOX):
+                tma.async_copy_global_to_shared(w_desc, [i * D + pid * R, b * BOX], bars.index(i),
+                                                bufs.index(i * NBOX + b))
+    rk = gl.arange(0, BOX, layout=col)
+    rr = gl.arange(0, R, layout=row)
+    for s in range(S):
+        slot = s % NB
+        if s > 0:  # every program's rows of y_s written (the counter of stage s - 1 reached P)
+            seen = gl.atomic_add(cnt_ptr + s - 1, 0, sem="acquire", scope="gpu")
+            polls = 0
+            while (seen < P) & (polls < MAX_POLLS):
+                seen = gl.atomic_add(cnt_ptr + s - 1, 0, sem="acquire", scope="gpu")
+                polls += 1
+        mbarrier.wait(bars.index(slot), (s // NB) & 1)
+        acc = gl.zeros([R], gl.float32, layout=row)
+        for b in gl.static_range(NBOX):
+            w = bufs.index(slot * NBOX + b).load(blk).to(gl.float32)              # [R, BOX]
+            x = gl.load(y_ptr + s * D + b * BOX + rk, cache_modifier=".cg")      # [BOX] fp32, L2 (not L1: other SMs wrote it)
+            acc += gl.sum(w * gl.expand_dims(x, 0), axis=1)                      # [R]
+        gl.store(y_ptr + (s + 1) * D + pid * R + rr, acc)
+        gl.thread_barrier()  # every thread's stores and shared reads of this slot done
+        gl.atomic_add(cnt_ptr + s, 1, sem="release", scope="gpu")
+        if s + NB < S:  # the slot refilled with stage s + NB, NB stages ahead
+            fence_async_shared()
+            mbarrier.expect(bars.index(slot), NBOX * R * BOX * 2)
+            for b in gl.static_range(NBOX):
+                tma.async_copy_global_to_shared(w_desc, [(s + NB) * D + pid * R, b * BOX], bars.index(slot),
+                                                bufs.index(slot * NBOX + b))
+    for i in gl.static_range(NB):
+        mbarrier.invalidate(bars.index(i))
+
+
+def chain(w: torch.Tensor, y: torch.Tensor, counters: torch.Tensor, S: int, D: int, R: int, NB: int,
+          BOX: int = 256, num_warps: int = 4):
+    """y [S + 1, D] fp32 with y[0] the input; counters [S] int32, zero. Fills y[1:]."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    desc = TensorDescriptor.from_tensor(w, [R, BOX], layout)
+    P = D // R
+    _chain_kernel[(P,)](desc, y, counters, S, P, D=D, R=R, BOX=BOX, NB=NB, num_warps=num_warps)
+
+
+def _graph_time(fn, reps=20):
+    """Microseconds per replay of a CUDA graph of ``fn``."""
+    import triton.testing
+    return triton.testing.do_bench_cudagraph(fn, rep=reps) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stages", type=int, default=120)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    S, D = a.stages, a.dim
+    torch.manual_seed(0)
+    w = (torch.randn(S * D, D, device="cuda") / D ** 0.5).to(torch.bfloat16)  # norm-preserving on average
+    y = torch.zeros(S + 1, D, device="cuda")
+    y[0] = torch.randn(D, device="cuda")
+    counters = torch.zeros(S, dtype=torch.int32, device="cuda")
+    ref = [y[0]]
+    for s in range(S):
+        ref.append(w[s * D:(s + 1) * D].float() @ ref[-1])
+    out = {"stages": S, "dim": D, "weight_MB_per_stage": D * D * 2 / 1e6, "rows": []}
+    copy = torch.empty(S * D * D // 2, dtype=torch.float32, device="cuda")
+    copy_us = _graph_time(lambda: copy.copy_(w.view(torch.float32).view(-1)))
+    out["copy_TBps"] = w.numel() * 2 * 2 / (copy_us * 1e-6) / 1e12
+    for R, NB in [(8, 2), (8, 4), (8, 8), (16, 2), (16, 4)]:
+        if D % R or D // R > torch.cuda.get_device_properties(0).multi_processor_count:
+            continue
+        if NB * R * D * 2 > 200 * 1024:
+            continue
+        def run():
+            counters.zero_()
+            chain(w, y, counters, S, D, R, NB)
+        run()
+        torch.cuda.synchronize()
+        err = float((y[S] - ref[S]).norm() / ref[S].norm())
+        us = _graph_time(run)
+        out["rows"].append({"form": f"gluon chain R={R} NB={NB}", "us_per_stage": us / S, "rel_err": err})
+    from mhla_stream.kernels.triton_skinny import skinny_linear
+    xs = [torch.randn(1, D, device="cuda", dtype=torch.bfloat16) for _ in range(S + 1)]
+    ws = [w[s * D:(s + 1) * D] for s in range(S)]
+    for name, op in (("skinny_linear launches (PDL)", skinny_linear), ("F.linear launches (cuBLAS)", F.linear)):
+        def launches(op=op):
+            x = xs[0]
+            for s in range(S):
+                x = op(x, ws[s])
+            return x
+        launches()
+        torch.cuda.synchronize()
+        out["rows"].append({"form": name, "us_per_stage": _graph_time(launches) / S})
+    floor = D * D * 2 / (out["copy_TBps"] * 1e12) * 1e6
+    print(f"# {torch.cuda.get_device_name()}: {S} stages of [{D}, {D}] bf16 ({D * D * 2 / 1e6:.1f} MB), "
+          f"copy {out['copy_TBps']:.2f} TB/s: {floor:.2f} us a stage at the copy rate")
+    for r in out["rows"]:
+        print(f"{r['form']:34s} {r['us_per_stage']:7.2f} us a stage" +
+              (f"   rel err {r['rel_err']:.1e}" if "rel_err" in r else ""))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
