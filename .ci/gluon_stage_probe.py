@@ -117,7 +117,7 @@ def main():
     copy = torch.empty(S * D * D // 2, dtype=torch.float32, device="cuda")
     copy_us = _graph_time(lambda: copy.copy_(w.view(torch.float32).view(-1)))
     out["copy_TBps"] = w.numel() * 2 * 2 / (copy_us * 1e-6) / 1e12
-    for R, NB in [(8, 2), (8, 4), (8, 8), (16, 2), (16, 4)]:
+    for R, NB in [(8, 1), (8, 2), (8, 4), (8, 8), (16, 2), (16, 4)]:  # NB = 1: no stage requested ahead
         if D % R or D // R > torch.cuda.get_device_properties(0).multi_processor_count:
             continue
         if NB * R * D * 2 > 200 * 1024:
