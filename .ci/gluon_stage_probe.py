@@ -86,7 +86,9 @@ def _chain_kernel(w_desc, y_ptr, cnt_ptr, S, P, D: gl.constexpr, R: gl.constexpr
 def chain(w: torch.Tensor, y: torch.Tensor, counters: torch.Tensor, S: int, D: int, R: int, NB: int,
           BOX: int = 256, num_warps: int = 4):
     """y [S + 1, D] fp32 with y[0] the input; counters [S] int32, zero. Fills y[1:]."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    # no swizzle: a 128-byte swizzle caps a TMA box's rows at 128 bytes (triton would cut each
+    # [R, 256] box into four), and a warp reading 512 contiguous bytes of a row has no bank conflict
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
     desc = TensorDescriptor.from_tensor(w, [R, BOX], layout)
     P = D // R
     _chain_kernel[(P,)](desc, y, counters, S, P, D=D, R=R, BOX=BOX, NB=NB, num_warps=num_warps)
