@@ -50,6 +50,16 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def tuned_products(device: str, backend: str) -> dict[str, str] | None:
+    """The skinny products' tuned launch shapes for the JSON meta: CUDA runs whose backend
+    resolves to Triton only (``auto`` on a CUDA machine without Triton resolves to torch)."""
+    from mhla_stream.attention import resolve_backend
+    if not device.startswith("cuda") or resolve_backend(backend, device) != "triton":
+        return None
+    from ..kernels.triton_skinny import tuned_configs  # (imports Triton)
+    return tuned_configs()
+
+
 @command
 @click.option("--model", default="mhla-340m", show_default=True)
 @click.option("--weights", default=None, type=click.Path())
@@ -148,9 +158,9 @@ def main(model, weights, random_weights, prompt_len, new_tokens, batch, prefill_
             rows.append({"model": kind, "prompt_len": L, "batch": b, "error": "out of memory"})
             reset_peak(device)
         bar.write(format_row(rows[-1]))  # each row as soon as it is measured: a killed run keeps what it had
-    if device.startswith("cuda") and backend != "torch":
-        from ..kernels.triton_skinny import tuned_configs  # (imports Triton: CUDA runs only)
-        meta["tuned_products"] = tuned_configs()
+    products = tuned_products(device, backend)
+    if products is not None:
+        meta["tuned_products"] = products
     if json_path:
         try:
             with open(json_path, "w") as f:

@@ -416,7 +416,9 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
     the position) before waiting on the previous kernel. Only for a launch that no kernel still
     running can precede with a write to this state, its position or the mixing parameter: the
     model's fused step, where since the last ordinary kernel (which waits for everything before
-    it) only other layers' kernels ran. ``tokens``: the open block's form (module docstring; None:
+    it: the embedding and the position update run as ordinary launches every step; the compiled
+    norms no longer count, as they launch with programmatic dependent launch) only other layers'
+    kernels ran. ``tokens``: the open block's form (module docstring; None:
     the token form from ``TOKENS_FROM`` sequences on); either form continues a state left by the other.
     ``gate`` [B, H, V] with ``stats`` (``norm_stats(B, H * V)``): o is written as o * silu(gate),
     with the square sums of o itself in ``stats`` (the fused step's gated output norm).

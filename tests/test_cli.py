@@ -164,3 +164,18 @@ def test_examples_run(shared_dir, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("---") == 2
+
+
+def test_bench_records_tuned_products_only_where_triton_runs(monkeypatch):
+    """mhla-bench's ``tuned_products`` meta: CUDA with Triton only. ``--backend auto`` on a CUDA
+    machine without Triton (not a dependency off Linux) resolves to torch: the Triton module must
+    not be imported (it raised after every row was measured, before the JSON was written)."""
+    import json
+    import sys
+
+    assert bench.tuned_products("cpu", "auto") is None
+    assert bench.tuned_products("cuda", "torch") is None
+    json.dumps(bench.tuned_products("cuda", "auto"))  # (Triton here: its picks so far, JSON-serialisable)
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "mhla_stream.kernels.triton_skinny", raising=False)
+    assert bench.tuned_products("cuda", "auto") is None
