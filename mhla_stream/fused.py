@@ -132,8 +132,8 @@ def _compile(fn, options):
             obj = getattr(obj, part)
         return True
     # programmatic dependent launch (Hopper+; inductor checks the device): each kernel launches while
-    # its predecessor drains and waits before its first dependent load. Batch 32 / 64 decode +0.9-1.9%
-    # / +0.1-1.3% (H100, session 18: .ci/results/2026-11-25-h100/session18)
+    # its predecessor drains and waits before its first dependent load. Batch 32 / 64 decode +0.9-1.8%
+    # / +0.2-1.3% (H100, session 18: .ci/results/2026-11-25-h100/session18)
     options = {"triton.enable_pdl": switches().pdl, **options}
     known = {k: v for k, v in options.items() if knows(k)}
     return torch.compile(fn, dynamic=True, fullgraph=True, options=known or None)

@@ -88,8 +88,12 @@ def _any_bit(t: torch.Tensor) -> torch.Tensor:
 
 
 def _restore(states, saved) -> None:
-    for i, live in enumerate(states):  # positions included
-        live.zero_() if saved is None else live.copy_(saved[i])
+    """Puts back what ``_save`` kept (positions included)."""
+    for i, live in enumerate(states):
+        if saved is None:
+            live.zero_()
+        else:
+            live.copy_(saved[i])
 
 
 class GraphDecoder(GraphStep):
