@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run on the GPU machine (sessions 18-19): variants of the batched decode step (.ci/ab/variants18.py,
+# Run on the GPU machine (session 18): variants of the batched decode step (.ci/ab/variants18.py,
 # picked by X18) under mhla-bench, GPU tests, profiles, the decode table, mhla-serve throughput.
-# VARIANTS = "name|X18|ENV=VAL,..." entries; STEPS (table, b1picks, timers, gluon, serve) picks the other runs; results in $OUT.
+# VARIANTS = "name|X18|ENV=VAL,..." entries; STEPS (table, b1picks, gluon, serve) picks the other runs; results in $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MHLA_STREAM_TUNE=0
 T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
@@ -23,8 +23,6 @@ for step in ${STEPS:-}; do
         --json $OUT/decode_table.json 2>&1 | clean | tee $OUT/decode_table.log | grep -v "^# plan" ;;
     b1picks) for i in 1 2 3; do stamp "## batch 1, process $i (tuned picks in the JSON)"  # the tuner's process-to-process spread
         timeout 120 mhla-bench $ARGS --batch 1 --json $OUT/b1_process$i.json 2>&1 | clean | grep "^mhla"; done ;;
-    timers) for t in 0 1; do stamp "## batches 8,32 with MHLA_STREAM_TUNE_COLD=$t"  # the products' tuning timer
-        MHLA_STREAM_TUNE_COLD=$t timeout 150 mhla-bench $ARGS --batch 8,32 --json $OUT/timer$t.json 2>&1 | clean | grep "^mhla"; done ;;
     gluon) for d in 1024 2048; do stamp "## gluon stage probe, [$d, $d] stages"  # TMA-streamed chain against launches
         timeout 150 python3 .ci/gluon_stage_probe.py --dim $d --json $OUT/gluon_probe_$d.json 2>&1 | grep -v Warn | tail -12; done ;;
     serve) stamp "## serve"; timeout ${SERVE_S:-200} bash .ci/gpu_serve.sh 2>&1 | tail -30 ;;

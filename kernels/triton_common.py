@@ -1,7 +1,5 @@
 """Conventions shared by the Triton kernels: the interpreter and PDL switches, the mixing
 coefficient (SPEC section 2) with its clamp bounds, the autotuners' timer and tile sizes."""
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -119,36 +117,6 @@ def graph_bench(fn, quantiles=None):
     # counters (a launch racing another one on a counter leaves it off zero for every later launch)
     torch.cuda.synchronize()
     return do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
-
-
-@functools.lru_cache(maxsize=None)
-def _evictor(device: int):
-    """(read, its microseconds): a launch that reads twice the L2 cache's size, and its time."""
-    props = torch.cuda.get_device_properties(device)
-    size = 2 * (getattr(props, "L2_cache_size", 0) or 64 << 20)
-    buf = torch.ones(size // 4, device=f"cuda:{device}")
-    out = torch.empty((), device=f"cuda:{device}")
-
-    def read():
-        torch.sum(buf, dim=0, out=out)
-    return read, graph_bench(read)
-
-
-def cold_bench(fn, quantiles=None):
-    """The products' timer: ``graph_bench`` of ``fn`` after a read of twice the L2's size, less
-    that read's own time, so that the weight comes from HBM as in a decode step (each weight is
-    read once a step, the L2 holds the other layers'). Replays of one launch alone keep its
-    weight in L2, where launch shapes can tie: on the H100 the q/k/v product's row tiles of 8 and
-    16 timed within noise there, and the 16 a process sometimes picked cost batch-1 decode 4%
-    (1,731 against 1,800-1,802 tokens/s, session 19). The same subtrahend for every shape keeps
-    the order of the shapes' times whatever its error."""
-    read, read_ms = _evictor(torch.cuda.current_device())
-
-    def after_read():
-        read()
-        fn()
-    t = graph_bench(after_read, quantiles)
-    return [x - read_ms for x in t] if isinstance(t, (list, tuple)) else t - read_ms
 
 
 def pow2(n: int, lo: int = 16) -> int:

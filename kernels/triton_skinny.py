@@ -49,8 +49,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common
-from ..switches import switches
-from .triton_common import INTERPRET, PDL, PDL_EARLY, cold_bench, graph_bench, pow2, round_to, splitk_workspace
+from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_to, splitk_workspace
 
 # LATE is part of the key: a shape tuned without it may not fit the late norm's groups
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL", "LATE", "STATS_IN"]
@@ -63,8 +62,6 @@ _DOT = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages
         for bn, bk, sp in [(64, 64, 1), (64, 64, 2), (64, 64, 4), (64, 64, 8), (64, 128, 1), (64, 128, 2),
                            (64, 128, 4), (64, 128, 8), (128, 128, 4), (128, 128, 8), (16, 256, 4)]]
 _MAX_SPLIT, _MAX_BN = 8, 128
-# the tuners' timer: each shape with its weight from HBM (cold_bench), unless MHLA_STREAM_TUNE_COLD=0
-TIMER = cold_bench if switches().tune_cold else graph_bench
 MAX_SPLIT: tl.constexpr = tl.constexpr(_MAX_SPLIT)
 # the late norm (module doc) in the tensor-core form; False: the prologue everywhere (A/B runs)
 LATE_NORM = True
@@ -340,7 +337,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
             tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
 
-_gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=TIMER,
+_gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=graph_bench,
                         prune_configs_by={"early_config_prune": _waves})(_skinny_kernel)
 
 
@@ -355,14 +352,13 @@ def _gemv(kp: int):
     _gemv_sizes.add(kp)
     whole = [triton.Config({"BN": bn, "BK": kp, "SPLIT": 1}, num_warps=w, num_stages=1)
              for bn in (1, 2, 4, 8) for w in (4, 8) if kp > 1024 and bn * kp <= 16384]
-    return triton.autotune(configs=_GEMV + whole, key=_KEY, do_bench=TIMER)(_skinny_kernel)
+    return triton.autotune(configs=_GEMV + whole, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
 
 
 def tuned_configs() -> dict[str, str]:
     """The launch shapes the tuners picked in this process, by tuner and key. mhla-bench records
-    them: batch-1 decode measured 1,706-1,731 tokens/s in some processes and 1,785-1,802 in others
-    on the same build (H100, sessions 18-19); the slow ones had picked row tiles of 16 for the
-    q/k/v product, the fast ones 8 (session 19, timed in L2: hence ``cold_bench``)."""
+    them: batch-1 decode measured 1,706-1,712 tokens/s in some processes and 1,785-1,796 in others
+    on the same build (H100, session 18), and the picks are the suspects."""
     tuners = [("rows", _gemm)] + [(f"one row, K {kp}", _gemv(kp)) for kp in _gemv_sizes]
     return {f"{name}: {key}": str(cfg) for name, tuner in tuners for key, cfg in getattr(tuner, "cache", {}).items()}
 

@@ -15,8 +15,6 @@
                                   (default: the Triton forward + backward)
     MHLA_STREAM_TUNE=0            the prefill kernels take one launch configuration each instead of
                                   timing several per shape (the GPU test sweep: minutes of compiling)
-    MHLA_STREAM_TUNE_COLD=0       the decode products' tuners time each launch shape with its weight
-                                  left in L2 (default: read from HBM, as in a decode step)
 
 Each MHLA_STREAM_* switch is off for 0, false, no or off (any case), on otherwise.
 
@@ -43,7 +41,6 @@ class Switches:
     compile: bool
     triton_train: bool = True
     tune: bool = True
-    tune_cold: bool = True
     pdl_early: bool = True
     fused_batch: int = FUSED_BATCH
 
@@ -63,7 +60,6 @@ def switches() -> Switches:
                     compile=_on("MHLA_STREAM_COMPILE"),
                     triton_train=_on("MHLA_STREAM_TRITON_TRAIN"),
                     tune=_on("MHLA_STREAM_TUNE"),
-                    tune_cold=_on("MHLA_STREAM_TUNE_COLD"),
                     pdl_early=_on("MHLA_STREAM_PDL_EARLY"),
                     fused_batch=_count("MHLA_STREAM_FUSED_BATCH", FUSED_BATCH))
 
