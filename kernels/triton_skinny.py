@@ -357,8 +357,10 @@ def _gemv(kp: int):
 
 def tuned_configs() -> dict[str, str]:
     """The launch shapes the tuners picked in this process, by tuner and key. mhla-bench records
-    them: batch-1 decode measured 1,706-1,712 tokens/s in some processes and 1,785-1,796 in others
-    on the same build (H100, session 18), and the picks are the suspects."""
+    them: batch-1 decode measured 1,706-1,731 tokens/s in some processes and 1,785-1,802 in others
+    on the same build (H100, sessions 18-19); the slowest of session 19's had picked row tiles of
+    16 for the q/k/v product where the others picked 8 (the two time within noise of each other
+    in L2; timing them after an L2 eviction instead picked worse shapes: DECODE_HISTORY)."""
     tuners = [("rows", _gemm)] + [(f"one row, K {kp}", _gemv(kp)) for kp in _gemv_sizes]
     return {f"{name}: {key}": str(cfg) for name, tuner in tuners for key, cfg in getattr(tuner, "cache", {}).items()}
 
