@@ -24,7 +24,7 @@ for step in ${STEPS:-}; do
     b1picks) for i in 1 2 3; do stamp "## batch 1, process $i (tuned picks in the JSON)"  # the tuner's process-to-process spread
         timeout 120 mhla-bench $ARGS --batch 1 --json $OUT/b1_process$i.json 2>&1 | clean | grep "^mhla"; done ;;
     gluon) for d in 1024 2048; do stamp "## gluon stage probe, [$d, $d] stages"  # TMA-streamed chain against launches
-        timeout 150 python3 .ci/gluon_stage_probe.py --dim $d --json $OUT/gluon_probe_$d.json 2>&1 | grep -v Warn | tail -24; done ;;
+        timeout ${GLUON_S:-150} python3 .ci/gluon_stage_probe.py --dim $d --json $OUT/gluon_probe_$d.json 2>&1 | grep -v Warn | tail -24; done ;;
     serve) stamp "## serve"; timeout ${SERVE_S:-200} bash .ci/gpu_serve.sh 2>&1 | tail -30 ;;
   esac
 done
