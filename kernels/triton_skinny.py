@@ -53,9 +53,12 @@ from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_t
 
 # LATE is part of the key: a shape tuned without it may not fit the late norm's groups
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL", "LATE", "STATS_IN"]
-# few configurations: each costs a compile at the first decode step of a new model shape
+# few configurations: each costs a compile at the first decode step of a new model shape. No row
+# tiles of 16: timed alone (weight in L2) they tie with 8 and won in some processes, and those
+# processes decoded batch 1 4% slower from HBM (1,722 and 1,731 against 1,800-1,802 tokens/s, H100,
+# session 19: half the programs for the q/k/v product)
 _GEMV = [triton.Config({"BN": bn, "BK": bk, "SPLIT": 1}, num_warps=w, num_stages=3)
-         for bn in (2, 4, 8, 16) for bk, w in ((512, 4), (1024, 8))]
+         for bn in (2, 4, 8) for bk, w in ((512, 4), (1024, 8))]
 # the shapes that won on the 340M shapes at 32 rows, timed over 24 weights from HBM (session 15,
 # .ci/gpu_skinny_sweep.py; 16-row tiles of 256 columns won the output projection once)
 _DOT = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=3)
