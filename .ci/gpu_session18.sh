@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (session 18): variants of the batched decode step (.ci/ab/variants18.py,
 # picked by X18) under mhla-bench, GPU tests, profiles, the decode table, mhla-serve throughput.
-# VARIANTS = "name|X18|ENV=VAL,..." entries; STEPS (table, b1picks, gluon, serve) picks the other runs; results in $OUT.
+# VARIANTS = "name|X18|ENV=VAL,..." entries (AB=variants19: the batch-1 variants, X19); STEPS (table, b1picks, gluon, serve) picks the other runs; results in $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MHLA_STREAM_TUNE=0
 T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
@@ -11,9 +11,9 @@ clean() { tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$\|^ *$"; }
 ARGS="--model mhla-340m --random-weights --prompt-len ${PROMPT:-2048} --new-tokens ${NEW:-128} --decode-only"
 for spec in ${VARIANTS:-}; do  # name|x18list|ENV=VAL,ENV=VAL
   IFS='|' read -r name x18 extra <<< "$spec"
-  envs="X18=$x18 ${extra//,/ }"
+  envs="X18=$x18 X19=$x18 ${extra//,/ }"
   stamp "## $name ($envs), batch ${BATCHES:-8,32,64}"
-  env $envs timeout ${BENCH_S:-150} python3 .ci/ab/variants18.py $ARGS --batch ${BATCHES:-8,32,64} \
+  env $envs timeout ${BENCH_S:-150} python3 .ci/ab/${AB:-variants18}.py $ARGS --batch ${BATCHES:-8,32,64} \
     --json $OUT/bench_$name.json 2>&1 | clean | grep -v "^model\|^# plan" | tail -${TAIL:-6}
 done
 for step in ${STEPS:-}; do
