@@ -208,3 +208,25 @@ def test_tuned_configs_reports_each_tuners_picks(monkeypatch):
     got = ts.tuned_configs()
     assert "BN: 64" in got["rows: (32, 1024)"] and "SPLIT: 2" in got["rows: (32, 1024)"]
     assert "BK: 2048" in got["one row, K 2048: (1, 2048)"]
+
+
+@pytest.mark.parametrize("K, V", [(96, 32), (144, 48), (64, 64), (160, 32), (128, 16)])  # 3 heads, 48-column heads, ...
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_one_row_group_norm_from_one_load(K, V, dtype):
+    """One row: every group's 1/rms from one load of the row (groups padded to a power of two in
+    number and width), with the gate and the residual; the layer norm (one group) with SwiGLU;
+    eps = 0."""
+    N = 40
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    x, w = _r(1, K, seed=1).to(dtype), (_r(N, K, seed=2) / K ** 0.5).to(dtype)
+    gw, g, res, nw = _r(V, seed=4).to(dtype), _r(1, K, seed=5).to(dtype), _r(1, N, seed=6).to(dtype), _r(K, seed=3).to(dtype)
+    for eps in (1e-6, 0.0):
+        ref = res.float() + F.linear(gated_norm(x.view(1, K // V, V), gw, g.view(1, K // V, V), eps).reshape(1, K).float(),
+                                     w.float())
+        out = skinny_linear(x, w, norm_weight=gw, group=V, eps=eps, gate=g, residual=res)
+        assert out.dtype == dtype and rel_err(out.float(), ref) < tol, eps
+    wgu = (_r(2 * N, K, seed=7) / K ** 0.5).to(dtype)
+    xn = rms_norm(x, nw, 1e-6)
+    ref = swiglu(F.linear(xn, wgu[:N]), F.linear(xn, wgu[N:]))
+    out = skinny_linear(x, wgu, norm_weight=nw, eps=1e-6, swiglu=True)
+    assert rel_err(out.float(), ref.float()) < tol
