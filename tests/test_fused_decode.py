@@ -85,25 +85,27 @@ def test_decode_kernel_boundaries_and_lengths(policy):
     assert state.pos.tolist() == [T, T]
 
 
-@pytest.mark.parametrize("policy, dtype, path", [("window", torch.float32, "fused"),
-                                                 ("window+far", torch.float32, "fused"),
-                                                 ("window", torch.bfloat16, "fused"),
-                                                 ("window", torch.float16, "fused"),
-                                                 ("window+far", torch.float32, "batched"),
-                                                 ("window", torch.bfloat16, "batched")])
-def test_fused_decode_gives_the_unfused_logits(policy, dtype, path):
-    """Both one-token paths: ``decode_step`` (fused) and ``decode_step_batched``."""
+@pytest.mark.parametrize("policy, dtype, path, B", [("window", torch.float32, "fused", 2),
+                                                    ("window+far", torch.float32, "fused", 2),
+                                                    ("window", torch.bfloat16, "fused", 2),
+                                                    ("window", torch.float16, "fused", 2),
+                                                    ("window", torch.float32, "fused", 1),   # the one-row products
+                                                    ("window", torch.bfloat16, "fused", 1),
+                                                    ("window+far", torch.float32, "batched", 2),
+                                                    ("window", torch.bfloat16, "batched", 2)])
+def test_fused_decode_gives_the_unfused_logits(policy, dtype, path, B):
+    """Both one-token paths: ``decode_step`` (fused; one row and two) and ``decode_step_batched``."""
     torch.manual_seed(0)
     cfg = preset_config("mhla-tiny", mixing_policy=policy)
     model = MHLAForCausalLM(cfg).to(DEV, dtype).eval()
-    unfused = model.make_plan(2, backend="triton", fused_decode=False, batched_decode=False)
-    fused = (model.make_plan(2, backend="triton", fused_decode=True) if path == "fused" else
-             model.make_plan(2, backend="triton", fused_decode=False, batched_decode=True))
+    unfused = model.make_plan(B, backend="triton", fused_decode=False, batched_decode=False)
+    fused = (model.make_plan(B, backend="triton", fused_decode=True) if path == "fused" else
+             model.make_plan(B, backend="triton", fused_decode=False, batched_decode=True))
     assert not (unfused.fused_decode or unfused.batched_decode)
     assert fused.fused_decode == (path == "fused") and fused.batched_decode == (path == "batched")
-    ids = torch.randint(3, 256, (2, 44), device=DEV)
+    ids = torch.randint(3, 256, (B, 44), device=DEV)
     with torch.inference_mode():
-        ref_cache, fused_cache = MHLACache(model.new_state(2)), MHLACache(model.new_state(2))
+        ref_cache, fused_cache = MHLACache(model.new_state(B)), MHLACache(model.new_state(B))
         model(ids[:, :13], past_key_values=ref_cache, plan=unfused)
         model(ids[:, :13], past_key_values=fused_cache, plan=fused)
         # bf16: two rounding orders of the same decode; 0.0095 .. 0.021 over these steps under the
