@@ -229,9 +229,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
                        other=0.0)                                                                # [SI, BM]
         ingrp = ((sl * 16) // GS)[None, :, None] == grp[:, None, None]                          # [NG, SI, 1]
         rT = tl.rsqrt(tl.sum(tl.where(ingrp, sums[None, :, :], 0.0), axis=1) / GS + eps)        # [NG, BM]
-    if NORM and STATS_IN and not DOT:  # one row: the statistics' 1/rms a group, applied per column with w
-        rstds = tl.trans(tl.where(grp[:, None] < K // GS, rT, 0.0))                             # [1, NG]
-    elif NORM and not LATE and BM == 1:  # prologue, one row: every group's 1/rms from one load of the row
+    if NORM and not LATE and BM == 1:  # prologue, one row: every group's 1/rms from one load of the row
         # (a loop over the groups waits for one L2 round trip a group; the output projection's
         # gated head norm cost batch-1 decode 3.2 us a layer with it, H100, session 19)
         gi = tl.arange(0, NG)
@@ -292,7 +290,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     if LATE and not STATS_IN:  # a split inside a group: its unscaled sums (accg is zero otherwise)
         acc += accg
         acc_up += accg_up
-    if STATS_IN and DOT and SPLIT == 1:  # one split, so one group: the row's 1/rms
+    if STATS_IN and SPLIT == 1:  # one split, so one group: the row's 1/rms
         r0 = tl.sum(tl.where(grp[:, None] == 0, rT, 0.0), axis=0)                               # [BM]
         acc, acc_up = acc * r0[None, :], acc_up * r0[None, :]                                   # (DOT: [BN, BM])
     if PDL and not EARLY:
@@ -389,10 +387,7 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     y's square sums in 16-column slots (``norm_stats``). ``stats_in`` (x's, so filled by x's
     producer or ``row_stats``) applies RMSNorm per group of ``group`` columns with the norm weight
     already folded into ``weight``'s columns (``norm_weight`` stays None): y = sum over groups of
-    1/rms(x_g) * x_g W_g^T, a scale of the fp32 sums, so x enters the product as it is.
-    One row takes ``stats_in`` with ``norm_weight`` instead: each column is scaled by its group's
-    1/rms and the weight as the prologue would, without reading the whole row first (batch-1
-    decode: the decode kernel writes the gated o and its statistics)."""
+    1/rms(x_g) * x_g W_g^T, a scale of the fp32 sums, so x enters the product as it is."""
     M, K = x.shape
     N = weight.shape[0] // (2 if swiglu else 1)
     assert split is None or 1 <= split <= _MAX_SPLIT, "the workspace holds at most _MAX_SPLIT partials a tile"
@@ -409,17 +404,14 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     dummy = x
     launch, fixed = (_gemv(pow2(K)) if small else _gemm), {}
     if stats_in is not None:
-        if small:  # one row: 1/rms a group from the statistics, the norm weight applied per column
-            assert norm and gate is None, "stats_in at one row: with norm_weight (not folded), no gate"
-        else:
-            assert not norm, "stats_in: the norm weight folded into the weight, from 2 rows"
-            assert ws is not None, "stats_in: in a CUDA-graph capture, run one step outside it first (stats_ready)"
+        assert not norm and not small, "stats_in: the norm weight folded into the weight, from 2 rows"
         gs = group or K
         assert K % gs == 0 and (gs == K or gs % 16 == 0), \
             "stats_in: groups of a multiple of 16 columns that tile the row"
         assert x.dtype != torch.float16, "stats_in: not fp16 (the unnormed x could leave its range)"
+        assert ws is not None, "stats_in: in a CUDA-graph capture, run one step outside it first (stats_ready)"
         assert stats_out is None or stats_out.data_ptr() != stats_in.data_ptr(), "stats_in and stats_out alias"
-    late = not small and ((norm and LATE_NORM and x.dtype != torch.float16) or stats_in is not None)
+    late = (norm and not small and LATE_NORM and x.dtype != torch.float16) or stats_in is not None
     if INTERPRET or split is not None:  # no tuning; few programs, since the interpreter runs them one by one
         fixed_split = 1 if small else (split or _fixed_split(K, gs, stats_in is not None))
         launch, fixed = _skinny_kernel, dict(_FIXED_SHAPE, SPLIT=fixed_split)
@@ -433,11 +425,10 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     elif late:  # the tuner keeps only the shapes that fit
         late = _some_late_fits(K, gs, stats_in is not None)
     # (with statistics there is no prologue to fall back on: the caller checks ``stats_fit``)
-    assert late or small or stats_in is None, "stats_in: no launch shape fits these norm groups (stats_fit)"
-    for st, cols, one_row in ((stats_out, N, False), (stats_in, K, True)):
-        assert st is None or ((one_row or not small) and st.shape == (triton.cdiv(cols, 16), M)
-                              and st.dtype == torch.float32 and st.is_contiguous()), \
-            "norm statistics: norm_stats(rows, columns); stats_out from 2 rows"
+    assert late or stats_in is None, "stats_in: no launch shape fits these norm groups (stats_fit)"
+    for st, cols in ((stats_out, N), (stats_in, K)):
+        assert st is None or (not small and st.shape == (triton.cdiv(cols, 16), M) and st.dtype == torch.float32
+                              and st.is_contiguous()), "norm statistics: norm_stats(rows, columns), from 2 rows"
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), meta["SPLIT"], mblocks)  # noqa: E731
     launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
                  residual if residual is not None else dummy, parts, counters,

@@ -216,18 +216,9 @@ class MHLABlock(nn.Module):
                               stats_in=h_stats)
             out = skinny_linear(a, mlp.down_proj.weight, residual=h, stats_out=out_stats)
             return out.view(B, 1, -1), out_stats
-        if B == 1 and x.dtype != torch.float16 and V % 16 == 0:
-            # the decode kernel gates o and writes its square sums, so the output projection scales
-            # each column by its head's 1/rms without reading the row first or loading g (H100, session 19)
-            o_stats = norm_stats(B, hv, x.device)
-            decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True,
-                        gate=g.view(B, H, V), stats=o_stats)
-            h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps,
-                              stats_in=o_stats, residual=x2)
-        else:
-            decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
-            h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
-                              residual=x2)
+        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
+        h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
+                          residual=x2)
         a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
                           swiglu=True)
         return skinny_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, -1), None

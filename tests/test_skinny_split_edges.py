@@ -230,30 +230,3 @@ def test_one_row_group_norm_from_one_load(K, V, dtype):
     ref = swiglu(F.linear(xn, wgu[:N]), F.linear(xn, wgu[N:]))
     out = skinny_linear(x, wgu, norm_weight=nw, eps=1e-6, swiglu=True)
     assert rel_err(out.float(), ref.float()) < tol
-
-
-@pytest.mark.parametrize("K, V", [(96, 32), (128, 64), (160, 32), (64, 64)])
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_one_row_norm_from_statistics(K, V, dtype):
-    """One row with ``stats_in`` (batch-1 decode: the decode kernel writes o * silu(g) and o's square
-    sums): the gated head norm's product without reading the row first; eps = 0 too. Refused: a
-    gate besides the statistics, no norm weight, statistics of the wrong shape."""
-    N = 40
-    tol = 2e-5 if dtype == torch.float32 else 2e-2
-    o, w = _r(1, K, seed=1).to(dtype), (_r(N, K, seed=2) / K ** 0.5).to(dtype)
-    gw, g, res = _r(V, seed=4).to(dtype), _r(1, K, seed=5).to(dtype), _r(1, N, seed=6).to(dtype)
-    gated = (o.float() * F.silu(g.float())).to(dtype)
-    st = triton_skinny.row_stats(o)
-    for eps in (1e-6, 0.0):
-        ref = res.float() + F.linear(gated_norm(o.view(1, K // V, V), gw, g.view(1, K // V, V), eps).reshape(1, K).float(),
-                                     w.float())
-        out = skinny_linear(gated, w, norm_weight=gw, group=V, eps=eps, stats_in=st, residual=res)
-        assert out.dtype == dtype and rel_err(out.float(), ref) < tol, eps
-    before = st.clone()
-    with pytest.raises(AssertionError, match="no gate"):
-        skinny_linear(gated, w, norm_weight=gw, group=V, gate=g, stats_in=st)
-    with pytest.raises(AssertionError, match="not folded"):
-        skinny_linear(gated, w, group=V, stats_in=st)
-    with pytest.raises(AssertionError, match="norm statistics"):
-        skinny_linear(gated, w, norm_weight=gw, group=V, stats_in=st[:-1])
-    assert torch.equal(st, before)
