@@ -113,7 +113,8 @@ def _waves(configs, named_args, **kwargs):
 
 @triton.jit
 def _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU: tl.constexpr,
-            RESIDUAL: tl.constexpr, STATS_OUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+            RESIDUAL: tl.constexpr, STATS_OUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, res_early,
+            RES_EARLY: tl.constexpr):
     """Epilogue on the full sums acc [BM, BN]: SwiGLU, residual, one rounding to the output dtype.
     STATS_OUT: the output rows' square sums of each 16 columns, for the next product's norm, in the
     slots of so [N / 16, M] (exact per slot, so any grouping of them reads what it needs)."""
@@ -122,7 +123,9 @@ def _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr
     if SWIGLU:
         y = round_to(y * tl.sigmoid(y) * round_to(acc_up, DT).to(tl.float32), DT).to(tl.float32)
     om = mm[:, None] & mn[None, :]
-    if RESIDUAL:
+    if RES_EARLY:  # loaded right after the wait (one row), off the tail
+        y += res_early
+    elif RESIDUAL:
         y += tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=om, other=0.0).to(tl.float32)
     out = round_to(y, DT)
     tl.store(y_ptr + rm[:, None] * sy + rn[None, :], out, mask=om)
@@ -135,13 +138,17 @@ def _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr
 
 @triton.jit
 def _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM: tl.constexpr,
-             GATE: tl.constexpr, LATE: tl.constexpr, NG: tl.constexpr, DT: tl.constexpr, F32_DOT: tl.constexpr):
+             GATE: tl.constexpr, LATE: tl.constexpr, NG: tl.constexpr, DT: tl.constexpr, F32_DOT: tl.constexpr,
+             nw_early, NW_EARLY: tl.constexpr):
     """The x tile [BM, BK] as the product takes it (fp32 holding DT values), and its rows' square
     sums [BM] (used by the late norm)."""
     x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
     sq = tl.sum(x * x, axis=1)
     if NORM:
-        nw = tl.load(nw_ptr + (rk % GS), mask=mk, other=0.0).to(tl.float32)                     # [BK]
+        if NW_EARLY:  # the first tile's, loaded before the wait
+            nw = nw_early
+        else:
+            nw = tl.load(nw_ptr + (rk % GS), mask=mk, other=0.0).to(tl.float32)                 # [BK]
         if LATE:  # x * w: 1/rms scales the product's sum
             x = x * nw[None, :]
         else:
@@ -218,8 +225,17 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     wu0 = w0
     if SWIGLU:
         wu0 = tl.load(w_ptr + (N + rn[:, None]) * K + k_lo + ck[None, :], mask=wmask0, other=0.0)
+    # one row: the first tile's norm weight too (a parameter: no kernel of the step writes it), so
+    # that after the wait only x's round trip precedes the product
+    nw0 = tl.zeros([BK], dtype=tl.float32)
+    if NORM and not DOT:
+        nw0 = tl.load(nw_ptr + (k_lo + ck) % GS, mask=k_lo + ck < K, other=0.0).to(tl.float32)  # [BK]
     if PDL:
         tl.extra.cuda.gdc_wait()  # x, g and res come from the previous kernels
+    res0 = tl.zeros([BM, BN], dtype=tl.float32)
+    if RESIDUAL and not DOT:  # one row: the residual requested with x, not after the product
+        res0 = tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=mm[:, None] & mn[None, :],
+                       other=0.0).to(tl.float32)                                                 # [1, BN]
     grp = tl.arange(0, NG)
     rstds = tl.zeros([BM, NG], dtype=tl.float32)
     rT = tl.zeros([NG, BM], dtype=tl.float32)
@@ -261,7 +277,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     whole = (ks >= K) | (ks % GS == 0)
     # the first tile, peeled so that the loop's loads are unconditional (software-pipelined)
     rk = k_lo + ck
-    x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, rk < K, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT)
+    x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, rk < K, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT,
+                     nw0, NORM and not DOT)
     # (with statistics each split lies in one group: its sums are scaled after the loop, which
     # stays a plain chain of products; a fold in it measured as slow as the norm it replaced)
     if LATE and not STATS_IN:
@@ -279,7 +296,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         wu = w
         if SWIGLU:
             wu = tl.load(w_ptr + (N + rn[:, None]) * K + rk[None, :], mask=wmask, other=0.0)
-        x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT)
+        x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT,
+                         nw0, False)
         if LATE and not STATS_IN:
             accg, accg_up = _mma(accg, accg_up, w, wu, x, DOT, F32_DOT, SWIGLU)
             ss += sq
@@ -299,7 +317,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         acc, acc_up = tl.trans(acc), tl.trans(acc_up)                                           # [BM, BN]
     if SPLIT == 1:  # (the late norm's one split holds whole groups: already scaled)
         _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL,
-                STATS_OUT, BM, BN)
+                STATS_OUT, BM, BN, res0, RESIDUAL and not DOT)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         tiles = tl.num_programs(0) * tl.num_programs(2)
@@ -345,7 +363,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
                 if SWIGLU:
                     acc_up += pu
             _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL,
-                    STATS_OUT, BM, BN)
+                    STATS_OUT, BM, BN, res0, False)
             tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
 
