@@ -319,6 +319,16 @@ class MHLAModel(MHLAPreTrainedModel):
         return self.norm(x)
 
 
+def _one_cache(past_key_values, cache):
+    """The cache given under either name (transformers renamed ``past_key_values`` to ``cache`` in
+    5.24); both at once is a mistake, unless they are the same object."""
+    if cache is None:
+        return past_key_values
+    if past_key_values is not None and past_key_values is not cache:
+        raise ValueError("pass the cache as past_key_values or as cache, not two different ones")
+    return cache
+
+
 def plan_for_call(plan: ExecutionPlan | None, x: torch.Tensor, training: bool) -> ExecutionPlan:
     """The given plan, or the default one for ``x``'s device, dtype and batch; while gradients
     flow, without the inference-only paths."""
@@ -375,11 +385,13 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         return self
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
-                use_cache=None, logits_to_keep: int = 0, plan: ExecutionPlan | None = None, **kwargs):
-        """Causal LM forward. With ``past_key_values`` (an ``MHLACache``) the call continues the stream;
-        with ``use_cache`` and no cache a new one is made and returned. ``attention_mask`` [B, T] may
-        pad on either side: padded tokens neither move positions nor enter the state. ``plan``: how
-        to run this call (``make_plan``); None: the default for the inputs' device, dtype and batch."""
+                use_cache=None, logits_to_keep: int = 0, plan: ExecutionPlan | None = None, cache=None, **kwargs):
+        """Causal LM forward. With ``past_key_values`` (an ``MHLACache``; ``cache``, transformers
+        5.24's name for it, is the same argument) the call continues the stream; with ``use_cache``
+        and no cache a new one is made and returned. ``attention_mask`` [B, T] may pad on either
+        side: padded tokens neither move positions nor enter the state. ``plan``: how to run this
+        call (``make_plan``); None: the default for the inputs' device, dtype and batch."""
+        past_key_values = _one_cache(past_key_values, cache)
         cache = past_key_values if isinstance(past_key_values, MHLACache) else None
         x = self.model.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
@@ -409,7 +421,9 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                      use_cache=True, **kwargs):
+                                      use_cache=True, cache=None, **kwargs):
+        # (transformers 5.24 hands generate's cache over as ``cache``; earlier ones as past_key_values)
+        past_key_values = _one_cache(past_key_values, cache)
         cache = past_key_values if isinstance(past_key_values, MHLACache) else None
         seen = cache.seen if cache is not None else 0
         inputs = {"past_key_values": cache, "use_cache": use_cache, "attention_mask": attention_mask,

@@ -80,3 +80,26 @@ def test_model_loaded_under_inference_mode_prepares_and_decodes():
         ids = torch.randint(3, m.config.vocab_size, (1, 9))
         out = m(input_ids=ids).logits
     assert torch.isfinite(out).all()
+
+
+def test_the_cache_under_either_name():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``: forward and generate take either
+    name (the same stream), and refuse two different caches at once."""
+    from mhla_stream.cache import MHLACache
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).eval()
+    ids = torch.randint(3, 200, (1, 12))
+    with torch.inference_mode():
+        a, b = MHLACache(model.new_state(1)), MHLACache(model.new_state(1))
+        la = model(ids, past_key_values=a).logits
+        lb = model(ids, cache=b).logits
+        assert torch.equal(la, lb) and a.seen == b.seen == 12
+        with pytest.raises(ValueError, match="not two different"):
+            model(ids[:, :1], past_key_values=a, cache=b)
+        assert a.seen == b.seen == 12  # refused before anything ran
+        outs = []
+        for kw in ("past_key_values", "cache"):
+            c = MHLACache(model.new_state(1))
+            outs.append(model.generate(ids, max_new_tokens=5, do_sample=False, **{kw: c}))
+            assert c.seen >= 16
+        assert torch.equal(outs[0], outs[1])
