@@ -24,8 +24,9 @@ from mhla_stream.cache import MHLACache
 from mhla_stream.graphs import GraphDecoder
 from mhla_stream.kernels import triton_skinny as ts
 
-# (BN, BK, num_warps, num_stages, maxnreg); BK = the padded row: the whole slice loaded before the wait
-CANDIDATES = {
+# (BN, BK, num_warps, num_stages, maxnreg): the session-20 first call's candidates (hand-picked), or
+# with --generated every whole-slice shape (BK = the padded row, loaded before the wait)
+HAND = {
     "qkvg": [(8, 1024, 8, 3, None), (4, 1024, 2, 1, None), (4, 1024, 4, 1, None), (8, 1024, 4, 1, 128),
              (4, 1024, 8, 1, 64), (8, 512, 4, 3, None), (8, 512, 2, 3, None), (2, 1024, 4, 1, None),
              (16, 512, 8, 3, None), (8, 1024, 8, 1, 96)],
@@ -38,6 +39,17 @@ CANDIDATES = {
              (4, 1024, 8, 3, None), (2, 2048, 4, 3, 128), (4, 4096, 8, 1, None), (1, 4096, 4, 1, None),
              (2, 1024, 2, 3, 64)],
 }
+START = {"qkvg": (8, 1024, 8, 3, None), "oproj": (4, 1024, 8, 3, None), "gateup": (8, 1024, 8, 3, None),
+         "down": (2, 4096, 8, 1, None)}  # the isolated tuner's picks (session 19, every process)
+KP = {"qkvg": 1024, "oproj": 1024, "gateup": 1024, "down": 4096}
+
+
+def generated(name):
+    kp = KP[name]
+    return [(bn, kp, w, 1, mr) for bn in (1, 2, 4, 8, 16) for w in (2, 4, 8) for mr in (None, 128)
+            if bn * kp <= 32768 and not (mr and w == 8 and bn <= 2)]
+
+
 FORCED: dict = {}
 
 
@@ -84,11 +96,32 @@ def step_us(model, reps=3, steps=300):
     return sorted(out)[len(out) // 2]
 
 
+def logits_diff(model):
+    """The forced picks' logits against the isolated tuner's, one step from the same state."""
+    out = []
+    for forced in (True, False):
+        ts._gemv = _forced_gemv if forced else _ORIG_GEMV
+        torch.manual_seed(1)
+        cache = MHLACache(model.new_state(1, device="cuda"))
+        ids = torch.randint(3, 1000, (1, 33), device="cuda")
+        plan = model.make_plan(1, cuda_graphs=False)
+        with torch.inference_mode():
+            for t in range(ids.shape[1]):
+                logits = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True, plan=plan).logits
+        out.append(logits.float())
+    ts._gemv = _forced_gemv
+    return (out[0] - out[1]).abs().max().item()
+
+
+_ORIG_GEMV = ts._gemv
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
     ap.add_argument("--passes", type=int, default=1)
     ap.add_argument("--order", default="gateup,qkvg,oproj,down")
+    ap.add_argument("--generated", action="store_true", help="every whole-slice shape; later passes the top 4")
     args = ap.parse_args()
     model = load_model("mhla-340m", None, True, "cuda", torch.bfloat16)
     t0 = time.time()
@@ -98,7 +131,8 @@ def main():
     for k, v in picks.items():
         print("   ", k.split(",")[0:3], v, flush=True)
     ts._gemv = _forced_gemv  # every later step takes the forced shapes (new tuners: the old ones keep their cache)
-    FORCED.update({p: c[0] for p, c in CANDIDATES.items()})
+    FORCED.update(START)
+    cands = {n: (generated(n) if args.generated else HAND[n]) for n in START}
     rows = [{"forced": "tuner", "us": base}]
     best = step_us(model)
     print(f"forced = tuner's picks: {best:.1f} us", flush=True)
@@ -106,7 +140,7 @@ def main():
     for p in range(args.passes):
         for name in args.order.split(","):
             timed = {}
-            for cand in CANDIDATES[name]:
+            for cand in cands[name]:
                 FORCED[name] = cand
                 try:
                     us = step_us(model)
@@ -117,11 +151,15 @@ def main():
                 rows.append({"forced": dict(FORCED), "us": us})
                 print(f"[{time.time() - t0:.0f} s] pass {p} {name} {cand}: {us:.1f} us ({1e6 / us:.0f} tok/s)", flush=True)
             FORCED[name] = min(timed, key=timed.get)
+            if args.generated:  # the next pass: this product's four fastest
+                cands[name] = sorted(timed, key=timed.get)[:4]
             print(f"  best {name}: {FORCED[name]} {timed[FORCED[name]]:.1f} us", flush=True)
             save(args.json, rows, base, picks)  # (a call cut by its time limit keeps what it measured)
     final = step_us(model)
+    diff = logits_diff(model)
+    print(f"logits of the picks against the tuner's, same state and token: max abs diff {diff:.3g}", flush=True)
     print(f"final {FORCED}: {final:.1f} us ({1e6 / final:.0f} tok/s); tuner {base:.1f}", flush=True)
-    rows.append({"forced": dict(FORCED), "us": final, "final": True})
+    rows.append({"forced": dict(FORCED), "us": final, "final": True, "logits_max_abs_diff": diff})
     save(args.json, rows, base, picks)
 
 

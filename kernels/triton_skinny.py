@@ -33,10 +33,8 @@ bf16; fp32 is unaffected). Not for fp16, whose range the unnormed x * w could le
 Norm statistics (more rows; the model's fused step): a residual product can write its output's
 square sums in 16-column slots (``stats_out``, ``norm_stats``), and a product can take its norm
 from such statistics (``stats_in``) with the norm weight folded into its weight: the norm is then
-only a scale of the fp32 sums, applied after the loop (every split lies in one norm group), so x
-enters the MMA as it is and the loop stays a plain chain of products. The per-element work on x
-(weight, gate, rounding, square sums) was what made the folded norms cost 21 us a layer at 32
-rows, repeated by every program that reads a row; with statistics it is 5 (H100, session 16).
+only a scale of the fp32 sums after the loop (every split in one norm group), so x enters the MMA
+as it is (the folded norms' per-element work cost 21 us a layer at 32 rows, now 5: session 16).
 
 Every program loads its first weight tile before waiting on the previous kernel (programmatic
 dependent launch), and lets the next kernel launch at its first instruction (``PDL_EARLY``).
@@ -48,15 +46,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import triton_common
+from . import one_row_picks, triton_common
 from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_to, splitk_workspace
 
 # LATE is part of the key: a shape tuned without it may not fit the late norm's groups
 _KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL", "LATE", "STATS_IN"]
 # few configurations: each costs a compile at the first decode step of a new model shape. No row
-# tiles of 16: timed alone (weight in L2) they tie with 8 and won in some processes, and those
-# processes decoded batch 1 4% slower from HBM (1,722 and 1,731 against 1,800-1,802 tokens/s, H100,
-# session 19: half the programs for the q/k/v product)
+# tiles of 16: alone (weight in L2) they tie with 8, in the step they were 4% slower (session 19)
 _GEMV = [triton.Config({"BN": bn, "BK": bk, "SPLIT": 1}, num_warps=w, num_stages=3)
          for bn in (2, 4, 8) for bk, w in ((512, 4), (1024, 8))]
 # the shapes that won on the 340M shapes at 32 rows, timed over 24 weights from HBM (session 15,
@@ -378,21 +374,28 @@ _gemv_sizes: set = set()  # the row sizes _gemv made a tuner for (tuned_configs)
 def _gemv(kp: int):
     """The one-row tuner for rows of ``kp`` (a power of two) columns: the row-tile configurations
     plus whole-row ones, whose programs load their entire weight slice before waiting on the
-    previous kernel (with the early trigger that load overlaps the previous kernel's run)."""
+    previous kernel (with the early trigger that load overlaps the previous kernel's run). A
+    product with a pick chosen in the decode step (``one_row_picks``) takes it untimed."""
     _gemv_sizes.add(kp)
     whole = [triton.Config({"BN": bn, "BK": kp, "SPLIT": 1}, num_warps=w, num_stages=1)
              for bn in (1, 2, 4, 8) for w in (4, 8) if kp > 1024 and bn * kp <= 16384]
-    return triton.autotune(configs=_GEMV + whole, key=_KEY, do_bench=graph_bench)(_skinny_kernel)
+    return triton.autotune(configs=_GEMV + whole, key=_KEY, do_bench=graph_bench,
+                           prune_configs_by={"early_config_prune": one_row_picks.prune})(_skinny_kernel)
+
+
+def forget_one_row_tuning() -> None:
+    """Drop the one-row tuners' choices, so the next launch of each shape prunes (and picks) again."""
+    for kp in _gemv_sizes:
+        _gemv(kp).cache.clear()
 
 
 def tuned_configs() -> dict[str, str]:
-    """The launch shapes the tuners picked in this process, by tuner and key. mhla-bench records
-    them: batch-1 decode measured 1,706-1,731 tokens/s in some processes and 1,785-1,802 in others
-    on the same build (H100, sessions 18-19); the slowest of session 19's had picked row tiles of
-    16 for the q/k/v product where the others picked 8 (the two time within noise of each other
-    in L2; timing them after an L2 eviction instead picked worse shapes: DECODE_HISTORY)."""
+    """The launch shapes the tuners picked in this process, by tuner and key (mhla-bench records
+    them: the batch-1 spread between processes of sessions 18-19 came from near-tied picks)."""
     tuners = [("rows", _gemm)] + [(f"one row, K {kp}", _gemv(kp)) for kp in _gemv_sizes]
-    return {f"{name}: {key}": str(cfg) for name, tuner in tuners for key, cfg in getattr(tuner, "cache", {}).items()}
+    out = {f"{name}: {key}": str(cfg) for name, tuner in tuners for key, cfg in getattr(tuner, "cache", {}).items()}
+    out.update({f"one-row pick: {key}": str(pick) for key, pick in one_row_picks.used.items() if pick})
+    return out
 
 
 def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None,

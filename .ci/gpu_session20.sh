@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run on the GPU machine (session 20): the one-row picks chosen in the decode step. STEPS (space list):
+#   tests   the GPU tests of the picks and the batch-1 fused step against the unfused logits
+#   b1      batch 1 in three processes with the shipped picks, one with MHLA_STREAM_ONE_ROW_PICKS=0
+#   tune    python -m mhla_stream.cli.tune_decode --dry-run (the step tuner end to end)
+#   profile the batch-1 step's kernels;  table  the whole decode table (batch 1-128, 2k/32k/128k)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 MHLA_STREAM_TUNE=0
+T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/install.log 2>&1 || cat /tmp/install.log
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+clean() { tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$\|^ *$"; }
+ARGS="--model mhla-340m --random-weights --prompt-len 2048 --new-tokens 128 --decode-only --batch 1"
+for step in ${STEPS:-tests b1}; do
+  case $step in
+    tests) stamp "## tests"; timeout ${TEST_S:-200} python3 -m pytest -q -p no:logging tests/test_one_row_picks.py \
+        "tests/test_fused_decode.py" -k "one_row or picks or shipped or step_tuning or unfused_logits" > $OUT/tests.log 2>&1
+        tail -6 $OUT/tests.log ;;
+    b1) for i in 1 2 3; do stamp "## batch 1, shipped picks, process $i"
+        timeout 120 mhla-bench $ARGS --json $OUT/b1_picks$i.json 2>&1 | clean | grep "^mhla"; done
+        stamp "## batch 1, MHLA_STREAM_ONE_ROW_PICKS=0 (each product tuned alone)"
+        MHLA_STREAM_ONE_ROW_PICKS=0 timeout 120 mhla-bench $ARGS --json $OUT/b1_alone.json 2>&1 | clean | grep "^mhla" ;;
+    tune) stamp "## tune_decode --dry-run"; timeout ${TUNE_S:-240} python3 -m mhla_stream.cli.tune_decode --dry-run \
+        --passes ${PASSES:-1} --json $OUT/tune.json 2>&1 | grep -v Warn | tail -12 ;;
+    profile) stamp "## profile batch 1"; timeout 120 python3 -m mhla_stream.cli.profile_model --decode-only --batch 1 \
+        --steps 10 --json $OUT/profile_b1.json > $OUT/profile_b1.txt 2>&1; grep -A14 "CUDA graph" $OUT/profile_b1.txt | head -16 ;;
+    table) stamp "## table"; timeout ${GRID_S:-300} mhla-bench --model mhla-340m --random-weights \
+        --prompt-len 2048,32768,131072 --batch 1,8,32,64,128 --new-tokens 128 --decode-only \
+        --json $OUT/decode_table.json 2>&1 | clean | tee $OUT/decode_table.log | grep -v "^# plan" ;;
+  esac
+done
+stamp done

@@ -1,0 +1,255 @@
+"""One-row launch shapes chosen in the decode step (kernels/one_row_picks.py, decode_tuning.py,
+cli/tune_decode.py): the picks files, hostile files and flags, and on a GPU the picked shapes'
+products against torch and a short tuning run."""
+import json
+import os
+import types
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mhla_stream import preset_config
+from mhla_stream.kernels import one_row_picks as picks
+
+GPU = torch.cuda.is_available()
+H100 = "NVIDIA H100 80GB HBM3"
+PICK = {"BN": 4, "BK": 1024, "num_warps": 4, "num_stages": 1, "maxnreg": 128}
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch, tmp_path):
+    """Each test reads its own user file and leaves no forced or cached picks behind."""
+    monkeypatch.setenv("MHLA_STREAM_ONE_ROW_PICKS", str(tmp_path / "user.json"))
+    picks._loaded.clear()
+    yield
+    picks._loaded.clear()
+    picks._forced.clear()
+
+
+def model_keys(name="mhla-340m", dtype=torch.bfloat16):
+    """The product keys the batch-1 step of a preset launches (q/k/v/g, output, gate/up, down)."""
+    c = preset_config(name)
+    D, H = c.hidden_size, c.num_heads
+    hk, hv = int(D * c.expand_k), int(D * c.expand_v)
+    inter = c.intermediate_size
+    key = picks.product_key
+    return [key(2 * hk + 2 * hv, D, D, True, False, False, False, dtype),
+            key(D, hv, hv // H, True, True, False, True, dtype),
+            key(inter, D, D, True, False, True, False, dtype),
+            key(D, inter, inter, False, False, False, True, dtype)]
+
+
+def test_the_shipped_picks_are_valid_and_name_the_340m_products():
+    shipped = picks.read(picks.SHIPPED, H100)
+    assert sorted(shipped) == sorted(model_keys())
+    from mhla_stream.decode_tuning import candidates
+    for key, pick in shipped.items():
+        assert pick in candidates(key), (key, pick)  # a shape the step tuner would try
+    assert picks.read(picks.SHIPPED, "some other GPU") == {}
+
+
+def test_product_key_names_what_the_launch_computes():
+    assert picks.product_key(3072, 1024, 1024, True, False, False, False, torch.bfloat16) == "N3072 K1024 G1024 norm bf16"
+    assert picks.product_key(1024, 2816, 2816, False, False, False, True, "torch.float32") == \
+        "N1024 K2816 G2816 residual fp32"
+
+
+@pytest.mark.parametrize("bad", [
+    {}, {"BN": 4, "BK": 1024}, dict(PICK, BN=3), dict(PICK, BN=True), dict(PICK, BK=8), dict(PICK, BK=2 ** 15),
+    dict(PICK, num_warps=3), dict(PICK, num_stages=0), dict(PICK, maxnreg=300), dict(PICK, maxnreg="128"),
+    dict(PICK, extra=1), dict(PICK, BN=4.0), [4, 1024, 4, 1, 128], "BN=4", None])
+def test_invalid_launch_shapes_are_refused(bad):
+    assert picks.valid_pick(bad) is None
+
+
+def test_a_valid_pick_reads_as_its_tuple():
+    assert picks.valid_pick(PICK) == (4, 1024, 4, 1, 128)
+    assert picks.valid_pick({"BN": 1, "BK": 4096, "num_warps": 8}) == (1, 4096, 8, 1, None)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[]", b'{"format": 2, "devices": {}}',
+                                     b'{"format": 1, "devices": []}', b'{"format": 1}', b'"text"',
+                                     b'{"format": 1, "devices": {"GPU": {"products": [1, 2]}}}',
+                                     b'{"format": 1, "devices": {"GPU": 7}}'])
+def test_an_unreadable_picks_file_is_skipped_with_a_warning(tmp_path, content):
+    path = tmp_path / "picks.json"
+    path.write_bytes(content)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        assert picks.read(str(path), "GPU") == {}
+
+
+def test_a_folder_in_place_of_the_file_is_skipped(tmp_path):
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        assert picks.read(str(tmp_path), "GPU") == {}
+
+
+def test_invalid_entries_are_skipped_and_the_rest_kept(tmp_path):
+    path = tmp_path / "picks.json"
+    path.write_text(json.dumps({"format": 1, "devices": {"GPU": {"products": {
+        "good": PICK, "bad": dict(PICK, BN=5)}}}}))
+    with pytest.warns(RuntimeWarning, match="invalid launch shapes"):
+        assert picks.read(str(path), "GPU") == {"good": (4, 1024, 4, 1, 128)}
+
+
+def test_write_merges_atomically_and_reads_back(tmp_path):
+    path = str(tmp_path / "deep" / "folder" / "picks.json")  # folders made
+    picks.write(path, "GPU", {"a": (4, 1024, 4, 1, 128)}, note="first")
+    picks.write(path, "GPU", {"b": (2, 512, 8, 3, None)})
+    picks.write(path, "Other", {"a": (1, 64, 2, 1, None)})
+    assert picks.read(path, "GPU") == {"a": (4, 1024, 4, 1, 128), "b": (2, 512, 8, 3, None)}
+    assert picks.read(path, "Other") == {"a": (1, 64, 2, 1, None)}
+    assert os.listdir(os.path.dirname(path)) == ["picks.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("content", [b"{broken", b'{"format": 1, "devices": {"GPU": "x"}}', b"\x00\x01"])
+def test_write_never_overwrites_a_file_that_is_not_a_picks_file(tmp_path, content):
+    path = tmp_path / "picks.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="move"):
+        picks.write(str(path), "GPU", {"a": (4, 1024, 4, 1, 128)})
+    assert path.read_bytes() == content
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "picks.json")
+    picks.write(path, "GPU", {"a": (4, 1024, 4, 1, 128)})
+    before = open(path, "rb").read()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(picks.json, "dump", boom)
+    with pytest.raises(OSError, match="disk full"):
+        picks.write(path, "GPU", {"b": (2, 512, 8, 3, None)})
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["picks.json"]
+
+
+def fake_launch(N=3072, K=1024, GS=1024, cuda=True):
+    x = types.SimpleNamespace(is_cuda=cuda, dtype=torch.bfloat16, device="cuda:0")
+    return {"x_ptr": x, "N": N, "K": K, "GS": GS}, dict(NORM=True, GATE=False, SWIGLU=False, RESIDUAL=False)
+
+
+def test_prune_takes_the_users_pick_over_the_shipped_one(monkeypatch, tmp_path):
+    key = "N3072 K1024 G1024 norm bf16"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    picks.write(os.environ["MHLA_STREAM_ONE_ROW_PICKS"], H100, {key: (2, 1024, 8, 1, None)})
+    args, kw = fake_launch()
+    (cfg,) = picks.prune(["a", "b"], args, **kw)
+    assert (cfg.kwargs["BN"], cfg.kwargs["BK"], cfg.num_warps, cfg.num_stages, cfg.maxnreg) == (2, 1024, 8, 1, None)
+    assert picks.used[key] == (2, 1024, 8, 1, None)
+
+
+def test_prune_without_a_pick_keeps_every_configuration(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "some other GPU")
+    args, kw = fake_launch(N=999)
+    assert picks.prune(["a", "b"], args, **kw) == ["a", "b"]
+    args, kw = fake_launch(cuda=False)
+    assert picks.prune(["a", "b"], args, **kw) == ["a", "b"]
+
+
+def test_picks_off_reads_no_file(monkeypatch):
+    monkeypatch.setenv("MHLA_STREAM_ONE_ROW_PICKS", "off")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    args, kw = fake_launch()
+    assert picks.prune(["a", "b"], args, **kw) == ["a", "b"]
+
+
+def test_forced_picks_win(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    picks._forced["N3072 K1024 G1024 norm bf16"] = (16, 1024, 2, 1, None)
+    args, kw = fake_launch()
+    assert picks.prune(["a", "b"], args, **kw)[0].kwargs["BN"] == 16
+
+
+def test_the_one_row_tuner_prunes_by_the_picks():
+    from mhla_stream.kernels import triton_skinny
+    tuner = triton_skinny._gemv(1024)
+    assert tuner.early_config_prune is picks.prune
+    triton_skinny.forget_one_row_tuning()  # (no choices yet: a no-op that must not fail)
+
+
+def run_cli(*args, env=None):
+    from mhla_stream.cli import tune_decode
+    return CliRunner().invoke(tune_decode.main, list(args), env=env)
+
+
+def test_cli_refuses_a_folder_as_output(tmp_path):
+    r = run_cli("--out", str(tmp_path))
+    assert r.exit_code != 0
+
+
+def test_cli_refuses_to_overwrite_a_foreign_file(tmp_path):
+    path = tmp_path / "notes.json"
+    path.write_text('{"my": "notes"}')
+    r = run_cli("--out", str(path))
+    assert r.exit_code == 2 and "not a one-row picks file" in r.output
+    assert path.read_text() == '{"my": "notes"}'
+
+
+def test_cli_with_picks_off_needs_an_output(tmp_path):
+    r = run_cli(env={"MHLA_STREAM_ONE_ROW_PICKS": "0"})
+    assert r.exit_code == 2 and "--out" in r.output
+
+
+@pytest.mark.parametrize("flags", [["--passes", "0"], ["--passes", "x"], ["--dtype", "float16"]])
+def test_cli_bad_flags(flags):
+    assert run_cli(*flags).exit_code == 2
+
+
+@pytest.mark.skipif(GPU, reason="the CPU message")
+def test_cli_without_a_gpu_says_so(tmp_path):
+    r = run_cli("--out", str(tmp_path / "p.json"))
+    assert r.exit_code == 2 and "CUDA GPU" in r.output and not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("key", model_keys())
+def test_each_shipped_shape_computes_the_product(key):
+    """The shipped shapes (forced here, whatever this GPU's name) against torch in fp32."""
+    from mhla_stream.kernels.triton_skinny import forget_one_row_tuning, skinny_linear
+    N, K, GS = (int(p[1:]) for p in key.split()[:3])
+    folds = key.split()[3:-1]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+    x, w = r(1, K), r(N * (2 if "swiglu" in folds else 1), K) * K ** -0.5
+    kw = {}
+    if "norm" in folds:
+        kw.update(norm_weight=r(GS), group=GS)
+    if "gate" in folds:
+        kw["gate"] = r(1, K)
+    if "residual" in folds:
+        kw["residual"] = r(1, N)
+    picks._forced[key] = picks.read(picks.SHIPPED, H100)[key]
+    forget_one_row_tuning()
+    y = skinny_linear(x, w, swiglu="swiglu" in folds, **kw).float()
+    picks._forced.clear()
+    forget_one_row_tuning()
+    xf = x.float()
+    if "norm" in folds:
+        xg = xf.view(1, -1, GS)
+        xf = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + 1e-6)).view(1, K) * kw["norm_weight"].float().repeat(K // GS)
+        xf = xf.to(torch.bfloat16).float()
+    if "gate" in folds:
+        xf = (xf * torch.nn.functional.silu(kw["gate"].float())).to(torch.bfloat16).float()
+    ref = xf @ w.float().t()
+    if "swiglu" in folds:
+        ref = torch.nn.functional.silu(ref[:, :N]) * ref[:, N:]
+    if "residual" in folds:
+        ref = ref + kw["residual"].float()
+    assert (y - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_step_tuning_runs_and_keeps_its_picks_until_forget():
+    from mhla_stream import MHLAForCausalLM
+    from mhla_stream.decode_tuning import forget, tune_one_row
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = MHLAForCausalLM(preset_config("mhla-tiny")).to(torch.bfloat16).eval().prepare_inference()
+    out = tune_one_row(m, passes=1, limit=3, log=lambda *_: None)
+    assert set(out["picks"]) == set(model_keys("mhla-tiny")) and out["best_us"] > 0
+    assert picks._forced == out["picks"]
+    forget()
+    assert picks._forced == {}
