@@ -3,6 +3,7 @@
 #   tests   the GPU tests of the picks and the batch-1 fused step against the unfused logits
 #   b1      batch 1 in three processes with the shipped picks, one with MHLA_STREAM_ONE_ROW_PICKS=0
 #   tune    python -m mhla_stream.cli.tune_decode --dry-run (the step tuner end to end)
+#   dshape  the decode kernel's launch shape at batch 1, timed in the step (.ci/b1_decode_shape_probe.py)
 #   profile the batch-1 step's kernels;  table  the whole decode table (batch 1-128, 2k/32k/128k)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MHLA_STREAM_TUNE=0
@@ -22,6 +23,8 @@ for step in ${STEPS:-tests b1}; do
         MHLA_STREAM_ONE_ROW_PICKS=0 timeout 120 mhla-bench $ARGS --json $OUT/b1_alone.json 2>&1 | clean | grep "^mhla" ;;
     tune) stamp "## tune_decode --dry-run"; timeout ${TUNE_S:-240} python3 -m mhla_stream.cli.tune_decode --dry-run \
         --passes ${PASSES:-1} --json $OUT/tune.json 2>&1 | grep -v Warn | tail -12 ;;
+    dshape) stamp "## decode kernel shapes in the step"; timeout 150 python3 .ci/b1_decode_shape_probe.py $OUT/decode_shapes.json \
+        2>&1 | grep -v Warn | tail -30 ;;
     profile) stamp "## profile batch 1"; timeout 120 python3 -m mhla_stream.cli.profile_model --decode-only --batch 1 \
         --steps 10 --json $OUT/profile_b1.json > $OUT/profile_b1.txt 2>&1; grep -A14 "CUDA graph" $OUT/profile_b1.txt | head -16 ;;
     table) stamp "## table"; timeout ${GRID_S:-300} mhla-bench --model mhla-340m --random-weights \
