@@ -99,8 +99,8 @@ def _restore(states, saved) -> None:
 class GraphDecoder(GraphStep):
     """The decode step (one token per sequence)."""
 
-    def __init__(self, model, cache: MHLACache, warmup: int = 2, plan=None):
-        super().__init__(model, cache, 1, warmup, plan)
+    def __init__(self, model, cache: MHLACache, warmup: int = 2, plan=None, feedback: bool = False):
+        super().__init__(model, cache, 1, warmup, plan, feedback=feedback)
 
 
 def prefill(model, cache: MHLACache, ids: torch.Tensor, chunk: int, plan, graph: GraphStep | None = None,

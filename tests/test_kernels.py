@@ -113,6 +113,32 @@ def test_cuda_graph_decode_matches_eager():
         assert torch.equal(eager.states[0].pos, graphed.states[0].pos)
 
 
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+def test_feedback_decoder_replays_the_greedy_tokens_of_the_host_loop():
+    """mhla-bench's decode loop: replays back to back, each step's argmax fed to the next inside
+    the graph, give the tokens of the host loop (step, argmax, step ...)."""
+    from mhla_stream import MHLACache, MHLAForCausalLM, preset_config
+    from mhla_stream.graphs import GraphDecoder
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).cuda().eval()
+    ids = torch.randint(3, 256, (2, 21), device="cuda")
+    with torch.inference_mode():
+        host, fed = MHLACache(model.new_state(2)), MHLACache(model.new_state(2))
+        first = model(ids, past_key_values=host).logits[:, -1].argmax(-1, keepdim=True)
+        model(ids, past_key_values=fed)
+        a, b = GraphDecoder(model, host), GraphDecoder(model, fed, feedback=True)
+        nxt, want = first, []
+        for _ in range(40):  # crosses block closes and the trained edge (4 blocks of 8)
+            nxt = a.step(nxt)[:, -1].argmax(-1, keepdim=True)
+            want.append(nxt)
+        b.ids.copy_(first)
+        got = []
+        for _ in range(40):
+            b.replay()
+            got.append(b.ids.clone())
+        assert torch.equal(torch.cat(got, 1), torch.cat(want, 1))
+
+
 @pytest.mark.parametrize("ring", (torch.float32, torch.bfloat16))
 def test_capture_puts_back_fresh_states_by_zeroing_and_others_bit_for_bit(ring, monkeypatch):
     """A capture's warm-up runs for real, so the state is saved and put back. Fresh states (all
