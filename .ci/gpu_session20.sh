@@ -15,7 +15,8 @@ ARGS="--model mhla-340m --random-weights --prompt-len 2048 --new-tokens 128 --de
 for step in ${STEPS:-tests b1}; do
   case $step in
     tests) stamp "## tests"; timeout ${TEST_S:-200} python3 -m pytest -q -p no:logging tests/test_one_row_picks.py \
-        "tests/test_fused_decode.py" -k "one_row or picks or shipped or step_tuning or unfused_logits" > $OUT/tests.log 2>&1
+        tests/test_fused_decode.py tests/test_kernels.py \
+        -k "one_row or picks or shipped or step_tuning or unfused_logits or feedback or cuda_graph" > $OUT/tests.log 2>&1
         tail -6 $OUT/tests.log ;;
     b1) for i in 1 2 3; do stamp "## batch 1, shipped picks, process $i"
         timeout 120 mhla-bench $ARGS --json $OUT/b1_picks$i.json 2>&1 | clean | grep "^mhla"; done
