@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import one_row_picks, triton_common
+from . import step_picks, triton_common
 from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_to, splitk_workspace
 
 # LATE is part of the key: a shape tuned without it may not fit the late norm's groups
@@ -363,8 +363,18 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
             tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
 
+def _fits_rows(cfg, named_args, kwargs) -> bool:
+    """Whether a tensor-core launch shape (a step pick) fits this launch: the workspace's tile and
+    split limits, and with LATE / STATS_IN the norm groups."""
+    bn, bk, sp = cfg.kwargs["BN"], cfg.kwargs["BK"], cfg.kwargs["SPLIT"]
+    K = named_args["K"]
+    fits = _stats_fit_shape if kwargs.get("STATS_IN") else _late_fits
+    return (16 <= bn <= _MAX_BN and 16 <= bk and sp <= _MAX_SPLIT and bk * sp <= max(K, bk)
+            and (not kwargs.get("LATE") or fits(K, named_args["GS"], bk, sp)))
+
+
 _gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=graph_bench,
-                        prune_configs_by={"early_config_prune": _waves})(_skinny_kernel)
+                        prune_configs_by={"early_config_prune": step_picks.pruner(_fits_rows, _waves)})(_skinny_kernel)
 
 
 _gemv_sizes: set = set()  # the row sizes _gemv made a tuner for (tuned_configs)
@@ -375,16 +385,21 @@ def _gemv(kp: int):
     """The one-row tuner for rows of ``kp`` (a power of two) columns: the row-tile configurations
     plus whole-row ones, whose programs load their entire weight slice before waiting on the
     previous kernel (with the early trigger that load overlaps the previous kernel's run). A
-    product with a pick chosen in the decode step (``one_row_picks``) takes it untimed."""
+    product with a pick chosen in the decode step (``step_picks``) takes it untimed."""
     _gemv_sizes.add(kp)
     whole = [triton.Config({"BN": bn, "BK": kp, "SPLIT": 1}, num_warps=w, num_stages=1)
              for bn in (1, 2, 4, 8) for w in (4, 8) if kp > 1024 and bn * kp <= 16384]
     return triton.autotune(configs=_GEMV + whole, key=_KEY, do_bench=graph_bench,
-                           prune_configs_by={"early_config_prune": one_row_picks.prune})(_skinny_kernel)
+                           prune_configs_by={"early_config_prune": step_picks.pruner(_one_split)})(_skinny_kernel)
 
 
-def forget_one_row_tuning() -> None:
-    """Drop the one-row tuners' choices, so the next launch of each shape prunes (and picks) again."""
+def _one_split(cfg, named_args, kwargs) -> bool:
+    return cfg.kwargs["SPLIT"] == 1  # (any row tile and column tile fits one row)
+
+
+def forget_tuning() -> None:
+    """Drop the tuners' choices, so the next launch of each shape prunes (and picks) again."""
+    _gemm.cache.clear()
     for kp in _gemv_sizes:
         _gemv(kp).cache.clear()
 
@@ -394,7 +409,7 @@ def tuned_configs() -> dict[str, str]:
     them: the batch-1 spread between processes of sessions 18-19 came from near-tied picks)."""
     tuners = [("rows", _gemm)] + [(f"one row, K {kp}", _gemv(kp)) for kp in _gemv_sizes]
     out = {f"{name}: {key}": str(cfg) for name, tuner in tuners for key, cfg in getattr(tuner, "cache", {}).items()}
-    out.update({f"one-row pick: {key}": str(pick) for key, pick in one_row_picks.used.items() if pick})
+    out.update({f"step pick: {key}": str(use[0]) for key, use in step_picks.used.items() if use[0]})
     return out
 
 

@@ -1,4 +1,4 @@
-"""One-row launch shapes chosen in the decode step (kernels/one_row_picks.py, decode_tuning.py,
+"""Launch shapes chosen in the decode step (kernels/step_picks.py, decode_tuning.py,
 cli/tune_decode.py): the picks files, hostile files and flags, and on a GPU the picked shapes'
 products against torch and a short tuning run."""
 import json
@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from mhla_stream import preset_config
-from mhla_stream.kernels import one_row_picks as picks
+from mhla_stream.kernels import step_picks as picks
 
 GPU = torch.cuda.is_available()
 H100 = "NVIDIA H100 80GB HBM3"
@@ -20,7 +20,7 @@ PICK = {"BN": 4, "BK": 1024, "num_warps": 4, "num_stages": 1, "maxnreg": 128}
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch, tmp_path):
     """Each test reads its own user file and leaves no forced or cached picks behind."""
-    monkeypatch.setenv("MHLA_STREAM_ONE_ROW_PICKS", str(tmp_path / "user.json"))
+    monkeypatch.setenv("MHLA_STREAM_STEP_PICKS", str(tmp_path / "user.json"))
     picks._loaded.clear()
     yield
     picks._loaded.clear()
@@ -58,14 +58,14 @@ def test_product_key_names_what_the_launch_computes():
 @pytest.mark.parametrize("bad", [
     {}, {"BN": 4, "BK": 1024}, dict(PICK, BN=3), dict(PICK, BN=True), dict(PICK, BK=8), dict(PICK, BK=2 ** 15),
     dict(PICK, num_warps=3), dict(PICK, num_stages=0), dict(PICK, maxnreg=300), dict(PICK, maxnreg="128"),
-    dict(PICK, extra=1), dict(PICK, BN=4.0), [4, 1024, 4, 1, 128], "BN=4", None])
+    dict(PICK, extra=1), dict(PICK, BN=4.0), [4, 1024, 4, 1, 128, 1], "BN=4", None])
 def test_invalid_launch_shapes_are_refused(bad):
     assert picks.valid_pick(bad) is None
 
 
 def test_a_valid_pick_reads_as_its_tuple():
-    assert picks.valid_pick(PICK) == (4, 1024, 4, 1, 128)
-    assert picks.valid_pick({"BN": 1, "BK": 4096, "num_warps": 8}) == (1, 4096, 8, 1, None)
+    assert picks.valid_pick(PICK) == (4, 1024, 4, 1, 128, 1)
+    assert picks.valid_pick({"BN": 1, "BK": 4096, "num_warps": 8}) == (1, 4096, 8, 1, None, 1)
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[]", b'{"format": 2, "devices": {}}',
@@ -89,16 +89,16 @@ def test_invalid_entries_are_skipped_and_the_rest_kept(tmp_path):
     path.write_text(json.dumps({"format": 1, "devices": {"GPU": {"products": {
         "good": PICK, "bad": dict(PICK, BN=5)}}}}))
     with pytest.warns(RuntimeWarning, match="invalid launch shapes"):
-        assert picks.read(str(path), "GPU") == {"good": (4, 1024, 4, 1, 128)}
+        assert picks.read(str(path), "GPU") == {"good": (4, 1024, 4, 1, 128, 1)}
 
 
 def test_write_merges_atomically_and_reads_back(tmp_path):
     path = str(tmp_path / "deep" / "folder" / "picks.json")  # folders made
-    picks.write(path, "GPU", {"a": (4, 1024, 4, 1, 128)}, note="first")
-    picks.write(path, "GPU", {"b": (2, 512, 8, 3, None)})
-    picks.write(path, "Other", {"a": (1, 64, 2, 1, None)})
-    assert picks.read(path, "GPU") == {"a": (4, 1024, 4, 1, 128), "b": (2, 512, 8, 3, None)}
-    assert picks.read(path, "Other") == {"a": (1, 64, 2, 1, None)}
+    picks.write(path, "GPU", {"a": (4, 1024, 4, 1, 128, 1)}, note="first")
+    picks.write(path, "GPU", {"b": (2, 512, 8, 3, None, 1)})
+    picks.write(path, "Other", {"a": (1, 64, 2, 1, None, 1)})
+    assert picks.read(path, "GPU") == {"a": (4, 1024, 4, 1, 128, 1), "b": (2, 512, 8, 3, None, 1)}
+    assert picks.read(path, "Other") == {"a": (1, 64, 2, 1, None, 1)}
     assert os.listdir(os.path.dirname(path)) == ["picks.json"]  # no temporary file left
 
 
@@ -107,65 +107,96 @@ def test_write_never_overwrites_a_file_that_is_not_a_picks_file(tmp_path, conten
     path = tmp_path / "picks.json"
     path.write_bytes(content)
     with pytest.raises(ValueError, match="move"):
-        picks.write(str(path), "GPU", {"a": (4, 1024, 4, 1, 128)})
+        picks.write(str(path), "GPU", {"a": (4, 1024, 4, 1, 128, 1)})
     assert path.read_bytes() == content
 
 
 def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     path = str(tmp_path / "picks.json")
-    picks.write(path, "GPU", {"a": (4, 1024, 4, 1, 128)})
+    picks.write(path, "GPU", {"a": (4, 1024, 4, 1, 128, 1)})
     before = open(path, "rb").read()
 
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(picks.json, "dump", boom)
     with pytest.raises(OSError, match="disk full"):
-        picks.write(path, "GPU", {"b": (2, 512, 8, 3, None)})
+        picks.write(path, "GPU", {"b": (2, 512, 8, 3, None, 1)})
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["picks.json"]
 
 
-def fake_launch(N=3072, K=1024, GS=1024, cuda=True):
+def fake_launch(N=3072, K=1024, GS=1024, cuda=True, **kw):
     x = types.SimpleNamespace(is_cuda=cuda, dtype=torch.bfloat16, device="cuda:0")
-    return {"x_ptr": x, "N": N, "K": K, "GS": GS}, dict(NORM=True, GATE=False, SWIGLU=False, RESIDUAL=False)
+    return {"x_ptr": x, "N": N, "K": K, "GS": GS, "M": kw.pop("M", 1)}, dict(
+        dict(NORM=True, GATE=False, SWIGLU=False, RESIDUAL=False), **kw)
+
+
+ALL = picks.pruner(lambda cfg, args, kw: True)
 
 
 def test_prune_takes_the_users_pick_over_the_shipped_one(monkeypatch, tmp_path):
     key = "N3072 K1024 G1024 norm bf16"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
-    picks.write(os.environ["MHLA_STREAM_ONE_ROW_PICKS"], H100, {key: (2, 1024, 8, 1, None)})
+    picks.write(os.environ["MHLA_STREAM_STEP_PICKS"], H100, {key: (2, 1024, 8, 1, None, 1)})
     args, kw = fake_launch()
-    (cfg,) = picks.prune(["a", "b"], args, **kw)
-    assert (cfg.kwargs["BN"], cfg.kwargs["BK"], cfg.num_warps, cfg.num_stages, cfg.maxnreg) == (2, 1024, 8, 1, None)
-    assert picks.used[key] == (2, 1024, 8, 1, None)
+    (cfg,) = ALL(["a", "b"], args, **kw)
+    assert picks.as_pick(cfg) == (2, 1024, 8, 1, None, 1)
+    assert picks.used[key][0] == (2, 1024, 8, 1, None, 1)
+    assert picks.used[key][1] == {"N": 3072, "K": 1024, "GS": 1024, "M": 1}  # no tensors kept
 
 
-def test_prune_without_a_pick_keeps_every_configuration(monkeypatch):
+def test_prune_without_a_pick_keeps_every_configuration_or_the_fallback(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "some other GPU")
     args, kw = fake_launch(N=999)
-    assert picks.prune(["a", "b"], args, **kw) == ["a", "b"]
+    assert ALL(["a", "b"], args, **kw) == ["a", "b"]
     args, kw = fake_launch(cuda=False)
-    assert picks.prune(["a", "b"], args, **kw) == ["a", "b"]
+    assert ALL(["a", "b"], args, **kw) == ["a", "b"]
+    fallback = picks.pruner(lambda *a: True, lambda configs, named_args, **kw: configs[:1])
+    assert fallback(["a", "b"], args, **kw) == ["a"]
 
 
 def test_picks_off_reads_no_file(monkeypatch):
-    monkeypatch.setenv("MHLA_STREAM_ONE_ROW_PICKS", "off")
+    monkeypatch.setenv("MHLA_STREAM_STEP_PICKS", "off")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
     args, kw = fake_launch()
-    assert picks.prune(["a", "b"], args, **kw) == ["a", "b"]
+    assert ALL(["a", "b"], args, **kw) == ["a", "b"]
 
 
 def test_forced_picks_win(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
-    picks._forced["N3072 K1024 G1024 norm bf16"] = (16, 1024, 2, 1, None)
+    picks._forced["N3072 K1024 G1024 norm bf16"] = (16, 1024, 2, 1, None, 1)
     args, kw = fake_launch()
-    assert picks.prune(["a", "b"], args, **kw)[0].kwargs["BN"] == 16
+    assert ALL(["a", "b"], args, **kw)[0].kwargs["BN"] == 16
 
 
-def test_the_one_row_tuner_prunes_by_the_picks():
+def test_a_pick_that_does_not_fit_its_launch_is_tuned_alone(monkeypatch):
+    """A rows pick whose split crosses the norm groups (or any shape the launch cannot take) must
+    never run: the launch is tuned alone, with a warning."""
     from mhla_stream.kernels import triton_skinny
-    tuner = triton_skinny._gemv(1024)
-    assert tuner.early_config_prune is picks.prune
-    triton_skinny.forget_one_row_tuning()  # (no choices yet: a no-op that must not fail)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    key = "M16 N1024 K1024 G256 residual late stats bf16"
+    picks.write(os.environ["MHLA_STREAM_STEP_PICKS"], "GPU", {key: (64, 128, 4, 3, None, 1)})  # one split, 4 groups
+    prune = picks.pruner(triton_skinny._fits_rows, lambda configs, named_args, **kw: ["tuned alone"])
+    args, kw = fake_launch(N=1024, K=1024, GS=256, M=8, BM=16, NORM=False, LATE=True, STATS_IN=True, RESIDUAL=True)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        assert prune(["x"], args, **kw) == ["tuned alone"]
+    picks._loaded.clear()
+    picks.write(os.environ["MHLA_STREAM_STEP_PICKS"], "GPU", {key: (64, 128, 4, 3, None, 4)})  # a split a group
+    (cfg,) = prune(["x"], args, **kw)
+    assert cfg.kwargs["SPLIT"] == 4
+    for bad in [(8, 128, 4, 3, None, 4), (64, 128, 4, 3, None, 16), (256, 128, 4, 3, None, 4)]:
+        assert not triton_skinny._fits_rows(picks.config(bad), args, kw)
+
+
+def test_rows_keys_name_the_row_block():
+    assert picks.product_key(1024, 1024, 256, False, False, False, True, torch.bfloat16, rows=16, late=True,
+                             stats=True) == "M16 N1024 K1024 G256 residual late stats bf16"
+
+
+def test_the_tuners_prune_by_the_picks():
+    from mhla_stream.kernels import triton_skinny
+    for tuner in (triton_skinny._gemv(1024), triton_skinny._gemm):
+        assert tuner.early_config_prune.__qualname__.startswith("pruner")
+    triton_skinny.forget_tuning()  # (no choices yet: a no-op that must not fail)
 
 
 def run_cli(*args, env=None):
@@ -187,7 +218,7 @@ def test_cli_refuses_to_overwrite_a_foreign_file(tmp_path):
 
 
 def test_cli_with_picks_off_needs_an_output(tmp_path):
-    r = run_cli(env={"MHLA_STREAM_ONE_ROW_PICKS": "0"})
+    r = run_cli(env={"MHLA_STREAM_STEP_PICKS": "0"})
     assert r.exit_code == 2 and "--out" in r.output
 
 
@@ -207,7 +238,7 @@ def test_cli_without_a_gpu_says_so(tmp_path):
 @pytest.mark.parametrize("key", model_keys())
 def test_each_shipped_shape_computes_the_product(key):
     """The shipped shapes (forced here, whatever this GPU's name) against torch in fp32."""
-    from mhla_stream.kernels.triton_skinny import forget_one_row_tuning, skinny_linear
+    from mhla_stream.kernels.triton_skinny import forget_tuning, skinny_linear
     N, K, GS = (int(p[1:]) for p in key.split()[:3])
     folds = key.split()[3:-1]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -221,10 +252,10 @@ def test_each_shipped_shape_computes_the_product(key):
     if "residual" in folds:
         kw["residual"] = r(1, N)
     picks._forced[key] = picks.read(picks.SHIPPED, H100)[key]
-    forget_one_row_tuning()
+    forget_tuning()
     y = skinny_linear(x, w, swiglu="swiglu" in folds, **kw).float()
     picks._forced.clear()
-    forget_one_row_tuning()
+    forget_tuning()
     xf = x.float()
     if "norm" in folds:
         xg = xf.view(1, -1, GS)
@@ -243,13 +274,17 @@ def test_each_shipped_shape_computes_the_product(key):
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 def test_step_tuning_runs_and_keeps_its_picks_until_forget():
+    """Batch 1 (one-row products) and batch 4 (the row block of 16) in one process."""
     from mhla_stream import MHLAForCausalLM
-    from mhla_stream.decode_tuning import forget, tune_one_row
+    from mhla_stream.decode_tuning import forget, tune_step
     torch.manual_seed(0)
     with torch.device("cuda"):
         m = MHLAForCausalLM(preset_config("mhla-tiny")).to(torch.bfloat16).eval().prepare_inference()
-    out = tune_one_row(m, passes=1, limit=3, log=lambda *_: None)
+    out = tune_step(m, passes=1, limit=3, log=lambda *_: None)
     assert set(out["picks"]) == set(model_keys("mhla-tiny")) and out["best_us"] > 0
     assert picks._forced == out["picks"]
+    four = tune_step(m, batch=4, passes=1, limit=2, log=lambda *_: None)
+    assert four["picks"] and all(k.startswith("M16 ") for k in four["picks"])
+    assert picks._forced == {**out["picks"], **four["picks"]}
     forget()
     assert picks._forced == {}
