@@ -21,7 +21,7 @@ for step in ${STEPS:-tests b1}; do
         tail -6 $OUT/tests.log ;;
     b1) for i in 1 2 3; do stamp "## batch 1, shipped picks, process $i"
         timeout 120 mhla-bench $ARGS --json $OUT/b1_picks$i.json 2>&1 | clean | grep "^mhla"; done
-        stamp "## batch 1, MHLA_STREAM_ONE_ROW_PICKS=0 (each product tuned alone)"
+        stamp "## batch 1, MHLA_STREAM_STEP_PICKS=0 (each product tuned alone)"
         MHLA_STREAM_STEP_PICKS=0 timeout 120 mhla-bench $ARGS --json $OUT/b1_alone.json 2>&1 | clean | grep "^mhla" ;;
     tune) stamp "## tune_decode --batch ${TB:-1,8}"; timeout ${TUNE_S:-300} python3 -m mhla_stream.cli.tune_decode \
         --batch ${TB:-1,8} --passes ${PASSES:-1} --out $OUT/step_picks.json --json $OUT/tune.json 2>&1 | grep -v Warn \

@@ -140,7 +140,7 @@ def write(path: str, device: str, products: dict, note: str = "") -> None:
         entry["note"] = note
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".one_row_picks.", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".step_picks.", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=True)
