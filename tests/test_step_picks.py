@@ -27,25 +27,32 @@ def fresh(monkeypatch, tmp_path):
     picks._forced.clear()
 
 
-def model_keys(name="mhla-340m", dtype=torch.bfloat16):
-    """The product keys the batch-1 step of a preset launches (q/k/v/g, output, gate/up, down)."""
+def model_keys(name="mhla-340m", dtype=torch.bfloat16, rows=1):
+    """The product keys the fused step of a preset launches (q/k/v/g, output, gate/up, down): one
+    row, or the row block of 16 with the norms as statistics (``rows=16``)."""
     c = preset_config(name)
     D, H = c.hidden_size, c.num_heads
     hk, hv = int(D * c.expand_k), int(D * c.expand_v)
     inter = c.intermediate_size
-    key = picks.product_key
-    return [key(2 * hk + 2 * hv, D, D, True, False, False, False, dtype),
-            key(D, hv, hv // H, True, True, False, True, dtype),
-            key(inter, D, D, True, False, True, False, dtype),
-            key(D, inter, inter, False, False, False, True, dtype)]
+    one = rows == 1
+
+    def key(N, K, GS, norm, gate, swiglu, residual):
+        return picks.product_key(N, K, GS, norm and one, gate and one, swiglu, residual, dtype, rows,
+                                 late=norm and not one, stats=norm and not one)
+    return [key(2 * hk + 2 * hv, D, D, True, False, False, False),
+            key(D, hv, hv // H, True, True, False, True),
+            key(inter, D, D, True, False, True, False),
+            key(D, inter, inter, False, False, False, True)]
 
 
 def test_the_shipped_picks_are_valid_and_name_the_340m_products():
-    shipped = picks.read(picks.SHIPPED, H100)
-    assert sorted(shipped) == sorted(model_keys())
     from mhla_stream.decode_tuning import candidates
-    for key, pick in shipped.items():
-        assert pick in candidates(key), (key, pick)  # a shape the step tuner would try
+    h100, h200 = picks.read(picks.SHIPPED, H100), picks.read(picks.SHIPPED, "NVIDIA H200")
+    assert sorted(h100) == sorted(model_keys() + model_keys(rows=16))
+    assert sorted(h200) == sorted(model_keys())
+    for key, pick in [*h100.items(), *h200.items()]:
+        if not key.startswith("M"):
+            assert pick in candidates(key), (key, pick)  # a shape the step tuner would try
     assert picks.read(picks.SHIPPED, "some other GPU") == {}
 
 
@@ -233,34 +240,49 @@ def test_cli_without_a_gpu_says_so(tmp_path):
     assert r.exit_code == 2 and "CUDA GPU" in r.output and not (tmp_path / "p.json").exists()
 
 
+def shipped():
+    """(device, key, pick) of every shipped pick."""
+    data = picks.existing(picks.SHIPPED)["devices"]
+    return [(d, k, picks.read(picks.SHIPPED, d)[k]) for d in sorted(data) for k in sorted(data[d]["products"])]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("key", model_keys())
-def test_each_shipped_shape_computes_the_product(key):
-    """The shipped shapes (forced here, whatever this GPU's name) against torch in fp32."""
-    from mhla_stream.kernels.triton_skinny import forget_tuning, skinny_linear
-    N, K, GS = (int(p[1:]) for p in key.split()[:3])
-    folds = key.split()[3:-1]
+@pytest.mark.parametrize("device,key,pick", shipped(), ids=lambda v: str(v).replace(" ", "_"))
+def test_each_shipped_shape_computes_the_product(device, key, pick):
+    """Every shipped shape (forced here, whatever this GPU's name) against torch in fp32: one row
+    for the one-row keys, 8 rows for the row block of 16 ('M16 ...')."""
+    from mhla_stream.kernels.triton_skinny import forget_tuning, row_stats, skinny_linear
+    parts = key.split()
+    M = 8 if parts[0].startswith("M") else 1
+    parts = parts[1:] if M > 1 else parts
+    N, K, GS = (int(p[1:]) for p in parts[:3])
+    folds = parts[3:-1]
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
-    x, w = r(1, K), r(N * (2 if "swiglu" in folds else 1), K) * K ** -0.5
+    x, w = r(M, K), r(N * (2 if "swiglu" in folds else 1), K) * K ** -0.5
     kw = {}
     if "norm" in folds:
         kw.update(norm_weight=r(GS), group=GS)
+    if "stats" in folds:
+        kw.update(stats_in=row_stats(x), group=GS)
     if "gate" in folds:
-        kw["gate"] = r(1, K)
+        kw["gate"] = r(M, K)
     if "residual" in folds:
-        kw["residual"] = r(1, N)
-    picks._forced[key] = picks.read(picks.SHIPPED, H100)[key]
+        kw["residual"] = r(M, N)
+    picks._forced[key] = pick
     forget_tuning()
-    y = skinny_linear(x, w, swiglu="swiglu" in folds, **kw).float()
-    picks._forced.clear()
-    forget_tuning()
+    try:
+        y = skinny_linear(x, w, swiglu="swiglu" in folds, **kw).float()
+    finally:
+        picks._forced.clear()
+        forget_tuning()
     xf = x.float()
-    if "norm" in folds:
-        xg = xf.view(1, -1, GS)
-        xf = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + 1e-6)).view(1, K) * kw["norm_weight"].float().repeat(K // GS)
-        xf = xf.to(torch.bfloat16).float()
+    if "norm" in folds or "stats" in folds:
+        xg = xf.view(M, -1, GS)
+        xf = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + 1e-6)).view(M, K)
+        if "norm" in folds:
+            xf = (xf * kw["norm_weight"].float().repeat(K // GS)).to(torch.bfloat16).float()
     if "gate" in folds:
         xf = (xf * torch.nn.functional.silu(kw["gate"].float())).to(torch.bfloat16).float()
     ref = xf @ w.float().t()
