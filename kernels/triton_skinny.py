@@ -38,6 +38,8 @@ as it is (the folded norms' per-element work cost 21 us a layer at 32 rows, now 
 
 Every program loads its first weight tile before waiting on the previous kernel (programmatic
 dependent launch), and lets the next kernel launch at its first instruction (``PDL_EARLY``).
+Launch shapes: the decode step's picks where there are some (``step_picks``, chosen in the step),
+else tuned alone at the first launch (``skinny_shapes``).
 """
 import functools
 
@@ -47,64 +49,13 @@ import triton
 import triton.language as tl
 
 from . import step_picks, triton_common
+from .skinny_shapes import (_DOT, _FIXED_SHAPE, _GEMV, _KEY, _MAX_BN, _MAX_SPLIT, _fits_rows, _late_fits,  # noqa: F401
+                            _one_split, _some_late_fits, _stats_fit_shape, _waves)
 from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_to, splitk_workspace
 
-# LATE is part of the key: a shape tuned without it may not fit the late norm's groups
-_KEY = ["BM", "N", "K", "GS", "NORM", "GATE", "SWIGLU", "RESIDUAL", "LATE", "STATS_IN"]
-# few configurations: each costs a compile at the first decode step of a new model shape. No row
-# tiles of 16: alone (weight in L2) they tie with 8, in the step they were 4% slower (session 19)
-_GEMV = [triton.Config({"BN": bn, "BK": bk, "SPLIT": 1}, num_warps=w, num_stages=3)
-         for bn in (2, 4, 8) for bk, w in ((512, 4), (1024, 8))]
-# the shapes that won on the 340M shapes at 32 rows, timed over 24 weights from HBM (session 15,
-# .ci/gpu_skinny_sweep.py; 16-row tiles of 256 columns won the output projection once)
-_DOT = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=3)
-        for bn, bk, sp in [(64, 64, 1), (64, 64, 2), (64, 64, 4), (64, 64, 8), (64, 128, 1), (64, 128, 2),
-                           (64, 128, 4), (64, 128, 8), (128, 128, 4), (128, 128, 8), (16, 256, 4)]]
-_MAX_SPLIT, _MAX_BN = 8, 128
 MAX_SPLIT: tl.constexpr = tl.constexpr(_MAX_SPLIT)
 # the late norm (module doc) in the tensor-core form; False: the prologue everywhere (A/B runs)
 LATE_NORM = True
-
-
-@functools.lru_cache(maxsize=None)
-def _some_late_fits(K: int, GS: int, stats: bool = False) -> bool:
-    """Whether any tuned tensor-core shape fits the late norm, or with ``stats`` the statistics'
-    scaling (asked every tuned call: cached)."""
-    fits = _stats_fit_shape if stats else _late_fits
-    return any(fits(K, GS, c.kwargs["BK"], c.kwargs["SPLIT"]) for c in _DOT)
-
-
-# the launch shape without tuning (the interpreter, or a fixed ``split``)
-_FIXED_SHAPE = {"BN": 64, "BK": 64}
-
-
-def _split_cols(K: int, BK: int, split: int) -> int:
-    """The K columns of each split (a multiple of BK); the kernel's ``ks``."""
-    return triton.cdiv(triton.cdiv(K, split), BK) * BK
-
-
-def _late_fits(K: int, GS: int, BK: int, split: int) -> bool:
-    """Whether the late norm can run: every split lies inside one norm group, or holds whole
-    groups whose ends fall on tile ends (or the row is one group)."""
-    ks = _split_cols(K, BK, split)
-    return GS == K or GS % ks == 0 or ((ks % GS == 0 or ks >= K) and GS % BK == 0)
-
-
-def _stats_fit_shape(K: int, GS: int, BK: int, split: int) -> bool:
-    """Whether norm statistics can scale this launch shape's sums: every split inside one group."""
-    return GS == K or GS % _split_cols(K, BK, split) == 0
-
-
-def _waves(configs, named_args, **kwargs):
-    """The tensor-core launch shapes that give 48-640 programs (a third of a wave to about five on
-    an H100), and with LATE only those that fit the norm groups."""
-    N, K, M, bm = named_args["N"], named_args["K"], named_args["M"], kwargs.get("BM", 16)
-    progs = lambda c: triton.cdiv(N, c.kwargs["BN"]) * c.kwargs["SPLIT"] * triton.cdiv(M, bm)  # noqa: E731
-    fits = _stats_fit_shape if kwargs.get("STATS_IN") else _late_fits
-    if kwargs.get("LATE"):  # only the shapes that fit the norm groups
-        configs = [c for c in configs if fits(K, named_args["GS"], c.kwargs["BK"], c.kwargs["SPLIT"])]
-    keep = [c for c in configs if 48 <= progs(c) <= 640 and c.kwargs["BK"] * c.kwargs["SPLIT"] <= max(K, c.kwargs["BK"])]
-    return keep or [min(configs, key=lambda c: abs(progs(c) - 132))]
 
 
 @triton.jit
@@ -363,16 +314,6 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
             tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
 
-def _fits_rows(cfg, named_args, kwargs) -> bool:
-    """Whether a tensor-core launch shape (a step pick) fits this launch: the workspace's tile and
-    split limits, and with LATE / STATS_IN the norm groups."""
-    bn, bk, sp = cfg.kwargs["BN"], cfg.kwargs["BK"], cfg.kwargs["SPLIT"]
-    K = named_args["K"]
-    fits = _stats_fit_shape if kwargs.get("STATS_IN") else _late_fits
-    return (16 <= bn <= _MAX_BN and 16 <= bk and sp <= _MAX_SPLIT and bk * sp <= max(K, bk)
-            and (not kwargs.get("LATE") or fits(K, named_args["GS"], bk, sp)))
-
-
 _gemm = triton.autotune(configs=_DOT, key=_KEY, do_bench=graph_bench,
                         prune_configs_by={"early_config_prune": step_picks.pruner(_fits_rows, _waves)})(_skinny_kernel)
 
@@ -391,10 +332,6 @@ def _gemv(kp: int):
              for bn in (1, 2, 4, 8) for w in (4, 8) if kp > 1024 and bn * kp <= 16384]
     return triton.autotune(configs=_GEMV + whole, key=_KEY, do_bench=graph_bench,
                            prune_configs_by={"early_config_prune": step_picks.pruner(_one_split)})(_skinny_kernel)
-
-
-def _one_split(cfg, named_args, kwargs) -> bool:
-    return cfg.kwargs["SPLIT"] == 1  # (any row tile and column tile fits one row)
 
 
 def forget_tuning() -> None:

@@ -15,6 +15,9 @@
                                   (default: the Triton forward + backward)
     MHLA_STREAM_TUNE=0            the prefill kernels take one launch configuration each instead of
                                   timing several per shape (the GPU test sweep: minutes of compiling)
+    MHLA_STREAM_STEP_PICKS=PATH   the user's file of decode-step launch shapes (default
+                                  ~/.cache/mhla_stream/step_picks.json; 0: no picks, each product
+                                  tuned alone). Read by ``kernels/step_picks.py`` (a path, not a switch)
 
 Each MHLA_STREAM_* switch is off for 0, false, no or off (any case), on otherwise.
 
