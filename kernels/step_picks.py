@@ -33,6 +33,8 @@ FIELDS = ("BN", "BK", "num_warps", "num_stages", "maxnreg", "SPLIT")
 _loaded: dict = {}       # device name -> {product key: pick tuple}
 _forced: dict = {}       # product key -> pick tuple, set by the step tuner while it times candidates
 used: dict = {}          # product key -> (the pick it took or None, its launch arguments): the step tuner's list
+_rejected: set = set()   # keys whose pick failed to compile or launch on this GPU: tuned alone from then on
+_pending: list = []      # the key whose pick the launch under way took (set by the pruning, read on failure)
 
 
 def user_path() -> str | None:
@@ -169,7 +171,7 @@ def pruner(fits, fallback=None):
         key = launch_key(named_args, kwargs)
         x = named_args["x_ptr"]
         pick = _forced.get(key)
-        if pick is None and x.is_cuda and enabled():
+        if pick is None and x.is_cuda and enabled() and key not in _rejected:
             import torch
             pick = picks_for(torch.cuda.get_device_name(x.device)).get(key)
         if pick is not None and not fits(config(pick), named_args, kwargs):
@@ -181,5 +183,29 @@ def pruner(fits, fallback=None):
         used[key] = (pick, scalars, dict(kwargs))  # (no tensors: kept past the launch)
         if pick is None:
             return fallback(configs, named_args, **kwargs) if fallback else configs
+        _pending.append(key)
         return [config(pick)]
     return prune
+
+
+def launching(tuner, launch):
+    """Runs ``launch()`` (a launch through ``tuner``). If it fails on a pick from a file (a shape
+    this GPU cannot compile or run: too much shared memory, say), the pick is dropped with a
+    warning and the launch runs again with that product tuned alone: a bad file never stops a
+    decode. (Compiling and the resource checks come before the kernel runs: nothing was written.)
+    A forced pick (the step tuner's) raises, so that the tuner skips the shape."""
+    _pending.clear()
+    try:
+        return launch()
+    except Exception as e:
+        key = _pending[-1] if _pending else None
+        if key is None or key in _forced or not hasattr(tuner, "cache"):
+            raise
+        _rejected.add(key)
+        tuner.cache.clear()  # (every product re-prunes at its next launch; only this one changes)
+        warnings.warn(f"mhla_stream: the step pick for {key} failed on this GPU ({type(e).__name__}: "
+                      f"{str(e)[:160]}); tuned alone instead", RuntimeWarning, stacklevel=3)
+        _pending.clear()
+        return launch()
+    finally:
+        _pending.clear()

@@ -403,7 +403,9 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
         assert st is None or (not small and st.shape == (triton.cdiv(cols, 16), M) and st.dtype == torch.float32
                               and st.is_contiguous()), "norm statistics: norm_stats(rows, columns), from 2 rows"
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), meta["SPLIT"], mblocks)  # noqa: E731
-    launch[grid](x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
+    # (through step_picks: a pick from a file that cannot compile or launch here falls back to tuning)
+    step_picks.launching(launch, lambda: launch[grid](
+                 x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
                  residual if residual is not None else dummy, parts, counters,
                  stats_out if stats_out is not None else parts, stats_in if stats_in is not None else parts,
                  M, N, K, gs, eps,
@@ -413,7 +415,7 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
                  DOT=not small, F32_DOT=INTERPRET or x.dtype == torch.float32, LATE=late, BM=bm,
                  NG=pow2(K // gs, 1), BGS=pow2(gs, 1), CH=pow2(gs, 1) if small else min(pow2(gs, 1), 4096 // bm),
-                 PDL=PDL, EARLY=PDL_EARLY, launch_pdl=PDL, **fixed)
+                 PDL=PDL, EARLY=PDL_EARLY, launch_pdl=PDL, **fixed))
     return y
 
 

@@ -25,6 +25,7 @@ def fresh(monkeypatch, tmp_path):
     yield
     picks._loaded.clear()
     picks._forced.clear()
+    picks._rejected.clear()
 
 
 def model_keys(name="mhla-340m", dtype=torch.bfloat16, rows=1):
@@ -192,6 +193,46 @@ def test_a_pick_that_does_not_fit_its_launch_is_tuned_alone(monkeypatch):
     assert cfg.kwargs["SPLIT"] == 4
     for bad in [(8, 128, 4, 3, None, 4), (64, 128, 4, 3, None, 16), (256, 128, 4, 3, None, 4)]:
         assert not triton_skinny._fits_rows(picks.config(bad), args, kw)
+
+
+class FakeTuner:
+    def __init__(self):
+        self.cache = {"some key": "some config"}
+
+
+def failing_once(key, calls, error=RuntimeError("out of resource: shared memory, Required: 294912")):
+    def launch():
+        calls.append(key)
+        if len(calls) == 1:
+            if key:
+                picks._pending.append(key)  # what the pruning does when it hands out a pick
+            raise error
+        return "ran"
+    return launch
+
+
+def test_a_file_pick_that_fails_on_this_gpu_is_dropped_and_the_launch_runs_tuned_alone(monkeypatch):
+    tuner, calls = FakeTuner(), []
+    with pytest.warns(RuntimeWarning, match="failed on this GPU"):
+        assert picks.launching(tuner, failing_once("KEY", calls)) == "ran"
+    assert calls == ["KEY", "KEY"] and picks._rejected == {"KEY"} and tuner.cache == {}
+    # from then on the file's pick for that key is not handed out
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    key = "N3072 K1024 G1024 norm bf16"
+    picks.write(os.environ["MHLA_STREAM_STEP_PICKS"], H100, {key: (2, 1024, 8, 1, None, 1)})
+    picks._rejected.add(key)
+    args, kw = fake_launch()
+    assert ALL(["a", "b"], args, **kw) == ["a", "b"]
+
+
+def test_a_failure_without_a_file_pick_raises_as_before():
+    tuner = FakeTuner()
+    with pytest.raises(RuntimeError, match="out of resource"):
+        picks.launching(tuner, failing_once(None, []))  # the tuner's own configuration failed
+    picks._forced["KEY"] = (4, 1024, 4, 1, None, 1)
+    with pytest.raises(RuntimeError, match="out of resource"):  # the step tuner's trial: it skips the shape
+        picks.launching(tuner, failing_once("KEY", []))
+    assert picks._rejected == set() and tuner.cache
 
 
 def test_rows_keys_name_the_row_block():
