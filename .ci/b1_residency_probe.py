@@ -19,9 +19,9 @@ import time
 import torch
 import triton
 
+from mhla_stream import decode_tuning as tuning
 from mhla_stream.cli.common import load_model
 from mhla_stream.cache import MHLACache
-from mhla_stream.graphs import GraphDecoder
 from mhla_stream.kernels import triton_skinny as ts
 
 # (BN, BK, num_warps, num_stages, maxnreg): the session-20 first call's candidates (hand-picked), or
@@ -79,21 +79,8 @@ def _forced_gemv(kp):
     return _TUNERS[key]
 
 
-def step_us(model, reps=3, steps=300):
-    cache = MHLACache(model.new_state(1, device="cuda"))
-    dec = GraphDecoder(model, cache, plan=model.make_plan(1, cuda_graphs=True))
-    ids = torch.randint(3, 1000, (1, 1), device="cuda")
-    dec.step(ids)
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            dec.replay()
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t) / steps * 1e6)
-    del dec, cache
-    return sorted(out)[len(out) // 2]
+def step_us(model):
+    return tuning.step_us(model, 1, steps=300)
 
 
 def logits_diff(model):

@@ -11,9 +11,8 @@ import time
 import torch
 import triton
 
-from mhla_stream.cache import MHLACache
+from mhla_stream import decode_tuning as tuning
 from mhla_stream.cli.common import load_model
-from mhla_stream.graphs import GraphDecoder
 from mhla_stream.kernels import triton_skinny as ts
 
 FORCED, SEEN, TUNERS = {}, {}, {}
@@ -40,20 +39,8 @@ def gemm():
     return TUNERS[key]
 
 
-def step_us(model, B, fused, steps=100, reps=3):
-    cache = MHLACache(model.new_state(B, device="cuda"))
-    dec = GraphDecoder(model, cache, plan=model.make_plan(B, cuda_graphs=True, fused_decode=fused))
-    dec.step(torch.full((B, 1), 3, dtype=torch.long, device="cuda"))
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            dec.replay()
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t) / steps * 1e6)
-    del dec, cache
-    return sorted(out)[1]
+def step_us(model, B, fused):
+    return tuning.step_us(model, B, steps=100, fused_decode=fused)
 
 
 def candidates(name):

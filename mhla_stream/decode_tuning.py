@@ -42,10 +42,11 @@ def candidates(key: str, use=None) -> list[tuple]:
             if bn * kp * rows <= 32768 and not (mr and w == 8 and bn <= 2)]
 
 
-def step_us(model, batch: int = 1, steps: int = 200, reps: int = 3) -> float:
-    """Median over ``reps`` of the mean time of ``steps`` replays of a fresh decode graph."""
+def step_us(model, batch: int = 1, steps: int = 200, reps: int = 3, fused_decode=None) -> float:
+    """Median over ``reps`` of the mean time of ``steps`` replays of a fresh decode graph
+    (``fused_decode``: the plan's choice, None: the default for the batch)."""
     cache = MHLACache(model.new_state(batch, device=model.device))
-    dec = GraphDecoder(model, cache, plan=model.make_plan(batch, cuda_graphs=True))
+    dec = GraphDecoder(model, cache, plan=model.make_plan(batch, cuda_graphs=True, fused_decode=fused_decode))
     dec.step(torch.full((batch, 1), 3, dtype=torch.long, device=model.device))
     times = []
     for _ in range(reps):
