@@ -93,7 +93,7 @@ def read(path: str, device: str) -> dict:
         if not isinstance(products, dict):
             raise ValueError(f"the entry for {device} has no products table")
     except ValueError as e:
-        warnings.warn(f"mhla_stream: one-row picks file skipped: {e}; products are tuned alone",
+        warnings.warn(f"mhla_stream: step picks file skipped: {e}; products are tuned alone",
                       RuntimeWarning, stacklevel=3)
         return {}
     picks = {key: valid_pick(value) for key, value in products.items()}
@@ -125,7 +125,7 @@ def existing(path: str) -> dict:
         if not (isinstance(data, dict) and data.get("format") == 1 and isinstance(data.get("devices"), dict)):
             raise ValueError("no format 1 and devices")
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} exists and is not a one-row picks file ({e}); move it away first") from e
+        raise ValueError(f"{path} exists and is not a step picks file ({e}); move it away first") from e
     return data
 
 

@@ -261,7 +261,7 @@ def test_cli_refuses_to_overwrite_a_foreign_file(tmp_path):
     path = tmp_path / "notes.json"
     path.write_text('{"my": "notes"}')
     r = run_cli("--out", str(path))
-    assert r.exit_code == 2 and "not a one-row picks file" in r.output
+    assert r.exit_code == 2 and "not a step picks file" in r.output
     assert path.read_text() == '{"my": "notes"}'
 
 
