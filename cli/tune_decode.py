@@ -35,21 +35,32 @@ from .common import command, fail
               help="also write every timed trial here")
 def main(model, dtype, batches, passes, out_path, dry_run, json_path):
     """Tune the skinny products of the fused decode step together, in the captured step."""
-    try:
-        batches = [int(b) for b in batches.split(",")]
-        assert batches and all(1 <= b <= 4096 for b in batches)
-    except (ValueError, AssertionError):
-        fail(f"--batch: expected comma-separated batch sizes from 1 to 4096, got {batches!r}")
+    try:  # (no assert: python -O would strip it)
+        sizes = [int(b) for b in batches.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or not all(1 <= b <= 4096 for b in sizes):
+        fail(f"--batch: expected comma-separated batch sizes from 1 to 4096, got {batches[:40]!r}")
+    batches = sizes
+    # batches of one row block launch the same products: the second would find them all tuned
+    # (decode_tuning keeps the first's in force) and fail after the first's minutes of timing
+    blocks = {}
+    for b in batches:
+        block = 1 if b == 1 else min(max(16, 1 << (b - 1).bit_length()), 64)  # (triton_skinny's row block)
+        if block in blocks:
+            fail(f"--batch: {blocks[block]} and {b} tune the same products (row block of {block}); name one")
+        blocks[block] = b
     from mhla_stream.kernels import step_picks
     out_path = out_path or step_picks.user_path()
     if out_path is None and not dry_run:
         fail("MHLA_STREAM_STEP_PICKS is off (0): pass --out PATH or --dry-run")
     # bad paths are found out now, not after a minute of timing
     for flag, path in (("--out", None if dry_run else out_path), ("--json", json_path)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if path and (os.path.isdir(path) or (os.path.isdir(folder) and not os.access(folder, os.W_OK))
-                     or (os.path.exists(folder) and not os.path.isdir(folder))):
+        if path and (os.path.isdir(path) or not _can_make(path)):
             fail(f"{flag} {path}: not a writable file path")
+    if json_path and out_path and not dry_run and _same(json_path, out_path):
+        # the trials are written first: they would replace the picks, and the merge then refuse them
+        fail(f"--json {json_path}: the picks file itself (--out); name another file for the trials")
     if out_path and not dry_run:
         try:  # an existing file that is not a picks file is refused before the run, not overwritten after it
             step_picks.existing(out_path)
@@ -62,6 +73,11 @@ def main(model, dtype, batches, passes, out_path, dry_run, json_path):
 
     from .common import load_model
     m = load_model(model, None, True, "cuda", getattr(torch, dtype))
+    for b in batches:  # every batch checked before the first is timed: a late refusal loses the run
+        plan = m.make_plan(b, cuda_graphs=True)
+        if not plan.fused_decode:
+            fail(f"--batch {b} does not decode with the fused step ({plan.describe()}): nothing to tune (the "
+                 "fused step runs up to MHLA_STREAM_FUSED_BATCH sequences, and not with MHLA_STREAM_FUSED_DECODE=0)")
     device = torch.cuda.get_device_name()
     click.echo(f"# {device}, {model} widths, {dtype}, batch {batches}, {passes} pass(es)")
     picks, notes, runs = {}, [], []
@@ -85,8 +101,34 @@ def main(model, dtype, batches, passes, out_path, dry_run, json_path):
     if dry_run:
         click.echo("# --dry-run: nothing written")
         return
-    step_picks.write(out_path, device, picks, note=note)
+    try:  # (the file may have changed during the run: a message, the picks printed above)
+        step_picks.write(out_path, device, picks, note=note)
+    except (OSError, ValueError) as e:
+        fail(f"picks not written: {e}")
     click.echo(f"# wrote {len(picks)} picks for {device} to {out_path}")
+
+
+def _can_make(path: str) -> bool:
+    """Whether a file can be written at ``path``: its nearest existing folder is a folder we may
+    write in (the folders below it are made). A folder path through a file fails here, not at
+    the write after the run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        if os.path.lexists(folder):  # a dangling link or a loop in place of a folder
+            return False
+        up = os.path.dirname(folder)
+        if up == folder:
+            return False
+        folder = up
+    return os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+
+
+def _same(a: str, b: str) -> bool:
+    """Whether two paths name the same file (through links, or the same path spelled twice)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import warnings
 
@@ -30,6 +31,12 @@ import triton
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step_picks.json")
 FIELDS = ("BN", "BK", "num_warps", "num_stages", "maxnreg", "SPLIT")
+# a picks file holds a few dozen products a GPU (the shipped one: 4 KiB); a larger one is not read
+# (it would be read whole at the first decode step)
+MAX_BYTES = 1 << 20
+# the largest tile a pick may ask for: the one-row candidates' (decode_tuning) and the tuners' shapes
+# stay within it; a tile of a million elements would compile for minutes (or not at all)
+MAX_TILE = 32768
 _loaded: dict = {}       # device name -> {product key: pick tuple}
 _forced: dict = {}       # product key -> pick tuple, set by the step tuner while it times candidates
 used: dict = {}          # product key -> (the pick it took or None, its launch arguments): the step tuner's list
@@ -41,7 +48,9 @@ def user_path() -> str | None:
     raw = os.environ.get("MHLA_STREAM_STEP_PICKS", "").strip()
     if raw.lower() in ("0", "false", "no", "off"):
         return None
-    return raw or os.path.join(os.path.expanduser("~"), ".cache", "mhla_stream", "step_picks.json")
+    # (~ expanded: a quoted "~/picks.json" in a shell or a service file reaches us unexpanded)
+    return os.path.expanduser(raw) if raw else os.path.join(os.path.expanduser("~"), ".cache", "mhla_stream",
+                                                             "step_picks.json")
 
 
 def enabled() -> bool:
@@ -78,7 +87,9 @@ def valid_pick(value) -> tuple | None:
     def whole(v, lo, hi):
         return type(v) is int and lo <= v <= hi
     pow2 = lambda v: whole(v, 1, 1 << 20) and v & (v - 1) == 0  # noqa: E731
-    if not (pow2(bn) and bn <= 128 and pow2(bk) and 16 <= bk <= 16384 and w in (1, 2, 4, 8, 16)
+    # (num_warps through pow2 too: ``w in (1, 2, 4, ...)`` lets true and 4.0 through)
+    if not (pow2(bn) and bn <= 128 and pow2(bk) and 16 <= bk <= 16384 and pow2(w) and w <= 16
+            and bn * bk <= MAX_TILE
             and whole(st, 1, 8) and (mr is None or whole(mr, 24, 255)) and whole(sp, 1, 8)):
         return None
     return (bn, bk, w, st, mr, sp)
@@ -98,8 +109,9 @@ def read(path: str, device: str) -> dict:
         return {}
     picks = {key: valid_pick(value) for key, value in products.items()}
     bad = [key for key, pick in picks.items() if pick is None]
-    if bad:
-        warnings.warn(f"mhla_stream: {path}: invalid launch shapes for {bad[:3]} skipped", RuntimeWarning, stacklevel=3)
+    if bad:  # (keys cut short: a hostile key must not make a warning of a megabyte)
+        warnings.warn(f"mhla_stream: {path}: invalid launch shapes for {len(bad)} products "
+                      f"{[k[:80] for k in bad[:3]]} skipped", RuntimeWarning, stacklevel=3)
     return {key: pick for key, pick in picks.items() if pick is not None}
 
 
@@ -117,13 +129,29 @@ def picks_for(device: str) -> dict:
 def existing(path: str) -> dict:
     """The picks file at ``path`` as data ({"format": 1, "devices": {}} if there is none yet);
     ValueError if something else is there (it is never overwritten)."""
-    if not os.path.exists(path):
-        return {"format": 1, "devices": {}}
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        st = os.stat(path)
+    except FileNotFoundError:  # (a dangling link too: the file it names is made)
+        return {"format": 1, "devices": {}}
+    except (OSError, ValueError) as e:  # a symlink loop, a path through a file, no permission
+        raise ValueError(f"{path} cannot be read ({e}); move it away first") from e
+    try:
+        # only a regular file is opened: a FIFO would block the open (and the decode) forever, a
+        # device like /dev/zero never end; a file over MAX_BYTES is not read at all
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_BYTES:
+            raise ValueError(f"{st.st_size} bytes, more than {MAX_BYTES}")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # (bounded too: the file may grow after the stat)
+        if len(raw) > MAX_BYTES:
+            raise ValueError(f"more than {MAX_BYTES} bytes")
+        data = json.loads(raw.decode("utf-8"))
         if not (isinstance(data, dict) and data.get("format") == 1 and isinstance(data.get("devices"), dict)):
             raise ValueError("no format 1 and devices")
+    except RecursionError as e:  # json nested past the recursion limit: not a ValueError
+        raise ValueError(f"{path} exists and is not a one-row picks file (nested too deep); "
+                         "move it away first") from e
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} exists and is not a step picks file ({e}); move it away first") from e
     return data
@@ -133,6 +161,9 @@ def write(path: str, device: str, products: dict, note: str = "") -> None:
     """Merge ``products`` ({key: pick tuple}) into the file at ``path`` under ``device``. Atomic:
     a new file is renamed over the old one, so an interrupted write leaves the old file whole; an
     unreadable old file is not overwritten (ValueError)."""
+    # through a symlink: the file it names is replaced (the link stays; renaming over the link
+    # would turn it into a copy and leave its target behind)
+    path = os.path.realpath(path)
     data = existing(path)
     entry = data["devices"].setdefault(device, {})
     if not isinstance(entry, dict) or not isinstance(entry.setdefault("products", {}), dict):
@@ -145,6 +176,10 @@ def write(path: str, device: str, products: dict, note: str = "") -> None:
     fd, tmp = tempfile.mkstemp(prefix=".step_picks.", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            try:  # the old file's permissions (mkstemp's 0600 would hide a shared file from its readers)
+                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
+            except FileNotFoundError:
+                pass
             json.dump(data, f, indent=1, sort_keys=True)
             f.write("\n")
         os.replace(tmp, path)
