@@ -150,7 +150,7 @@ def existing(path: str) -> dict:
         if not (isinstance(data, dict) and data.get("format") == 1 and isinstance(data.get("devices"), dict)):
             raise ValueError("no format 1 and devices")
     except RecursionError as e:  # json nested past the recursion limit: not a ValueError
-        raise ValueError(f"{path} exists and is not a one-row picks file (nested too deep); "
+        raise ValueError(f"{path} exists and is not a step picks file (nested too deep); "
                          "move it away first") from e
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} exists and is not a step picks file ({e}); move it away first") from e
@@ -234,7 +234,9 @@ def launching(tuner, launch):
         return launch()
     except Exception as e:
         key = _pending[-1] if _pending else None
-        if key is None or key in _forced or not hasattr(tuner, "cache"):
+        # only Triton's own errors (compiling, resources): a CUDA error is not the pick's fault
+        ours = type(e).__module__.split(".")[0] == "triton"
+        if key is None or key in _forced or not ours or not hasattr(tuner, "cache"):
             raise
         _rejected.add(key)
         tuner.cache.clear()  # (every product re-prunes at its next launch; only this one changes)

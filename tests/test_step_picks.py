@@ -200,7 +200,13 @@ class FakeTuner:
         self.cache = {"some key": "some config"}
 
 
-def failing_once(key, calls, error=RuntimeError("out of resource: shared memory, Required: 294912")):
+def triton_error():
+    from triton.runtime.errors import OutOfResources
+    return OutOfResources(294912, 232448, "shared memory")
+
+
+def failing_once(key, calls, error=None):
+    error = error or triton_error()
     def launch():
         calls.append(key)
         if len(calls) == 1:
@@ -227,10 +233,12 @@ def test_a_file_pick_that_fails_on_this_gpu_is_dropped_and_the_launch_runs_tuned
 
 def test_a_failure_without_a_file_pick_raises_as_before():
     tuner = FakeTuner()
-    with pytest.raises(RuntimeError, match="out of resource"):
+    with pytest.raises(Exception, match="out of resource"):
         picks.launching(tuner, failing_once(None, []))  # the tuner's own configuration failed
+    with pytest.raises(RuntimeError, match="CUDA error"):  # not Triton's: not the pick's fault
+        picks.launching(tuner, failing_once("KEY", [], RuntimeError("CUDA error: an illegal memory access")))
     picks._forced["KEY"] = (4, 1024, 4, 1, None, 1)
-    with pytest.raises(RuntimeError, match="out of resource"):  # the step tuner's trial: it skips the shape
+    with pytest.raises(Exception, match="out of resource"):  # the step tuner's trial: it skips the shape
         picks.launching(tuner, failing_once("KEY", []))
     assert picks._rejected == set() and tuner.cache
 
