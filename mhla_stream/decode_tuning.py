@@ -89,6 +89,9 @@ def tune_step(model, batch: int = 1, passes: int = 2, log=print, limit: int | No
     start = step_us(model, batch)
     uses = {k: u for k, u in step_picks.used.items() if k not in kept}
     picks = {k: v for k, v in _current().items() if k in uses}
+    if not uses and step_picks.used:
+        raise RuntimeError(f"batch {batch}'s products were tuned already in this process (a batch of the same row "
+                           "block: 2-16 share one); tune one batch a row block")
     if not uses or set(picks) != set(uses):
         raise RuntimeError("the decode step launched no skinny products to tune")
     step_picks._forced.update(picks)
