@@ -58,25 +58,22 @@ def enabled() -> bool:
 
 
 def product_key(N: int, K: int, GS: int, norm: bool, gate: bool, swiglu: bool, residual: bool, dtype,
-                rows: int = 1, late: bool = False, stats: bool = False, down: bool = False) -> str:
+                rows: int = 1, late: bool = False, stats: bool = False) -> str:
     """'N3072 K1024 G1024 norm bf16' (one row), 'M16 N3072 K1024 G1024 stats bf16' (the tensor-core
-    form's row block of 16), 'N2816 K1024 G1024 norm swiglu residual down bf16' (the one-row MLP,
-    ``triton_mlp``): what a launch computes, independent of the model."""
+    form's row block of 16): what a launch computes, independent of the model."""
     folds = [f for f, on in (("norm", norm), ("gate", gate), ("swiglu", swiglu), ("residual", residual),
-                             ("late", late), ("stats", stats), ("down", down)) if on]
+                             ("late", late), ("stats", stats)) if on]
     name = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32").replace(
         "float16", "fp16")
     return " ".join(([f"M{rows}"] if rows > 1 else []) + [f"N{N}", f"K{K}", f"G{GS}", *folds, name])
 
 
 def launch_key(named_args, kwargs) -> str:
-    """The product key of a skinny launch (the tuners' pruning arguments). The dtype is the
-    output's (an fp32 x for a bf16 product is the one-row MLP's sum, read rounded: a bf16 product)."""
+    """The product key of a skinny launch (the tuners' pruning arguments)."""
     kw = kwargs.get
-    dtype = named_args.get("y_ptr", named_args["x_ptr"]).dtype
     return product_key(named_args["N"], named_args["K"], named_args["GS"], kw("NORM", False), kw("GATE", False),
-                       kw("SWIGLU", False), kw("RESIDUAL", False), dtype, kw("BM", 1),
-                       kw("LATE", False), kw("STATS_IN", False), kw("DOWN", False))
+                       kw("SWIGLU", False), kw("RESIDUAL", False), named_args["x_ptr"].dtype, kw("BM", 1),
+                       kw("LATE", False), kw("STATS_IN", False))
 
 
 def valid_pick(value) -> tuple | None:

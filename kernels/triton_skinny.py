@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import step_picks, triton_common, triton_mlp
+from . import step_picks, triton_common
 from .skinny_shapes import (_DOT, _FIXED_SHAPE, _GEMV, _KEY, _MAX_BN, _MAX_SPLIT, _fits_rows, _late_fits,  # noqa: F401
                             _one_split, _some_late_fits, _stats_fit_shape, _waves)
 from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_to, splitk_workspace
@@ -59,22 +59,12 @@ LATE_NORM = True
 
 
 @triton.jit
-def _rounded(v, DT: tl.constexpr):
-    """A loaded x or residual in fp32, holding a DT value: an fp32 input for a lower-precision
-    product (the one-row MLP's sum, ``triton_mlp``) is rounded here, as its writer would have."""
-    if v.dtype != DT:
-        v = round_to(v, DT)
-    return v.to(tl.float32)
-
-
-@triton.jit
-def _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, ao_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU: tl.constexpr,
-            RESIDUAL: tl.constexpr, STATS_OUT: tl.constexpr, ACC_OUT: tl.constexpr, BM: tl.constexpr,
-            BN: tl.constexpr, res_early, RES_EARLY: tl.constexpr):
+def _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU: tl.constexpr,
+            RESIDUAL: tl.constexpr, STATS_OUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, res_early,
+            RES_EARLY: tl.constexpr):
     """Epilogue on the full sums acc [BM, BN]: SwiGLU, residual, one rounding to the output dtype.
     STATS_OUT: the output rows' square sums of each 16 columns, for the next product's norm, in the
-    slots of so [N / 16, M] (exact per slot, so any grouping of them reads what it needs).
-    ACC_OUT: the output in fp32 too (ao [M, N], y's row stride), where the one-row MLP adds into it."""
+    slots of so [N / 16, M] (exact per slot, so any grouping of them reads what it needs)."""
     DT: tl.constexpr = y_ptr.dtype.element_ty
     y = round_to(acc, DT).to(tl.float32)
     if SWIGLU:
@@ -83,11 +73,9 @@ def _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, ao_ptr, M, N, pid_n, rm, rn, mm
     if RES_EARLY:  # loaded right after the wait (one row), off the tail
         y += res_early
     elif RESIDUAL:
-        y += _rounded(tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=om, other=0.0), DT)
+        y += tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=om, other=0.0).to(tl.float32)
     out = round_to(y, DT)
     tl.store(y_ptr + rm[:, None] * sy + rn[None, :], out, mask=om)
-    if ACC_OUT:
-        tl.store(ao_ptr + rm[:, None] * sy + rn[None, :], out.to(tl.float32), mask=om)
     if STATS_OUT:
         yo = tl.where(om, out.to(tl.float32), 0.0)
         vals = tl.trans(tl.sum(tl.reshape(yo * yo, [BM, BN // 16, 16]), axis=2))                # [BN / 16, BM]
@@ -101,7 +89,7 @@ def _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM:
              nw_early, NW_EARLY: tl.constexpr):
     """The x tile [BM, BK] as the product takes it (fp32 holding DT values), and its rows' square
     sums [BM] (used by the late norm)."""
-    x = _rounded(tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0), DT)
+    x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
     sq = tl.sum(x * x, axis=1)
     if NORM:
         if NW_EARLY:  # the first tile's, loaded before the wait
@@ -161,9 +149,8 @@ def _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_ptr, so_ptr, si_ptr, ao_ptr,
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_ptr, so_ptr, si_ptr,
                    M, N, K, GS, eps, sx, sg, sr, sy, STATS_OUT: tl.constexpr, STATS_IN: tl.constexpr, SI: tl.constexpr,
-                   ACC_OUT: tl.constexpr,
                    NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                    DOT: tl.constexpr, F32_DOT: tl.constexpr, LATE: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr,
                    BGS: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, BN: tl.constexpr,
@@ -194,8 +181,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         tl.extra.cuda.gdc_wait()  # x, g and res come from the previous kernels
     res0 = tl.zeros([BM, BN], dtype=tl.float32)
     if RESIDUAL and not DOT:  # one row: the residual requested with x, not after the product
-        res0 = _rounded(tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=mm[:, None] & mn[None, :],
-                                other=0.0), DT)                                                  # [1, BN]
+        res0 = tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=mm[:, None] & mn[None, :],
+                       other=0.0).to(tl.float32)                                                 # [1, BN]
     grp = tl.arange(0, NG)
     rstds = tl.zeros([BM, NG], dtype=tl.float32)
     rT = tl.zeros([NG, BM], dtype=tl.float32)
@@ -210,8 +197,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         # gated head norm cost batch-1 decode 3.2 us a layer with it, H100, session 19)
         gi = tl.arange(0, NG)
         cg = tl.arange(0, BGS)
-        xg = _rounded(tl.load(x_ptr + pid_m * sx + gi[:, None] * GS + cg[None, :],
-                              mask=(gi < K // GS)[:, None] & (cg < GS)[None, :], other=0.0), DT)  # [NG, BGS]
+        xg = tl.load(x_ptr + pid_m * sx + gi[:, None] * GS + cg[None, :],
+                     mask=(gi < K // GS)[:, None] & (cg < GS)[None, :], other=0.0).to(tl.float32)  # [NG, BGS]
         # (padding groups 0, not 1/rms of nothing: columns past K select them, and eps may be 0)
         rstds = tl.where(gi < K // GS, tl.rsqrt(tl.sum(xg * xg, axis=1) / GS + eps), 0.0)[None, :]  # [1, NG]
     elif NORM and not LATE:  # prologue: 1/rms of each of the NG groups of every row, CH columns at a time
@@ -219,8 +206,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
             sg2 = tl.zeros([BM], dtype=tl.float32)
             for c0 in range(0, BGS, CH):
                 cg = c0 + tl.arange(0, CH)
-                xg = _rounded(tl.load(x_ptr + rm[:, None] * sx + gi * GS + cg[None, :],
-                                      mask=mm[:, None] & (cg < GS)[None, :], other=0.0), DT)    # [BM, CH]
+                xg = tl.load(x_ptr + rm[:, None] * sx + gi * GS + cg[None, :], mask=mm[:, None] & (cg < GS)[None, :],
+                             other=0.0).to(tl.float32)                                          # [BM, CH]
                 sg2 += tl.sum(xg * xg, axis=1)
             r = tl.rsqrt(sg2 / GS + eps)                                                        # [BM]
             rstds = tl.where(grp[None, :] == gi, r[:, None], rstds)
@@ -276,8 +263,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     if DOT:
         acc, acc_up = tl.trans(acc), tl.trans(acc_up)                                           # [BM, BN]
     if SPLIT == 1:  # (the late norm's one split holds whole groups: already scaled)
-        _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, ao_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL,
-                STATS_OUT, ACC_OUT, BM, BN, res0, RESIDUAL and not DOT)
+        _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL,
+                STATS_OUT, BM, BN, res0, RESIDUAL and not DOT)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         tiles = tl.num_programs(0) * tl.num_programs(2)
@@ -322,8 +309,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
                 acc += p
                 if SWIGLU:
                     acc_up += pu
-            _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, ao_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL,
-                    STATS_OUT, ACC_OUT, BM, BN, res0, False)
+            _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL,
+                    STATS_OUT, BM, BN, res0, False)
             tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
 
@@ -348,26 +335,23 @@ def _gemv(kp: int):
 
 
 def forget_tuning() -> None:
-    """Drop the tuners' choices (and the one-row MLP's), so the next launch of each shape prunes
-    (and picks) again."""
+    """Drop the tuners' choices, so the next launch of each shape prunes (and picks) again."""
     _gemm.cache.clear()
     for kp in _gemv_sizes:
         _gemv(kp).cache.clear()
-    triton_mlp.forget_tuning()
 
 
 def tuned_configs() -> dict[str, str]:
     """The launch shapes the tuners picked in this process, by tuner and key (mhla-bench records
     them: the batch-1 spread between processes of sessions 18-19 came from near-tied picks)."""
     tuners = [("rows", _gemm)] + [(f"one row, K {kp}", _gemv(kp)) for kp in _gemv_sizes]
-    tuners.append(("one-row MLP", triton_mlp._tuned))
     out = {f"{name}: {key}": str(cfg) for name, tuner in tuners for key, cfg in getattr(tuner, "cache", {}).items()}
     out.update({f"step pick: {key}": str(use[0]) for key, use in step_picks.used.items() if use[0]})
     return out
 
 
 def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=None, swiglu=False, residual=None,
-                  split=None, stats_out=None, stats_in=None, out_dtype=None, acc_out=None):
+                  split=None, stats_out=None, stats_in=None):
     """x [M, K] -> y [M, N] in x's dtype. ``weight`` [N, K] (or [2N, K] = [gate; up] with ``swiglu``).
     ``norm_weight`` [group] applies RMSNorm per group of ``group`` columns (default K) first;
     ``gate`` [M, K] multiplies by silu(gate) after it; ``residual`` [M, N] is added at the end.
@@ -376,17 +360,12 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     y's square sums in 16-column slots (``norm_stats``). ``stats_in`` (x's, so filled by x's
     producer or ``row_stats``) applies RMSNorm per group of ``group`` columns with the norm weight
     already folded into ``weight``'s columns (``norm_weight`` stays None): y = sum over groups of
-    1/rms(x_g) * x_g W_g^T, a scale of the fp32 sums, so x enters the product as it is.
-    ``out_dtype``: y's dtype (default x's); an fp32 x or residual for a lower-precision y is rounded
-    to y's dtype as it is read (the one-row MLP's sums, ``triton_mlp``). ``acc_out`` [M, N] fp32
-    receives y too (where the one-row MLP adds its output)."""
+    1/rms(x_g) * x_g W_g^T, a scale of the fp32 sums, so x enters the product as it is."""
     M, K = x.shape
     N = weight.shape[0] // (2 if swiglu else 1)
     assert split is None or 1 <= split <= _MAX_SPLIT, "the workspace holds at most _MAX_SPLIT partials a tile"
     assert weight.shape[1] == K and weight.is_contiguous() and x.stride(-1) == 1
-    y = torch.empty(M, N, device=x.device, dtype=out_dtype or x.dtype)
-    assert x.dtype in (y.dtype, torch.float32) and (residual is None or residual.dtype in (y.dtype, torch.float32))
-    assert acc_out is None or (acc_out.shape == (M, N) and acc_out.dtype == torch.float32 and acc_out.is_contiguous())
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     norm = norm_weight is not None
     gs = (group or K) if norm else K
     assert K % gs == 0, "the norm groups must tile the row"
@@ -429,13 +408,12 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
                  x, weight, y, norm_weight if norm else dummy, gate if gate is not None else dummy,
                  residual if residual is not None else dummy, parts, counters,
                  stats_out if stats_out is not None else parts, stats_in if stats_in is not None else parts,
-                 acc_out if acc_out is not None else parts, M, N, K, gs, eps,
+                 M, N, K, gs, eps,
                  x.stride(0), gate.stride(0) if gate is not None else 0,
                  residual.stride(0) if residual is not None else 0, y.stride(0),
                  STATS_OUT=stats_out is not None, STATS_IN=stats_in is not None, SI=pow2(triton.cdiv(K, 16), 1),
-                 ACC_OUT=acc_out is not None,
                  NORM=norm, GATE=gate is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-                 DOT=not small, F32_DOT=INTERPRET or y.dtype == torch.float32, LATE=late, BM=bm,
+                 DOT=not small, F32_DOT=INTERPRET or x.dtype == torch.float32, LATE=late, BM=bm,
                  NG=pow2(K // gs, 1), BGS=pow2(gs, 1), CH=pow2(gs, 1) if small else min(pow2(gs, 1), 4096 // bm),
                  PDL=PDL, EARLY=PDL_EARLY, launch_pdl=PDL, **fixed))
     return y

@@ -20,7 +20,7 @@ from .cache import MHLACache
 from .graphs import GraphDecoder
 import triton
 
-from .kernels import step_picks, triton_mlp, triton_skinny
+from .kernels import step_picks, triton_skinny
 from .kernels.triton_common import pow2
 
 
@@ -37,7 +37,7 @@ def candidates(key: str, use=None) -> list[tuple]:
         fit = [c for c in triton_skinny._waves(variants, args, **kwargs) if triton_skinny._fits_rows(c, args, kwargs)]
         return [step_picks.as_pick(c) for c in fit]
     kp = pow2(int(parts[1][1:]))
-    rows = 3 if "down" in parts else 2 if "swiglu" in parts else 1  # gate and up rows (and W_down's column)
+    rows = 2 if "swiglu" in parts else 1  # SwiGLU loads the gate and the up row
     return [(bn, kp, w, 1, mr, 1) for bn in (1, 2, 4, 8, 16) for w in (2, 4, 8) for mr in (None, 128)
             if bn * kp * rows <= 32768 and not (mr and w == 8 and bn <= 2)]
 
@@ -65,11 +65,9 @@ def _current() -> dict:
     out = {}
     for tuner in tuners:
         for k, cfg in tuner.cache.items():
-            bm, n, kk, gs, norm, gate, swiglu, res, late, stats = k[:10]
-            dtype = k[12]  # y's (the tensor arguments' dtypes follow the key: x, w, y, ...)
+            bm, n, kk, gs, norm, gate, swiglu, res, late, stats, dtype = k[:11]
             key = step_picks.product_key(n, kk, gs, norm, gate, swiglu, res, dtype, bm, late, stats)
             out[key] = step_picks.as_pick(cfg)
-    out.update(triton_mlp.tuned_keys())
     return out
 
 

@@ -27,7 +27,6 @@ from .state import MHLAState
 
 if triton_available():  # optional: the fused CUDA inference paths
     from .kernels.triton_decode import decode_into
-    from .kernels import triton_mlp
     from .kernels.triton_features import relu_rope_qk
     from .kernels.triton_skinny import norm_stats, row_stats, skinny_linear, stats_fit, stats_ready
 
@@ -190,7 +189,6 @@ class MHLABlock(nn.Module):
         state.check_compatible(B, H, K, V, attn.config.block_size, attn.mixing_matrix.shape[0])
         x2 = x.reshape(B, -1)
         hk, hv, D = H * K, H * V, x2.shape[1]
-        dt = attn.o_proj.weight.dtype
         # (one row: the norm is one load, nothing to spare; fp16: o * silu(g), unnormed, could overflow)
         # (a CUDA-graph capture before any eager step has no split-K workspace to scale in)
         rows = (B > 1 and x.dtype != torch.float16 and self._scales_fit(D, hv, V)
@@ -198,9 +196,9 @@ class MHLABlock(nn.Module):
         if rows:
             qkvg = skinny_linear(x2, self.qkvg_normed_weight.get(), eps=self.attn_norm.eps,
                                  stats_in=stats if stats is not None else row_stats(x2))
-        else:  # (x: the previous layer's fp32 sum after a one-row MLP, read rounded to the weights' dtype)
+        else:
             qkvg = skinny_linear(x2, attn.qkvg_weight.get(), norm_weight=self.attn_norm.weight,
-                                 eps=self.attn_norm.eps, out_dtype=dt)
+                                 eps=self.attn_norm.eps)
         q = qkvg[:, :hk].view(B, H, K)
         k = qkvg[:, hk:2 * hk].view(B, H, K)
         v = qkvg[:, 2 * hk:2 * hk + hv].view(B, H, V)
@@ -219,13 +217,6 @@ class MHLABlock(nn.Module):
             out = skinny_linear(a, mlp.down_proj.weight, residual=h, stats_out=out_stats)
             return out.view(B, 1, -1), out_stats
         decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
-        if B == 1 and triton_mlp.ENABLED:  # the MLP in one launch, adding into h's fp32 copy
-            acc = torch.empty(B, D, device=x.device, dtype=torch.float32)
-            h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
-                              residual=x2, out_dtype=dt, acc_out=acc)
-            triton_mlp.mlp_row_into(acc, h, mlp.gate_up_weight.get(), self.mlp_norm.weight, mlp.down_proj.weight,
-                                    self.mlp_norm.eps)
-            return acc.view(B, 1, -1), None
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
                           residual=x2)
         a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
@@ -313,8 +304,7 @@ class MHLAModel(MHLAPreTrainedModel):
             for layer, state in zip(self.layers, states):
                 x, stats = layer.decode_step(x, cos, sin, state, stats)
             MHLAState.advance_positions(states)
-            # (one row: x is the last MLP's fp32 sum, rounded to the activation dtype as it is read)
-            return self.norm(x.to(self.norm.weight.dtype))
+            return self.norm(x)
         if plan.batched_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
             x = x.reshape(B, -1)

@@ -46,7 +46,6 @@ class Switches:
     tune: bool = True
     pdl_early: bool = True
     fused_batch: int = FUSED_BATCH
-    fused_mlp: bool = True
 
 
 OFF = ("0", "false", "no", "off")  # what turns a switch off ("false" read as on would be a silent surprise)
@@ -65,8 +64,7 @@ def switches() -> Switches:
                     triton_train=_on("MHLA_STREAM_TRITON_TRAIN"),
                     tune=_on("MHLA_STREAM_TUNE"),
                     pdl_early=_on("MHLA_STREAM_PDL_EARLY"),
-                    fused_batch=_count("MHLA_STREAM_FUSED_BATCH", FUSED_BATCH),
-                    fused_mlp=_on("MHLA_STREAM_FUSED_MLP"))
+                    fused_batch=_count("MHLA_STREAM_FUSED_BATCH", FUSED_BATCH))
 
 
 def _count(name: str, default: int) -> int:
