@@ -19,7 +19,8 @@ from .attention import mhla_attention
 from .cache import MHLACache
 from .checkpoint import CheckpointError
 from .configuration import MHLAConfig
-from .fused import add_rms_norm_fast, gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_at_fast, swiglu_fast
+from .fused import (add_rms_norm_fast, gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_at_fast, rope_position_tables,
+                    swiglu_fast)
 from .kernels import triton_available
 from .mixing import init_mixing
 from .plan import ExecutionPlan, make_plan
@@ -160,7 +161,7 @@ class MHLABlock(nn.Module):
         h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
         return h + self.mlp(self.mlp_norm(h), plan)
 
-    def decode_step(self, x, cos, sin, state: MHLAState, stats=None):
+    def decode_step(self, x, rope: dict, state: MHLAState, stats=None):
         """One token per sequence through the block in five launches (CUDA inference, Triton):
 
             qkvg = RMSNorm(x) W_qkvg^T                         skinny product, norm in its prologue
@@ -169,8 +170,9 @@ class MHLABlock(nn.Module):
             a    = silu(RMSNorm(h) W_gate^T) * (RMSNorm(h) W_up^T)
             out  = h + a W_down^T
 
-        against about 17 launches of ``forward``. x [B, 1, D] -> ([B, 1, D], stats); cos, sin [B, K/2]
-        fp32. ``state`` is advanced except its position: the caller moves every layer's at once
+        against about 17 launches of ``forward``. x [B, 1, D] -> ([B, 1, D], stats); ``rope``: the
+        decode kernel's RoPE argument, {"rope": (cos, sin) [B, K/2] fp32} or {"rope_pos": the
+        position tables} (``decode_into``). ``state`` is advanced except its position: the caller moves every layer's at once
         (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
         to the activation dtype; only summation order differs.
 
@@ -208,15 +210,15 @@ class MHLABlock(nn.Module):
         if rows:
             o_stats, h_stats, out_stats = (norm_stats(B, n, x.device) for n in (hv, D, D))
             # raw mixing: clamped in-kernel; the state is read before the wait (no kernel of this step writes it)
-            decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True,
-                        gate=g.view(B, H, V), stats=o_stats)
+            decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, state_early=True, gate=g.view(B, H, V),
+                        stats=o_stats, **rope)
             h = skinny_linear(o.view(B, hv), attn.o_normed_weight.get(), group=V, eps=gn.eps, stats_in=o_stats,
                               residual=x2, stats_out=h_stats)
             a = skinny_linear(h, self.gate_up_normed_weight.get(), eps=self.mlp_norm.eps, swiglu=True,
                               stats_in=h_stats)
             out = skinny_linear(a, mlp.down_proj.weight, residual=h, stats_out=out_stats)
             return out.view(B, 1, -1), out_stats
-        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
+        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, state_early=True, **rope)
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
                           residual=x2)
         a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
@@ -291,20 +293,31 @@ class MHLAModel(MHLAPreTrainedModel):
         self.embeddings = value
 
     def forward(self, input_ids=None, inputs_embeds=None, states: list[MHLAState] | None = None,
-                lengths=None, plan: ExecutionPlan | None = None):
-        """``plan``: how to run (``plan.make_plan``); None: the default for these inputs."""
+                lengths=None, plan: ExecutionPlan | None = None, head: nn.Linear | None = None):
+        """``plan``: how to run (``plan.make_plan``); None: the default for these inputs.
+        ``head`` (an LM head without bias): where the one-row fused step runs (``one_row_step``),
+        return its logits instead, the final norm folded into its product (launched behind the last
+        layer's with programmatic dependent launch, before the position update)."""
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         plan = plan_for_call(plan, x, self.training)
         start = states[0].pos[:, None] if states is not None else torch.zeros(B, 1, dtype=torch.long, device=x.device)
-        rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
-        if plan.fused_decode and states is not None and lengths is None and T == 1:
-            cos, sin = (t.reshape(B, -1) for t in rope)
+        dk, theta = self.config.head_k_dim, self.config.rope_theta
+        if plan.fused_decode and states is not None and lengths is None and T == 1:  # (B == 1: one_row_step)
+            if ROPE_IN_KERNEL and dk % 2 == 0:  # the angles from each layer's position, in its decode kernel
+                rope = {"rope_pos": rope_position_tables(dk, theta, x.device)}
+            else:
+                rope = {"rope": tuple(t.reshape(B, -1) for t in rope_at_fast(start, T, dk, theta))}
             stats = None
             for layer, state in zip(self.layers, states):
-                x, stats = layer.decode_step(x, cos, sin, state, stats)
+                x, stats = layer.decode_step(x, rope, state, stats)
+            if head is not None and B == 1:
+                logits = skinny_linear(x.view(1, -1), head.weight, norm_weight=self.norm.weight, eps=self.norm.eps)
+                MHLAState.advance_positions(states)
+                return logits.view(1, 1, -1)
             MHLAState.advance_positions(states)
             return self.norm(x)
+        rope = rope_at_fast(start, T, dk, theta)  # once for all layers
         if plan.batched_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
             x = x.reshape(B, -1)
@@ -319,6 +332,10 @@ class MHLAModel(MHLAPreTrainedModel):
         return self.norm(x)
 
 
+def _shifted_loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
 def _one_cache(past_key_values, cache):
     """The cache given under either name (transformers renamed ``past_key_values`` to ``cache`` in
     5.24); both at once is a mistake, unless they are the same object."""
@@ -327,6 +344,18 @@ def _one_cache(past_key_values, cache):
     if past_key_values is not None and past_key_values is not cache:
         raise ValueError("pass the cache as past_key_values or as cache, not two different ones")
     return cache
+
+
+# the one-row fused step's LM head as a skinny product with the final norm folded in (False: A/B runs)
+FOLD_HEAD = True
+# the fused step's RoPE angles computed by each decode kernel from its position (False: one launch
+# computes the tables for all layers; A/B runs)
+ROPE_IN_KERNEL = True
+
+
+def one_row_step(plan: ExecutionPlan, states, lengths, x: torch.Tensor) -> bool:
+    """Whether ``MHLAModel.forward`` runs the one-row fused decode step (batch 1, one token)."""
+    return plan.fused_decode and states is not None and lengths is None and tuple(x.shape[:2]) == (1, 1)
 
 
 def plan_for_call(plan: ExecutionPlan | None, x: torch.Tensor, training: bool) -> ExecutionPlan:
@@ -403,6 +432,13 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
             mask = attention_mask[:, -T:].to(device=x.device, dtype=torch.bool)
             if bool(mask.all()):
                 mask = None
+        plan = plan_for_call(plan, x, self.training)
+        if mask is None and FOLD_HEAD and one_row_step(plan, states, None, x) and self.lm_head.bias is None:
+            # batch 1: the final norm and the LM head as one skinny product behind the last layer's,
+            # instead of a norm kernel and cuBLAS after a drain
+            logits = self.model(inputs_embeds=x, states=states, plan=plan, head=self.lm_head)
+            return CausalLMOutputWithPast(loss=None if labels is None else _shifted_loss(logits, labels),
+                                          logits=logits, past_key_values=cache)
         if mask is None:
             hidden = self.model(inputs_embeds=x, states=states, plan=plan)
         else:  # move each row's real tokens to the front, run with lengths, move them back
@@ -415,9 +451,7 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
                 cache.add_padding(T - lengths)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep])
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        loss = None if labels is None else _shifted_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,

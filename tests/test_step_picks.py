@@ -28,9 +28,10 @@ def fresh(monkeypatch, tmp_path):
     picks._rejected.clear()
 
 
-def model_keys(name="mhla-340m", dtype=torch.bfloat16, rows=1):
+def model_keys(name="mhla-340m", dtype=torch.bfloat16, rows=1, head=False):
     """The product keys the fused step of a preset launches (q/k/v/g, output, gate/up, down): one
-    row, or the row block of 16 with the norms as statistics (``rows=16``)."""
+    row, or the row block of 16 with the norms as statistics (``rows=16``); ``head``: and the one-row
+    step's LM head with the final norm folded in."""
     c = preset_config(name)
     D, H = c.hidden_size, c.num_heads
     hk, hv = int(D * c.expand_k), int(D * c.expand_v)
@@ -43,7 +44,8 @@ def model_keys(name="mhla-340m", dtype=torch.bfloat16, rows=1):
     return [key(2 * hk + 2 * hv, D, D, True, False, False, False),
             key(D, hv, hv // H, True, True, False, True),
             key(inter, D, D, True, False, True, False),
-            key(D, inter, inter, False, False, False, True)]
+            key(D, inter, inter, False, False, False, True)] + ([key(c.vocab_size, D, D, True, False, False, False)]
+                                                                 if head and one else [])
 
 
 def test_the_shipped_picks_are_valid_and_name_the_340m_products():
@@ -352,7 +354,7 @@ def test_step_tuning_runs_and_keeps_its_picks_until_forget():
     with torch.device("cuda"):
         m = MHLAForCausalLM(preset_config("mhla-tiny")).to(torch.bfloat16).eval().prepare_inference()
     out = tune_step(m, passes=1, limit=3, log=lambda *_: None)
-    assert set(out["picks"]) == set(model_keys("mhla-tiny")) and out["best_us"] > 0
+    assert set(out["picks"]) == set(model_keys("mhla-tiny", head=True)) and out["best_us"] > 0
     assert picks._forced == out["picks"]
     four = tune_step(m, batch=4, passes=1, limit=2, log=lambda *_: None)
     assert four["picks"] and all(k.startswith("M16 ") for k in four["picks"])
