@@ -21,7 +21,7 @@ def ab(tag):
     rows = []
     for rnd in range(3):
         for head, rope in itertools.product((False, True), (False, True)):
-            modeling.FOLD_HEAD, modeling.ROPE_IN_KERNEL = head, rope
+            modeling.FOLD_HEAD, modeling.ROPE_IN_KERNEL = head, rope  # (ROPE_IN_KERNEL: rope_in_kernel_attempt.patch)
             rows.append({"fold_head": head, "rope_in_kernel": rope, "us": step_us(model)})
             print(tag, rows[-1], flush=True)
     modeling.FOLD_HEAD = modeling.ROPE_IN_KERNEL = True
