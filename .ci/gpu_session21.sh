@@ -4,6 +4,7 @@
 #   tests   GPU tests: RoPE from positions, the folded head, the fused step against the unfused logits, picks
 #   edges   .ci/b1_edges_probe.py: A/B in the step of the folded head and the in-kernel RoPE, head shapes
 #   b1      batch 1 in two processes (shipped picks)
+#   sweep   the GPU-side test files $SWEEP_FILES (within $SWEEP_S)
 #   tune    python -m mhla_stream.cli.tune_decode --batch $TB into $OUT/step_picks.json, then batch 1 with it
 #   profile the batch-1 step's kernels;  table  the whole decode table (batch 1-128, 2k/32k/128k)
 set -uo pipefail
@@ -16,6 +17,8 @@ ARGS="--model mhla-340m --random-weights --prompt-len 2048 --new-tokens 128 --de
 bench() { timeout 120 mhla-bench $ARGS "$@" 2>&1 | clean | grep "^mhla"; }
 for step in ${STEPS:-tests edges b1}; do
   case $step in
+    sweep) stamp "## GPU sweep: ${SWEEP_FILES}"; timeout ${SWEEP_S:-280} python3 -m pytest -q -p no:logging $SWEEP_FILES \
+        > $OUT/sweep.log 2>&1; tail -8 $OUT/sweep.log ;;
     tests) stamp "## tests"; timeout ${TEST_S:-200} python3 -m pytest -q -p no:logging \
         tests/test_step_picks.py tests/test_fused_decode.py tests/test_kernels.py \
         -k "${TESTK:-rope or head or step_picks or unfused_logits or feedback or cuda_graph}" > $OUT/tests.log 2>&1
