@@ -332,10 +332,15 @@ def _shifted_loss(logits, labels):
 
 def _one_cache(past_key_values, cache):
     """The cache given under either name (transformers renamed ``past_key_values`` to ``cache`` in
-    5.24); both at once is a mistake, unless they are the same object."""
+    5.24); two different MHLA caches at once are a mistake. A transformers cache beside an MHLA one
+    is generate's own (transformers before 5.24 does not know ``cache``: it passes the user's
+    through and makes a DynamicCache as past_key_values); this model cannot use it: the MHLA
+    cache is the stream (found on the GPU machine's transformers 5.17, session 21)."""
     if cache is None:
         return past_key_values
     if past_key_values is not None and past_key_values is not cache:
+        if isinstance(cache, MHLACache) and not isinstance(past_key_values, MHLACache):
+            return cache
         raise ValueError("pass the cache as past_key_values or as cache, not two different ones")
     return cache
 

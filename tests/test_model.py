@@ -82,6 +82,28 @@ def test_model_loaded_under_inference_mode_prepares_and_decodes():
     assert torch.isfinite(out).all()
 
 
+def test_an_mhla_cache_beside_generates_own_transformers_cache_is_the_stream():
+    """transformers before 5.24 passes ``cache=`` through to the model and makes a DynamicCache as
+    past_key_values (GPU machine, 5.17): the MHLA cache is used; two MHLA caches are refused."""
+    from transformers import DynamicCache
+
+    from mhla_stream.cache import MHLACache
+    from mhla_stream.modeling import _one_cache
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).eval()
+    a, b = MHLACache(model.new_state(1)), MHLACache(model.new_state(1))
+    assert _one_cache(DynamicCache(), a) is a and _one_cache(None, a) is a and _one_cache(a, None) is a
+    assert _one_cache(a, a) is a
+    with pytest.raises(ValueError, match="not two different"):
+        _one_cache(a, b)
+    with pytest.raises(ValueError, match="not two different"):  # an MHLA cache as past_key_values stays the user's
+        _one_cache(a, DynamicCache())
+    ids = torch.randint(3, 200, (1, 6))
+    with torch.inference_mode():
+        ref = model(ids, past_key_values=MHLACache(model.new_state(1))).logits
+        got = model(ids, past_key_values=DynamicCache(), cache=b).logits
+    assert torch.equal(got, ref) and b.seen == 6
+
+
 def test_the_cache_under_either_name():
     """transformers 5.24 renamed ``past_key_values`` to ``cache``: forward and generate take either
     name (the same stream), and refuse two different caches at once."""
