@@ -429,7 +429,7 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
             if bool(mask.all()):
                 mask = None
         plan = plan_for_call(plan, x, self.training)
-        if mask is None and FOLD_HEAD and one_row_step(plan, states, None, x) and self.lm_head.bias is None:
+        if mask is None and one_row_step(plan, states, None, x) and self._head_folds(x):
             # batch 1: the final norm and the LM head as one skinny product behind the last layer's,
             # instead of a norm kernel and cuBLAS after a drain
             logits = self.model(inputs_embeds=x, states=states, plan=plan, head=self.lm_head)
@@ -449,6 +449,17 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, keep])
         loss = None if labels is None else _shifted_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def _head_folds(self, x) -> bool:
+        """Whether the one-row step may run the final norm and the LM head as one skinny product: the
+        model's own modules as built (a plain Linear without bias, a contiguous weight in x's dtype
+        on x's device, the RMSNorm) and no hooks on them, which the fold would bypass."""
+        head, norm = self.lm_head, self.model.norm
+        w = head.weight if type(head) is nn.Linear else None
+        return (FOLD_HEAD and w is not None and head.bias is None and type(norm) is RMSNorm
+                and w.is_contiguous() and w.dtype == x.dtype == norm.weight.dtype and w.device == x.device
+                and not (head._forward_hooks or head._forward_pre_hooks or norm._forward_hooks
+                         or norm._forward_pre_hooks))
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                       use_cache=True, cache=None, **kwargs):

@@ -313,3 +313,36 @@ def test_one_row_step_folds_the_final_norm_into_the_head(monkeypatch):
         heads.clear()
         biased = model(ids[:, 9:10], past_key_values=caches[2], plan=plan).logits
         assert heads.count(True) == 0 and rel_err(biased, ref) < 1e-5
+
+
+@pytest.mark.parametrize("change", ("hook on the head", "hook on the norm", "strided head", "another head module",
+                                    "another norm module"))
+def test_a_changed_head_or_norm_takes_the_plain_path(monkeypatch, change):
+    """What the fold would bypass or cannot take (hooks, a strided weight, modules that are not the
+    model's own) leaves the one-row step's head to the plain code: its logits,
+    hooks called, no crash in the middle of a decode."""
+    import mhla_stream.modeling as modeling
+    torch.manual_seed(0)
+    model = MHLAForCausalLM(preset_config("mhla-tiny")).to(DEV).eval()
+    plan = model.make_plan(1, backend="triton", fused_decode=True)
+    ids = torch.randint(3, 256, (1, 10), device=DEV)
+    seen = []
+    if change == "hook on the head":
+        model.lm_head.register_forward_hook(lambda m, i, o: seen.append(1))
+    elif change == "hook on the norm":
+        model.model.norm.register_forward_pre_hook(lambda m, i: seen.append(1))
+    elif change == "strided head":
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().t().contiguous().t())
+    elif change == "another head module":
+        model.lm_head = torch.nn.Sequential(model.lm_head)
+    else:
+        model.model.norm = torch.nn.Sequential(model.model.norm)
+    out = []
+    with torch.inference_mode():
+        for fold in (True, False):
+            monkeypatch.setattr(modeling, "FOLD_HEAD", fold)
+            cache = MHLACache(model.new_state(1))
+            model(ids[:, :9], past_key_values=cache, plan=plan)
+            out.append(model(ids[:, 9:10], past_key_values=cache, plan=plan).logits)
+    assert out[0].shape == (1, 1, 256) and torch.equal(out[0], out[1])
+    assert len(seen) == (4 if change.startswith("hook") else 0)
