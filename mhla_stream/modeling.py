@@ -249,12 +249,14 @@ class MHLAModel(MHLAPreTrainedModel):
     def forward(self, input_ids=None, inputs_embeds=None, states: list[MHLAState] | None = None,
                 lengths=None, plan: ExecutionPlan | None = None, head: nn.Linear | None = None):
         """``plan``: how to run (``plan.make_plan``); None: the default for these inputs.
-        ``head`` (an LM head without bias): where the one-row fused step runs (``one_row_step``),
+        ``head`` (an LM head without bias), only where the one-row fused step runs (``one_row_step``):
         return its logits instead, the final norm folded into its product (launched behind the last
         layer's with programmatic dependent launch, before the position update)."""
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         plan = plan_for_call(plan, x, self.training)
+        if head is not None and not one_row_step(plan, states, lengths, x):
+            raise ValueError("head= is for the one-row fused decode step only (one_row_step)")
         start = states[0].pos[:, None] if states is not None else torch.zeros(B, 1, dtype=torch.long, device=x.device)
         rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
         if plan.fused_decode and states is not None and lengths is None and T == 1:  # (B == 1: one_row_step)
@@ -262,7 +264,7 @@ class MHLAModel(MHLAPreTrainedModel):
             stats = None
             for layer, state in zip(self.layers, states):
                 x, stats = layer.decode_step(x, cos, sin, state, stats)
-            if head is not None and B == 1:
+            if head is not None:
                 logits = skinny_linear(x.view(1, -1), head.weight, norm_weight=self.norm.weight, eps=self.norm.eps)
                 MHLAState.advance_positions(states)
                 return logits.view(1, 1, -1)

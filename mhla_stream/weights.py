@@ -20,8 +20,9 @@ class ConcatenatedWeight:
     whenever a source weight is replaced, moved or cast (``to()``), or changed in place
     (``load_state_dict``, an optimizer step: its version counter moves).
 
-    ``norm``: an RMSNorm (``modeling.RMSNorm``) whose weight is folded into the columns (tiled ``repeat`` times), W diag(w),
-    for products that take the norm as a scale of their sums (the fused step from two rows)."""
+    ``norm``: an RMSNorm (``modeling.RMSNorm``) whose weight is folded into the columns (tiled
+    ``repeat`` times), W diag(w), for products that take the norm as a scale of their sums (the
+    fused step from two rows)."""
 
     def __init__(self, *linears: nn.Linear, norm: nn.Module | None = None, repeat: int = 1):
         self._linears = linears  # a plain tuple: the modules stay registered on their owner only

@@ -313,6 +313,10 @@ def test_one_row_step_folds_the_final_norm_into_the_head(monkeypatch):
         heads.clear()
         biased = model(ids[:, 9:10], past_key_values=caches[2], plan=plan).logits
         assert heads.count(True) == 0 and rel_err(biased, ref) < 1e-5
+        seen = caches[0].seen
+        with pytest.raises(ValueError, match="one-row fused decode step only"):  # no silent hidden states
+            model.model(ids[:, :2], states=caches[0].states, plan=plan, head=model.lm_head)
+        assert caches[0].seen == seen  # refused before anything ran
 
 
 @pytest.mark.parametrize("change", ("hook on the head", "hook on the norm", "strided head", "another head module",
