@@ -1,9 +1,12 @@
 """Session 21 probe (GPU): the batch-1 step's edges. A/B in the captured step of (1) the LM head as
 a one-row skinny product with the final norm folded in (``modeling.FOLD_HEAD``) and (2) the RoPE
 angles computed in each decode kernel from its position (``modeling.ROPE_IN_KERNEL``); then the
-head product's launch shapes timed in the step. Timing only (the GPU tests check the logits)."""
+head product's launch shapes timed in the step. Timing only (the GPU tests check the logits).
+QUICK=1: the RoPE A/B alone, with the folded head (call6: fp32 cos / sin of an fp64-reduced angle;
+call2 measured float64 cos / sin, ``rope_in_kernel_attempt.patch``)."""
 import itertools
 import json
+import os
 import sys
 
 import torch
@@ -28,6 +31,15 @@ def ab(tag):
     return rows
 
 
+if os.environ.get("QUICK") == "1":
+    rows = []
+    for rnd in range(3):
+        for rope in (False, True):
+            modeling.ROPE_IN_KERNEL = rope
+            rows.append({"rope_in_kernel": rope, "us": step_us(model)})
+            print("quick", rows[-1], flush=True)
+    json.dump({"ab_rope_fp32_sincos": rows}, open(sys.argv[1], "w"), indent=1)
+    sys.exit(0)
 out["ab_head_tuned_alone"] = ab("alone")
 D, V = model.config.hidden_size, model.config.vocab_size
 key = step_picks.product_key(V, D, D, True, False, False, False, torch.bfloat16)

@@ -19,10 +19,11 @@ from .attention import mhla_attention
 from .cache import MHLACache
 from .checkpoint import CheckpointError
 from .configuration import MHLAConfig
-from .fused import add_rms_norm_fast, gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_at_fast, swiglu_fast
+from .fused import (add_rms_norm_fast, gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_at_fast, rope_position_tables,
+                    swiglu_fast)
 from .kernels import triton_available
 from .mixing import init_mixing
-from .plan import ExecutionPlan, make_plan
+from .plan import ExecutionPlan, make_plan, one_row_step
 from .state import MHLAState
 from .weights import ConcatenatedWeight
 
@@ -116,7 +117,7 @@ class MHLABlock(nn.Module):
         h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
         return h + self.mlp(self.mlp_norm(h), plan)
 
-    def decode_step(self, x, cos, sin, state: MHLAState, stats=None):
+    def decode_step(self, x, rope: dict, state: MHLAState, stats=None):
         """One token per sequence through the block in five launches (CUDA inference, Triton):
 
             qkvg = RMSNorm(x) W_qkvg^T                         skinny product, norm in its prologue
@@ -125,8 +126,9 @@ class MHLABlock(nn.Module):
             a    = silu(RMSNorm(h) W_gate^T) * (RMSNorm(h) W_up^T)
             out  = h + a W_down^T
 
-        against about 17 launches of ``forward``. x [B, 1, D] -> ([B, 1, D], stats); cos, sin [B, K/2]
-        fp32. ``state`` is advanced except its position: the caller moves every layer's at once
+        against about 17 launches of ``forward``. x [B, 1, D] -> ([B, 1, D], stats); ``rope``: the
+        decode kernel's RoPE argument, {"rope": (cos, sin) [B, K/2] fp32} or {"rope_pos": the
+        position tables} (``decode_into``). ``state`` is advanced except its position: the caller moves every layer's at once
         (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
         to the activation dtype; only summation order differs.
 
@@ -164,15 +166,15 @@ class MHLABlock(nn.Module):
         if rows:
             o_stats, h_stats, out_stats = (norm_stats(B, n, x.device) for n in (hv, D, D))
             # raw mixing: clamped in-kernel; the state is read before the wait (no kernel of this step writes it)
-            decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True,
-                        gate=g.view(B, H, V), stats=o_stats)
+            decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, state_early=True, gate=g.view(B, H, V),
+                        stats=o_stats, **rope)
             h = skinny_linear(o.view(B, hv), attn.o_normed_weight.get(), group=V, eps=gn.eps, stats_in=o_stats,
                               residual=x2, stats_out=h_stats)
             a = skinny_linear(h, self.gate_up_normed_weight.get(), eps=self.mlp_norm.eps, swiglu=True,
                               stats_in=h_stats)
             out = skinny_linear(a, mlp.down_proj.weight, residual=h, stats_out=out_stats)
             return out.view(B, 1, -1), out_stats
-        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
+        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, state_early=True, **rope)
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
                           residual=x2)
         a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
@@ -257,19 +259,28 @@ class MHLAModel(MHLAPreTrainedModel):
         plan = plan_for_call(plan, x, self.training)
         if head is not None and not one_row_step(plan, states, lengths, x):
             raise ValueError("head= is for the one-row fused decode step only (one_row_step)")
+        if head is not None and head.bias is not None:
+            raise ValueError("head=: a head without bias (its product has no bias term)")
         start = states[0].pos[:, None] if states is not None else torch.zeros(B, 1, dtype=torch.long, device=x.device)
-        rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
+        dk, theta = self.config.head_k_dim, self.config.rope_theta
         if plan.fused_decode and states is not None and lengths is None and T == 1:  # (B == 1: one_row_step)
-            cos, sin = (t.reshape(B, -1) for t in rope)
+            if ROPE_IN_KERNEL and dk % 2 == 0:  # each decode kernel computes its angles from its position
+                rope = {"rope_pos": rope_position_tables(dk, theta, x.device)}
+            else:
+                rope = {"rope": tuple(t.reshape(B, -1) for t in rope_at_fast(start, T, dk, theta))}
             stats = None
             for layer, state in zip(self.layers, states):
-                x, stats = layer.decode_step(x, cos, sin, state, stats)
+                x, stats = layer.decode_step(x, rope, state, stats)
             if head is not None:
-                logits = skinny_linear(x.view(1, -1), head.weight, norm_weight=self.norm.weight, eps=self.norm.eps)
-                MHLAState.advance_positions(states)
+                try:  # (the positions move even if the head fails: the layers' states hold the token)
+                    logits = skinny_linear(x.view(1, -1), head.weight, norm_weight=self.norm.weight,
+                                           eps=self.norm.eps)
+                finally:
+                    MHLAState.advance_positions(states)
                 return logits.view(1, 1, -1)
             MHLAState.advance_positions(states)
             return self.norm(x)
+        rope = rope_at_fast(start, T, dk, theta)  # once for all layers
         if plan.batched_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
             x = x.reshape(B, -1)
@@ -305,11 +316,18 @@ def _one_cache(past_key_values, cache):
 
 # the one-row fused step's LM head as a skinny product with the final norm folded in (False: A/B runs)
 FOLD_HEAD = True
+# the fused step's RoPE angles computed by each decode kernel from its position, instead of one
+# launch of tables for all layers (False: A/B runs)
+ROPE_IN_KERNEL = True
 
 
-def one_row_step(plan: ExecutionPlan, states, lengths, x: torch.Tensor) -> bool:
-    """Whether ``MHLAModel.forward`` runs the one-row fused decode step (batch 1, one token)."""
-    return plan.fused_decode and states is not None and lengths is None and tuple(x.shape[:2]) == (1, 1)
+def _hooked(*modules: nn.Module, pre: bool = True) -> bool:
+    """Whether a call of these modules runs more than their class's ``forward``: forward hooks (with
+    ``pre``, pre-hooks too) on them or global ones, or a ``forward`` set on an instance (accelerate's
+    hooks wrap it so)."""
+    g = nn.modules.module
+    return bool(g._global_forward_hooks or (pre and g._global_forward_pre_hooks)) or any(
+        m._forward_hooks or (pre and m._forward_pre_hooks) or "forward" in m.__dict__ for m in modules)
 
 
 def plan_for_call(plan: ExecutionPlan | None, x: torch.Tensor, training: bool) -> ExecutionPlan:
@@ -410,14 +428,15 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
 
     def _head_folds(self, x) -> bool:
         """Whether the one-row step may run the final norm and the LM head as one skinny product: the
-        model's own modules as built (a plain Linear without bias, a contiguous weight in x's dtype
-        on x's device, the RMSNorm) and no hooks on them, which the fold would bypass."""
+        model's own modules as built (a plain Linear without bias, a contiguous [V, D] weight in x's
+        dtype on x's device, the RMSNorm) and nothing the fold would bypass or change: hooks (on the
+        head, the norm, global ones; forward hooks on the base model, which would see logits instead
+        of hidden states) or a ``forward`` set on an instance."""
         head, norm = self.lm_head, self.model.norm
         w = head.weight if type(head) is nn.Linear else None
         return (FOLD_HEAD and w is not None and head.bias is None and type(norm) is RMSNorm
                 and w.is_contiguous() and w.dtype == x.dtype == norm.weight.dtype and w.device == x.device
-                and not (head._forward_hooks or head._forward_pre_hooks or norm._forward_hooks
-                         or norm._forward_pre_hooks))
+                and w.shape[1] == x.shape[-1] and not _hooked(head, norm) and not _hooked(self.model, pre=False))
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                       use_cache=True, cache=None, **kwargs):

@@ -133,3 +133,8 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
         pdl=cuda and triton_path and pdl_supported(), policy=policy, state_dtype=ring_dtype,
         train_backend="triton" if chosen == "triton" and env.triton_train else "torch",
         batched_decode=batched_decode)
+
+
+def one_row_step(plan: ExecutionPlan, states, lengths, x) -> bool:
+    """Whether ``MHLAModel.forward`` runs the one-row fused decode step (batch 1, one token)."""
+    return plan.fused_decode and states is not None and lengths is None and tuple(x.shape[:2]) == (1, 1)
