@@ -49,12 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fused import _TWO_PI_HEAD, _TWO_PI_TAIL
 from .triton_common import INTERPRET, PDL, PDL_EARLY, far_coef, pow2, ring_block, round_bf16, round_to, window_coef
-
-TWO_PI_HEAD: tl.constexpr = tl.constexpr(_TWO_PI_HEAD)
-TWO_PI_TAIL: tl.constexpr = tl.constexpr(_TWO_PI_TAIL)
-INV_TWO_PI: tl.constexpr = tl.constexpr(0.15915494309189535)
 
 
 @triton.jit
@@ -69,44 +64,17 @@ def _features(x1, x2, c, s, FEATURES: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _rope_at(pos, f_ptr, red_ptr, pair, m):
-    """cos, sin (fp32) of RoPE pairs ``pair`` at integer position ``pos``: the angle as
-    ``fused.rope_angles`` computes it (f, the fp32 frequencies, and red = (2**20 f) mod 2pi in
-    float64; pos = hi 2**20 + lo; angle = lo f + hi red), reduced to [-pi, pi] in float64
-    (Cody-Waite, 2pi in two parts), then fp32 cos / sin of the reduced angle: within ~2e-7 of the
-    tables' float64 cos / sin rounded to fp32, at any position. (float64 cos / sin themselves cost
-    the batch-1 step 35 us, session 21.) Computed from the position, which the fused step reads
-    before waiting on the previous kernel, instead of loaded from tables made by a launch of their
-    own (ROPE_POS)."""
-    f = tl.load(f_ptr + pair, mask=m, other=0.0)                                                # float64
-    red = tl.load(red_ptr + pair, mask=m, other=0.0)
-    hi = (pos // 1048576).to(tl.float64)
-    lo = (pos % 1048576).to(tl.float64)
-    ang = lo * f + hi * red
-    # (float64 scalars made with full: a Python float in an expression would be an fp32 constant)
-    head = tl.full([], TWO_PI_HEAD, tl.float64)
-    k = tl.floor(ang * tl.full([], INV_TWO_PI, tl.float64) + 0.5)
-    r = ((ang - k * head) - k * tl.full([], TWO_PI_TAIL, tl.float64)).to(tl.float32)           # [-pi, pi]
-    return tl.cos(r), tl.sin(r)
-
-
-@triton.jit
-def _feature_rows(x_ptr, rows, K, K2, cos_ptr, sin_ptr, FEATURES: tl.constexpr, DT: tl.constexpr, pos,
-                  ROPE_POS: tl.constexpr):
+def _feature_rows(x_ptr, rows, K, K2, cos_ptr, sin_ptr, FEATURES: tl.constexpr, DT: tl.constexpr):
     """``_features`` of the rows ``rows`` of a raw [K] vector, any rows (a close program's chunk):
-    each row's RoPE partner (row +- K2) is loaded alongside it. ROPE_POS: cos_ptr / sin_ptr hold
-    ``_rope_at``'s tables and ``pos`` is the token's position."""
+    each row's RoPE partner (row +- K2) is loaded alongside it."""
     m = rows < K
     x = tl.load(x_ptr + rows, mask=m, other=0.0).to(tl.float32)
     if FEATURES:
         first = rows < K2
         y = tl.load(x_ptr + tl.where(first, rows + K2, rows - K2), mask=m, other=0.0).to(tl.float32)
         pair = tl.where(first, rows, rows - K2)
-        if ROPE_POS:
-            c, s = _rope_at(pos, cos_ptr, sin_ptr, pair, m)
-        else:
-            c = tl.load(cos_ptr + pair, mask=m, other=1.0)
-            s = tl.load(sin_ptr + pair, mask=m, other=0.0)
+        c = tl.load(cos_ptr + pair, mask=m, other=1.0)
+        s = tl.load(sin_ptr + pair, mask=m, other=0.0)
         x, y = tl.maximum(x, 0.0), tl.maximum(y, 0.0)
         x = tl.where(first, x * c - y * s, x * c + y * s).to(DT).to(tl.float32)
     return x
@@ -136,7 +104,7 @@ def _emit(o, col0, b, h, scale, o_ptr, so_b, so_h, g_ptr, sg_b, sg_h, st_ptr, B,
 def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr, ring_ptr, far_ptr, pos_ptr,
                    m_ptr, cos_ptr, sin_ptr, g_ptr, st_ptr, ws_ptr, cnt_ptr, L, C, W, scale, sq_b, sq_h, sv_b, sv_h,
                    so_b, so_h, sc_b, sg_b, sg_h, B, GATED: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                   V: tl.constexpr, FEATURES: tl.constexpr, ROPE_POS: tl.constexpr, FAR: tl.constexpr, ROUND: tl.constexpr,
+                   V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr, ROUND: tl.constexpr,
                    PDL: tl.constexpr, EARLY: tl.constexpr, STATE_EARLY: tl.constexpr, TOKENS: tl.constexpr,
                    BK2: tl.constexpr, BV: tl.constexpr, SC: tl.constexpr, RC: tl.constexpr, BVC: tl.constexpr,
                    BVF: tl.constexpr, WG: tl.constexpr, BB: tl.constexpr):
@@ -153,12 +121,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_
     if pid < B * H * ((V + BV - 1) // BV):  # (the programs past these are close workers only)
         _token(pid, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr, pos_ptr, m_ptr, cos_ptr,
                sin_ptr, g_ptr, st_ptr, L, C, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b, sg_b, sg_h, B, GATED,
-               H, K, V, FEATURES, ROPE_POS, PDL, EARLY, STATE_EARLY, TOKENS, DT, BK2, BV, SC)
+               H, K, V, FEATURES, PDL, EARLY, STATE_EARLY, TOKENS, DT, BK2, BV, SC)
     # then every program is a close worker: no program waits for work, and a step with no close pays
     # only for one load of the positions
     _close(pid, tl.num_programs(0), bi, pv, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr,
            ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr, g_ptr, st_ptr, ws_ptr, cnt_ptr, L, C, W, scale,
-           sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b, sg_b, sg_h, B, GATED, H, K, V, FEATURES, ROPE_POS, FAR, ROUND, PDL,
+           sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b, sg_b, sg_h, B, GATED, H, K, V, FEATURES, FAR, ROUND, PDL,
            STATE_EARLY, TOKENS, DT, NS, NVC, RC, BVC, BVF, WG, BB)
 
 
@@ -166,7 +134,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_
 def _token(pid, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr,
            g_ptr, st_ptr, L, C, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b, sg_b, sg_h, B,
            GATED: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, FEATURES: tl.constexpr,
-           ROPE_POS: tl.constexpr,
            PDL: tl.constexpr, EARLY: tl.constexpr, STATE_EARLY: tl.constexpr, TOKENS: tl.constexpr,
            DT: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, SC: tl.constexpr):
     """A token program: one (sequence, head, BV value columns) of a sequence whose block stays open
@@ -214,14 +181,11 @@ def _token(pid, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr
                 r1 += ks1[:, None] * vs[None, :]
                 r2 += ks2[:, None] * vs[None, :]
         diag = window_coef(m_ptr, L, i, i)
-        if ROPE_POS:  # from the position: no wait needed
-            cs, sn = _rope_at(pos, cos_ptr, sin_ptr, j, m1)                                        # [BK2]
         if PDL and STATE_EARLY:  # the state and the mixing coefficient are in flight: now q, k, v
             tl.extra.cuda.gdc_wait()
         qh, kh = q_ptr + b * sq_b + h * sq_h, k_ptr + b * sq_b + h * sq_h
-        if not ROPE_POS:
-            cs = tl.load(cos_ptr + b * sc_b + j, mask=m1, other=1.0)                 # [BK2]
-            sn = tl.load(sin_ptr + b * sc_b + j, mask=m1, other=0.0)                 # [BK2]
+        cs = tl.load(cos_ptr + b * sc_b + j, mask=m1, other=1.0)                     # [BK2]
+        sn = tl.load(sin_ptr + b * sc_b + j, mask=m1, other=0.0)                     # [BK2]
         q1, q2 = _features(tl.load(qh + j, mask=m1, other=0.0).to(tl.float32),
                            tl.load(qh + K2 + j, mask=m2, other=0.0).to(tl.float32), cs, sn, FEATURES, DT)
         k1, k2 = _features(tl.load(kh + j, mask=m1, other=0.0).to(tl.float32),
@@ -271,7 +235,7 @@ def _token(pid, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr
 def _close(pid, NP, bi, pv, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr, ring_ptr, far_ptr,
            pos_ptr, m_ptr, cos_ptr, sin_ptr, g_ptr, st_ptr, ws_ptr, cnt_ptr, L, C, W, scale, sq_b, sq_h, sv_b, sv_h,
            so_b, so_h, sc_b, sg_b, sg_h, B, GATED: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-           V: tl.constexpr, FEATURES: tl.constexpr, ROPE_POS: tl.constexpr, FAR: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr,
+           V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr,
            STATE_EARLY: tl.constexpr, TOKENS: tl.constexpr, DT: tl.constexpr, NS: tl.constexpr,
            NVC: tl.constexpr, RC: tl.constexpr, BVC: tl.constexpr, BVF: tl.constexpr, WG: tl.constexpr,
            BB: tl.constexpr):
@@ -292,14 +256,14 @@ def _close(pid, NP, bi, pv, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb
             _close_item(b, h, rest // NVC, rest % NVC, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr,
                         pe_ptr, ring_ptr, far_ptr, pos_ptr, m_ptr, cos_ptr, sin_ptr, g_ptr, st_ptr, ws_ptr, cnt_ptr,
                         L, C, W, scale, sq_b, sq_h, sv_b, sv_h, so_b, so_h, sc_b, sg_b, sg_h, B, GATED, H, K, V,
-                        FEATURES, ROPE_POS, FAR, ROUND, TOKENS, DT, NS, NVC, RC, BVC, BVF, WG)
+                        FEATURES, FAR, ROUND, TOKENS, DT, NS, NVC, RC, BVC, BVF, WG)
 
 
 @triton.jit
 def _close_item(b, h, sp, cc, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, vb_ptr, pe_ptr, ring_ptr, far_ptr,
                 pos_ptr, m_ptr, cos_ptr, sin_ptr, g_ptr, st_ptr, ws_ptr, cnt_ptr, L, C, W, scale, sq_b, sq_h, sv_b,
                 sv_h, so_b, so_h, sc_b, sg_b, sg_h, B, GATED: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                V: tl.constexpr, FEATURES: tl.constexpr, ROPE_POS: tl.constexpr, FAR: tl.constexpr, ROUND: tl.constexpr,
+                V: tl.constexpr, FEATURES: tl.constexpr, FAR: tl.constexpr, ROUND: tl.constexpr,
                 TOKENS: tl.constexpr, DT: tl.constexpr, NS: tl.constexpr, NVC: tl.constexpr, RC: tl.constexpr,
                 BVC: tl.constexpr, BVF: tl.constexpr, WG: tl.constexpr):
     """A close item: rows [s RC, (s + 1) RC) and BVC value columns of one head of a sequence whose
@@ -345,9 +309,9 @@ def _close_item(b, h, sp, cc, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, 
             vs = tl.load(vbh + s * V + cols, mask=mc, other=0.0)                                 # [BVC]
             a += ks[:, None] * vs[None, :]
     q = _feature_rows(q_ptr + b * sq_b + h * sq_h, rows, K, (K + 1) // 2, cos_ptr + b * sc_b,
-                      sin_ptr + b * sc_b, FEATURES, DT, pos, ROPE_POS)                        # [RC]
+                      sin_ptr + b * sc_b, FEATURES, DT)                                       # [RC]
     k = _feature_rows(k_ptr + b * sq_b + h * sq_h, rows, K, (K + 1) // 2, cos_ptr + b * sc_b,
-                      sin_ptr + b * sc_b, FEATURES, DT, pos, ROPE_POS)
+                      sin_ptr + b * sc_b, FEATURES, DT)
     v = tl.load(v_ptr + b * sv_b + h * sv_h + cols, mask=mc, other=0.0).to(tl.float32)       # [BVC]
     a += k[:, None] * v[None, :]
     p = tl.load(p_ptr + head + t, mask=mt, other=0.0)
@@ -443,7 +407,7 @@ def _min_programs(device) -> int:
 
 
 def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, num_warps=4, state_early=False,
-                tokens=None, gate=None, stats=None, close_shape=None, maxnreg=None, rope_pos=None):
+                tokens=None, gate=None, stats=None, close_shape=None, maxnreg=None):
     """Launch the decode kernel. q, k: [B, H, K] views (any batch/head strides, unit last stride);
     v: [B, H, V]; o: [B, H, V] output; ``raw_mixing``: the [L, L] parameter (clamped on load).
     ``rope`` = (cos, sin) [B, K/2] fp32 applies relu + RoPE to the raw q, k in the kernel (the
@@ -458,28 +422,21 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
     the token form from ``TOKENS_FROM`` sequences on); either form continues a state left by the other.
     ``gate`` [B, H, V] with ``stats`` (``norm_stats(B, H * V)``): o is written as o * silu(gate),
     with the square sums of o itself in ``stats`` (the fused step's gated output norm).
-    ``close_shape`` = (rows, columns) of a close item (default: below); ``maxnreg``: a register cap.
-    ``rope_pos`` = ``fused.rope_position_tables`` (float64 [K/2] each), instead of ``rope``: the same
-    relu + RoPE with the angles computed in the kernel from each sequence's position."""
+    ``close_shape`` = (rows, columns) of a close item (default: below); ``maxnreg``: a register cap."""
     if not all(getattr(state, n).is_contiguous() for n in state.TENSORS):
         # the kernel indexes a state's rows densely: a strided one (``select`` with a step) runs on a
         # dense copy, written back after (it updated the wrong rows before, as the prefill did)
         dense = state._map(lambda t: t.contiguous())
         # (not early: the copy just made is the previous kernel's output)
         decode_into(o, q, k, v, raw_mixing, dense, scale, rope, block_v, num_warps, tokens=tokens, gate=gate,
-                    stats=stats, close_shape=close_shape, maxnreg=maxnreg, rope_pos=rope_pos)
+                    stats=stats, close_shape=close_shape, maxnreg=maxnreg)
         state.copy_(dense)
         return o
     B, H, K = q.shape
     V = v.shape[-1]
     assert q.stride() == k.stride() and q.stride(-1) == v.stride(-1) == o.stride(-1) == 1
     # without FEATURES the cos/sin loads are ignored: any fp32 buffer of K/2+ elements will do
-    assert rope is None or rope_pos is None, "rope or rope_pos, not both"
-    if rope_pos is not None:
-        assert all(t.dtype == torch.float64 and t.shape == ((K + 1) // 2,) and t.is_contiguous() for t in rope_pos), \
-            "rope_pos: fused.rope_position_tables (float64 [K/2])"
-        assert K % 2 == 0, "rope_pos: an even head dim"
-    cos, sin = rope if rope is not None else rope_pos if rope_pos is not None else (state.partial, state.partial)
+    cos, sin = rope if rope is not None else (state.partial, state.partial)
     # batch 1 is latency bound: many small programs. Larger batches are bound by the state traffic:
     # wider column blocks move it faster (H100, 340M shape, per layer: batch 32 20.4 us at BV 32
     # against 25.2 at 16; batch 128 72.6 us at 64 against 124.8, 2.77 TB/s; .ci/gpu_decode_probe.py)
@@ -506,8 +463,7 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
         raw_mixing.shape[0], state.block_size, state.window, scale, q.stride(0), q.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), cos.stride(0) if rope is not None else 0,
         gate.stride(0) if gated else 0, gate.stride(1) if gated else 0, B,
-        GATED=gated, H=H, K=K, V=V, FEATURES=rope is not None or rope_pos is not None, ROPE_POS=rope_pos is not None,
-        FAR=state.far.numel() > 0,
+        GATED=gated, H=H, K=K, V=V, FEATURES=rope is not None, FAR=state.far.numel() > 0,
         ROUND=state.ring.dtype == torch.bfloat16, PDL=PDL, EARLY=PDL_EARLY, STATE_EARLY=state_early,
         TOKENS=tokens, BK2=pow2((K + 1) // 2), BV=BV, SC=16, RC=RC, BVC=BVC, BVF=pow2(V),
         WG=max(1, 2048 // (RC * BVC)), BB=pow2(B, 2),

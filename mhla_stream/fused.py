@@ -38,30 +38,13 @@ def rope_frequencies(dim: int, theta: float, device=None):
     return (theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)).double()
 
 
-def _reduced(f):
-    scaled = f * _POS_SPLIT                                   # exact: a power of two
-    k = torch.round(scaled / (_TWO_PI_HEAD + _TWO_PI_TAIL))
-    return (scaled - k * _TWO_PI_HEAD) - k * _TWO_PI_TAIL     # (2**20 f) mod 2pi, in [-pi, pi]
-
-
-_POSITION_TABLES: dict = {}
-
-
-def rope_position_tables(dim: int, theta: float, device):
-    """(f, (2**20 f) mod 2pi), float64 [dim/2] each: what the decode kernel needs to compute
-    ``rope_angles`` from a position itself (``decode_into``'s rope_pos). Made once a device."""
-    key = (dim, float(theta), torch.device(device))
-    if key not in _POSITION_TABLES:
-        f = rope_frequencies(dim, theta, device)
-        _POSITION_TABLES[key] = (f.contiguous(), _reduced(f).contiguous())
-    return _POSITION_TABLES[key]
-
-
 def rope_angles(positions, dim: int, theta: float):
     """Angles [..., dim/2] in float64 for integer ``positions``, exact to ~1e-9 rad up to 2**40 and
     drifting only ~1e-16 rad per 2**20 tokens past it; the same function serves every path."""
     f = rope_frequencies(dim, theta, positions.device)
-    reduced = _reduced(f)
+    scaled = f * _POS_SPLIT                                   # exact: a power of two
+    k = torch.round(scaled / (_TWO_PI_HEAD + _TWO_PI_TAIL))
+    reduced = (scaled - k * _TWO_PI_HEAD) - k * _TWO_PI_TAIL  # (2**20 f) mod 2pi, in [-pi, pi]
     pos = positions.to(torch.int64)
     hi = torch.div(pos, _POS_SPLIT, rounding_mode="floor").to(torch.float64)[..., None]
     lo = torch.remainder(pos, _POS_SPLIT).to(torch.float64)[..., None]

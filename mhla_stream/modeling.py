@@ -19,8 +19,7 @@ from .attention import mhla_attention
 from .cache import MHLACache
 from .checkpoint import CheckpointError
 from .configuration import MHLAConfig
-from .fused import (add_rms_norm_fast, gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_at_fast, rope_position_tables,
-                    swiglu_fast)
+from .fused import add_rms_norm_fast, gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_at_fast, swiglu_fast
 from .kernels import triton_available
 from .mixing import init_mixing
 from .plan import ExecutionPlan, make_plan, one_row_step
@@ -117,7 +116,7 @@ class MHLABlock(nn.Module):
         h = x + self.attn(self.attn_norm(x), rope, state, lengths, plan)
         return h + self.mlp(self.mlp_norm(h), plan)
 
-    def decode_step(self, x, rope: dict, state: MHLAState, stats=None):
+    def decode_step(self, x, cos, sin, state: MHLAState, stats=None):
         """One token per sequence through the block in five launches (CUDA inference, Triton):
 
             qkvg = RMSNorm(x) W_qkvg^T                         skinny product, norm in its prologue
@@ -126,9 +125,8 @@ class MHLABlock(nn.Module):
             a    = silu(RMSNorm(h) W_gate^T) * (RMSNorm(h) W_up^T)
             out  = h + a W_down^T
 
-        against about 17 launches of ``forward``. x [B, 1, D] -> ([B, 1, D], stats); ``rope``: the
-        decode kernel's RoPE argument, {"rope": (cos, sin) [B, K/2] fp32} or {"rope_pos": the
-        position tables} (``decode_into``). ``state`` is advanced except its position: the caller moves every layer's at once
+        against about 17 launches of ``forward``. x [B, 1, D] -> ([B, 1, D], stats); cos, sin [B, K/2]
+        fp32. ``state`` is advanced except its position: the caller moves every layer's at once
         (``MHLAState.advance_positions``). Numerics follow ``forward``: the same values are rounded
         to the activation dtype; only summation order differs.
 
@@ -166,15 +164,15 @@ class MHLABlock(nn.Module):
         if rows:
             o_stats, h_stats, out_stats = (norm_stats(B, n, x.device) for n in (hv, D, D))
             # raw mixing: clamped in-kernel; the state is read before the wait (no kernel of this step writes it)
-            decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, state_early=True, gate=g.view(B, H, V),
-                        stats=o_stats, **rope)
+            decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True,
+                        gate=g.view(B, H, V), stats=o_stats)
             h = skinny_linear(o.view(B, hv), attn.o_normed_weight.get(), group=V, eps=gn.eps, stats_in=o_stats,
                               residual=x2, stats_out=h_stats)
             a = skinny_linear(h, self.gate_up_normed_weight.get(), eps=self.mlp_norm.eps, swiglu=True,
                               stats_in=h_stats)
             out = skinny_linear(a, mlp.down_proj.weight, residual=h, stats_out=out_stats)
             return out.view(B, 1, -1), out_stats
-        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, state_early=True, **rope)
+        decode_into(o, q, k, v, attn.mixing_matrix, state, K ** -0.5, rope=(cos, sin), state_early=True)
         h = skinny_linear(o.view(B, hv), attn.o_proj.weight, norm_weight=gn.weight, group=V, eps=gn.eps, gate=g,
                           residual=x2)
         a = skinny_linear(h, mlp.gate_up_weight.get(), norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps,
@@ -262,15 +260,12 @@ class MHLAModel(MHLAPreTrainedModel):
         if head is not None and head.bias is not None:
             raise ValueError("head=: a head without bias (its product has no bias term)")
         start = states[0].pos[:, None] if states is not None else torch.zeros(B, 1, dtype=torch.long, device=x.device)
-        dk, theta = self.config.head_k_dim, self.config.rope_theta
+        rope = rope_at_fast(start, T, self.config.head_k_dim, self.config.rope_theta)  # once for all layers
         if plan.fused_decode and states is not None and lengths is None and T == 1:  # (B == 1: one_row_step)
-            if ROPE_IN_KERNEL and dk % 2 == 0:  # each decode kernel computes its angles from its position
-                rope = {"rope_pos": rope_position_tables(dk, theta, x.device)}
-            else:
-                rope = {"rope": tuple(t.reshape(B, -1) for t in rope_at_fast(start, T, dk, theta))}
+            cos, sin = (t.reshape(B, -1) for t in rope)
             stats = None
             for layer, state in zip(self.layers, states):
-                x, stats = layer.decode_step(x, rope, state, stats)
+                x, stats = layer.decode_step(x, cos, sin, state, stats)
             if head is not None:
                 try:  # (the positions move even if the head fails: the layers' states hold the token)
                     logits = skinny_linear(x.view(1, -1), head.weight, norm_weight=self.norm.weight,
@@ -280,7 +275,6 @@ class MHLAModel(MHLAPreTrainedModel):
                 return logits.view(1, 1, -1)
             MHLAState.advance_positions(states)
             return self.norm(x)
-        rope = rope_at_fast(start, T, dk, theta)  # once for all layers
         if plan.batched_decode and states is not None and lengths is None and T == 1:
             cos, sin = (t.reshape(B, -1) for t in rope)
             x = x.reshape(B, -1)
@@ -316,9 +310,6 @@ def _one_cache(past_key_values, cache):
 
 # the one-row fused step's LM head as a skinny product with the final norm folded in (False: A/B runs)
 FOLD_HEAD = True
-# the fused step's RoPE angles computed by each decode kernel from its position, instead of one
-# launch of tables for all layers (False: A/B runs)
-ROPE_IN_KERNEL = True
 
 
 def _hooked(*modules: nn.Module, pre: bool = True) -> bool:

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from conftest import TOL, rand_qkv, rel_err
 
 from mhla_stream import MHLACache, MHLAForCausalLM, POLICIES, mhla_attention, mhla_reference, preset_config
-from mhla_stream.fused import gated_norm, relu_rope, rms_norm, rope_position_tables, rope_tables, swiglu
+from mhla_stream.fused import gated_norm, relu_rope, rms_norm, rope_tables, swiglu
 from mhla_stream.kernels import triton_common
-from mhla_stream.kernels.triton_decode import decode_into
 from mhla_stream.kernels.triton_features import relu_rope_qk
 from mhla_stream.kernels.triton_skinny import skinny_linear
 
@@ -306,8 +305,6 @@ def test_one_row_step_folds_the_final_norm_into_the_head(monkeypatch):
         for c in caches:
             model(ids[:, :9], past_key_values=c, plan=unfused)
         ref = model(ids[:, 9:10], past_key_values=caches[1], plan=unfused).logits
-        # (and RoPE from the positions in the decode kernels: no table launch)
-        monkeypatch.setattr(modeling, "rope_at_fast", lambda *a: pytest.fail("a RoPE-table launch"))
         heads.clear()
         got = model(ids[:, 9:10], past_key_values=caches[0], plan=plan).logits
         assert heads.count(True) == 1
@@ -353,46 +350,3 @@ def test_a_changed_head_or_norm_takes_the_plain_path(monkeypatch, change):
             out.append(model(ids[:, 9:10], past_key_values=cache, plan=plan).logits)
     assert out[0].shape == (1, 1, 256) and torch.equal(out[0], out[1])
     assert len(seen) == (4 if change.startswith("hook") else 0)
-
-
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_decode_kernel_rope_from_positions_equals_the_tables(dtype):
-    """``rope_pos``: the kernel's own angles from each sequence's position give the tokens and the
-    state of the tables' (``rope_tables``), through a block close and an open-block token, at
-    positions around 2**20 (the angle's split) and 2**35. (The kernel's fp32 cos / sin of the
-    reduced angle are within ~2e-7 of the tables': fp32 1e-5; bf16 rounds q and k after them.)"""
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    H, K, V, L, C = 2, 16, 32, 3, 4
-    q, k, v, m = rand_qkv(3, 9, H, K, V, L, seed=5, device=DEV, dtype=dtype)
-    _, st = mhla_attention(q[:, :7], k[:, :7], v[:, :7], m, block_size=C, return_state=True, backend="torch")
-    shift = torch.tensor([0, (1 << 20) - 8 * C * st.window, 1 << 35], device=DEV)  # keeps each ring slot's block
-    st.pos += shift
-    st.partial_end += shift[:, None]
-    tables, own = st.clone(), st.clone()
-    freqs = rope_position_tables(K, 10000.0, DEV)
-    for t in (7, 8):  # a block close (7 = 2 C - 1), then a token of the new block
-        cos, sin = (a.reshape(3, -1) for a in rope_tables(tables.pos[:, None], K, 10000.0))
-        o_tab, o_own = torch.empty_like(v[:, 0]), torch.empty_like(v[:, 0])
-        decode_into(o_tab, q[:, t], k[:, t], v[:, t], m, tables, K ** -0.5, rope=(cos, sin))
-        decode_into(o_own, q[:, t], k[:, t], v[:, t], m, own, K ** -0.5, rope_pos=freqs)
-        tables.pos += 1
-        own.pos += 1
-        assert rel_err(o_own, o_tab) < tol, t
-    for name in ("ring", "prefix", "partial"):
-        assert rel_err(getattr(own, name), getattr(tables, name)) < tol, name
-
-
-def test_rope_pos_refuses_wrong_tables():
-    q, k, v, m = rand_qkv(1, 2, 2, 16, 32, 3, seed=1, device=DEV)
-    _, st = mhla_attention(q[:, :1], k[:, :1], v[:, :1], m, block_size=4, return_state=True, backend="torch")
-    before = st.clone()
-    f, r = rope_position_tables(16, 10000.0, DEV)
-    o = torch.zeros_like(v[:, 1])
-    for bad in ((f.float(), r), (f[:4], r[:4])):
-        with pytest.raises(AssertionError, match="rope_pos"):
-            decode_into(o, q[:, 1], k[:, 1], v[:, 1], m, st, 0.25, rope_pos=bad)
-    with pytest.raises(AssertionError, match="not both"):
-        decode_into(o, q[:, 1], k[:, 1], v[:, 1], m, st, 0.25, rope=(f.float()[None], r.float()[None]), rope_pos=(f, r))
-    for name in ("ring", "prefix", "partial", "pos"):  # nothing launched
-        assert torch.equal(getattr(st, name), getattr(before, name)), name
-    assert not o.any()
