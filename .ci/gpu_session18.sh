@@ -2,12 +2,7 @@
 # Run on the GPU machine (session 18): variants of the batched decode step (.ci/ab/variants18.py,
 # picked by X18) under mhla-bench, GPU tests, profiles, the decode table, mhla-serve throughput.
 # VARIANTS = "name|X18|ENV=VAL,..." entries (AB=variants19: the batch-1 variants, X19); STEPS (table, b1picks, gluon, serve) picks the other runs; results in $OUT.
-set -uo pipefail
-export PYTHONUNBUFFERED=1 MHLA_STREAM_TUNE=0
-T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/install.log 2>&1 || cat /tmp/install.log
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-clean() { tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$\|^ *$"; }
+source "$(dirname "$0")/gpu_lib.sh"  # (set-up, stamp, clean; ARGS is set again below)
 ARGS="--model mhla-340m --random-weights --prompt-len ${PROMPT:-2048} --new-tokens ${NEW:-128} --decode-only"
 for spec in ${VARIANTS:-}; do  # name|x18list|ENV=VAL,ENV=VAL
   IFS='|' read -r name x18 extra <<< "$spec"

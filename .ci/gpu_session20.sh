@@ -6,12 +6,7 @@
 #   ab      batches $AB_B with the picks of tune, and with none (MHLA_STREAM_STEP_PICKS=0)
 #   dshape  the decode kernel's launch shape at batch 1, timed in the step (.ci/b1_decode_shape_probe.py)
 #   profile the batch-1 step's kernels;  table  the whole decode table (batch 1-128, 2k/32k/128k)
-set -uo pipefail
-export PYTHONUNBUFFERED=1 MHLA_STREAM_TUNE=0
-T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/install.log 2>&1 || cat /tmp/install.log
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-clean() { tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$\|^ *$"; }
+source "$(dirname "$0")/gpu_lib.sh"  # (set-up, stamp, clean; ARGS is set again below)
 ARGS="--model mhla-340m --random-weights --prompt-len 2048 --new-tokens 128 --decode-only --batch 1"
 for step in ${STEPS:-tests b1}; do
   case $step in
