@@ -66,7 +66,8 @@ def _fits_rows(cfg, named_args, kwargs) -> bool:
     bn, bk, sp = cfg.kwargs["BN"], cfg.kwargs["BK"], cfg.kwargs["SPLIT"]
     K = named_args["K"]
     fits = _stats_fit_shape if kwargs.get("STATS_IN") else _late_fits
-    return (16 <= bn <= _MAX_BN and 16 <= bk and sp <= _MAX_SPLIT and bk * sp <= max(K, bk)
+    # every split holds columns (a last split may be short: K 2816 as three splits of one 1024 tile)
+    return (16 <= bn <= _MAX_BN and 16 <= bk and 1 <= sp <= _MAX_SPLIT and (sp - 1) * _split_cols(K, bk, sp) < K
             and (not kwargs.get("LATE") or fits(K, named_args["GS"], bk, sp)))
 
 
