@@ -38,7 +38,7 @@ def whole_slice(key: str) -> list[tuple]:
         tiles = [(1024, 3), (512, 6), (2048, 2)]
     out = []
     for bk, sp in tiles:
-        for bn in (16, 32, 64):
+        for bn in (16, 32, 64, 128):
             if bn * bk * two > 32768:
                 continue
             for w in (4, 8):
