@@ -18,6 +18,7 @@ import torch
 from mhla_stream.cli.common import load_model
 from mhla_stream.decode_tuning import _current, forget, step_us
 from mhla_stream.kernels import step_picks, triton_skinny
+from mhla_stream.kernels.skinny_shapes import whole_slice_shapes
 
 out_dir = sys.argv[1]
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "8,32").split(",")]
@@ -26,24 +27,9 @@ T0 = time.time()
 
 
 def whole_slice(key: str) -> list[tuple]:
-    """(BN, BK, warps, stages, maxnreg, SPLIT) with one BK tile a split, for a 'M.. N.. K.. G..' key."""
+    """The whole-slice shapes (``skinny_shapes.whole_slice_shapes``) for a 'M.. N.. K.. G..' key."""
     parts = key.split()
-    K, G = int(parts[2][1:]), int(parts[3][1:])
-    two = 2 if "swiglu" in parts else 1
-    if G < K:  # per-head groups: a split inside one group
-        tiles = [(G, K // G), (G // 2, 2 * K // G)]
-    elif K == 1024:
-        tiles = [(1024, 1), (512, 2), (256, 4)]
-    else:  # K 2816: the last split short
-        tiles = [(1024, 3), (512, 6), (2048, 2)]
-    out = []
-    for bk, sp in tiles:
-        for bn in (16, 32, 64, 128):
-            if bn * bk * two > 32768:
-                continue
-            for w in (4, 8):
-                out.append((bn, bk, w, 1, None, sp))
-    return out
+    return whole_slice_shapes(int(parts[2][1:]), int(parts[3][1:]), "swiglu" in parts)
 
 
 def timed(batch):

@@ -6,8 +6,9 @@ Times the captured decode step at each ``--batch`` with each skinny product's la
 (``mhla_stream.decode_tuning``, a few minutes on an H100) and merges the winners into the picks
 file (``--out``; default ``$MHLA_STREAM_STEP_PICKS`` or ``~/.cache/mhla_stream/step_picks.json``),
 which every later process on a GPU of the same name reads. Batch 1 tunes the one-row products,
-batch 8 the row block of 16 that batches 2-16 share. The shapes depend only on the model's widths
-and dtype, so the weights do not matter (random ones). The package ships the picks measured for
+batch 8 the row block of 16 that batches 2-16 share, batch 32 the row block of 32 of batches
+17-32. The shapes depend only on the model's widths and dtype, so the weights do not matter
+(random ones). The package ships the picks measured for
 mhla-340m on the GPUs in ``kernels/step_picks.json``; run this on other GPUs or model shapes.
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ from .common import command, fail
 @click.option("--model", default="mhla-340m", show_default=True,
               help="a preset (mhla-340m, mhla-tiny) or a checkpoint folder: its widths are what is tuned")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"]))
-@click.option("--batch", "batches", default="1,8", show_default=True,
-              help="comma-separated batch sizes to tune at (each must decode with the fused step: 1-16 by default)")
+@click.option("--batch", "batches", default="1,8,32", show_default=True,
+              help="comma-separated batch sizes to tune at (each must decode with the fused step: 1-32 by default)")
 @click.option("--passes", default=2, show_default=True, type=click.IntRange(1, 5),
               help="rounds over the products (later rounds retry each one's four fastest shapes)")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),

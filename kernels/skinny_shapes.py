@@ -19,6 +19,28 @@ _DOT = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages
 _MAX_SPLIT, _MAX_BN = 8, 128
 
 
+def whole_slice_shapes(K: int, GS: int, swiglu: bool) -> list[tuple]:
+    """Tensor-core launch shapes (BN, BK, num_warps, num_stages, maxnreg, SPLIT) whose programs hold
+    one BK tile each (each split one tile), so that a program requests all of its weight before it
+    waits on the previous kernel, as the one-row products do; the tuner's shapes loop over 2-16
+    tiles and request only the first early. In the fused decode step at 8 and 32 rows they won
+    every product (mhla-340m, H100, session 22: 793 -> 727 and 1,373 -> 1,078 us a step). Splits
+    stay inside a norm group narrower than the row; a tile holds at most 32K weights (two with
+    SwiGLU's gate and up rows)."""
+    if GS < K:
+        tiles = [(GS, K // GS), (GS // 2, 2 * K // GS)]
+    else:  # one tile, or 2-8 tiles of a power-of-two width (the last split may be short)
+        bk = pow2_at_least(K)
+        tiles = [(bk, 1)] + [(bk >> i, -(-K // (bk >> i))) for i in (1, 2, 3)]
+    rows = 2 if swiglu else 1
+    return [(bn, bk, w, 1, None, sp) for bk, sp in tiles if 16 <= bk and 1 <= sp <= _MAX_SPLIT
+            for bn in (16, 32, 64, 128) if bn * bk * rows <= 32768 for w in (4, 8)]
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 @functools.lru_cache(maxsize=None)
 def _some_late_fits(K: int, GS: int, stats: bool = False) -> bool:
     """Whether any tuned tensor-core shape fits the late norm, or with ``stats`` the statistics'

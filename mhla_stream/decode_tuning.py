@@ -21,6 +21,7 @@ from .graphs import GraphDecoder
 import triton
 
 from .kernels import step_picks, triton_skinny
+from .kernels.skinny_shapes import whole_slice_shapes
 from .kernels.triton_common import pow2
 
 
@@ -28,14 +29,18 @@ def candidates(key: str, use=None) -> list[tuple]:
     """Launch shapes to try for a product key ('[M16] N.. K.. G.. [folds] dtype'). One row: rows a
     program BN, the padded row as BK, 2-8 warps, with or without a 128-register cap (more programs
     an SM). More rows: the tensor-core tuner's configurations at 4 and 8 warps that fit the launch
-    (``use``: its recorded arguments, ``step_picks.used``)."""
+    (``use``: its recorded arguments, ``step_picks.used``), then the whole-slice shapes
+    (``skinny_shapes.whole_slice_shapes``: one tile a program, all of it requested before the wait)."""
     parts = key.split()
     if parts[0].startswith("M"):
         pick, args, kwargs = use
         variants = [triton.Config(c.kwargs, num_warps=w, num_stages=c.num_stages) for c in triton_skinny._DOT
                     for w in (4, 8)]
         fit = [c for c in triton_skinny._waves(variants, args, **kwargs) if triton_skinny._fits_rows(c, args, kwargs)]
-        return [step_picks.as_pick(c) for c in fit]
+        whole = [p for p in whole_slice_shapes(args["K"], args["GS"], "swiglu" in parts)
+                 if triton_skinny._fits_rows(step_picks.config(p), args, kwargs)]
+        tuned = [step_picks.as_pick(c) for c in fit]
+        return tuned + [p for p in whole if p not in tuned]
     kp = pow2(int(parts[1][1:]))
     rows = 2 if "swiglu" in parts else 1  # SwiGLU loads the gate and the up row
     return [(bn, kp, w, 1, mr, 1) for bn in (1, 2, 4, 8, 16) for w in (2, 4, 8) for mr in (None, 128)

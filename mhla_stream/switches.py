@@ -31,9 +31,11 @@ import os
 from dataclasses import dataclass
 
 
-# the default largest fused-decode batch (measured, H100, mhla-340m, session 16: the fused step
-# beats the batched one by 19-26% at batches 2-16 and loses by 4-9% at 32 and 64; README, decode)
-FUSED_BATCH = 16
+# the default largest fused-decode batch (measured, H100, mhla-340m: the fused step beats the
+# batched one by 19-26% at batches 2-16 (session 16); at 32 by 12% with the whole-slice product
+# shapes shipped in session 22 (1,078 against 1,226 us a step), at 64 it loses 7% (1,692 against
+# 1,579 us); README, Speed)
+FUSED_BATCH = 32
 
 
 @dataclass(frozen=True)

@@ -264,15 +264,18 @@ def test_decode_into_a_strided_state(backend):
     assert got.pos.tolist() == ref.pos.tolist() == [8, 7, 8, 7]
 
 
-def test_batched_decode_at_batch_32_token_form_gives_the_full_forward():
+@pytest.mark.parametrize("path", ("batched", "fused"))
+def test_decode_at_batch_32_token_form_gives_the_full_forward(path):
     """From 32 sequences the decode kernel keeps the open block as its tokens: incremental logits,
     from a prefill that ends mid-block through block closes and past the trained edge, equal one
-    full forward's (fp32); then a prefill continues the stream from the buffered state."""
+    full forward's (fp32); then a prefill continues the stream from the buffered state. Both steps
+    that decode 32 rows: the batched one and the fused one (the default at 17-32 rows)."""
     from mhla_stream.kernels.triton_decode import TOKENS_FROM
     torch.manual_seed(2)
     model = MHLAForCausalLM(preset_config("mhla-tiny")).to(DEV).eval()
     B = TOKENS_FROM
-    batched = model.make_plan(B, backend="triton", fused_decode=False, batched_decode=True)
+    batched = model.make_plan(B, backend="triton", fused_decode=path == "fused", batched_decode=path == "batched")
+    assert batched.fused_decode == (path == "fused")
     full = model.make_plan(B, backend="torch")
     ids = torch.randint(3, 256, (B, 48), device=DEV)
     with torch.inference_mode():

@@ -6,6 +6,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from conftest import rel_err
 
 from mhla_stream.fused import gated_norm, rms_norm, swiglu
@@ -230,3 +231,47 @@ def test_one_row_group_norm_from_one_load(K, V, dtype):
     ref = swiglu(F.linear(xn, wgu[:N]), F.linear(xn, wgu[N:]))
     out = skinny_linear(x, wgu, norm_weight=nw, eps=1e-6, swiglu=True)
     assert rel_err(out.float(), ref.float()) < tol
+
+
+@pytest.mark.parametrize("M", (8, 32))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_whole_slice_shapes_one_tile_a_program(M, dtype, monkeypatch):
+    """The shipped rows picks' form (``skinny_shapes.whole_slice_shapes``), scaled down: each
+    program one weight tile, all of it requested before the wait. The fused step's four products:
+    q/k/v/g and gate/up with the layer norm from statistics (one tile of the whole row; two splits
+    of one tile), the output projection with per-head groups (a split a head, one tile each), and
+    the down projection with K not a power of two as three one-tile splits, the last short (176 =
+    64 + 64 + 48: allowed by ``_fits_rows``, which the old ``BK x SPLIT <= K`` rule refused)."""
+    from mhla_stream.kernels.skinny_shapes import _fits_rows, whole_slice_shapes
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    K, V, I, eps = 128, 32, 176, 1e-6
+    x, res = _r(M, K, seed=51).to(dtype), _r(M, K, seed=52).to(dtype)
+    nw, gw = _r(K, seed=53).to(dtype), _r(V, seed=54).to(dtype)
+    w_qkv, w_o = (_r(96, K, seed=55) / K ** 0.5).to(dtype), (_r(K, K, seed=56) / K ** 0.5).to(dtype)
+    w_gu, w_d = (_r(2 * I, K, seed=57) / K ** 0.5).to(dtype), (_r(K, I, seed=58) / I ** 0.5).to(dtype)
+
+    def forced(bn, bk, sp):
+        monkeypatch.setattr(triton_skinny, "_FIXED_SHAPE", dict(BN=bn, BK=bk))
+        return functools.partial(skinny_linear, split=sp)
+    stats = triton_skinny.row_stats(x)
+    xn = rms_norm(x, nw, eps)
+    for bn, bk, sp in [(16, 128, 1), (32, 64, 2)]:  # one tile of the row; two splits of one tile
+        lin = forced(bn, bk, sp)
+        out = lin(x, (w_qkv.float() * nw.float()).to(dtype), eps=eps, stats_in=stats)
+        assert rel_err(out, F.linear(xn, w_qkv)) < tol, (bn, bk, sp)
+        out = lin(x, (w_gu.float() * nw.float()).to(dtype), eps=eps, swiglu=True, stats_in=stats)
+        assert rel_err(out, swiglu(F.linear(xn, w_gu[:I]), F.linear(xn, w_gu[I:]))) < tol, (bn, bk, sp)
+    out = forced(64, V, K // V)(x, (w_o.float() * gw.float().repeat(K // V)).to(dtype), group=V, eps=eps,
+                                residual=res, stats_in=stats)
+    ref = res + F.linear(rms_norm(x.view(M, K // V, V), gw, eps).reshape(M, K), w_o)
+    assert rel_err(out, ref) < tol
+    a = _r(M, I, seed=59).to(dtype)
+    assert _fits_rows(triton.Config(dict(BN=16, BK=64, SPLIT=3)), {"K": I}, {})
+    assert not _fits_rows(triton.Config(dict(BN=16, BK=64, SPLIT=4)), {"K": I}, {})  # a split with no columns
+    st = triton_skinny.norm_stats(M, K, x.device).fill_(float("nan"))
+    out = forced(16, 64, 3)(a, w_d, residual=res, stats_out=st)
+    assert rel_err(out, res + F.linear(a, w_d)) < tol
+    assert rel_err(st, triton_skinny.row_stats(out)) < 1e-6
+    assert (32, 1024, 4, 1, None, 1) in whole_slice_shapes(1024, 1024, False)  # (32K weights a tile at most)
+    assert {(bk, sp) for _, bk, _, _, _, sp in whole_slice_shapes(2816, 2816, False)} == {(2048, 2), (1024, 3), (512, 6)}
+    assert all(bk == 256 and sp == 4 or bk == 128 and sp == 8 for _, bk, *_, sp in whole_slice_shapes(1024, 256, False))

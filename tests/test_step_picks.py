@@ -51,11 +51,20 @@ def model_keys(name="mhla-340m", dtype=torch.bfloat16, rows=1, head=False):
 def test_the_shipped_picks_are_valid_and_name_the_340m_products():
     from mhla_stream.decode_tuning import candidates
     h100, h200 = picks.read(picks.SHIPPED, H100), picks.read(picks.SHIPPED, "NVIDIA H200")
-    assert sorted(h100) == sorted(model_keys() + model_keys(rows=16))
+    from mhla_stream.kernels import triton_skinny
+    from mhla_stream.kernels.skinny_shapes import whole_slice_shapes
+    assert sorted(h100) == sorted(model_keys() + model_keys(rows=16) + model_keys(rows=32))
     assert sorted(h200) == sorted(model_keys())
     for key, pick in [*h100.items(), *h200.items()]:
         if not key.startswith("M"):
             assert pick in candidates(key), (key, pick)  # a shape the step tuner would try
+        else:  # the rows picks (session 22): whole-slice shapes that fit their launch
+            n, k, g = (int(p[1:]) for p in key.split()[1:4])
+            assert pick in whole_slice_shapes(k, g, "swiglu" in key), (key, pick)
+            args = {"N": n, "K": k, "GS": g, "M": int(key.split()[0][1:])}
+            kw = {"LATE": "late" in key, "STATS_IN": "stats" in key, "BM": args["M"]}
+            assert triton_skinny._fits_rows(picks.config(pick), args, kw), (key, pick)
+            assert pick in candidates(key, (None, args, kw)), (key, pick)
     assert picks.read(picks.SHIPPED, "some other GPU") == {}
 
 
