@@ -311,10 +311,10 @@ def shipped():
 @pytest.mark.parametrize("device,key,pick", shipped(), ids=lambda v: str(v).replace(" ", "_"))
 def test_each_shipped_shape_computes_the_product(device, key, pick):
     """Every shipped shape (forced here, whatever this GPU's name) against torch in fp32: one row
-    for the one-row keys, 8 rows for the row block of 16 ('M16 ...')."""
+    for the one-row keys, 8 rows for the row block of 16 ('M16 ...'), 24 for the row block of 32."""
     from mhla_stream.kernels.triton_skinny import forget_tuning, row_stats, skinny_linear
     parts = key.split()
-    M = 8 if parts[0].startswith("M") else 1
+    M = {16: 8, 32: 24}[int(parts[0][1:])] if parts[0].startswith("M") else 1
     parts = parts[1:] if M > 1 else parts
     N, K, GS = (int(p[1:]) for p in parts[:3])
     folds = parts[3:-1]
