@@ -3,6 +3,7 @@
 #   rows    .ci/rows_probe.py: whole-slice tensor-core shapes in the fused step (BATCHES, default 8,32)
 #   tests   GPU tests of the step picks and the fused step against the unfused logits (TESTK)
 #   b1      batch 1 in two processes (shipped picks)
+#   prof8, prof32   the decode step's profile at batch 8 / 32
 #   and gpu_lib.sh's: profile, table, sweep, tune
 source "$(dirname "$0")/gpu_lib.sh"
 for step in ${STEPS:-rows}; do
@@ -12,6 +13,9 @@ for step in ${STEPS:-rows}; do
     tests) stamp "## tests"; timeout ${TEST_S:-200} python3 -m pytest -q -p no:logging \
         tests/test_step_picks.py tests/test_fused_decode.py \
         -k "${TESTK:-step_picks or unfused_logits}" > $OUT/tests.log 2>&1; tail -6 $OUT/tests.log ;;
+    prof8|prof32) b=${step#prof}; stamp "## profile batch $b"; timeout 150 python3 -m mhla_stream.cli.profile_model \
+        --decode-only --batch $b --steps 10 --json $OUT/profile_b$b.json > $OUT/profile_b$b.txt 2>&1
+        grep -A14 "CUDA graph" $OUT/profile_b$b.txt | head -16 ;;
     b1) for i in 1 2; do stamp "## batch 1, process $i"; bench --json $OUT/b1_$i.json; done ;;
     *) common_step $step || echo "unknown step $step" ;;
   esac
