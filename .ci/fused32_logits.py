@@ -3,6 +3,7 @@ shipped whole-slice picks against the batched (cuBLAS) step and the unfused step
 steps from a 100-token prompt (crossing the block close at 128). Prints the relative logit
 difference per step (max, mean) and the greedy agreement."""
 import json
+import os
 import sys
 
 import torch
@@ -12,7 +13,7 @@ from mhla_stream.cli.common import load_model
 
 torch.manual_seed(0)
 model = load_model("mhla-340m", None, True, "cuda", torch.bfloat16)
-B, P, S = 32, 100, 100
+B, P, S = int(os.environ.get("B", 32)), 100, 100
 ids = torch.randint(3, 32000, (B, P + S), device="cuda")
 plans = {name: model.make_plan(B, cuda_graphs=False, fused_decode=name == "fused", batched_decode=name == "batched")
          for name in ("fused", "batched", "unfused")}
