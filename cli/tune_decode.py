@@ -75,10 +75,10 @@ def main(model, dtype, batches, passes, out_path, dry_run, json_path):
     from .common import load_model
     m = load_model(model, None, True, "cuda", getattr(torch, dtype))
     for b in batches:  # every batch checked before the first is timed: a late refusal loses the run
-        plan = m.make_plan(b, cuda_graphs=True)
+        plan = m.make_plan(b, cuda_graphs=True, rows_picked=True)  # (as it runs once picked)
         if not plan.fused_decode:
             fail(f"--batch {b} does not decode with the fused step ({plan.describe()}): nothing to tune (the "
-                 "fused step runs up to MHLA_STREAM_FUSED_BATCH sequences, and not with MHLA_STREAM_FUSED_DECODE=0)")
+                 "fused step runs up to 32 sequences, or MHLA_STREAM_FUSED_BATCH if set, and not with MHLA_STREAM_FUSED_DECODE=0)")
     device = torch.cuda.get_device_name()
     click.echo(f"# {device}, {model} widths, {dtype}, batch {batches}, {passes} pass(es)")
     picks, notes, runs = {}, [], []

@@ -33,7 +33,7 @@ def whole_slice_shapes(K: int, GS: int, swiglu: bool) -> list[tuple]:
         bk = pow2_at_least(K)
         tiles = [(bk, 1)] + [(bk >> i, -(-K // (bk >> i))) for i in (1, 2, 3)]
     rows = 2 if swiglu else 1
-    return [(bn, bk, w, 1, None, sp) for bk, sp in tiles if 16 <= bk and 1 <= sp <= _MAX_SPLIT
+    return [(bn, bk, w, 1, None, sp) for bk, sp in tiles if 16 <= bk and bk & (bk - 1) == 0 and 1 <= sp <= _MAX_SPLIT
             for bn in (16, 32, 64, 128) if bn * bk * rows <= 32768 for w in (4, 8)]
 
 
@@ -88,8 +88,10 @@ def _fits_rows(cfg, named_args, kwargs) -> bool:
     bn, bk, sp = cfg.kwargs["BN"], cfg.kwargs["BK"], cfg.kwargs["SPLIT"]
     K = named_args["K"]
     fits = _stats_fit_shape if kwargs.get("STATS_IN") else _late_fits
-    # every split holds columns (a last split may be short: K 2816 as three splits of one 1024 tile)
-    return (16 <= bn <= _MAX_BN and 16 <= bk and 1 <= sp <= _MAX_SPLIT and (sp - 1) * _split_cols(K, bk, sp) < K
+    # the tuner's rule (BK x SPLIT <= K: empty splits allowed, the kernel skips them), or every split
+    # holding columns with a short last one (K 2816 as three splits of one 1024 tile: whole-slice shapes)
+    splits_fit = bk * sp <= max(K, bk) or (sp - 1) * _split_cols(K, bk, sp) < K
+    return (16 <= bn <= _MAX_BN and 16 <= bk and 1 <= sp <= _MAX_SPLIT and splits_fit
             and (not kwargs.get("LATE") or fits(K, named_args["GS"], bk, sp)))
 
 

@@ -83,15 +83,16 @@ def tune_step(model, batch: int = 1, passes: int = 2, log=print, limit: int | No
     product's first ``limit`` candidates (tests)."""
     if model.device.type != "cuda":
         raise RuntimeError("tuning the decode step needs the model on a CUDA device")
-    plan = model.make_plan(batch, cuda_graphs=True)
+    # (rows_picked: the fused step as it runs once its picks exist; from 17 rows it runs only then)
+    plan = model.make_plan(batch, cuda_graphs=True, rows_picked=True)
     if not plan.fused_decode:
         raise RuntimeError(f"batch {batch} does not decode with the fused step ({plan.describe()}): nothing to tune "
-                           "(the fused step runs up to MHLA_STREAM_FUSED_BATCH sequences, and not with "
+                           "(the fused step runs up to 32 sequences, or MHLA_STREAM_FUSED_BATCH if set, and not with "
                            "MHLA_STREAM_FUSED_DECODE=0)")
     kept = dict(step_picks._forced)  # picks another batch's tuning left in force
     triton_skinny.forget_tuning()
     step_picks.used.clear()
-    start = step_us(model, batch)
+    start = step_us(model, batch, fused_decode=True)
     uses = {k: u for k, u in step_picks.used.items() if k not in kept}
     picks = {k: v for k, v in _current().items() if k in uses}
     if not uses and step_picks.used:
@@ -112,7 +113,7 @@ def tune_step(model, batch: int = 1, passes: int = 2, log=print, limit: int | No
                     step_picks._forced[key] = cand
                     triton_skinny.forget_tuning()
                     try:
-                        timed[cand] = step_us(model, batch)
+                        timed[cand] = step_us(model, batch, fused_decode=True)
                     except Exception as e:  # a shape this GPU cannot compile or launch: skipped
                         log(f"  {key} {cand}: skipped ({type(e).__name__}: {str(e)[:120]})")
                         continue
@@ -124,7 +125,7 @@ def tune_step(model, batch: int = 1, passes: int = 2, log=print, limit: int | No
                 cands[key] = sorted(timed, key=timed.get)[:4]
                 log(f"pass {p + 1}, {key}: {best} {timed[best]:.1f} us")
         triton_skinny.forget_tuning()
-        best_us = step_us(model, batch)
+        best_us = step_us(model, batch, fused_decode=True)
         picks = {k: step_picks._forced[k] for k in uses}
     except BaseException:
         forget()

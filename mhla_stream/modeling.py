@@ -22,7 +22,7 @@ from .configuration import MHLAConfig
 from .fused import add_rms_norm_fast, gated_norm_fast, relu_rope_fast, rms_norm_fast, rope_at_fast, swiglu_fast
 from .kernels import triton_available
 from .mixing import init_mixing
-from .plan import ExecutionPlan, make_plan, one_row_step
+from .plan import ExecutionPlan, make_plan, one_row_step, rows_picked
 from .state import MHLAState
 from .weights import ConcatenatedWeight
 
@@ -254,7 +254,7 @@ class MHLAModel(MHLAPreTrainedModel):
         layer's with programmatic dependent launch, before the position update)."""
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        plan = plan_for_call(plan, x, self.training)
+        plan = plan_for_call(plan, x, self.training, self.config)
         if head is not None and not one_row_step(plan, states, lengths, x):
             raise ValueError("head= is for the one-row fused decode step only (one_row_step)")
         if head is not None and head.bias is not None:
@@ -321,10 +321,12 @@ def _hooked(*modules: nn.Module, pre: bool = True) -> bool:
         m._forward_hooks or (pre and m._forward_pre_hooks) or "forward" in m.__dict__ for m in modules)
 
 
-def plan_for_call(plan: ExecutionPlan | None, x: torch.Tensor, training: bool) -> ExecutionPlan:
-    """The given plan, or the default one for ``x``'s device, dtype and batch; while gradients
-    flow, without the inference-only paths."""
-    plan = plan if plan is not None else make_plan(x.device, x.dtype, x.shape[0])
+def plan_for_call(plan: ExecutionPlan | None, x: torch.Tensor, training: bool, config=None) -> ExecutionPlan:
+    """The given plan, or the default one for ``x``'s device, dtype and batch (and ``config``'s
+    widths: ``rows_picked``); while gradients flow, without the inference-only paths."""
+    if plan is None:
+        picked = config is not None and rows_picked(config, x.device, x.dtype, x.shape[0])
+        plan = make_plan(x.device, x.dtype, x.shape[0], rows_picked=picked)
     return plan.with_gradients(training) if torch.is_grad_enabled() else plan
 
 
@@ -364,7 +366,10 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
         return [MHLAState.empty(batch_size, *args, **kwargs) for _ in range(c.num_hidden_layers)]
 
     def make_plan(self, batch_size: int = 1, **options) -> ExecutionPlan:
-        """An execution plan for this model's device and dtype (options: see ``plan.make_plan``)."""
+        """An execution plan for this model's device and dtype (options: see ``plan.make_plan``;
+        ``rows_picked`` is asked of the step picks here unless given)."""
+        if "rows_picked" not in options:
+            options["rows_picked"] = rows_picked(self.config, self.device, self.dtype, batch_size)
         return make_plan(self.device, self.dtype, batch_size, **options)
 
     def prepare_inference(self) -> "MHLAForCausalLM":
@@ -395,7 +400,7 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
             mask = attention_mask[:, -T:].to(device=x.device, dtype=torch.bool)
             if bool(mask.all()):
                 mask = None
-        plan = plan_for_call(plan, x, self.training)
+        plan = plan_for_call(plan, x, self.training, self.config)
         if mask is None and one_row_step(plan, states, None, x) and self._head_folds(x):
             # batch 1: the final norm and the LM head as one skinny product behind the last layer's,
             # instead of a norm kernel and cuBLAS after a drain

@@ -17,7 +17,7 @@ import torch
 from .kernels import numba_available, pdl_supported, triton_available
 from .mixing import check_policy
 from .state import dtype_name, resolve_state_dtype
-from .switches import switches
+from .switches import FUSED_BATCH, FUSED_BATCH_PICKED, switches
 
 BACKENDS = ("auto", "torch", "triton", "numba")
 
@@ -97,12 +97,14 @@ class ExecutionPlan:
 @functools.lru_cache(maxsize=256)  # deterministic (the environment is read once): the model asks per call
 def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "auto", policy: str | None = None,
               cuda_graphs: bool = True, fused_decode: bool | None = None, state_dtype=None,
-              batched_decode: bool | None = None) -> ExecutionPlan:
+              batched_decode: bool | None = None, rows_picked: bool = False) -> ExecutionPlan:
     """The one place where execution paths are chosen.
 
     ``backend``: "auto" or a named operator backend (an unavailable one is an error here, at
     creation, rather than at the first call). ``fused_decode``: None decides (CUDA, batches up
     to MHLA_STREAM_FUSED_BATCH, Triton, MHLA_STREAM_FUSED_DECODE not 0); True forces it (tests under TRITON_INTERPRET).
+    ``rows_picked``: the step picks name the model's fused-step products for this batch's row block
+    (``MHLAForCausalLM.make_plan`` asks them): then the fused step runs up to FUSED_BATCH_PICKED.
     ``state_dtype``: the ring's storage dtype for the states made with this plan (None = fp32).
     ``batched_decode``: None decides (CUDA, Triton, no fused decode, MHLA_STREAM_FUSED_DECODE not
     0); True forces it where the operator is Triton and the decode is not fused (CPU tests).
@@ -116,8 +118,10 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
     cuda = device.type == "cuda"
     triton_path = chosen == "triton" and backend in ("auto", "triton")
     if fused_decode is None:
-        # up to MHLA_STREAM_FUSED_BATCH sequences (default: switches.FUSED_BATCH, measured)
-        fused_decode = cuda and triton_path and env.fused_decode and batch <= env.fused_batch
+        # up to MHLA_STREAM_FUSED_BATCH sequences (default: switches.FUSED_BATCH, or FUSED_BATCH_PICKED
+        # where the step picks cover the row block: tuned alone, the products lose at 32; measured)
+        limit = env.fused_batch if env.fused_batch_set else FUSED_BATCH_PICKED if rows_picked else env.fused_batch
+        fused_decode = cuda and triton_path and env.fused_decode and batch <= limit
     else:  # forced (tests run it on the CPU under TRITON_INTERPRET); only where the operator is Triton
         fused_decode = bool(fused_decode) and triton_path
     if batched_decode is None:
@@ -138,3 +142,34 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
 def one_row_step(plan: ExecutionPlan, states, lengths, x) -> bool:
     """Whether ``MHLAModel.forward`` runs the one-row fused decode step (batch 1, one token)."""
     return plan.fused_decode and states is not None and lengths is None and tuple(x.shape[:2]) == (1, 1)
+
+
+def fused_row_keys(config, dtype, rows: int) -> list[str]:
+    """The step-pick keys of the fused step's four products a layer for a row block of ``rows``
+    (from 16; the norms as statistics: ``MHLABlock.decode_step``)."""
+    from .kernels.step_picks import product_key
+    D, H, K, V = config.hidden_size, config.num_heads, config.head_k_dim, config.head_v_dim
+    inter = config.intermediate_size
+
+    def key(N, Kin, GS, norm, swiglu, residual):
+        return product_key(N, Kin, GS, False, False, swiglu, residual, dtype, rows, late=norm, stats=norm)
+    return [key(2 * H * K + 2 * H * V, D, D, True, False, False), key(D, H * V, V, True, False, True),
+            key(inter, D, D, True, True, False), key(D, inter, inter, False, False, True)]
+
+
+def rows_picked(config, device, dtype, batch: int) -> bool:
+    """Whether the step picks name every fused-step product of this model for ``batch``'s row block
+    (CUDA, batches past FUSED_BATCH up to FUSED_BATCH_PICKED): only then does the fused step run
+    there by default (``make_plan``'s ``rows_picked``). Host-side dict lookups, no sync."""
+    device = torch.device(device)
+    if (device.type != "cuda" or not FUSED_BATCH < batch <= FUSED_BATCH_PICKED or dtype == torch.float16
+            or not triton_available()):
+        return False
+    from .kernels import step_picks
+    from .kernels.triton_common import pow2
+    from .kernels.triton_skinny import stats_fit
+    D, V, hv = config.hidden_size, config.head_v_dim, config.num_heads * config.head_v_dim
+    if not (V % 16 == 0 and stats_fit(D, D) and stats_fit(hv, V)):  # (MHLABlock._scales_fit)
+        return False
+    have = step_picks.picks_for(torch.cuda.get_device_name(device)) if step_picks.enabled() else {}
+    return all(k in have or k in step_picks._forced for k in fused_row_keys(config, dtype, min(pow2(batch, 16), 64)))

@@ -4,7 +4,8 @@
     MHLA_STREAM_FUSED_DECODE=0    no batch-1 fused decode, no batched decode step and no Triton
                                   feature kernel in prefill
     MHLA_STREAM_FUSED_BATCH=N     the largest batch that decodes with the fused step (five Triton
-                                  launches a layer); larger batches take the batched step
+                                  launches a layer); larger batches take the batched step (default:
+                                  16, or 32 where the step picks name the model's products)
     MHLA_STREAM_PDL=0             no programmatic dependent launch between decode kernels, nor for
                                   the compiled elementwise kernels (inductor's triton.enable_pdl)
     MHLA_STREAM_PDL_EARLY=0       a decode kernel lets its successor start only after its main loop
@@ -31,11 +32,14 @@ import os
 from dataclasses import dataclass
 
 
-# the default largest fused-decode batch (measured, H100, mhla-340m: the fused step beats the
-# batched one by 19-26% at batches 2-16 (session 16); at 32 by 12% with the whole-slice product
-# shapes shipped in session 22 (1,078 against 1,226 us a step), at 64 it loses 7% (1,692 against
-# 1,579 us); README, Speed)
-FUSED_BATCH = 32
+# the default largest fused-decode batch (measured, H100, mhla-340m, session 16: the fused step
+# beats the batched one by 19-26% at batches 2-16 with its products tuned alone)
+FUSED_BATCH = 16
+# ... and up to this batch where the step picks (``kernels/step_picks.py``) name the model's
+# products for the batch's row block: with the whole-slice shapes picked in the step the fused step
+# beat the batched one by 12% at 32 (1,078 against 1,226 us); tuned alone it lost by 12% (1,373;
+# session 22); at 64 it lost by 7% even picked (1,692 against 1,579 us). README, Speed
+FUSED_BATCH_PICKED = 32
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Switches:
     tune: bool = True
     pdl_early: bool = True
     fused_batch: int = FUSED_BATCH
+    fused_batch_set: bool = False  # MHLA_STREAM_FUSED_BATCH given: it holds whatever the picks
 
 
 OFF = ("0", "false", "no", "off")  # what turns a switch off ("false" read as on would be a silent surprise)
@@ -66,7 +71,8 @@ def switches() -> Switches:
                     triton_train=_on("MHLA_STREAM_TRITON_TRAIN"),
                     tune=_on("MHLA_STREAM_TUNE"),
                     pdl_early=_on("MHLA_STREAM_PDL_EARLY"),
-                    fused_batch=_count("MHLA_STREAM_FUSED_BATCH", FUSED_BATCH))
+                    fused_batch=_count("MHLA_STREAM_FUSED_BATCH", FUSED_BATCH),
+                    fused_batch_set=bool(os.environ.get("MHLA_STREAM_FUSED_BATCH", "").strip()))
 
 
 def _count(name: str, default: int) -> int:

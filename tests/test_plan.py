@@ -233,3 +233,67 @@ def test_a_user_error_does_not_turn_compilation_off(monkeypatch):
             add_norm(x, torch.randn(3, 7), w, 1e-6)
         add_norm(x, torch.randn(3, 8), w, 1e-6)
     assert calls == ["add_rms_norm", "add_rms_norm"] and not fused._EAGER
+
+
+@pytest.fixture
+def fresh_plans(monkeypatch):
+    """make_plan's cache and the switches cleared around a test that sets the environment."""
+    from mhla_stream import switches as sw
+    make_plan.cache_clear()
+    sw.switches.cache_clear()
+    yield monkeypatch
+    make_plan.cache_clear()
+    sw.switches.cache_clear()
+
+
+@pytest.mark.parametrize("env, batch, picked, fused", [
+    (None, 16, False, True), (None, 17, False, False), (None, 32, False, False),   # tuned alone: to 16
+    (None, 32, True, True), (None, 17, True, True), (None, 33, True, False),       # picked: to 32
+    ("32", 32, False, True), ("8", 16, True, False), ("64", 64, False, True)])     # the switch holds
+def test_the_fused_step_runs_past_16_rows_only_with_picks(env, batch, picked, fused, fresh_plans):
+    """From 17 rows the fused step beats the batched one only with its products' shapes picked in
+    the step (session 22: 1,078 against 1,226 us at 32; tuned alone 1,373): by default it runs
+    there only where the picks name them; MHLA_STREAM_FUSED_BATCH, when set, decides alone."""
+    if env is None:
+        fresh_plans.delenv("MHLA_STREAM_FUSED_BATCH", raising=False)
+    else:
+        fresh_plans.setenv("MHLA_STREAM_FUSED_BATCH", env)
+    plan = make_plan("cuda", torch.bfloat16, batch, rows_picked=picked)
+    assert plan.fused_decode == fused and plan.batched_decode == (not fused)
+
+
+def test_rows_picked_asks_the_picks_for_this_gpu_and_these_widths(fresh_plans):
+    from mhla_stream.kernels import step_picks
+    from mhla_stream.plan import fused_row_keys, rows_picked
+    fresh_plans.setenv("MHLA_STREAM_STEP_PICKS", "/nonexistent/picks.json")  # only the shipped file
+    step_picks._loaded.clear()
+    name = ["NVIDIA H100 80GB HBM3"]
+    fresh_plans.setattr(torch.cuda, "get_device_name", lambda device=None: name[0])
+    big, tiny = preset_config("mhla-340m"), preset_config("mhla-tiny")
+    try:
+        assert rows_picked(big, "cuda", torch.bfloat16, 32) and rows_picked(big, "cuda", torch.bfloat16, 17)
+        assert not rows_picked(big, "cuda", torch.bfloat16, 16)  # (tuned alone wins there: no question)
+        assert not rows_picked(big, "cuda", torch.bfloat16, 33)
+        assert not rows_picked(big, "cuda", torch.float32, 32)   # no fp32 picks shipped
+        assert not rows_picked(big, "cuda", torch.float16, 32)   # fp16: per-element norms, other products
+        assert not rows_picked(tiny, "cuda", torch.bfloat16, 32)  # other widths
+        assert not rows_picked(big, "cpu", torch.bfloat16, 32)
+        name[0] = "NVIDIA H200"  # no rows picks shipped for it yet
+        assert not rows_picked(big, "cuda", torch.bfloat16, 32)
+        step_picks._forced.update({k: (16, 512, 4, 1, None, 2) for k in fused_row_keys(big, torch.bfloat16, 32)})
+        assert rows_picked(big, "cuda", torch.bfloat16, 32)  # the step tuner's forced picks count
+        step_picks._forced.clear()
+        name[0] = "NVIDIA H100 80GB HBM3"
+        fresh_plans.setenv("MHLA_STREAM_STEP_PICKS", "0")  # picks off: tuned alone, so the old limit
+        assert not rows_picked(big, "cuda", torch.bfloat16, 32)
+    finally:
+        step_picks._forced.clear()
+        step_picks._loaded.clear()
+
+
+def test_fused_row_keys_are_the_fused_steps_product_keys():
+    from test_step_picks import model_keys
+
+    from mhla_stream.plan import fused_row_keys
+    for rows in (16, 32):
+        assert sorted(fused_row_keys(preset_config("mhla-340m"), torch.bfloat16, rows)) == sorted(model_keys(rows=rows))

@@ -334,6 +334,7 @@ def test_each_shipped_shape_computes_the_product(device, key, pick):
     forget_tuning()
     try:
         y = skinny_linear(x, w, swiglu="swiglu" in folds, **kw).float()
+        assert picks.used[key][0] == pick  # the shape ran (a forced pick that does not fit is tuned alone)
     finally:
         picks._forced.clear()
         forget_tuning()
