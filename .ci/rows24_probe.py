@@ -1,6 +1,7 @@
 """Session 22 probe (GPU): batches 16 and 24 (between the row blocks' ends), fused against batched,
 and the decode kernel's open-block token form from 16 rows instead of 32 (``TOKENS_FROM``)."""
 import json
+import os
 import sys
 
 import torch
@@ -11,9 +12,11 @@ from mhla_stream.kernels import triton_decode
 
 model = load_model("mhla-340m", None, True, "cuda", torch.bfloat16)
 rows = []
-for tokens_from in (32, 16, 32):
+CASES = [tuple(int(v) for v in c.split(":")) for c in os.environ.get("CASES", "16:1 24:1 24:0 32:1").split()]
+for tokens_from in [int(t) for t in os.environ.get("FROM", "32,16,32").split(",")]:
     triton_decode.TOKENS_FROM = tokens_from
-    for batch, fused in ((16, True), (24, True), (24, False), (32, True)):
+    for batch, fused in CASES:
+        fused = bool(fused)
         us = step_us(model, batch, fused_decode=fused)
         rows.append({"tokens_from": tokens_from, "batch": batch, "fused": fused, "us": us})
         print(rows[-1], flush=True)
