@@ -353,8 +353,11 @@ def _close_item(b, h, sp, cc, q_ptr, k_ptr, v_ptr, o_ptr, r_ptr, p_ptr, kb_ptr, 
 
 # the token form of the open block from this batch on (H100, 340M shape, per layer, 32 tokens into a
 # block: batch 8 7.5 against 7.3 us for the R form, batch 32 15.8 against 20.5, batch 128 47.6 against
-# 73.3; batch 1 5.2 against 3.2: .ci/gpu_tokens_probe.py, session 14)
-TOKENS_FROM = 32
+# 73.3; batch 1 5.2 against 3.2: .ci/gpu_tokens_probe.py, session 14). From 16, not 32, since
+# session 22 (the whole step, .ci/rows24_probe.py: fused batch 16 851 against 885 us, batch 24 1,048
+# against 1,155, batched batch 24 1,133 against 1,305; batch 8 730 against 822 and batch 12 800
+# against 837 with the token form from 8 or 12, so not there)
+TOKENS_FROM = 16
 
 _workspaces: dict = {}  # (device type, index) -> (fp32 shares of o, int32 counters)
 _kept: list = []        # workspaces a CUDA-graph capture made: the graph keeps using them

@@ -265,11 +265,11 @@ def test_decode_into_a_strided_state(backend):
 
 
 @pytest.mark.parametrize("path", ("batched", "fused"))
-def test_decode_at_batch_32_token_form_gives_the_full_forward(path):
-    """From 32 sequences the decode kernel keeps the open block as its tokens: incremental logits,
-    from a prefill that ends mid-block through block closes and past the trained edge, equal one
-    full forward's (fp32); then a prefill continues the stream from the buffered state. Both steps
-    that decode 32 rows: the batched one and the fused one (the default at 17-32 rows)."""
+def test_decode_in_the_token_form_gives_the_full_forward(path):
+    """From TOKENS_FROM sequences (16) the decode kernel keeps the open block as its tokens:
+    incremental logits, from a prefill that ends mid-block through block closes and past the
+    trained edge, equal one full forward's (fp32); then a prefill continues the stream from the buffered state. Both steps
+    that decode such batches: the batched one and the fused one."""
     from mhla_stream.kernels.triton_decode import TOKENS_FROM
     torch.manual_seed(2)
     model = MHLAForCausalLM(preset_config("mhla-tiny")).to(DEV).eval()
