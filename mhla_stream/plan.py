@@ -147,29 +147,40 @@ def one_row_step(plan: ExecutionPlan, states, lengths, x) -> bool:
 def fused_row_keys(config, dtype, rows: int) -> list[str]:
     """The step-pick keys of the fused step's four products a layer for a row block of ``rows``
     (from 16; the norms as statistics: ``MHLABlock.decode_step``)."""
+    return list(_row_keys(_widths(config), dtype, rows) or ())
+
+
+def _widths(config) -> tuple:
+    return (config.hidden_size, config.num_heads, config.head_k_dim, config.head_v_dim, config.intermediate_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_keys(widths: tuple, dtype, rows: int) -> tuple | None:
+    """``fused_row_keys`` (cached: asked at each plan), None where the norms cannot be statistics
+    at these widths (``MHLABlock._scales_fit``: the fused step launches other products)."""
+    if not triton_available():
+        return None
     from .kernels.step_picks import product_key
-    D, H, K, V = config.hidden_size, config.num_heads, config.head_k_dim, config.head_v_dim
-    inter = config.intermediate_size
+    from .kernels.triton_skinny import stats_fit
+    D, H, K, V, inter = widths
+    if not (V % 16 == 0 and stats_fit(D, D) and stats_fit(H * V, V)):
+        return None
 
     def key(N, Kin, GS, norm, swiglu, residual):
         return product_key(N, Kin, GS, False, False, swiglu, residual, dtype, rows, late=norm, stats=norm)
-    return [key(2 * H * K + 2 * H * V, D, D, True, False, False), key(D, H * V, V, True, False, True),
-            key(inter, D, D, True, True, False), key(D, inter, inter, False, False, True)]
+    return (key(2 * H * K + 2 * H * V, D, D, True, False, False), key(D, H * V, V, True, False, True),
+            key(inter, D, D, True, True, False), key(D, inter, inter, False, False, True))
 
 
 def rows_picked(config, device, dtype, batch: int) -> bool:
     """Whether the step picks name every fused-step product of this model for ``batch``'s row block
     (CUDA, batches past FUSED_BATCH up to FUSED_BATCH_PICKED): only then does the fused step run
-    there by default (``make_plan``'s ``rows_picked``). Host-side dict lookups, no sync."""
-    device = torch.device(device)
-    if (device.type != "cuda" or not FUSED_BATCH < batch <= FUSED_BATCH_PICKED or dtype == torch.float16
-            or not triton_available()):
+    there by default (``make_plan``'s ``rows_picked``). Host-side lookups (a few us), no sync."""
+    if not FUSED_BATCH < batch <= FUSED_BATCH_PICKED or dtype == torch.float16 or torch.device(device).type != "cuda":
+        return False
+    keys = _row_keys(_widths(config), dtype, min(max(16, 1 << (batch - 1).bit_length()), 64))  # (the row block)
+    if keys is None:
         return False
     from .kernels import step_picks
-    from .kernels.triton_common import pow2
-    from .kernels.triton_skinny import stats_fit
-    D, V, hv = config.hidden_size, config.head_v_dim, config.num_heads * config.head_v_dim
-    if not (V % 16 == 0 and stats_fit(D, D) and stats_fit(hv, V)):  # (MHLABlock._scales_fit)
-        return False
     have = step_picks.picks_for(torch.cuda.get_device_name(device)) if step_picks.enabled() else {}
-    return all(k in have or k in step_picks._forced for k in fused_row_keys(config, dtype, min(pow2(batch, 16), 64)))
+    return all(k in have or k in step_picks._forced for k in keys)
