@@ -30,15 +30,11 @@ def whole_slice_shapes(K: int, GS: int, swiglu: bool) -> list[tuple]:
     if GS < K:
         tiles = [(GS, K // GS), (GS // 2, 2 * K // GS)]
     else:  # one tile, or 2-8 tiles of a power-of-two width (the last split may be short)
-        bk = pow2_at_least(K)
+        bk = triton.next_power_of_2(K)
         tiles = [(bk, 1)] + [(bk >> i, -(-K // (bk >> i))) for i in (1, 2, 3)]
     rows = 2 if swiglu else 1
     return [(bn, bk, w, 1, None, sp) for bk, sp in tiles if 16 <= bk and bk & (bk - 1) == 0 and 1 <= sp <= _MAX_SPLIT
             for bn in (16, 32, 64, 128) if bn * bk * rows <= 32768 for w in (4, 8)]
-
-
-def pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
