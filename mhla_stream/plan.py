@@ -120,7 +120,7 @@ def make_plan(device, dtype=torch.float32, batch: int = 1, *, backend: str = "au
     if fused_decode is None:
         # up to MHLA_STREAM_FUSED_BATCH sequences (default: switches.FUSED_BATCH, or FUSED_BATCH_PICKED
         # where the step picks cover the row block: tuned alone, the products lose at 32; measured)
-        limit = env.fused_batch if env.fused_batch_set else FUSED_BATCH_PICKED if rows_picked else env.fused_batch
+        limit = FUSED_BATCH_PICKED if rows_picked and not env.fused_batch_set else env.fused_batch
         fused_decode = cuda and triton_path and env.fused_decode and batch <= limit
     else:  # forced (tests run it on the CPU under TRITON_INTERPRET); only where the operator is Triton
         fused_decode = bool(fused_decode) and triton_path

@@ -52,7 +52,7 @@ class Switches:
     tune: bool = True
     pdl_early: bool = True
     fused_batch: int = FUSED_BATCH
-    fused_batch_set: bool = False  # MHLA_STREAM_FUSED_BATCH given: it holds whatever the picks
+    fused_batch_set: bool = False  # MHLA_STREAM_FUSED_BATCH given: it decides, picks or not
 
 
 OFF = ("0", "false", "no", "off")  # what turns a switch off ("false" read as on would be a silent surprise)
