@@ -149,6 +149,14 @@ def _fold(acc, acc_up, accg, accg_up, ss, end, eps, GS, SWIGLU: tl.constexpr):
 
 
 @triton.jit
+def _stats_rstd(sums, grp, K, GS, eps, SI: tl.constexpr):
+    """Each row's 1/rms a norm group [NG, BM] from x's square sums in 16-column slots [SI, BM]."""
+    sl = tl.arange(0, SI)
+    ingrp = ((sl * 16) // GS)[None, :, None] == grp[:, None, None]                              # [NG, SI, 1]
+    return tl.rsqrt(tl.sum(tl.where(ingrp, sums[None, :, :], 0.0), axis=1) / GS + eps)          # [NG, BM]
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_ptr, so_ptr, si_ptr,
                    M, N, K, GS, eps, sx, sg, sr, sy, STATS_OUT: tl.constexpr, STATS_IN: tl.constexpr, SI: tl.constexpr,
                    NORM: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -185,13 +193,6 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
                        other=0.0).to(tl.float32)                                                 # [1, BN]
     grp = tl.arange(0, NG)
     rstds = tl.zeros([BM, NG], dtype=tl.float32)
-    rT = tl.zeros([NG, BM], dtype=tl.float32)
-    if STATS_IN:  # each row's 1/rms a norm group, from the square sums x's producer wrote in 16-column slots
-        sl = tl.arange(0, SI)
-        sums = tl.load(si_ptr + sl[:, None] * M + rm[None, :], mask=(sl * 16 < K)[:, None] & mm[None, :],
-                       other=0.0)                                                                # [SI, BM]
-        ingrp = ((sl * 16) // GS)[None, :, None] == grp[:, None, None]                          # [NG, SI, 1]
-        rT = tl.rsqrt(tl.sum(tl.where(ingrp, sums[None, :, :], 0.0), axis=1) / GS + eps)        # [NG, BM]
     if NORM and not LATE and BM == 1:  # prologue, one row: every group's 1/rms from one load of the row
         # (a loop over the groups waits for one L2 round trip a group; the output projection's
         # gated head norm cost batch-1 decode 3.2 us a layer with it, H100, session 19)
@@ -226,6 +227,13 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     rk = k_lo + ck
     x, sq = _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, rk < K, sx, sg, GS, rstds, grp, NORM, GATE, LATE, NG, DT, F32_DOT,
                      nw0, NORM and not DOT)
+    sums = tl.zeros([SI, BM], dtype=tl.float32)
+    if STATS_IN:  # x's square sums in 16-column slots (its producer's), requested with x and reduced
+        # only after the product: reduced first, they held x's load back one L2 round trip (the
+        # reduction waits for them, and x's load was issued after it)
+        sl = tl.arange(0, SI)
+        sums = tl.load(si_ptr + sl[:, None] * M + rm[None, :], mask=(sl * 16 < K)[:, None] & mm[None, :],
+                       other=0.0)                                                                # [SI, BM]
     # (with statistics each split lies in one group: its sums are scaled after the loop, which
     # stays a plain chain of products; a fold in it measured as slow as the norm it replaced)
     if LATE and not STATS_IN:
@@ -255,8 +263,11 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
     if LATE and not STATS_IN:  # a split inside a group: its unscaled sums (accg is zero otherwise)
         acc += accg
         acc_up += accg_up
-    if STATS_IN and SPLIT == 1:  # one split, so one group: the row's 1/rms
-        r0 = tl.sum(tl.where(grp[:, None] == 0, rT, 0.0), axis=0)                               # [BM]
+    if STATS_IN:  # every split lies in one group: its sums scaled by that group's 1/rms here, so that
+        # the tile's last program only adds (an empty split's sums are 0, and so is its scale)
+        rT = _stats_rstd(sums, grp, K, GS, eps, SI)                                              # [NG, BM]
+        mine = (grp[:, None] == k_lo // GS) & (k_lo < K)  # (an empty split: no group, whose 1/rms may be inf)
+        r0 = tl.sum(tl.where(mine, rT, 0.0), axis=0)                                            # [BM]
         acc, acc_up = acc * r0[None, :], acc_up * r0[None, :]                                   # (DOT: [BN, BM])
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start and fetch its weights
@@ -279,24 +290,27 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
         tl.debug_barrier()  # every thread's partial is written before the ticket releases them
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT - 1:  # the tile's last program: the others' partials are visible now
-            scaled = LATE
+            # (everything it reads is requested at once: the residual here, the partials in an
+            # unrolled loop; a loop over the splits waited one L2 round trip a split)
+            res_t = tl.zeros([BM, BN], dtype=tl.float32)
+            if RESIDUAL:
+                res_t = tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=mm[:, None] & mn[None, :],
+                                other=0.0).to(tl.float32)                                        # [BM, BN]
+            scaled = LATE and not STATS_IN  # (with statistics each split scaled its own sums)
             sp_i = tl.arange(0, MAX_SPLIT)
             scales = tl.full([MAX_SPLIT, BM], 1.0, dtype=tl.float32)
-            if scaled:  # splits inside a group: 1/rms of each split's group
+            if scaled:  # splits inside a group: 1/rms of each split's group, from the square sums of the
+                # group's splits; splits of whole groups are scaled already
                 have = (sp_i < SPLIT) & (sp_i * ks < K)  # an empty split has no group: 1/rms of nothing
                 group = sp_i * ks // GS
-                if STATS_IN:  # the statistics' 1/rms of each split's group
-                    gr = tl.sum(tl.where(group[:, None, None] == grp[None, :, None], rT[None, :, :], 0.0), axis=1)
-                    scales = tl.where(~have[:, None], 1.0, gr)                                  # [S, BM]
-                else:  # the square sums of the group's splits; splits of whole groups are scaled already
-                    sqs = tl.load(squares + sp_i[:, None] * BM + tl.arange(0, BM)[None, :], mask=have[:, None],
-                                  other=0.0, cache_modifier=".cg")                              # [MAX_SPLIT, BM]
-                    same = (group[:, None] == group[None, :]) & have[None, :]                   # [S, S]
-                    gss = tl.sum(tl.where(same[:, :, None], sqs[None, :, :], 0.0), axis=1)        # [S, BM]
-                    scales = tl.where(whole | ~have[:, None], 1.0, tl.rsqrt(gss / GS + eps))
+                sqs = tl.load(squares + sp_i[:, None] * BM + tl.arange(0, BM)[None, :], mask=have[:, None],
+                              other=0.0, cache_modifier=".cg")                                  # [MAX_SPLIT, BM]
+                same = (group[:, None] == group[None, :]) & have[None, :]                       # [S, S]
+                gss = tl.sum(tl.where(same[:, :, None], sqs[None, :, :], 0.0), axis=1)            # [S, BM]
+                scales = tl.where(whole | ~have[:, None], 1.0, tl.rsqrt(gss / GS + eps))
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             acc_up = tl.zeros([BM, BN], dtype=tl.float32)
-            for sp in range(SPLIT):  # split order, not arrival order: a deterministic sum
+            for sp in tl.static_range(SPLIT):  # split order, not arrival order: a deterministic sum
                 part = part_ptr + (sp * tiles + tile) * 2 * BM * BN
                 p = tl.load(part + at, cache_modifier=".cg")
                 if SWIGLU:
@@ -310,7 +324,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, g_ptr, res_ptr, part_ptr, cnt_pt
                 if SWIGLU:
                     acc_up += pu
             _finish(acc, acc_up, y_ptr, res_ptr, so_ptr, M, N, pid_n, rm, rn, mm, mn, sr, sy, SWIGLU, RESIDUAL,
-                    STATS_OUT, BM, BN, res0, False)
+                    STATS_OUT, BM, BN, res_t, RESIDUAL)
             tl.store(cnt_ptr + tile, 0)  # the next launch counts from zero
 
 

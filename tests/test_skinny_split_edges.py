@@ -172,6 +172,19 @@ def test_norm_statistics_per_head_groups(cfg, monkeypatch):
     assert rel_err(out, ref) < 2e-5
 
 
+def test_norm_statistics_with_eps_zero_an_empty_split_and_padded_groups(monkeypatch):
+    """Three heads (norm groups padded to four) over four splits: the last split is empty and its
+    group a padding one, whose 1/rms with eps = 0 is inf. Each split scales its own sums, so the
+    empty one must take no scale (inf times its zero sums: NaN in every row)."""
+    monkeypatch.setattr(triton_skinny, "_FIXED_SHAPE", dict(BN=16, BK=32))
+    M, K, N, V = 5, 96, 40, 32
+    x, w, gw, res = _r(M, K, seed=41), _r(N, K, seed=42) / K ** 0.5, _r(V, seed=43), _r(M, N, seed=44)
+    out = skinny_linear(x, w * gw.repeat(K // V), group=V, eps=0.0, residual=res, split=4,
+                        stats_in=triton_skinny.row_stats(x))
+    ref = res + F.linear(rms_norm(x.view(M, K // V, V), gw, 0.0).reshape(M, K), w)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-5
+
+
 def test_norm_statistics_refuse_what_does_not_fit():
     x, w = _r(4, 32, seed=1), _r(48, 32, seed=2)
     with pytest.raises(AssertionError, match="norm_stats"):

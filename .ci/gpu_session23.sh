@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Run on the GPU machine (session 23). STEPS (space list):
+#   ab      .ci/step_probe.py over kernel builds: VARIANTS (new = the tree; s22 = session 22's
+#           skinny and decode kernels from .ci/ab/s22; skinny22 / decode22 = one of them), in order
+#   rows    .ci/rows_probe.py (BATCHES): in-step shapes with this tree's kernels
+#   tests   GPU tests of the step picks and the fused step against the unfused logits (TESTK)
+#   b1, prof8, prof32, and gpu_lib.sh's: profile, table, sweep, tune
+source "$(dirname "$0")/gpu_lib.sh"
+cp kernels/triton_skinny.py /tmp/skinny_new.py; cp kernels/triton_decode.py /tmp/decode_new.py
+build() {
+  cp /tmp/skinny_new.py kernels/triton_skinny.py; cp /tmp/decode_new.py kernels/triton_decode.py
+  case $1 in
+    s22) cp .ci/ab/s22/triton_skinny.py .ci/ab/s22/triton_decode.py kernels/ ;;
+    skinny22) cp .ci/ab/s22/triton_skinny.py kernels/ ;;
+    decode22) cp .ci/ab/s22/triton_decode.py kernels/ ;;
+  esac
+}
+for step in ${STEPS:-ab}; do
+  case $step in
+    ab) for v in ${VARIANTS:-new s22 skinny22 new}; do build $v; stamp "## step probe: $v"
+          timeout ${AB_S:-150} python3 .ci/step_probe.py $OUT/step_probe.json $v 2>&1 | grep -v Warn | tail -14; done
+        build new ;;
+    rows) stamp "## rows probe, batches ${BATCHES:-32}"; BATCHES=${BATCHES:-32} timeout ${ROWS_S:-420} python3 \
+        .ci/rows_probe.py $OUT 2>&1 | grep -v Warn | tee $OUT/rows_probe.log | grep -v "^  M" | tail -30 ;;
+    tests) stamp "## tests"; timeout ${TEST_S:-240} python3 -m pytest -q -p no:logging \
+        tests/test_step_picks.py tests/test_fused_decode.py -k "${TESTK:-step_picks or unfused_logits or token_form}" > $OUT/tests.log 2>&1; tail -6 $OUT/tests.log ;;
+    prof8|prof32) b=${step#prof}; stamp "## profile batch $b"; timeout 150 python3 -m mhla_stream.cli.profile_model \
+        --decode-only --batch $b --steps 10 --json $OUT/profile_b$b.json > $OUT/profile_b$b.txt 2>&1
+        grep -A14 "CUDA graph" $OUT/profile_b$b.txt | head -16 ;;
+    b1) for i in 1 2; do stamp "## batch 1, process $i"; bench --json $OUT/b1_$i.json; done ;;
+    *) common_step $step || echo "unknown step $step" ;;
+  esac
+done
+stamp done
