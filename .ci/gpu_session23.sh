@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (session 23). STEPS (space list):
 #   ab      .ci/step_probe.py over kernel builds: VARIANTS (new = the tree; s22 = session 22's
-#           skinny and decode kernels from .ci/ab/s22; skinny22 / decode22 = one of them), in order
+#           skinny and decode kernels, put in .ci/ab/s22 for the call with `git show b1675b7:kernels/...`;
+#           skinny22 / decode22 = one of them), in order
 #   rows    .ci/rows_probe.py (BATCHES): in-step shapes with this tree's kernels
 #   tests   GPU tests of the step picks and the fused step against the unfused logits (TESTK)
 #   b1, prof8, prof32, and gpu_lib.sh's: profile, table, sweep, tune
