@@ -4,8 +4,7 @@
 #           skinny and decode kernels, put in .ci/ab/s22 for the call with `git show b1675b7:kernels/...`;
 #           skinny22 / decode22 = one of them), in order
 #   rows    .ci/rows_probe.py (BATCHES): in-step shapes with this tree's kernels
-#   tests   GPU tests of the step picks and the fused step against the unfused logits (TESTK)
-#   b1, prof8, prof32, and gpu_lib.sh's: profile, table, sweep, tune
+#   and gpu_lib.sh's: tests (TESTK), b1, profN (profile at batch N), profile, table, sweep, tune
 source "$(dirname "$0")/gpu_lib.sh"
 cp kernels/triton_skinny.py /tmp/skinny_new.py; cp kernels/triton_decode.py /tmp/decode_new.py
 build() {
@@ -23,12 +22,6 @@ for step in ${STEPS:-ab}; do
         build new ;;
     rows) stamp "## rows probe, batches ${BATCHES:-32}"; BATCHES=${BATCHES:-32} timeout ${ROWS_S:-420} python3 \
         .ci/rows_probe.py $OUT 2>&1 | grep -v Warn | tee $OUT/rows_probe.log | grep -v "^  M" | tail -30 ;;
-    tests) stamp "## tests"; timeout ${TEST_S:-240} python3 -m pytest -q -p no:logging \
-        tests/test_step_picks.py tests/test_fused_decode.py -k "${TESTK:-step_picks or unfused_logits or token_form}" > $OUT/tests.log 2>&1; tail -6 $OUT/tests.log ;;
-    prof8|prof32) b=${step#prof}; stamp "## profile batch $b"; timeout 150 python3 -m mhla_stream.cli.profile_model \
-        --decode-only --batch $b --steps 10 --json $OUT/profile_b$b.json > $OUT/profile_b$b.txt 2>&1
-        grep -A14 "CUDA graph" $OUT/profile_b$b.txt | head -16 ;;
-    b1) for i in 1 2; do stamp "## batch 1, process $i"; bench --json $OUT/b1_$i.json; done ;;
     *) common_step $step || echo "unknown step $step" ;;
   esac
 done
