@@ -37,7 +37,8 @@ Norm statistics (more rows; the model's fused step): a residual product can writ
 square sums in 16-column slots (``stats_out``, ``norm_stats``), and a product can take its norm
 from such statistics (``stats_in``) with the norm weight folded into its weight: the norm is then
 only a scale of the fp32 sums after the loop (every split in one norm group, so each split scales
-its own partial), so x enters the MMA as it is (the folded norms' per-element work cost 21 us a layer at 32 rows, now 5: session 16).
+its own partial), so x enters the MMA as it is (the folded norms' per-element work cost 21 us a
+layer at 32 rows, now 5: session 16).
 
 Every program loads its first weight tile before waiting on the previous kernel (programmatic
 dependent launch), and lets the next kernel launch at its first instruction (``PDL_EARLY``).
@@ -115,7 +116,8 @@ def _operand(x_ptr, nw_ptr, g_ptr, rm, mm, rk, mk, sx, sg, GS, rstds, grp, NORM:
         if XG_EARLY:
             g = g_early.to(tl.float32)
         else:
-            g = tl.load(g_ptr + rm[:, None] * sg + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + rm[:, None] * sg + rk[None, :], mask=mm[:, None] & mk[None, :],
+                        other=0.0).to(tl.float32)
         x = x * (g * tl.sigmoid(g))
         if not LATE:
             x = round_to(x, DT).to(tl.float32)
