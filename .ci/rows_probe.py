@@ -26,10 +26,18 @@ model = load_model("mhla-340m", None, True, "cuda", torch.bfloat16)
 T0 = time.time()
 
 
+# CAPS (e.g. "128,96"): each whole-slice shape also with these register caps (maxnreg), so that a
+# product's programs leave room on an SM for the next product's to start and request their
+# weights early (session 23's question: at 32 rows the picks hold 100-182 registers a thread)
+CAPS = [int(c) for c in os.environ.get("CAPS", "").split(",") if c]
+
+
 def whole_slice(key: str) -> list[tuple]:
-    """The whole-slice shapes (``skinny_shapes.whole_slice_shapes``) for a 'M.. N.. K.. G..' key."""
+    """The whole-slice shapes (``skinny_shapes.whole_slice_shapes``) for a 'M.. N.. K.. G..' key,
+    and with CAPS each of them register-capped."""
     parts = key.split()
-    return whole_slice_shapes(int(parts[2][1:]), int(parts[3][1:]), "swiglu" in parts)
+    shapes = whole_slice_shapes(int(parts[2][1:]), int(parts[3][1:]), "swiglu" in parts)
+    return shapes + [(bn, bk, w, st, cap, sp) for bn, bk, w, st, _, sp in shapes for cap in CAPS]
 
 
 def timed(batch):
