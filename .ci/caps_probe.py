@@ -51,10 +51,9 @@ for batch in BATCHES:
     step_picks._forced.update(current)
     for key in keys:
         best, best_us = current[key], None
-        for cap in [None] + CAPS:
+        caps = [current[key][4]] + [c for c in [None] + CAPS if c != current[key][4]]  # the current pick first
+        for cap in caps:
             cand = current[key][:4] + (cap,) + current[key][5:]
-            if cap is not None and cand == current[key]:
-                continue
             step_picks._forced[key] = cand
             triton_skinny.forget_tuning()
             us = timed(batch)

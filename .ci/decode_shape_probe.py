@@ -19,6 +19,8 @@ out = {}
 for batch in [int(b) for b in os.environ.get("BATCHES", "8,32").split(",")]:
     rows = []
     shapes = [(None, 4)] + [(bv, w) for bv in (16, 32, 64, 128) for w in (2, 4, 8)] + [(None, 4)]
+    if os.environ.get("SHAPES"):  # e.g. "None:4 None:2" (session 24)
+        shapes = [(None if a == "None" else int(a), int(b)) for a, b in (c.split(":") for c in os.environ["SHAPES"].split())]
     for bv, w in shapes:
         modeling.decode_into = functools.partial(orig, block_v=bv, num_warps=w)
         try:
