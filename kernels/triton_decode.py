@@ -455,9 +455,10 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
         assert o.dtype != torch.float16, "gate/stats: not fp16 (o * silu(g) before the norm could overflow)"
         assert stats.shape == (H * V // 16, B) and stats.dtype == torch.float32 and stats.is_contiguous(), \
             "stats: norm_stats(batch, H * V)"
-    # the fused step's gated launch at 17-32 rows (H100, 340M shape, captured step at 32 rows: 978
-    # against 997 us, session 24, and 1,060 against 1,077 in session 22; at 8 rows 2 warps were slower)
-    num_warps = num_warps or (2 if gated and B > 16 else 4)
+    # the fused step's gated launch in the token form (16-32 rows) at 2 warps (H100, 340M shape,
+    # captured step, session 24: 16 rows 790 against 798-817 us, 24 937 against 960, 32 989 against
+    # 999-1,005; session 22: 32 rows 1,060 against 1,077); in the R form (8 rows) 2 warps were slower
+    num_warps = num_warps or (2 if gated and tokens else 4)
     RC, BVC = close_shape or _close_shape(V, tokens, BV)
     assert RC & (RC - 1) == 0 and BVC & (BVC - 1) == 0, "close_shape: powers of two"
     NS, NVC = triton.cdiv(K, RC), triton.cdiv(V, BVC)
