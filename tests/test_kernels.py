@@ -2,6 +2,7 @@
 TRITON_INTERPRET=1 at small shapes; with CUDA the same sweep runs on the GPU at full shapes."""
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TOL, calls, rand_qkv, rel_err
 
 from mhla_stream import POLICIES, mhla_attention, mhla_reference
@@ -204,3 +205,18 @@ def test_fused_projections_match_separate():
     with torch.no_grad():
         fused = model(ids).logits     # inference: concatenated weights, compiled elementwise ops
     assert rel_err(fused, separate) < 1e-4
+
+
+@pytest.mark.parametrize("M, K, dtype", [(1, 1024, torch.bfloat16), (3, 40, torch.float32), (32, 1024, torch.bfloat16),
+                                         (2, 1, torch.float32), (0, 64, torch.bfloat16), (4, 0, torch.float32)])
+def test_row_stats_one_launch_against_torch(M, K, dtype):
+    """The first layer's norm statistics (``row_stats``, one kernel) against the torch formula: each
+    16-column slot's square sum, [slots, M], a short last slot, strided rows, empty inputs."""
+    from mhla_stream.kernels.triton_skinny import row_stats
+    wide = torch.randn(M, K + 8, device=DEV).to(dtype)
+    for x in (wide[:, :K].contiguous(), wide[:, :K]):  # (dense rows, then rows with a stride of K + 8)
+        want = F.pad(x.float().square(), (0, -K % 16)).reshape(M, -1, 16).sum(-1).t() if M and K else None
+        got = row_stats(x)
+        assert got.shape == (-(-K // 16), M) and got.dtype == torch.float32 and got.is_contiguous()
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=4e-6, atol=0)  # (16 positive terms, any order)
