@@ -457,8 +457,9 @@ def decode_into(o, q, k, v, raw_mixing, state, scale, rope=None, block_v=None, n
             "stats: norm_stats(batch, H * V)"
     # the fused step's gated launch in the token form (16-32 rows) at 2 warps (H100, 340M shape,
     # captured step, session 24: 16 rows 790 against 798-817 us, 24 937 against 960, 32 989 against
-    # 999-1,005; session 22: 32 rows 1,060 against 1,077); in the R form (8 rows) 2 warps were slower
-    num_warps = num_warps or (2 if gated and tokens else 4)
+    # 999-1,005; session 22: 32 rows 1,060 against 1,077); in the R form (8 rows) 2 warps were slower,
+    # above 32 rows (the fused step only where MHLA_STREAM_FUSED_BATCH allows it) not measured
+    num_warps = num_warps or (2 if gated and tokens and B <= 32 else 4)
     RC, BVC = close_shape or _close_shape(V, tokens, BV)
     assert RC & (RC - 1) == 0 and BVC & (BVC - 1) == 0, "close_shape: powers of two"
     NS, NVC = triton.cdiv(K, RC), triton.cdiv(V, BVC)

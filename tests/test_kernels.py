@@ -208,13 +208,16 @@ def test_fused_projections_match_separate():
 
 
 @pytest.mark.parametrize("M, K, dtype", [(1, 1024, torch.bfloat16), (3, 40, torch.float32), (32, 1024, torch.bfloat16),
-                                         (2, 1, torch.float32), (0, 64, torch.bfloat16), (4, 0, torch.float32)])
+                                         (2, 1, torch.float32), (0, 64, torch.bfloat16), (4, 0, torch.float32),
+                                         (2, 3000, torch.float16)])
 def test_row_stats_one_launch_against_torch(M, K, dtype):
     """The first layer's norm statistics (``row_stats``, one kernel) against the torch formula: each
-    16-column slot's square sum, [slots, M], a short last slot, strided rows, empty inputs."""
+    16-column slot's square sum, [slots, M], a short last slot, more slots than one pass of the
+    kernel takes (K 3000), strided rows, columns with a stride (a transposed x), empty inputs."""
     from mhla_stream.kernels.triton_skinny import row_stats
     wide = torch.randn(M, K + 8, device=DEV).to(dtype)
-    for x in (wide[:, :K].contiguous(), wide[:, :K]):  # (dense rows, then rows with a stride of K + 8)
+    # dense rows, rows with a stride of K + 8, and a transposed copy (column stride M)
+    for x in (wide[:, :K].contiguous(), wide[:, :K], wide[:, :K].t().contiguous().t()):
         want = F.pad(x.float().square(), (0, -K % 16)).reshape(M, -1, 16).sum(-1).t() if M and K else None
         got = row_stats(x)
         assert got.shape == (-(-K // 16), M) and got.dtype == torch.float32 and got.is_contiguous()
