@@ -55,6 +55,7 @@ from . import step_picks, triton_common
 from .skinny_shapes import (_DOT, _FIXED_SHAPE, _GEMV, _KEY, _MAX_BN, _MAX_SPLIT, _fits_rows, _late_fits,  # noqa: F401
                             _one_split, _some_late_fits, _stats_fit_shape, _waves)
 from .triton_common import INTERPRET, PDL, PDL_EARLY, graph_bench, pow2, round_to, splitk_workspace
+from .triton_norm_stats import norm_stats, row_stats  # noqa: F401  (the statistics' buffer and first producer)
 
 MAX_SPLIT: tl.constexpr = tl.constexpr(_MAX_SPLIT)
 # the late norm (module doc) in the tensor-core form; False: the prologue everywhere (A/B runs)
@@ -453,13 +454,6 @@ def skinny_linear(x, weight, *, norm_weight=None, group=None, eps=1e-6, gate=Non
     return y
 
 
-def norm_stats(rows: int, columns: int, device) -> torch.Tensor:
-    """The buffer a product's ``stats_out`` fills for ``rows`` outputs of ``columns``: fp32
-    [columns / 16, rows]: slot s holds the square sum of columns [16 s, 16 s + 16), so a norm group
-    of a multiple of 16 columns (or the whole row) sums its own slots."""
-    return torch.empty(triton.cdiv(columns, 16), rows, device=device, dtype=torch.float32)
-
-
 def _workspace_size(M: int, N: int):
     """Split-K workspace for M rows of N outputs: per split and tile the fp32 partials of [BM, BN]
     (two with SwiGLU) and the late norm's square sums; a counter a tile (BN >= 16)."""
@@ -482,37 +476,6 @@ def stats_ready(device, rows: int, columns: int) -> bool:
     have = triton_common._workspaces.get((d.type, d.index if d.index is not None else torch.cuda.current_device()))
     need = _workspace_size(rows, columns)
     return have is not None and have[0].numel() >= need[0] and have[1].numel() >= need[1]
-
-
-@triton.jit
-def _row_stats_kernel(x_ptr, out_ptr, M, K, sx, CS: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
-    """One row a program: out[s, m] = sum of x[m, 16 s : 16 s + 16]^2 in fp32, CS slots at a time."""
-    if PDL:
-        if EARLY:  # the first product may start now and request its weights (it waits for these sums)
-            tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()  # x is the previous kernel's output (the embeddings' gather)
-    m = tl.program_id(0).to(tl.int64)  # (64-bit offsets: rows may lie 2**31 elements apart)
-    for s0 in range(0, tl.cdiv(K, 16), CS):
-        slot = s0 + tl.arange(0, CS)
-        col = slot[:, None] * 16 + tl.arange(0, 16)[None, :]                                 # [CS, 16]
-        x = tl.load(x_ptr + m * sx + col, mask=col < K, other=0.0).to(tl.float32)
-        tl.store(out_ptr + slot.to(tl.int64) * M + m, tl.sum(x * x, axis=1), mask=slot * 16 < K)  # [CS]
-    if PDL and not EARLY:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-def row_stats(x: torch.Tensor) -> torch.Tensor:
-    """``norm_stats`` of x [M, K] computed here (for an x no product wrote: the embeddings), in one
-    launch (five torch kernels before, each waiting on the last: the fused step at 32 rows
-    985.7-987.1 -> 974.7-976.4 us, H100, session 24)."""
-    if x.stride(-1) != 1:  # the kernel reads each row's columns contiguously
-        x = x.contiguous()
-    M, K = x.shape
-    out = norm_stats(M, K, x.device)
-    if M and K:
-        _row_stats_kernel[(M,)](x, out, M, K, x.stride(0), CS=min(pow2(triton.cdiv(K, 16), 1), 64), PDL=PDL,
-                                EARLY=PDL_EARLY, launch_pdl=PDL)
-    return out
 
 
 def stats_fit(K: int, group: int) -> bool:
