@@ -14,7 +14,6 @@ import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource  # noqa: F401  (gluon's source type below derives from it)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
