@@ -28,8 +28,9 @@ from .kernels.triton_common import pow2
 def candidates(key: str, use=None) -> list[tuple]:
     """Launch shapes to try for a product key ('[M16] N.. K.. G.. [folds] dtype'). One row: rows a
     program BN, the padded row as BK, 2-8 warps, with or without a 128-register cap (more programs
-    an SM), or at 8 warps a 64-register one. More rows: the tensor-core tuner's configurations at 4 and 8 warps that fit the launch
-    (``use``: its recorded arguments, ``step_picks.used``), then the whole-slice shapes
+    an SM), or at 8 warps a 64-register one. More rows: the tensor-core tuner's configurations at 4
+    and 8 warps that fit the launch (``use``: its recorded arguments, ``step_picks.used``), then the
+    whole-slice shapes
     (``skinny_shapes.whole_slice_shapes``: one tile a program, all of it requested before the wait)."""
     parts = key.split()
     if parts[0].startswith("M"):
