@@ -30,8 +30,8 @@ def candidates(key: str, use=None) -> list[tuple]:
     program BN, the padded row as BK, 2-8 warps, with or without a 128-register cap (more programs
     an SM), or at 8 warps a 64-register one. More rows: the tensor-core tuner's configurations at 4
     and 8 warps that fit the launch (``use``: its recorded arguments, ``step_picks.used``), then the
-    whole-slice shapes
-    (``skinny_shapes.whole_slice_shapes``: one tile a program, all of it requested before the wait)."""
+    whole-slice shapes (``skinny_shapes.whole_slice_shapes``: one tile a program, all of it
+    requested before the wait)."""
     parts = key.split()
     if parts[0].startswith("M"):
         pick, args, kwargs = use
